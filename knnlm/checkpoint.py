@@ -1,0 +1,82 @@
+"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+
+A checkpoint is a dict of plain data and tensors:
+``format``, ``version``, ``model_cfg`` (ModelConfig as a dict), ``model`` (state dict),
+``data`` (vocabulary size and tokenizer fingerprint of the data-bin it was trained on),
+and for training checkpoints ``train_state`` / ``optimizer`` (see train.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import UserError
+from .models.transformer import ModelConfig, TransformerLM
+
+CKPT_FORMAT = "knnlm-checkpoint"
+CKPT_VERSION = 1
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> None:
+    """Write to a temporary file, fsync, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable checkpoint (truncated or not a "
+                        f"torch file: {first[:200]})")
+    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
+        raise UserError(f"{path} is not a knnlm checkpoint")
+    if obj.get("version", 0) > CKPT_VERSION:
+        raise UserError(f"{path} was written by a newer knnlm (format {obj['version']})")
+    return obj
+
+
+def model_from_checkpoint(ckpt: dict) -> TransformerLM:
+    model = TransformerLM(ModelConfig.from_dict(ckpt["model_cfg"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint weights do not fit its config ({str(exc).splitlines()[0]})")
+    return model
+
+
+def model_fingerprint(state_dict: dict) -> str:
+    """A short hash of the weights: binds datastores and caches to one checkpoint."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def check_data_matches(ckpt: dict, databin, ckpt_path: str | Path) -> None:
+    """Refuse a data-bin whose vocabulary differs from the one the model was trained on."""
+    want = ckpt.get("data", {}).get("tokenizer_sha256")
+    if want and want != databin.tokenizer_sha256:
+        raise UserError(f"{databin.path} was tokenized with another vocabulary than the one "
+                        f"{ckpt_path} was trained on (tokenizer fingerprints differ)")
+    if ckpt["model_cfg"]["vocab_size"] != databin.vocab_size:
+        raise UserError(f"model vocabulary {ckpt['model_cfg']['vocab_size']} != data-bin "
+                        f"vocabulary {databin.vocab_size}")

@@ -1,0 +1,66 @@
+"""The `knnlm` command: one subcommand per pipeline stage.
+
+    knnlm data fetch shakespeare --dest DIR     corpora
+    knnlm preprocess ...                        tokenize + binarize into a data-bin
+    knnlm train DATA_BIN ...                    train a Transformer LM
+    knnlm eval-lm DATA_BIN --path CKPT ...      perplexity (fairseq eval-lm semantics)
+    knnlm demo                                  the whole pipeline on Shakespeare
+
+Every subcommand is a dataclass config plus a ``main(cfg)``; errors a user can fix end
+with one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .config import UserError, parse_config
+
+# name -> (module, config class, one-line description)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("knnlm.data.corpora", "FetchConfig", "fetch a corpus into {train,valid,test}.txt"),
+    "preprocess": ("knnlm.data.preprocess", "PreprocessConfig",
+                   "tokenize text (byte-level BPE or fairseq dict) into a data-bin"),
+    "train": ("knnlm.train", "TrainConfig", "train a Transformer LM (torchrun for DDP)"),
+    "eval-lm": ("knnlm.evaluate", "EvalConfig", "evaluate perplexity with fairseq eval-lm blocking"),
+    "demo": ("knnlm.demo", "DemoConfig", "run the whole pipeline on the Shakespeare corpus"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: knnlm <command> [options]   (knnlm <command> --help for its flags)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def run(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.stderr.write(f"knnlm: error: unknown command {name!r} (try: {', '.join(COMMANDS)})\n")
+        return 2
+    module_name, cls_name, desc = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    try:
+        cfg = parse_config(getattr(module, cls_name), rest, prog=f"knnlm {name}",
+                           description=(module.__doc__ or desc).strip())
+        module.main(cfg)
+    except UserError as exc:
+        sys.stderr.write(f"knnlm {name}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"knnlm {name}: interrupted\n")
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

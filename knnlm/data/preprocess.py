@@ -1,0 +1,185 @@
+"""`knnlm preprocess`: tokenize text splits into a data-bin directory.
+
+Inputs: text files (``--trainpref``, ``--validpref``, ``--testpref``; or ``--srcdir`` with
+``{train,valid,test}.txt``). Outputs in ``--destdir``: ``{split}.npy`` token arrays
+(uint16 when the vocabulary fits, else int32), the vocabulary (``tokenizer.json`` or
+fairseq ``dict.txt``) and ``data.json`` (vocabulary, token counts, source hashes).
+
+    knnlm preprocess --srcdir runs/demo/corpus --destdir runs/demo/data-bin --vocab-size 8000
+    knnlm preprocess --only-source --trainpref wt103/train.txt --validpref wt103/valid.txt \\
+        --testpref wt103/test.txt --destdir data-bin/wt103 --thresholdsrc 3
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..config import (UserError, config_dict, flag, read_json, sha256_file, write_json_atomic)
+from .tokenizer import BPETokenizer, Dictionary, load_vocab, vocab_summary
+
+DATA_FORMAT = "knnlm-data-bin"
+DATA_VERSION = 1
+LINES_PER_BATCH = 10_000
+UINT16_LIMIT = 1 << 16
+
+
+@dataclass
+class PreprocessConfig:
+    destdir: str = flag(help="output data-bin directory")
+    srcdir: str | None = flag(None, "directory with train.txt / valid.txt / test.txt "
+                              "(what `knnlm data fetch` writes)")
+    trainpref: str | None = flag(None, "training text file")
+    validpref: str | None = flag(None, "validation text file(s), comma separated")
+    testpref: str | None = flag(None, "test text file(s), comma separated")
+    only_source: bool = flag(False, "whitespace-tokenized text and a fairseq dict.txt "
+                             "(WikiText word level, or subword-nmt BPE with '@@ ' markers)")
+    srcdict: str | None = flag(None, "--only-source: reuse this dict.txt instead of building one")
+    thresholdsrc: int = flag(0, "--only-source: map words seen fewer times to <unk>")
+    nwordssrc: int = flag(-1, "--only-source: keep at most this many words (-1: all)")
+    padding_factor: int = flag(8, "--only-source: pad the dictionary to a multiple of this")
+    vocab_size: int = flag(8000, "byte-level BPE: vocabulary size to train")
+    tokenizer: str | None = flag(None, "byte-level BPE: use this tokenizer.json instead of training")
+    gpt2_encoder_json: str | None = flag(None, "byte-level BPE: GPT-2 vocab.json",
+                                         aliases=("--encoder-json",))
+    gpt2_vocab_bpe: str | None = flag(None, "byte-level BPE: GPT-2 merges.txt",
+                                      aliases=("--vocab-bpe",))
+    quiet: bool = flag(False, "no progress bars")
+
+    def __post_init__(self):
+        if self.srcdir:
+            for split in ("train", "valid", "test"):
+                attr = f"{split}pref"
+                if getattr(self, attr) is None:
+                    setattr(self, attr, str(Path(self.srcdir) / f"{split}.txt"))
+        if not self.trainpref and not self.srcdict and not self.tokenizer \
+                and not self.gpt2_encoder_json:
+            raise UserError("--trainpref (or --srcdir) is required to build a vocabulary")
+        if bool(self.gpt2_encoder_json) != bool(self.gpt2_vocab_bpe):
+            raise UserError("--gpt2-encoder-json and --gpt2-vocab-bpe go together")
+        if self.only_source and (self.tokenizer or self.gpt2_encoder_json):
+            raise UserError("--only-source uses a dict.txt; it cannot take --tokenizer")
+        if self.vocab_size < 300:
+            raise UserError(f"--vocab-size must be >= 300 (256 bytes + specials), got {self.vocab_size}")
+        if self.padding_factor < 1:
+            raise UserError(f"--padding-factor must be >= 1, got {self.padding_factor}")
+
+
+def _split_files(cfg: PreprocessConfig) -> dict[str, list[Path]]:
+    out = {}
+    for split in ("train", "valid", "test"):
+        value = getattr(cfg, f"{split}pref")
+        if not value:
+            continue
+        paths = [Path(p) for p in value.split(",")]
+        for i, p in enumerate(paths):
+            if not p.is_file():
+                raise UserError(f"--{split}pref: no such file {p}")
+            name = split if i == 0 else f"{split}{i}"
+            out[name] = [p]
+    return out
+
+
+def _read_lines(path: Path) -> list[str]:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return [line.rstrip("\r\n") for line in fh]
+
+
+def build_vocab(cfg: PreprocessConfig, files: dict[str, list[Path]]):
+    if cfg.only_source:
+        if cfg.srcdict:
+            return Dictionary.load(cfg.srcdict)
+        return Dictionary.build(_read_lines(files["train"][0]), cfg.thresholdsrc,
+                                cfg.nwordssrc, cfg.padding_factor)
+    if cfg.tokenizer:
+        return BPETokenizer.load(cfg.tokenizer)
+    if cfg.gpt2_encoder_json:
+        return BPETokenizer.from_gpt2(cfg.gpt2_encoder_json, cfg.gpt2_vocab_bpe)
+    return BPETokenizer.train(_read_lines(files["train"][0]), cfg.vocab_size)
+
+
+def binarize(lines: list[str], vocab, quiet: bool = True) -> tuple[np.ndarray, int]:
+    """All lines as one token stream (each line's ids, then ``</s>``) and the <unk> count."""
+    dtype = np.uint16 if len(vocab) <= UINT16_LIMIT else np.int32
+    parts = []
+    for start in tqdm(range(0, len(lines), LINES_PER_BATCH), disable=True if quiet else None, unit="batch",
+                      desc="binarize"):
+        parts.extend(vocab.encode_lines(lines[start:start + LINES_PER_BATCH]))
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    unk = int((ids == vocab.unk).sum()) if vocab.kind == "dict" else 0
+    return ids.astype(dtype), unk
+
+
+def main(cfg: PreprocessConfig) -> dict:
+    files = _split_files(cfg)
+    dest = Path(cfg.destdir)
+    dest.mkdir(parents=True, exist_ok=True)
+    vocab = build_vocab(cfg, files)
+    vocab_path = dest / vocab.filename
+    vocab.save(vocab_path)
+    meta = dict(format=DATA_FORMAT, version=DATA_VERSION, config=config_dict(cfg),
+                tokenizer=dict(vocab_summary(vocab), sha256=sha256_file(vocab_path)), splits={})
+    for split, paths in files.items():
+        lines = _read_lines(paths[0])
+        ids, unk = binarize(lines, vocab, quiet=cfg.quiet)
+        out = dest / f"{split}.npy"
+        tmp = dest / f"{split}.tmp.npy"
+        np.save(tmp, ids)
+        tmp.replace(out)
+        meta["splits"][split] = dict(file=out.name, tokens=int(len(ids)), lines=len(lines),
+                                     dtype=str(ids.dtype), unk=unk, source=str(paths[0]),
+                                     source_sha256=sha256_file(paths[0]))
+        print(f"{split:6s}: {len(lines):>9,d} lines -> {len(ids):>11,d} tokens"
+              + (f" ({100 * unk / max(1, len(ids)):.2f}% <unk>)" if vocab.kind == "dict" else ""))
+    write_json_atomic(dest / "data.json", meta)
+    print(f"vocabulary: {len(vocab):,d} ({vocab.kind}) -> {vocab_path}")
+    return meta
+
+
+class DataBin:
+    """A data-bin directory, validated: its sidecar, vocabulary and split arrays."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"data-bin directory not found: {self.path}")
+        self.meta = read_json(self.path / "data.json", "data-bin sidecar")
+        if self.meta.get("format") != DATA_FORMAT:
+            raise UserError(f"{self.path}/data.json is not a knnlm data-bin sidecar")
+        self.tokenizer_sha256 = self.meta["tokenizer"]["sha256"]
+        vocab_file = self.path / self.meta["tokenizer"]["file"]
+        if vocab_file.is_file() and sha256_file(vocab_file) != self.tokenizer_sha256:
+            raise UserError(f"{vocab_file} changed since the data-bin was written")
+        self.vocab_size = int(self.meta["tokenizer"]["size"])
+        self._vocab = None
+
+    @property
+    def vocab(self):
+        if self._vocab is None:
+            self._vocab = load_vocab(self.path, self.meta)
+        return self._vocab
+
+    @property
+    def eos(self) -> int:
+        return int(self.meta["tokenizer"]["eos"])
+
+    @property
+    def pad(self) -> int:
+        return int(self.meta["tokenizer"]["pad"])
+
+    def split(self, name: str) -> np.ndarray:
+        """The split's tokens as a read-only memmap (never loaded whole)."""
+        info = self.meta["splits"].get(name)
+        if info is None:
+            raise UserError(f"split {name!r} not in {self.path} (has: "
+                            f"{', '.join(self.meta['splits'])})")
+        path = self.path / info["file"]
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path} is missing or truncated ({exc})")
+        if arr.ndim != 1 or len(arr) != info["tokens"]:
+            raise UserError(f"{path} holds {arr.shape} tokens, data.json says {info['tokens']}")
+        return arr

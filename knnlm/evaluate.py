@@ -1,0 +1,214 @@
+"""`knnlm eval-lm`: perplexity of a checkpoint on a data-bin split, fairseq semantics.
+
+Inputs: ``--path`` checkpoint, a data-bin directory (positional, as in fairseq) and
+``--gen-subset``. Outputs: loss (base 2) and perplexity per token and per word on stdout;
+optionally ``--save-scores`` / ``--save-tokens`` (per-token .npy arrays, streamed to disk)
+and ``--results-path`` (JSON).
+
+    knnlm eval-lm runs/demo/data-bin --path runs/demo/ckpt/checkpoint_best.pt \\
+        --gen-subset valid --tokens-per-sample 512 --context-window 256
+
+Blocking: see :mod:`knnlm.data.blocks`; every token of the split is scored exactly once.
+Memory does not grow with the split: blocks are streamed and per-token outputs go to
+memmaps.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import check_data_matches, load_checkpoint, model_from_checkpoint
+from .config import UserError, config_dict, flag, write_json_atomic
+from .data.blocks import BREAK_MODES, Window, batch_windows, score_windows, shifted_inputs, \
+    train_blocks
+from .data.preprocess import DataBin
+from .data.tokenizer import count_words
+from .device import autocast_context, resolve_device
+
+LN2 = math.log(2)
+
+
+@dataclass
+class EvalConfig:
+    data: str = flag(help="data-bin directory", positional=True)
+    path: str = flag(help="checkpoint to evaluate")
+    gen_subset: str = flag("test", "split to score (train, valid, test)")
+    tokens_per_sample: int | None = flag(None, "longest model input, context included "
+                                         "(default: the model's max positions)")
+    context_window: int = flag(0, "tokens of extra left context before each scored block")
+    sample_break_mode: str = flag("none", "blocks ignore lines (none), hold whole lines "
+                                  "(complete) or one line each (eos)", choices=BREAK_MODES)
+    max_tokens: int = flag(8192, "padded tokens per batch")
+    softmax_batch: int = flag(4096, "positions per output-softmax chunk (bounds memory)")
+    remove_bpe: str | None = flag(None, "dictionary data: BPE continuation marker to join "
+                                  "words for per-word perplexity (e.g. '@@ ')")
+    save_scores: str | None = flag(None, "write per-token target log-probs (.npy, natural log)")
+    save_tokens: str | None = flag(None, "write the scored target tokens (.npy)")
+    results_path: str | None = flag(None, "write the results as JSON")
+    cpu: bool = flag(False, "run on the CPU even if a GPU is present")
+    device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
+    fp16: bool = flag(False, "half-precision forward (GPU)")
+    bf16: bool = flag(False, "bfloat16 forward (GPU)")
+    quiet: bool = flag(False, "no progress bar")
+
+    def __post_init__(self):
+        if self.tokens_per_sample is not None and self.tokens_per_sample <= 0:
+            raise UserError(f"--tokens-per-sample must be > 0, got {self.tokens_per_sample}")
+        if self.context_window < 0:
+            raise UserError(f"--context-window must be >= 0, got {self.context_window}")
+        if self.tokens_per_sample is not None and self.context_window >= self.tokens_per_sample:
+            raise UserError(f"--context-window ({self.context_window}) must be smaller than "
+                            f"--tokens-per-sample ({self.tokens_per_sample})")
+        if self.context_window and self.sample_break_mode != "none":
+            raise UserError("--context-window needs --sample-break-mode none")
+        for name in ("max_tokens", "softmax_batch"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0")
+        if self.fp16 and self.bf16:
+            raise UserError("--fp16 and --bf16 are exclusive")
+
+
+@dataclass
+class ScoredBatch:
+    """Targets ``[start, end)`` of the split, scored in one batch."""
+    start: int
+    end: int
+    targets: np.ndarray          # (M,) int64
+    prev: np.ndarray             # (M,) int64, the input token at each position
+    logprobs: torch.Tensor       # (M,) float32, log p_LM(target), natural log
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (M, D)
+
+
+def target_logprobs(model, features: torch.Tensor, targets: torch.Tensor,
+                    softmax_batch: int) -> torch.Tensor:
+    """log p(target) for (M, D) features, the output softmax taken ``softmax_batch`` rows
+    at a time so the (M, V) logits never exist at once."""
+    out = torch.empty(len(targets), dtype=torch.float32, device=features.device)
+    for s in range(0, len(targets), softmax_batch):
+        logits = model.output_layer(features[s:s + softmax_batch]).float()
+        t = targets[s:s + softmax_batch, None]
+        out[s:s + softmax_batch] = (logits.gather(1, t) - torch.logsumexp(logits, 1, True))[:, 0]
+    return out
+
+
+def make_windows(n_tokens: int, tokens: np.ndarray, eos: int, tokens_per_sample: int,
+                 context_window: int, mode: str) -> list[Window]:
+    if mode == "none":
+        return score_windows(n_tokens, tokens_per_sample, context_window)
+    blocks = train_blocks(tokens, eos, tokens_per_sample, mode)
+    return [Window(int(s), int(s), int(e)) for s, e in blocks]
+
+
+@torch.no_grad()
+def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, pad: int,
+                max_tokens: int, softmax_batch: int, device: torch.device,
+                return_hidden: tuple[str, ...] = (), amp_dtype=None) -> Iterator[ScoredBatch]:
+    """Run the model over consecutive windows, yielding target log-probs (and hidden
+    states) of each batch's scored positions, in order."""
+    model.eval()
+    for batch in batch_windows(windows, max_tokens):
+        B, L = len(batch), max(w.length for w in batch)
+        inp = np.full((B, L), pad, dtype=np.int64)
+        flat_idx = []
+        for b, w in enumerate(batch):
+            inp[b, :w.length] = shifted_inputs(tokens, eos, w.ctx_start, w.end)
+            flat_idx.append(np.arange(w.score_start - w.ctx_start, w.length) + b * L)
+        start, end = batch[0].score_start, batch[-1].end
+        targets = np.asarray(tokens[start:end], dtype=np.int64)
+        prev = shifted_inputs(tokens, eos, start, end)
+        x = torch.from_numpy(inp).to(device)
+        idx = torch.from_numpy(np.concatenate(flat_idx)).to(device)
+        with autocast_context(device, amp_dtype):
+            feats, hidden = model(x, return_hidden=return_hidden)
+            feats = feats.reshape(B * L, -1)[idx]
+            lp = target_logprobs(model, feats, torch.from_numpy(targets).to(device),
+                                 softmax_batch)
+        hidden = {k: v.reshape(B * L, -1)[idx] for k, v in hidden.items()}
+        yield ScoredBatch(start, end, targets, prev, lp, hidden)
+
+
+def open_token_memmap(path: str | Path, n: int, dtype) -> np.ndarray:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
+
+
+def perplexities(nll_sum: float, n_tokens: int, n_words: int) -> dict:
+    """Loss (base 2) and perplexity per token and per word from a summed NLL (nats)."""
+    out = dict(tokens=n_tokens, words=n_words, nll_sum=nll_sum)
+    out["loss"] = nll_sum / max(1, n_tokens) / LN2
+    out["ppl"] = 2 ** out["loss"]
+    out["word_ppl"] = math.exp(nll_sum / n_words) if n_words else float("nan")
+    return out
+
+
+def eval_lm(model, databin: DataBin, cfg: EvalConfig, device: torch.device) -> dict:
+    """Score the split ``cfg.gen_subset`` of ``databin``."""
+    return eval_tokens(model, databin.split(cfg.gen_subset), databin, cfg, device)
+
+
+def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
+                device: torch.device) -> dict:
+    """Score a token stream with the vocabulary and specials of ``databin``."""
+    n = len(tokens)
+    T = cfg.tokens_per_sample or model.cfg.max_target_positions
+    if T > model.cfg.max_target_positions:
+        raise UserError(f"--tokens-per-sample {T} exceeds the model's max positions "
+                        f"{model.cfg.max_target_positions}")
+    if cfg.context_window >= T:
+        raise UserError(f"--context-window ({cfg.context_window}) must be smaller than "
+                        f"--tokens-per-sample ({T})")
+    windows = make_windows(n, tokens, databin.eos, T, cfg.context_window, cfg.sample_break_mode)
+    vocab = databin.vocab
+    flags = vocab.word_flags(cfg.remove_bpe.rstrip() if cfg.remove_bpe else None)
+    scores = open_token_memmap(cfg.save_scores, n, np.float32) if cfg.save_scores else None
+    saved_tokens = open_token_memmap(cfg.save_tokens, n, np.int32) if cfg.save_tokens else None
+    amp = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
+    nll_sum, n_words, t0 = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=n, unit="tok", desc=f"eval {cfg.gen_subset}", disable=True if cfg.quiet else None)
+    for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
+                          max_tokens=cfg.max_tokens, softmax_batch=cfg.softmax_batch,
+                          device=device, amp_dtype=amp):
+        lp = sb.logprobs.double().cpu().numpy()
+        nll_sum -= float(lp.sum())
+        n_words += count_words(sb.targets, sb.prev, vocab, flags)
+        if scores is not None:
+            scores[sb.start:sb.end] = lp
+        if saved_tokens is not None:
+            saved_tokens[sb.start:sb.end] = sb.targets
+        bar.update(sb.end - sb.start)
+    bar.close()
+    for arr in (scores, saved_tokens):
+        if arr is not None:
+            arr.flush()
+    res = perplexities(nll_sum, n, n_words)
+    res.update(seconds=time.perf_counter() - t0, subset=cfg.gen_subset, tokens_per_sample=T,
+               context_window=cfg.context_window)
+    res["tokens_per_second"] = n / max(res["seconds"], 1e-9)
+    return res
+
+
+def format_results(res: dict) -> str:
+    return (f"{res['subset']}: {res['tokens']:,} tokens, {res['words']:,} words | "
+            f"loss (base 2) {res['loss']:.4f} | ppl {res['ppl']:.2f} per token, "
+            f"{res['word_ppl']:.2f} per word | {res['tokens_per_second']:,.0f} tok/s")
+
+
+def main(cfg: EvalConfig) -> dict:
+    databin = DataBin(cfg.data)
+    ckpt = load_checkpoint(cfg.path)
+    check_data_matches(ckpt, databin, cfg.path)
+    device = resolve_device(cfg.device, cfg.cpu)
+    model = model_from_checkpoint(ckpt).to(device)
+    res = eval_lm(model, databin, cfg, device)
+    print(format_results(res))
+    if cfg.results_path:
+        write_json_atomic(cfg.results_path, dict(results=res, config=config_dict(cfg)))
+    return res

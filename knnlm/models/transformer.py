@@ -1,0 +1,230 @@
+"""A decoder-only Transformer LM covering fairseq's ``transformer_lm`` family.
+
+Pre-LN or post-LN layers, optional final LayerNorm, sinusoidal or learned positions, ReLU
+or GELU, tied or untied output embedding, dropout / attention / activation dropout.
+
+The forward pass can return, in the same pass, the two representations kNN-LM retrieves
+with (see the paper notes, section 2):
+
+- ``att``: the exact tensor fed into the LAST layer's FFN (after its LayerNorm in a pre-LN
+  layer; the post-attention LayerNorm output in a post-LN layer);
+- ``ffn``: the exact tensor fed into the output projection (after the final LayerNorm when
+  the model has one);
+- ``layer:N``: the output of layer N (0-based; negative counts from the end).
+
+Shapes: tokens (B, L) int64 -> features (B, L, D); ``output_layer`` maps (…, D) -> (…, V).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPRESENTATIONS = ("att", "ffn")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    decoder_layers: int = 2
+    decoder_embed_dim: int = 32
+    decoder_ffn_embed_dim: int = 64
+    decoder_attention_heads: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    activation_fn: str = "relu"
+    decoder_normalize_before: bool = True
+    no_decoder_final_norm: bool = False
+    decoder_learned_pos: bool = False
+    max_target_positions: int = 1024
+    share_decoder_input_output_embed: bool = False
+    no_scale_embedding: bool = False
+    padding_idx: int = 1
+
+    def __post_init__(self):
+        if self.decoder_embed_dim % self.decoder_attention_heads:
+            raise ValueError("decoder_embed_dim must be divisible by decoder_attention_heads")
+        if self.activation_fn not in ("relu", "gelu"):
+            raise ValueError(f"activation_fn must be relu or gelu, not {self.activation_fn}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Presets (fairseq ``--arch`` names). Values not given keep the ModelConfig defaults.
+ARCHS: dict[str, dict] = {
+    # The paper's WikiText-103 BPE model.
+    "transformer_lm_wikibpe": dict(
+        decoder_layers=16, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096,
+        decoder_attention_heads=8, dropout=0.3, attention_dropout=0.1, activation_dropout=0.1,
+        decoder_normalize_before=True, no_decoder_final_norm=True,
+        share_decoder_input_output_embed=False, max_target_positions=3072),
+    "transformer_lm_gpt2_small": dict(
+        decoder_layers=24, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096,
+        decoder_attention_heads=16, dropout=0.1, attention_dropout=0.1, activation_fn="gelu",
+        max_target_positions=1024),
+    "transformer_lm": dict(
+        decoder_layers=6, decoder_embed_dim=512, decoder_ffn_embed_dim=2048,
+        decoder_attention_heads=8, dropout=0.1),
+    # CPU-sized models: `small` for the demo (a few M parameters), `tiny` for tests.
+    "small": dict(decoder_layers=4, decoder_embed_dim=128, decoder_ffn_embed_dim=512,
+                  decoder_attention_heads=4, dropout=0.1, max_target_positions=1024),
+    "tiny": dict(decoder_layers=2, decoder_embed_dim=32, decoder_ffn_embed_dim=64,
+                 decoder_attention_heads=2, dropout=0.1, max_target_positions=512),
+}
+
+
+def sinusoidal_table(n: int, dim: int) -> torch.Tensor:
+    """(n, dim) fairseq-style sinusoidal table: [sin | cos] halves."""
+    half = dim // 2
+    scale = math.log(10000) / max(1, half - 1)
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -scale)
+    ang = torch.arange(n, dtype=torch.float32)[:, None] * freq[None, :]
+    table = torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)
+    if dim % 2:
+        table = torch.cat([table, torch.zeros(n, 1)], dim=1)
+    return table
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.decoder_embed_dim
+        self.n_heads = cfg.decoder_attention_heads
+        self.pre_ln = cfg.decoder_normalize_before
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out_proj = nn.Linear(d, d)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, cfg.decoder_ffn_embed_dim)
+        self.fc2 = nn.Linear(cfg.decoder_ffn_embed_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.act = F.relu if cfg.activation_fn == "relu" else F.gelu
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.activation_dropout = nn.Dropout(cfg.activation_dropout)
+        self.attention_dropout = cfg.attention_dropout
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
+        p = self.attention_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.activation_dropout(self.act(self.fc1(h)))))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, ffn_input): the second is the exact tensor fed into ``fc1``."""
+        if self.pre_ln:
+            x = x + self.dropout(self.attention(self.self_attn_layer_norm(x)))
+            h = self.final_layer_norm(x)
+            return x + self.ffn(h), h
+        x = self.self_attn_layer_norm(x + self.dropout(self.attention(x)))
+        return self.final_layer_norm(x + self.ffn(x)), x
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.decoder_embed_dim
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.padding_idx)
+        self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(d)
+        if cfg.decoder_learned_pos:
+            self.embed_positions = nn.Embedding(cfg.max_target_positions, d)
+        else:
+            self.register_buffer("sinusoidal", sinusoidal_table(cfg.max_target_positions, d),
+                                 persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        use_final = cfg.decoder_normalize_before and not cfg.no_decoder_final_norm
+        self.layer_norm = nn.LayerNorm(d) if use_final else None
+        if not cfg.share_decoder_input_output_embed:
+            self.output_projection = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        d = self.cfg.decoder_embed_dim
+        nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=d ** -0.5)
+        nn.init.zeros_(self.embed_tokens.weight[self.cfg.padding_idx])
+        for layer in self.layers:
+            for lin in (layer.qkv, layer.out_proj, layer.fc1, layer.fc2):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        if not self.cfg.share_decoder_input_output_embed:
+            nn.init.normal_(self.output_projection.weight, mean=0.0, std=d ** -0.5)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """W_sm, the (V, D) output embedding."""
+        if self.cfg.share_decoder_input_output_embed:
+            return self.embed_tokens.weight
+        return self.output_projection.weight
+
+    def output_layer(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.output_weight)
+
+    def _layer_index(self, name: str) -> int:
+        n = len(self.layers)
+        try:
+            i = int(name.split(":", 1)[1])
+        except (IndexError, ValueError):
+            raise ValueError(f"bad representation name {name!r} (att, ffn or layer:N)")
+        if not -n <= i < n:
+            raise ValueError(f"{name}: the model has {n} layers")
+        return i % n
+
+    def forward(self, tokens: torch.Tensor, return_hidden: tuple[str, ...] = ()
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """tokens (B, L) -> (features (B, L, D), {name: (B, L, D)} for ``return_hidden``).
+
+        ``features`` is ``ffn``: the input of :meth:`output_layer`.
+        """
+        B, L = tokens.shape
+        if L > self.cfg.max_target_positions:
+            raise ValueError(f"input of {L} tokens exceeds max_target_positions "
+                             f"{self.cfg.max_target_positions}")
+        x = self.embed_scale * self.embed_tokens(tokens)
+        if self.cfg.decoder_learned_pos:
+            x = x + self.embed_positions.weight[:L]
+        else:
+            x = x + self.sinusoidal[:L].to(x.dtype)
+        x = self.dropout(x)
+        wanted_layers = {self._layer_index(n): n for n in return_hidden if n.startswith("layer:")}
+        hidden: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            x, ffn_input = layer(x)
+            if i in wanted_layers:
+                hidden[wanted_layers[i]] = x
+        if "att" in return_hidden:
+            hidden["att"] = ffn_input
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        if "ffn" in return_hidden:
+            hidden["ffn"] = x
+        unknown = set(return_hidden) - set(hidden)
+        if unknown:
+            raise ValueError(f"unknown representation(s) {sorted(unknown)} (att, ffn or layer:N)")
+        return x, hidden
+
+
+def build_model(arch: str, vocab_size: int, padding_idx: int = 1, **overrides) -> TransformerLM:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    params = dict(ARCHS[arch])
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    return TransformerLM(ModelConfig(vocab_size=vocab_size, padding_idx=padding_idx, **params))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

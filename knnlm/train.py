@@ -1,0 +1,367 @@
+"""`knnlm train`: train a Transformer LM on a data-bin, fairseq-style.
+
+Inputs: a data-bin directory (positional). Outputs in ``--save-dir``:
+``checkpoint_last.pt`` / ``checkpoint_best.pt`` (written atomically), ``train_config.json``
+and ``train_log.jsonl`` (one JSON record per validation).
+
+    knnlm train runs/demo/data-bin --arch small --tokens-per-sample 256 --max-tokens 4096 \\
+        --optimizer adam --lr 1e-3 --lr-scheduler cosine --warmup-updates 100 \\
+        --max-update 2000 --save-dir runs/demo/ckpt
+    torchrun --nproc_per_node 8 -m knnlm train ...      # DDP, one process per GPU
+
+Exact resume: rerunning the same command after a kill continues from checkpoint_last.pt
+and reaches the same parameters as an uninterrupted run. The data order of an epoch is a
+seeded permutation and the dropout RNG is reseeded from (seed, rank, update) before every
+update, so the checkpoint needs no RNG state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import CKPT_FORMAT, CKPT_VERSION, load_checkpoint, save_checkpoint
+from .config import UserError, config_dict, flag, write_json_atomic
+from .data.blocks import BREAK_MODES, score_windows, shifted_inputs, train_blocks
+from .data.preprocess import DataBin
+from .distributed import DistContext, setup_distributed
+from .evaluate import iter_scored
+from .models.transformer import ARCHS, build_model, count_parameters
+from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, lr_at
+from .device import autocast_context
+from .progress import TrainProgress
+
+SEED_MIX = 1_000_003
+
+
+@dataclass
+class TrainConfig:
+    data: str = flag(help="data-bin directory", positional=True)
+    arch: str = flag("small", "model preset", choices=tuple(ARCHS))
+    save_dir: str = flag("checkpoints", "where checkpoints and logs go")
+    tokens_per_sample: int = flag(512, "tokens per training sample")
+    sample_break_mode: str = flag("none", "none | complete | eos", choices=BREAK_MODES)
+    max_tokens: int = flag(4096, "tokens per batch (per process)")
+    batch_size: int | None = flag(None, "samples per batch (default: from --max-tokens)",
+                                  aliases=("--max-sentences",))
+    update_freq: int = flag(1, "batches accumulated per update")
+    optimizer: str = flag("adam", "adam | nag", choices=OPTIMIZERS)
+    lr: float = flag(5e-4, "peak learning rate")
+    adam_betas: str = flag("(0.9, 0.98)", "Adam betas")
+    adam_eps: float = flag(1e-8, "Adam epsilon")
+    momentum: float = flag(0.99, "NAG momentum")
+    weight_decay: float = flag(0.0, "weight decay")
+    clip_norm: float = flag(0.0, "clip gradients to this global norm (0: off)")
+    lr_scheduler: str = flag("fixed", "fixed | inverse_sqrt | cosine", choices=SCHEDULERS)
+    warmup_updates: int = flag(0, "linear warm-up updates")
+    warmup_init_lr: float = flag(-1.0, "learning rate at the start of warm-up (-1: 0)")
+    min_lr: float = flag(0.0, "cosine: final learning rate")
+    lr_period_updates: int = flag(-1, "cosine: period (default: max-update minus warm-up)")
+    max_update: int = flag(0, "stop after this many updates (0: no limit)")
+    max_epoch: int = flag(0, "stop after this many epochs (0: no limit)")
+    stop_time_hours: float = flag(0.0, "stop after this much wall time (0: no limit)")
+    seed: int = flag(1, "random seed")
+    share_decoder_input_output_embed: bool = flag(False, "tie input and output embeddings")
+    dropout: float | None = flag(None, "override the preset's dropout")
+    attention_dropout: float | None = flag(None, "override the preset's attention dropout")
+    activation_dropout: float | None = flag(None, "override the preset's activation dropout")
+    decoder_layers: int | None = flag(None, "override the preset's layer count")
+    decoder_embed_dim: int | None = flag(None, "override the preset's model dimension")
+    decoder_ffn_embed_dim: int | None = flag(None, "override the preset's FFN dimension")
+    decoder_attention_heads: int | None = flag(None, "override the preset's head count")
+    valid_subset: str = flag("valid", "split used for validation")
+    validate_interval: int = flag(1, "validate every N epochs (0: never at epoch ends)")
+    validate_interval_updates: int = flag(0, "also validate every N updates (0: off)")
+    save_interval_updates: int = flag(0, "also save checkpoint_last.pt every N updates")
+    max_valid_tokens: int = flag(0, "validate on the first N tokens only (0: all)")
+    fp16: bool = flag(False, "mixed precision fp16 with loss scaling (GPU)")
+    bf16: bool = flag(False, "mixed precision bf16 (GPU)")
+    cpu: bool = flag(False, "train on the CPU even if a GPU is present")
+    quiet: bool = flag(False, "no progress bar")
+
+    def __post_init__(self):
+        for name in ("tokens_per_sample", "max_tokens", "update_freq"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise UserError("--batch-size must be > 0")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "clip_norm", "max_update", "max_epoch", "stop_time_hours",
+                     "warmup_updates", "validate_interval_updates", "save_interval_updates",
+                     "max_valid_tokens", "validate_interval"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.lr_scheduler == "cosine" and self.max_update <= 0 and self.lr_period_updates <= 0:
+            raise UserError("--lr-scheduler cosine needs --max-update or --lr-period-updates")
+        if self.max_update == 0 and self.max_epoch == 0 and self.stop_time_hours == 0:
+            raise UserError("give a stopping point: --max-update, --max-epoch or --stop-time-hours")
+        if self.fp16 and self.bf16:
+            raise UserError("--fp16 and --bf16 are exclusive")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+
+    def model_overrides(self) -> dict:
+        keys = ("dropout", "attention_dropout", "activation_dropout", "decoder_layers",
+                "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads")
+        out = {k: getattr(self, k) for k in keys}
+        out["share_decoder_input_output_embed"] = self.share_decoder_input_output_embed or None
+        out["max_target_positions"] = max(self.tokens_per_sample,
+                                          ARCHS[self.arch].get("max_target_positions", 1024))
+        return out
+
+
+def epoch_batches(blocks: np.ndarray, epoch: int, seed: int, max_tokens: int,
+                  batch_size: int | None, tokens_per_sample: int) -> list[np.ndarray]:
+    """The epoch's batches (arrays of block indices): a seeded shuffle, then fixed-size
+    groups of ``batch_size`` (default ``max_tokens // tokens_per_sample``) blocks."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+    bsz = batch_size or max(1, max_tokens // tokens_per_sample)
+    return [order[i:i + bsz] for i in range(0, len(order), bsz)]
+
+
+def make_batch(tokens: np.ndarray, blocks: np.ndarray, idx: np.ndarray, eos: int, pad: int):
+    """(inputs, targets) LongTensors (B, L), right-padded; padded targets are ``pad``."""
+    spans = blocks[idx]
+    L = int((spans[:, 1] - spans[:, 0]).max())
+    inp = np.full((len(idx), L), pad, dtype=np.int64)
+    tgt = np.full((len(idx), L), pad, dtype=np.int64)
+    for b, (s, e) in enumerate(spans.tolist()):
+        inp[b, :e - s] = shifted_inputs(tokens, eos, s, e)
+        tgt[b, :e - s] = tokens[s:e]
+    return torch.from_numpy(inp), torch.from_numpy(tgt)
+
+
+def lm_loss_sum(model, inp: torch.Tensor, tgt: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
+    """Summed token NLL (nats) and the number of non-pad targets."""
+    feats, _ = model(inp)
+    logits = model.output_layer(feats).float()
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1),
+                                             ignore_index=pad, reduction="sum")
+    return loss, int((tgt != pad).sum())
+
+
+@torch.no_grad()
+def validate(model, databin: DataBin, subset: str, tokens_per_sample: int, max_tokens: int,
+             max_valid_tokens: int, device, dist: DistContext, amp_dtype=None) -> float:
+    """Mean NLL per token (nats) on ``subset``; the windows are split across ranks."""
+    tokens = databin.split(subset)
+    n = len(tokens) if not max_valid_tokens else min(len(tokens), max_valid_tokens)
+    windows = score_windows(len(tokens), tokens_per_sample, 0, end=n)[dist.rank::dist.world_size]
+    nll, count = 0.0, 0
+    for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
+                          max_tokens=max_tokens, softmax_batch=4096, device=device,
+                          amp_dtype=amp_dtype):
+        nll -= float(sb.logprobs.double().sum())
+        count += len(sb.targets)
+    nll, count = dist.all_reduce_sum([nll, count])
+    return nll / max(1, count)
+
+
+class Trainer:
+    """One visible loop: batches -> update -> maybe validate / save."""
+
+    def __init__(self, cfg: TrainConfig, on_update: Callable[[int], None] | None = None):
+        self.cfg = cfg
+        self.on_update = on_update
+        self.dist = setup_distributed(cfg.cpu)
+        self.device = self.dist.device
+        if (cfg.fp16 or cfg.bf16) and self.device.type != "cuda":
+            raise UserError("--fp16/--bf16 need a GPU; drop the flag to train in fp32 on CPU")
+        self.amp = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
+        self.databin = DataBin(cfg.data)
+        self.tokens = self.databin.split("train")
+        self.databin.split(cfg.valid_subset)  # fail early when it is missing
+        self.blocks = train_blocks(self.tokens, self.databin.eos, cfg.tokens_per_sample,
+                                   cfg.sample_break_mode)
+        self.save_dir = Path(cfg.save_dir)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        try:
+            self.model = build_model(cfg.arch, self.databin.vocab_size, self.databin.pad,
+                                     **cfg.model_overrides()).to(self.device)
+        except ValueError as exc:
+            raise UserError(str(exc))
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), lr=cfg.lr,
+                                         weight_decay=cfg.weight_decay, adam_betas=cfg.adam_betas,
+                                         adam_eps=cfg.adam_eps, momentum=cfg.momentum)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.fp16)
+        self.state = dict(epoch=1, update_in_epoch=0, num_updates=0, best_loss=None,
+                          last_valid_loss=None, train_seconds=0.0, tokens_seen=0)
+        self._resume()
+        self.ddp_model = self.dist.wrap(self.model)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> dict:
+        return dict(format=CKPT_FORMAT, version=CKPT_VERSION, model_cfg=self.model.cfg.to_dict(),
+                    model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scaler=self.scaler.state_dict(), train_state=dict(self.state),
+                    train_config=config_dict(self.cfg),
+                    data=dict(tokenizer_sha256=self.databin.tokenizer_sha256,
+                              vocab_size=self.databin.vocab_size, data_dir=str(self.databin.path)))
+
+    def _resume(self) -> None:
+        last = self.save_dir / "checkpoint_last.pt"
+        if not last.exists():
+            return
+        ckpt = load_checkpoint(last, map_location=self.device)
+        if ckpt["model_cfg"] != self.model.cfg.to_dict():
+            raise UserError(f"{last} holds a model with another configuration; "
+                            "use a fresh --save-dir")
+        if ckpt["data"]["tokenizer_sha256"] != self.databin.tokenizer_sha256:
+            raise UserError(f"{last} was trained on data with another vocabulary")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state.update(ckpt["train_state"])
+        if self.dist.is_main:
+            print(f"resuming from {last} at update {self.state['num_updates']} "
+                  f"(epoch {self.state['epoch']})")
+
+    def save(self, best: bool = False) -> None:
+        if not self.dist.is_main:
+            return
+        ckpt = self._checkpoint()
+        save_checkpoint(ckpt, self.save_dir / "checkpoint_last.pt")
+        if best:
+            save_checkpoint(ckpt, self.save_dir / "checkpoint_best.pt")
+
+    # ------------------------------------------------------------------ steps
+    def _done(self, t_start: float) -> bool:
+        c, s = self.cfg, self.state
+        if c.max_update and s["num_updates"] >= c.max_update:
+            return True
+        if c.max_epoch and s["epoch"] > c.max_epoch:
+            return True
+        elapsed = s["train_seconds"] + time.perf_counter() - t_start
+        return bool(c.stop_time_hours and elapsed >= c.stop_time_hours * 3600)
+
+    def train_step(self, batches: list[np.ndarray]) -> tuple[float, int]:
+        """One update over this rank's micro-batches; returns (summed NLL, tokens), global."""
+        c, d = self.cfg, self.dist
+        seed = ((c.seed * SEED_MIX + d.rank) * SEED_MIX + self.state["num_updates"]) % (2 ** 63)
+        torch.manual_seed(seed)
+        lr = lr_at(self.state["num_updates"], scheduler=c.lr_scheduler, lr=c.lr,
+                   warmup_updates=c.warmup_updates, warmup_init_lr=c.warmup_init_lr,
+                   min_lr=c.min_lr, max_update=c.max_update, lr_period_updates=c.lr_period_updates)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.ddp_model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        # A rank short of batches at the end of an epoch runs a zero-weight dummy batch so
+        # that every rank takes part in each gradient all-reduce.
+        work = [(b, 1.0) for b in batches] or [(self._dummy, 0.0)]
+        nll, ntok = 0.0, 0
+        for i, (idx, weight) in enumerate(work):
+            inp, tgt = make_batch(self.tokens, self.blocks, idx, self.databin.eos, self.databin.pad)
+            with d.no_sync(self.ddp_model, last=i == len(work) - 1):
+                with autocast_context(self.device, self.amp):
+                    loss, n = lm_loss_sum(self.ddp_model, inp.to(self.device),
+                                          tgt.to(self.device), self.databin.pad)
+                self.scaler.scale(loss * weight).backward()
+            nll += float(loss.detach()) * weight
+            ntok += int(n * weight)
+        nll, ntok = d.all_reduce_sum([nll, ntok])
+        # DDP averaged the gradients over ranks; turn the sum into a per-token mean.
+        self.scaler.unscale_(self.optimizer)
+        scale = d.world_size / max(1, ntok)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        if c.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.state["num_updates"] += 1
+        self.state["tokens_seen"] += ntok
+        return nll, ntok
+
+    def validate(self) -> float:
+        c = self.cfg
+        loss = validate(self.model, self.databin, c.valid_subset, c.tokens_per_sample,
+                        c.max_tokens, c.max_valid_tokens, self.device, self.dist, self.amp)
+        best = self.state["best_loss"]
+        is_best = best is None or loss < best
+        if is_best:
+            self.state["best_loss"] = loss
+        self.state["last_valid_loss"] = loss
+        record = dict(num_updates=self.state["num_updates"], epoch=self.state["epoch"],
+                      valid_loss=loss / math.log(2), valid_ppl=math.exp(loss),
+                      best=is_best, tokens_seen=self.state["tokens_seen"])
+        if self.dist.is_main:
+            with open(self.save_dir / "train_log.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        self.save(best=is_best)
+        return loss
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        c, s, d = self.cfg, self.state, self.dist
+        if d.is_main:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.save_dir / "train_config.json", config_dict(c))
+            print(f"model {c.arch}: {count_parameters(self.model):,} parameters | "
+                  f"{len(self.blocks):,} training blocks | {d.world_size} process(es) on "
+                  f"{self.device.type}")
+        group = d.world_size * c.update_freq
+        t_start = time.perf_counter()
+        if self._done(t_start) and s["last_valid_loss"] is not None:
+            if d.is_main:
+                print(f"{self.save_dir}: already trained ({s['num_updates']} updates)")
+            return self._summary()
+        progress = TrainProgress(self, disable=c.quiet or not d.is_main)
+        while not self._done(t_start):
+            batches = epoch_batches(self.blocks, s["epoch"], c.seed, c.max_tokens, c.batch_size,
+                                    c.tokens_per_sample)
+            self._dummy = batches[0]
+            n_updates = math.ceil(len(batches) / group)
+            while s["update_in_epoch"] < n_updates and not self._done(t_start):
+                u = s["update_in_epoch"]
+                mine = batches[u * group:(u + 1) * group][d.rank::d.world_size]
+                nll, ntok = self.train_step(mine)
+                s["update_in_epoch"] += 1
+                progress.update(nll, ntok)
+                if c.validate_interval_updates and s["num_updates"] % c.validate_interval_updates == 0:
+                    progress.valid(self.validate())
+                elif c.save_interval_updates and s["num_updates"] % c.save_interval_updates == 0:
+                    self.save()
+                if self.on_update is not None:
+                    self.on_update(s["num_updates"])
+            if s["update_in_epoch"] >= n_updates:  # epoch finished
+                s["epoch"] += 1
+                s["update_in_epoch"] = 0
+                if c.validate_interval and (s["epoch"] - 1) % c.validate_interval == 0:
+                    progress.valid(self.validate())
+                else:
+                    self.save()
+        s["train_seconds"] += time.perf_counter() - t_start
+        self.validate()
+        progress.close()
+        return self._summary()
+
+    def _summary(self) -> dict:
+        s = self.state
+        return dict(num_updates=s["num_updates"], valid_loss=s["last_valid_loss"] / math.log(2),
+                    valid_ppl=math.exp(s["last_valid_loss"]),
+                    best_valid_ppl=math.exp(s["best_loss"]), tokens_seen=s["tokens_seen"],
+                    seconds=s["train_seconds"])
+
+
+def main(cfg: TrainConfig, on_update: Callable[[int], None] | None = None) -> dict:
+    trainer = Trainer(cfg, on_update)
+    try:
+        res = trainer.train()
+    finally:
+        trainer.dist.close()
+    if trainer.dist.is_main:
+        print(f"done: {res['num_updates']} updates, valid ppl {res['valid_ppl']:.2f} "
+              f"(best {res['best_valid_ppl']:.2f}), {res['tokens_seen']:,} tokens in "
+              f"{res['seconds']:.0f}s")
+    return res

@@ -1,0 +1,123 @@
+"""Training: loss goes down, schedules, exact resume, DDP equals one process."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from knnlm import train
+from knnlm.checkpoint import load_checkpoint
+from knnlm.optim import lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(databin, save_dir, **kw):
+    base = dict(data=str(databin.path), arch="tiny", save_dir=str(save_dir),
+                tokens_per_sample=32, max_tokens=128, lr=3e-3, max_update=30,
+                validate_interval=0, max_valid_tokens=512, seed=3, quiet=True)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def params(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_training_lowers_validation_loss(bpe_databin, tmp_path):
+    res = train.main(tiny_cfg(bpe_databin, tmp_path, max_update=60, validate_interval_updates=20))
+    log = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["valid_loss"] for r in log]
+    assert losses[-1] < losses[0] - 0.5
+    # random guessing over 300 tokens is log2(300) = 8.2 bits
+    assert res["valid_loss"] < 7.5
+    assert (tmp_path / "checkpoint_best.pt").is_file()
+
+
+def test_lr_schedules():
+    kw = dict(lr=1.0, warmup_updates=4, warmup_init_lr=0.0)
+    assert [lr_at(s, scheduler="inverse_sqrt", **kw) for s in (0, 2, 4, 16)] == [0.0, 0.5, 1.0, 0.5]
+    cos = [lr_at(s, scheduler="cosine", max_update=14, min_lr=0.1, **kw) for s in (4, 9, 14, 20)]
+    assert cos[0] == pytest.approx(1.0) and cos[1] == pytest.approx(0.55)
+    assert cos[2] == pytest.approx(0.1) and cos[3] == pytest.approx(0.1)
+    assert lr_at(10, scheduler="fixed", lr=0.3) == 0.3
+    assert lr_at(0, scheduler="fixed", lr=0.3, warmup_updates=3) == pytest.approx(0.1)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(update_freq=2, lr_scheduler="cosine",
+                                                 warmup_updates=3, optimizer="nag", lr=0.05)])
+def test_resume_after_crash_matches_uninterrupted(bpe_databin, tmp_path, extra):
+    # 30 updates over ~4 epochs of the tiny corpus (crosses epoch ends), dropout on
+    kw = dict(max_update=30, save_interval_updates=4, dropout=0.1, **extra)
+    train.main(tiny_cfg(bpe_databin, tmp_path / "a", **kw))
+
+    def crash_at(n):
+        if n == 11:  # 3 updates after the last save at 8
+            raise Crash()
+    with pytest.raises(Crash):
+        train.main(tiny_cfg(bpe_databin, tmp_path / "b", **kw), on_update=crash_at)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint_last.pt")["train_state"]["num_updates"] == 8
+    train.main(tiny_cfg(bpe_databin, tmp_path / "b", **kw))
+    pa, pb = params(tmp_path / "a" / "checkpoint_last.pt"), params(tmp_path / "b" / "checkpoint_last.pt")
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def _cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "knnlm", *args], env=_env(), **kw)
+
+
+def _cli_args(databin, save_dir, *extra):
+    return ["train", str(databin.path), "--arch", "tiny", "--save-dir", str(save_dir),
+            "--tokens-per-sample", "32", "--max-tokens", "128", "--lr", "3e-3", "--seed", "3",
+            "--validate-interval", "0", "--max-valid-tokens", "256", "--quiet", *extra]
+
+
+def test_kill_9_and_rerun_gives_identical_parameters(bpe_databin, tmp_path):
+    extra = ["--max-update", "150", "--save-interval-updates", "5"]
+    done = _cli(_cli_args(bpe_databin, tmp_path / "ref", *extra), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "knnlm", *_cli_args(bpe_databin, tmp_path / "killed", *extra)],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint_last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.kill()  # SIGKILL, wherever it is
+    proc.wait()
+    assert load_checkpoint(ckpt)["train_state"]["num_updates"] < 150, "finished before the kill"
+    again = _cli(_cli_args(bpe_databin, tmp_path / "killed", *extra), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout
+    pa, pb = params(tmp_path / "ref" / "checkpoint_last.pt"), params(ckpt)
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+
+
+def test_ddp_two_processes_equal_one_process_with_update_freq_2(bpe_databin, tmp_path):
+    common = ["--max-update", "6", "--dropout", "0", "--batch-size", "2"]
+    single = _cli(_cli_args(bpe_databin, tmp_path / "one", *common, "--update-freq", "2"),
+                  capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "knnlm",
+                          *_cli_args(bpe_databin, tmp_path / "two", *common, "--cpu")],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    pa, pb = params(tmp_path / "one" / "checkpoint_last.pt"), params(tmp_path / "two" / "checkpoint_last.pt")
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], rtol=1e-4, atol=1e-6, msg=name)
