@@ -82,6 +82,7 @@ def build_parser(cls, prog: str, description: str | None = None,
         if meta.get("positional"):
             kw.pop("dest")
             names = [f.name]
+            kw["metavar"] = f.name.upper()
             if "default" in kw:
                 kw["nargs"] = "?"
         else:
@@ -102,10 +103,7 @@ def build_parser(cls, prog: str, description: str | None = None,
                 kw["choices"] = meta["choices"]
             if meta["metavar"]:
                 kw["metavar"] = meta["metavar"]
-        if meta.get("positional"):
-            p.add_argument(*names, **kw)
-        else:
-            p.add_argument(*names, **kw)
+        p.add_argument(*names, **kw)
     return p
 
 

@@ -112,6 +112,8 @@ def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, p
                 return_hidden: tuple[str, ...] = (), amp_dtype=None) -> Iterator[ScoredBatch]:
     """Run the model over consecutive windows, yielding target log-probs (and hidden
     states) of each batch's scored positions, in order."""
+    if any(a.end != b.score_start for a, b in zip(windows, windows[1:])):
+        raise ValueError("iter_scored needs consecutive windows")
     model.eval()
     for batch in batch_windows(windows, max_tokens):
         B, L = len(batch), max(w.length for w in batch)

@@ -140,13 +140,20 @@ def make_batch(tokens: np.ndarray, blocks: np.ndarray, idx: np.ndarray, eos: int
     return torch.from_numpy(inp), torch.from_numpy(tgt)
 
 
-def lm_loss_sum(model, inp: torch.Tensor, tgt: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
-    """Summed token NLL (nats) and the number of non-pad targets."""
-    feats, _ = model(inp)
-    logits = model.output_layer(feats).float()
-    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1),
-                                             ignore_index=pad, reduction="sum")
-    return loss, int((tgt != pad).sum())
+class LossModule(torch.nn.Module):
+    """The LM and its loss in one ``forward``, so DDP sees every parameter used there."""
+
+    def __init__(self, model, pad: int):
+        super().__init__()
+        self.model = model
+        self.pad = pad
+
+    def forward(self, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """Summed token NLL (nats) over non-pad targets."""
+        feats, _ = self.model(inp)
+        logits = self.model.output_layer(feats).float()
+        return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1),
+                                                 ignore_index=self.pad, reduction="sum")
 
 
 @torch.no_grad()
@@ -155,7 +162,9 @@ def validate(model, databin: DataBin, subset: str, tokens_per_sample: int, max_t
     """Mean NLL per token (nats) on ``subset``; the windows are split across ranks."""
     tokens = databin.split(subset)
     n = len(tokens) if not max_valid_tokens else min(len(tokens), max_valid_tokens)
-    windows = score_windows(len(tokens), tokens_per_sample, 0, end=n)[dist.rank::dist.world_size]
+    windows = score_windows(len(tokens), tokens_per_sample, 0, end=n)
+    per_rank = math.ceil(len(windows) / dist.world_size)  # a contiguous share per rank
+    windows = windows[dist.rank * per_rank:(dist.rank + 1) * per_rank]
     nll, count = 0.0, 0
     for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
                           max_tokens=max_tokens, softmax_batch=4096, device=device,
@@ -194,9 +203,10 @@ class Trainer:
                                          adam_eps=cfg.adam_eps, momentum=cfg.momentum)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.fp16)
         self.state = dict(epoch=1, update_in_epoch=0, num_updates=0, best_loss=None,
-                          last_valid_loss=None, train_seconds=0.0, tokens_seen=0)
+                          last_valid_loss=None, last_valid_update=-1, train_seconds=0.0,
+                          tokens_seen=0)
         self._resume()
-        self.ddp_model = self.dist.wrap(self.model)
+        self.loss_module = self.dist.wrap(LossModule(self.model, self.databin.pad))
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> dict:
@@ -253,7 +263,7 @@ class Trainer:
                    min_lr=c.min_lr, max_update=c.max_update, lr_period_updates=c.lr_period_updates)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.ddp_model.train()
+        self.loss_module.train()
         self.optimizer.zero_grad(set_to_none=True)
         # A rank short of batches at the end of an epoch runs a zero-weight dummy batch so
         # that every rank takes part in each gradient all-reduce.
@@ -261,10 +271,10 @@ class Trainer:
         nll, ntok = 0.0, 0
         for i, (idx, weight) in enumerate(work):
             inp, tgt = make_batch(self.tokens, self.blocks, idx, self.databin.eos, self.databin.pad)
-            with d.no_sync(self.ddp_model, last=i == len(work) - 1):
+            with d.no_sync(self.loss_module, last=i == len(work) - 1):
                 with autocast_context(self.device, self.amp):
-                    loss, n = lm_loss_sum(self.ddp_model, inp.to(self.device),
-                                          tgt.to(self.device), self.databin.pad)
+                    loss = self.loss_module(inp.to(self.device), tgt.to(self.device))
+                n = int((tgt != self.databin.pad).sum())
                 self.scaler.scale(loss * weight).backward()
             nll += float(loss.detach()) * weight
             ntok += int(n * weight)
@@ -292,6 +302,7 @@ class Trainer:
         if is_best:
             self.state["best_loss"] = loss
         self.state["last_valid_loss"] = loss
+        self.state["last_valid_update"] = self.state["num_updates"]
         record = dict(num_updates=self.state["num_updates"], epoch=self.state["epoch"],
                       valid_loss=loss / math.log(2), valid_ppl=math.exp(loss),
                       best=is_best, tokens_seen=self.state["tokens_seen"])
@@ -342,7 +353,10 @@ class Trainer:
                 else:
                     self.save()
         s["train_seconds"] += time.perf_counter() - t_start
-        self.validate()
+        if s["last_valid_update"] != s["num_updates"]:
+            self.validate()
+        else:
+            self.save()
         progress.close()
         return self._summary()
 
