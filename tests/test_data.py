@@ -135,3 +135,21 @@ def test_text_corpus_from_directory(tmp_path):
                               test=str(tmp_path / "v.txt"))
     corpora.main(cfg)
     assert (tmp_path / "o" / "train.txt").read_text() == "alpha\n\nbeta\n"
+
+
+def test_gpt2_vocab_and_merges_give_the_same_tokenizer(tmp_path):
+    tok = BPETokenizer.train(synthetic_text(300, 4).splitlines(), vocab_size=320)
+    tok.tok.model.save(str(tmp_path))  # writes vocab.json + merges.txt, GPT-2 style
+    gpt2 = BPETokenizer.from_gpt2(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    lines = ["Enter the king, and my lady!", "sweet night"]
+    assert [a.tolist() for a in gpt2.encode_lines(lines)] == [a.tolist() for a in tok.encode_lines(lines)]
+    assert gpt2.eos == tok.eos
+
+
+def test_preprocess_reuses_a_tokenizer_json(bpe_databin, corpus_dir, tmp_path):
+    cfg = preprocess.PreprocessConfig(destdir=str(tmp_path / "db"), srcdir=str(corpus_dir),
+                                      tokenizer=str(bpe_databin.path / "tokenizer.json"), quiet=True)
+    preprocess.main(cfg)
+    again = DataBin(tmp_path / "db")
+    assert again.tokenizer_sha256 == bpe_databin.tokenizer_sha256
+    assert np.array_equal(np.asarray(again.split("test")), np.asarray(bpe_databin.split("test")))

@@ -109,13 +109,13 @@ def test_kill_9_and_rerun_gives_identical_parameters(bpe_databin, tmp_path):
 
 
 def test_ddp_two_processes_equal_one_process_with_update_freq_2(bpe_databin, tmp_path):
-    common = ["--max-update", "6", "--dropout", "0", "--batch-size", "2"]
+    common = ["--max-update", "6", "--dropout", "0", "--batch-size", "2", "--cpu"]
     single = _cli(_cli_args(bpe_databin, tmp_path / "one", *common, "--update-freq", "2"),
                   capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29517", "-m", "knnlm",
-                          *_cli_args(bpe_databin, tmp_path / "two", *common, "--cpu")],
+                          *_cli_args(bpe_databin, tmp_path / "two", *common)],
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     pa, pb = params(tmp_path / "one" / "checkpoint_last.pt"), params(tmp_path / "two" / "checkpoint_last.pt")
