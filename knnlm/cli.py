@@ -4,6 +4,7 @@
     knnlm preprocess ...                        tokenize + binarize into a data-bin
     knnlm train DATA_BIN ...                    train a Transformer LM
     knnlm eval-lm DATA_BIN --path CKPT ...      perplexity (fairseq eval-lm semantics)
+    knnlm build-dstore DATA_BIN --path CKPT ... datastore of keys and values
     knnlm demo                                  the whole pipeline on Shakespeare
 
 Every subcommand is a dataclass config plus a ``main(cfg)``; errors a user can fix end
@@ -23,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                    "tokenize text (byte-level BPE or fairseq dict) into a data-bin"),
     "train": ("knnlm.train", "TrainConfig", "train a Transformer LM (torchrun for DDP)"),
     "eval-lm": ("knnlm.evaluate", "EvalConfig", "evaluate perplexity with fairseq eval-lm blocking"),
+    "build-dstore": ("knnlm.build_dstore", "BuildDstoreConfig",
+                     "save kNN-LM keys (att/ffn/layer:N) and values of a split"),
     "demo": ("knnlm.demo", "DemoConfig", "run the whole pipeline on the Shakespeare corpus"),
 }
 

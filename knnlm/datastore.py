@@ -1,0 +1,163 @@
+"""The self-describing datastore: memmapped keys, values and positions plus a JSON sidecar.
+
+Layout of a datastore directory:
+
+- ``keys_<keytype>.npy``: (N, D) keys, fp16 (fp32 with ``--dstore-fp32``), one file per
+  keytype (``att``, ``ffn``, ``layer:N`` is written as ``keys_layer3.npy``);
+- ``vals.npy``: (N,) next-token ids, int32 (int64 only for vocabularies beyond int32);
+- ``pos.npy``: (N,) position of each entry's target in the tokenized split;
+- ``datastore.json``: format version, N, D, dtypes, keytypes, split, blocking, model and
+  tokenizer fingerprints, ``rows_written`` and ``complete``.
+
+Files are allocated at full size before the first row; ``rows_written`` advances only
+after the rows before it are flushed, so a killed dump resumes from there. Readers check
+the sidecar against the files' sizes and refuse incomplete or truncated datastores.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .config import UserError, read_json, write_json_atomic
+
+DSTORE_FORMAT = "knnlm-datastore"
+DSTORE_VERSION = 1
+KEYTYPE_ALIASES = {"last_ffn_input": "att", "last_linear_input": "ffn"}
+
+
+def normalize_keytype(name: str) -> str:
+    """``att``, ``ffn`` or ``layer:N``; the original code's names are accepted."""
+    name = KEYTYPE_ALIASES.get(name.strip(), name.strip())
+    if name in ("att", "ffn"):
+        return name
+    if name.startswith("layer:") and name[6:].lstrip("-").isdigit():
+        return name
+    raise UserError(f"unknown --knn-keytype {name!r}: use att (last_ffn_input), "
+                    "ffn (last_linear_input) or layer:N")
+
+
+def key_file(keytype: str) -> str:
+    return f"keys_{keytype.replace(':', '')}.npy"
+
+
+def value_dtype(vocab_size: int):
+    return np.int32 if vocab_size <= np.iinfo(np.int32).max else np.int64
+
+
+def same_build(old: dict, new: dict) -> bool:
+    """Whether two sidecars describe the same datastore (progress fields aside)."""
+    progress = ("rows_written", "complete")
+    return {k: old.get(k) for k in new if k not in progress} == \
+        {k: v for k, v in new.items() if k not in progress}
+
+
+def is_built(path: str | Path, meta: dict) -> bool:
+    """A complete datastore built with exactly this configuration is already there."""
+    sidecar = Path(path) / "datastore.json"
+    if not sidecar.is_file():
+        return False
+    old = read_json(sidecar, "datastore sidecar")
+    return bool(old.get("complete")) and same_build(old, meta)
+
+
+class DatastoreWriter:
+    """Allocates (or reopens, to resume) the files of a datastore and fills rows in order."""
+
+    def __init__(self, path: str | Path, meta: dict):
+        self.path = Path(path)
+        self.meta = meta
+        n, d = meta["size"], meta["dim"]
+        existing = self.path / "datastore.json"
+        mode = "w+"
+        if existing.is_file():
+            old = read_json(existing, "datastore sidecar")
+            if not same_build(old, meta):
+                raise UserError(f"{self.path} holds a datastore of another configuration; "
+                                "remove it or choose another --dstore-dir")
+            if old.get("complete"):
+                raise UserError(f"{self.path} already holds this complete datastore")
+            meta["rows_written"] = old["rows_written"]
+            mode = "r+"
+        self.path.mkdir(parents=True, exist_ok=True)
+        open_ = np.lib.format.open_memmap
+        try:
+            self.keys = {kt: open_(self.path / key_file(kt), mode=mode, dtype=meta["key_dtype"],
+                                   shape=(n, d)) for kt in meta["keytypes"]}
+            self.vals = open_(self.path / "vals.npy", mode=mode, dtype=meta["val_dtype"], shape=(n,))
+            self.pos = open_(self.path / "pos.npy", mode=mode, dtype=meta["pos_dtype"], shape=(n,))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot reopen the datastore files in {self.path} to resume ({exc})")
+        if mode == "w+":
+            write_json_atomic(existing, meta)
+
+    @property
+    def rows_written(self) -> int:
+        return int(self.meta["rows_written"])
+
+    def write(self, start: int, keys: dict[str, np.ndarray], vals: np.ndarray,
+              pos: np.ndarray) -> None:
+        end = start + len(vals)
+        for kt, arr in self.keys.items():
+            arr[start:end] = keys[kt]
+        self.vals[start:end] = vals
+        self.pos[start:end] = pos
+
+    def commit(self, rows: int) -> None:
+        """Flush everything so far to disk, then record ``rows`` as written."""
+        for arr in (*self.keys.values(), self.vals, self.pos):
+            arr.flush()
+        self.meta["rows_written"] = rows
+        self.meta["complete"] = rows == self.meta["size"]
+        write_json_atomic(self.path / "datastore.json", self.meta)
+
+
+class Datastore:
+    """A complete datastore opened for reading (memmaps, or RAM with ``in_memory``)."""
+
+    def __init__(self, path: str | Path, in_memory: bool = False):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"datastore directory not found: {self.path}")
+        self.meta = read_json(self.path / "datastore.json", "datastore sidecar")
+        if self.meta.get("format") != DSTORE_FORMAT:
+            raise UserError(f"{self.path}/datastore.json is not a knnlm datastore sidecar")
+        if not self.meta.get("complete"):
+            raise UserError(f"{self.path} is incomplete ({self.meta.get('rows_written', 0):,} of "
+                            f"{self.meta['size']:,} rows); rerun build-dstore to finish it")
+        self.size, self.dim = int(self.meta["size"]), int(self.meta["dim"])
+        self.keytypes = list(self.meta["keytypes"])
+        self.vals = self._open("vals.npy", (self.size,), self.meta["val_dtype"], in_memory)
+        self.pos = self._open("pos.npy", (self.size,), self.meta["pos_dtype"], in_memory)
+        self._in_memory = in_memory
+        self._keys: dict[str, np.ndarray] = {}
+
+    def _open(self, name: str, shape: tuple, dtype: str, in_memory: bool) -> np.ndarray:
+        path = self.path / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing")
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path} is truncated or not a .npy file ({exc})")
+        if arr.shape != shape or arr.dtype != np.dtype(dtype):
+            raise UserError(f"{path} is {arr.shape} {arr.dtype}; datastore.json says "
+                            f"{shape} {dtype}")
+        return np.array(arr) if in_memory else arr
+
+    def keys(self, keytype: str) -> np.ndarray:
+        kt = normalize_keytype(keytype)
+        if kt not in self.keytypes:
+            raise UserError(f"{self.path} has no {kt} keys (it has: {', '.join(self.keytypes)})")
+        if kt not in self._keys:
+            self._keys[kt] = self._open(key_file(kt), (self.size, self.dim),
+                                        self.meta["key_dtype"], self._in_memory)
+        return self._keys[kt]
+
+    def check_model(self, model_fingerprint: str, tokenizer_sha256: str | None = None) -> None:
+        """Refuse use with another checkpoint or vocabulary than the one that built it."""
+        if self.meta["model_fingerprint"] != model_fingerprint:
+            raise UserError(f"{self.path} was built by another checkpoint (model fingerprint "
+                            f"{self.meta['model_fingerprint']} != {model_fingerprint})")
+        if tokenizer_sha256 and self.meta["tokenizer_sha256"] != tokenizer_sha256:
+            raise UserError(f"{self.path} was built with another vocabulary")
