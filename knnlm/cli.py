@@ -5,6 +5,7 @@
     knnlm train DATA_BIN ...                    train a Transformer LM
     knnlm eval-lm DATA_BIN --path CKPT ...      perplexity (fairseq eval-lm semantics)
     knnlm build-dstore DATA_BIN --path CKPT ... datastore of keys and values
+    knnlm build-index --dstore-dir DIR ...      FAISS index over one keytype
     knnlm demo                                  the whole pipeline on Shakespeare
 
 Every subcommand is a dataclass config plus a ``main(cfg)``; errors a user can fix end
@@ -26,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval-lm": ("knnlm.evaluate", "EvalConfig", "evaluate perplexity with fairseq eval-lm blocking"),
     "build-dstore": ("knnlm.build_dstore", "BuildDstoreConfig",
                      "save kNN-LM keys (att/ffn/layer:N) and values of a split"),
+    "build-index": ("knnlm.index", "BuildIndexConfig", "build a FAISS index over datastore keys"),
     "demo": ("knnlm.demo", "DemoConfig", "run the whole pipeline on the Shakespeare corpus"),
 }
 

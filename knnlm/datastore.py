@@ -15,6 +15,8 @@ the sidecar against the files' sizes and refuse incomplete or truncated datastor
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +47,19 @@ def value_dtype(vocab_size: int):
     return np.int32 if vocab_size <= np.iinfo(np.int32).max else np.int64
 
 
+PROGRESS_FIELDS = ("rows_written", "complete")
+
+
 def same_build(old: dict, new: dict) -> bool:
     """Whether two sidecars describe the same datastore (progress fields aside)."""
-    progress = ("rows_written", "complete")
-    return {k: old.get(k) for k in new if k not in progress} == \
-        {k: v for k, v in new.items() if k not in progress}
+    return {k: old.get(k) for k in new if k not in PROGRESS_FIELDS} == \
+        {k: v for k, v in new.items() if k not in PROGRESS_FIELDS}
+
+
+def fingerprint(meta: dict) -> str:
+    """Identity of a datastore: a hash of its sidecar without the progress fields."""
+    ident = {k: v for k, v in meta.items() if k not in PROGRESS_FIELDS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_built(path: str | Path, meta: dict) -> bool:
@@ -126,6 +136,7 @@ class Datastore:
             raise UserError(f"{self.path} is incomplete ({self.meta.get('rows_written', 0):,} of "
                             f"{self.meta['size']:,} rows); rerun build-dstore to finish it")
         self.size, self.dim = int(self.meta["size"]), int(self.meta["dim"])
+        self.fingerprint = fingerprint(self.meta)
         self.keytypes = list(self.meta["keytypes"])
         self.vals = self._open("vals.npy", (self.size,), self.meta["val_dtype"], in_memory)
         self.pos = self._open("pos.npy", (self.size,), self.meta["pos_dtype"], in_memory)

@@ -52,6 +52,13 @@ class EvalConfig:
     save_scores: str | None = flag(None, "write per-token target log-probs (.npy, natural log)")
     save_tokens: str | None = flag(None, "write the scored target tokens (.npy)")
     results_path: str | None = flag(None, "write the results as JSON")
+    save_knnlm_dstore: bool = flag(False, "instead of evaluating, save a datastore of the "
+                                   "split (same as `knnlm build-dstore`)")
+    dstore_mmap: str | None = flag(None, "--save-knnlm-dstore: datastore directory")
+    knn_keytype: str = flag("att", "--save-knnlm-dstore: keytypes (att/last_ffn_input, "
+                            "ffn/last_linear_input, layer:N; comma-separated)")
+    dstore_fp32: bool = flag(False, "--save-knnlm-dstore: fp32 keys (default fp16)")
+    dstore_size: int | None = flag(None, "--save-knnlm-dstore: expected entries (checked)")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
     fp16: bool = flag(False, "half-precision forward (GPU)")
@@ -73,6 +80,18 @@ class EvalConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
         if self.fp16 and self.bf16:
             raise UserError("--fp16 and --bf16 are exclusive")
+        if self.save_knnlm_dstore and not self.dstore_mmap:
+            raise UserError("--save-knnlm-dstore needs --dstore-mmap DIR")
+
+    def to_build_dstore(self):
+        """The equivalent `knnlm build-dstore` config (the original --save-knnlm-dstore)."""
+        from .build_dstore import BuildDstoreConfig
+        return BuildDstoreConfig(
+            data=self.data, path=self.path, dstore_dir=self.dstore_mmap, gen_subset=self.gen_subset,
+            knn_keytype=self.knn_keytype, tokens_per_sample=self.tokens_per_sample,
+            context_window=self.context_window, max_tokens=self.max_tokens,
+            dstore_fp32=self.dstore_fp32, dstore_size=self.dstore_size, cpu=self.cpu,
+            device=self.device, quiet=self.quiet)
 
 
 @dataclass
@@ -204,6 +223,9 @@ def format_results(res: dict) -> str:
 
 
 def main(cfg: EvalConfig) -> dict:
+    if cfg.save_knnlm_dstore:
+        from . import build_dstore
+        return build_dstore.main(cfg.to_build_dstore())
     databin = DataBin(cfg.data)
     ckpt = load_checkpoint(cfg.path)
     check_data_matches(ckpt, databin, cfg.path)

@@ -129,3 +129,18 @@ def test_bad_keytype_and_size(bpe_databin, tiny_ckpt, tmp_path):
     with pytest.raises(UserError, match="layers"):
         build_dstore.main(dstore_cfg(bpe_databin, tiny_ckpt, tmp_path / "y", knn_keytype="layer:7"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_eval_lm_save_knnlm_dstore_spelling(bpe_databin, tiny_ckpt, built, tmp_path, capsys):
+    from knnlm.cli import run
+    out = tmp_path / "orig"
+    rc = run(["eval-lm", str(bpe_databin.path), "--path", str(tiny_ckpt), "--gen-subset", "valid",
+              "--save-knnlm-dstore", "--dstore-mmap", str(out), "--knn-keytype",
+              "last_ffn_input,last_linear_input,layer:0", "--tokens-per-sample", "24",
+              "--context-window", "8", "--max-tokens", "100", "--quiet"])
+    assert rc == 0
+    assert "LM perplexity" in capsys.readouterr().out
+    for f in ("keys_att.npy", "keys_ffn.npy", "vals.npy"):
+        assert (out / f).read_bytes() == (built / f).read_bytes()
+    assert run(["eval-lm", str(bpe_databin.path), "--path", str(tiny_ckpt),
+                "--save-knnlm-dstore"]) == 2

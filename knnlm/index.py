@@ -1,0 +1,266 @@
+"""`knnlm build-index`: a FAISS index over one keytype of a datastore; loading it back.
+
+Inputs: a datastore directory (``--dstore-dir``) and ``--knn-keytype``. Output: the
+index (``--faiss-index``, default ``<dstore>/index_<keytype>_<metric>.faiss``) and its
+sidecar ``<index>.json`` (factory, metric, training sample, datastore fingerprint, rows).
+
+    knnlm build-index --dstore-dir runs/demo/dstore --knn-keytype att --metric l2 \\
+        --index-factory 'IVF1024,PQ32'
+
+Training uses a seeded random sample of keys (``--train-size``, default min(N, 1M)); keys
+are then added in chunks read from the memmap (peak memory: the index plus one chunk). A
+killed build resumes from the last saved partial index (``<index>.partial``), and the
+result is byte-identical to an uninterrupted build. Without a factory one is chosen from
+N and D. Training runs on GPU when FAISS has GPU support and a GPU is present.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import UserError, config_dict, flag, read_json, write_json_atomic
+from .datastore import Datastore, normalize_keytype
+
+INDEX_FORMAT = "knnlm-index"
+INDEX_VERSION = 1
+METRICS = ("l2", "ip")
+FLAT_BELOW = 10_000          # stores smaller than this get an exact Flat index
+MAX_LISTS = 4096             # the paper's IVF4096
+MIN_POINTS_PER_LIST = 39     # FAISS k-means wants at least this many training points per list
+DEFAULT_TRAIN_SIZE = 1_000_000
+
+
+def faiss_module():
+    import faiss  # imported lazily: only the index stages need it
+    return faiss
+
+
+def faiss_metric(metric: str):
+    faiss = faiss_module()
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def auto_factory(n: int, d: int) -> str:
+    """A sensible factory for N keys of D dims: Flat for small stores, else IVF-PQ with
+    about 4·sqrt(N) lists (a power of two, at most 4096) and D/4 (at most 64) byte codes."""
+    if n < FLAT_BELOW:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    nlist = max(16, min(MAX_LISTS, nlist, 2 ** int(math.log2(n // MIN_POINTS_PER_LIST))))
+    m = min(64, max(1, d // 4))
+    while d % m:
+        m -= 1
+    return f"IVF{nlist},PQ{m}"
+
+
+@dataclass
+class BuildIndexConfig:
+    dstore_dir: str = flag(help="datastore directory", aliases=("--dstore_mmap",))
+    knn_keytype: str = flag("att", "which keys to index (att, ffn, layer:N)")
+    metric: str = flag("l2", "l2 | ip", choices=METRICS)
+    index_factory: str | None = flag(None, "FAISS factory string, e.g. 'IVF4096,PQ64' or "
+                                     "'OPQ64,IVF4096,PQ64' (default: chosen from N and D)")
+    faiss_index: str | None = flag(None, "output path (default: <dstore>/index_<keytype>_<metric>.faiss)",
+                                   aliases=("--faiss_index", "--indexfile"))
+    ncentroids: int | None = flag(None, "IVF lists, when no factory is given (original flag)")
+    code_size: int | None = flag(None, "PQ bytes per key, when no factory is given (original flag)",
+                                 aliases=("--code_size",))
+    probe: int = flag(8, "nprobe recorded as the index's default")
+    train_size: int = flag(DEFAULT_TRAIN_SIZE, "keys sampled to train the quantizers")
+    seed: int = flag(1, "seed of the training sample")
+    num_keys_to_add_at_a_time: int = flag(500_000, "keys added per chunk",
+                                          aliases=("--num_keys_to_add_at_a_time",))
+    starting_point: int | None = flag(None, "row to start adding at (original flag; a resumed "
+                                      "build must hold exactly this many rows)")
+    save_interval_seconds: float = flag(300.0, "save the partial index at most this often "
+                                        "(0: after every chunk)")
+    gpu: str = flag("auto", "train on GPU: auto | yes | no", choices=("auto", "yes", "no"))
+    dstore_size: int | None = flag(None, "accepted for compatibility; checked against the datastore",
+                                   aliases=("--dstore_size",))
+    dimension: int | None = flag(None, "accepted for compatibility; checked against the datastore")
+    quiet: bool = flag(False, "no progress bar")
+
+    def __post_init__(self):
+        self.knn_keytype = normalize_keytype(self.knn_keytype)
+        for name in ("probe", "train_size", "num_keys_to_add_at_a_time"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0")
+        if self.index_factory and (self.ncentroids or self.code_size):
+            raise UserError("give either --index-factory or --ncentroids/--code_size, not both")
+        if self.save_interval_seconds < 0:
+            raise UserError("--save-interval-seconds must be >= 0")
+
+    def factory(self, n: int, d: int) -> str:
+        if self.index_factory:
+            return self.index_factory
+        if self.ncentroids or self.code_size:
+            return f"IVF{self.ncentroids or MAX_LISTS},PQ{self.code_size or 64}"
+        return auto_factory(n, d)
+
+    def index_path(self) -> Path:
+        if self.faiss_index:
+            return Path(self.faiss_index)
+        return Path(self.dstore_dir) / f"index_{self.knn_keytype.replace(':', '')}_{self.metric}.faiss"
+
+
+def gpu_available() -> bool:
+    faiss = faiss_module()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def train_index(index, xt: np.ndarray, use_gpu: bool) -> None:
+    """Train ``index`` on ``xt``; IVF k-means runs on all GPUs when asked."""
+    faiss = faiss_module()
+    if use_gpu:
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:
+            ivf = None
+        if ivf is not None:
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+    index.train(xt)
+
+
+def training_sample(keys: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, fp32 keys) of a seeded sample without replacement, rows in order."""
+    n = len(keys)
+    rows = np.arange(n) if size >= n else np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+    return rows, np.ascontiguousarray(keys[rows], dtype=np.float32)
+
+
+def sidecar_for(cfg: BuildIndexConfig, ds: Datastore, factory: str, n_train: int) -> dict:
+    return dict(format=INDEX_FORMAT, version=INDEX_VERSION, factory=factory, metric=cfg.metric,
+                keytype=cfg.knn_keytype, dim=ds.dim, datastore=str(Path(ds.path).resolve()),
+                datastore_fingerprint=ds.fingerprint, datastore_size=ds.size,
+                train_size=n_train, seed=cfg.seed, nprobe=cfg.probe,
+                rows_added=0, complete=False, config=config_dict(cfg))
+
+
+def _same(old: dict, new: dict) -> bool:
+    keys = ("factory", "metric", "keytype", "datastore_fingerprint", "train_size", "seed")
+    return all(old.get(k) == new.get(k) for k in keys)
+
+
+def build_index(cfg: BuildIndexConfig) -> dict:
+    faiss = faiss_module()
+    ds = Datastore(cfg.dstore_dir)
+    keys = ds.keys(cfg.knn_keytype)
+    n, d = ds.size, ds.dim
+    if cfg.dstore_size is not None and cfg.dstore_size != n:
+        raise UserError(f"--dstore_size {cfg.dstore_size} but the datastore holds {n:,} keys")
+    if cfg.dimension is not None and cfg.dimension != d:
+        raise UserError(f"--dimension {cfg.dimension} but the keys have {d} dimensions")
+    use_gpu = cfg.gpu == "yes" or (cfg.gpu == "auto" and gpu_available())
+    if cfg.gpu == "yes" and not gpu_available():
+        raise UserError("--gpu yes: this FAISS build has no GPU support or no GPU is visible")
+    factory = cfg.factory(n, d)
+    out = cfg.index_path()
+    partial, side_path = Path(str(out) + ".partial"), Path(str(out) + ".json")
+    meta = sidecar_for(cfg, ds, factory, min(cfg.train_size, n))
+    if out.is_file() and side_path.is_file():
+        old = read_json(side_path, "index sidecar")
+        if old.get("complete") and _same(old, meta):
+            print(f"{out}: this index is already built")
+            return old
+    try:
+        index = faiss.index_factory(d, factory, faiss_metric(cfg.metric))
+    except RuntimeError as exc:
+        raise UserError(f"FAISS rejects --index-factory {factory!r} for d={d} "
+                        f"({str(exc).strip().splitlines()[-1][:160]})")
+    start = 0
+    if partial.is_file() and side_path.is_file():
+        old = read_json(side_path, "index sidecar")
+        if _same(old, meta) and not old.get("complete"):
+            index = faiss.read_index(str(partial))
+            start = int(old["rows_added"])
+            print(f"resuming {out} at row {start:,} of {n:,}")
+    if cfg.starting_point is not None and cfg.starting_point != start:
+        raise UserError(f"--starting_point {cfg.starting_point} but the saved partial index "
+                        f"holds {start:,} rows")
+    print(f"index {factory} ({cfg.metric}) over {n:,} x {d} {cfg.knn_keytype} keys"
+          + ("" if cfg.index_factory or cfg.ncentroids or cfg.code_size else " (chosen from N and D)"))
+    t0 = time.perf_counter()
+    timings = {}
+    if start == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not index.is_trained:
+            _, xt = training_sample(keys, cfg.train_size, cfg.seed)
+            train_index(index, xt, use_gpu)
+            del xt
+        timings["train_s"] = time.perf_counter() - t0
+        _save_partial(index, partial, side_path, meta, 0)  # never train twice
+    t1 = time.perf_counter()
+    last_save = time.perf_counter()
+    step = cfg.num_keys_to_add_at_a_time
+    bar = tqdm(total=n, initial=start, unit="key", desc="add", disable=True if cfg.quiet else None)
+    for s in range(start, n, step):
+        e = min(n, s + step)
+        index.add(np.ascontiguousarray(keys[s:e], dtype=np.float32))
+        bar.update(e - s)
+        if e < n and time.perf_counter() - last_save >= cfg.save_interval_seconds:
+            _save_partial(index, partial, side_path, meta, e)
+            last_save = time.perf_counter()
+    bar.close()
+    timings["add_s"] = time.perf_counter() - t1
+    tmp = Path(str(out) + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out)
+    meta.update(rows_added=n, complete=True, ntotal=int(index.ntotal), **timings)
+    write_json_atomic(side_path, meta)
+    if partial.exists():
+        partial.unlink()
+    print(f"wrote {out}: {index.ntotal:,} keys, {out.stat().st_size / 2**20:,.1f} MiB, "
+          f"{time.perf_counter() - t0:.1f}s")
+    return meta
+
+
+def _save_partial(index, partial: Path, side_path: Path, meta: dict, rows: int) -> None:
+    faiss = faiss_module()
+    tmp = Path(str(partial) + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, partial)
+    write_json_atomic(side_path, dict(meta, rows_added=rows, complete=False))
+
+
+def load_index(path: str | Path, ds: Datastore, keytype: str, metric: str | None = None,
+               nprobe: int | None = None):
+    """Read an index, check it was built on ``ds``'s ``keytype`` keys, set nprobe."""
+    faiss = faiss_module()
+    path = Path(path)
+    meta = read_json(Path(str(path) + ".json"), "index sidecar")
+    if meta.get("format") != INDEX_FORMAT or not meta.get("complete"):
+        raise UserError(f"{path} is not a complete knnlm index (see its .json)")
+    if meta["datastore_fingerprint"] != ds.fingerprint:
+        raise UserError(f"{path} was built on another datastore than {ds.path}")
+    if meta["keytype"] != normalize_keytype(keytype):
+        raise UserError(f"{path} indexes {meta['keytype']} keys, not {keytype}")
+    if metric is not None and meta["metric"] != metric:
+        raise UserError(f"{path} uses metric {meta['metric']}, not {metric}")
+    if not path.is_file():
+        raise UserError(f"index not found: {path}")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise UserError(f"cannot read {path} ({str(exc).strip().splitlines()[-1][:160]})")
+    if index.ntotal != ds.size:
+        raise UserError(f"{path} holds {index.ntotal:,} keys, the datastore {ds.size:,}")
+    set_nprobe(index, nprobe or meta["nprobe"])
+    return index, meta
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    faiss = faiss_module()
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except RuntimeError:
+        pass  # not an IVF index: nothing to probe
+
+
+def main(cfg: BuildIndexConfig) -> dict:
+    return build_index(cfg)

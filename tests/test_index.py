@@ -1,0 +1,140 @@
+"""build-index: Flat equals brute force, IVF-PQ recall on real keys, resumable builds,
+sidecar checks."""
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from knnlm import build_dstore, index, train
+from knnlm.config import UserError
+from knnlm.datastore import Datastore
+
+
+@pytest.fixture(scope="module")
+def trained_dstore(bpe_databin, tmp_path_factory):
+    """Keys of a briefly trained tiny model over the training split (~13k entries)."""
+    root = tmp_path_factory.mktemp("idx")
+    train.main(train.TrainConfig(data=str(bpe_databin.path), arch="tiny", save_dir=str(root / "ck"),
+                                 tokens_per_sample=64, max_tokens=512, lr=3e-3, max_update=40,
+                                 validate_interval=0, max_valid_tokens=256, quiet=True))
+    build_dstore.main(build_dstore.BuildDstoreConfig(
+        data=str(bpe_databin.path), path=str(root / "ck" / "checkpoint_last.pt"),
+        dstore_dir=str(root / "ds"), knn_keytype="att,ffn", tokens_per_sample=64,
+        context_window=32, quiet=True))
+    return Datastore(root / "ds")
+
+
+def icfg(ds, **kw):
+    base = dict(dstore_dir=str(ds.path), knn_keytype="att", quiet=True)
+    base.update(kw)
+    return index.BuildIndexConfig(**base)
+
+
+def brute_force(xb, xq, k, metric):
+    if metric == "l2":
+        d = (xq ** 2).sum(1)[:, None] - 2 * xq @ xb.T + (xb ** 2).sum(1)[None]
+        order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    else:
+        d = xq @ xb.T
+        order = np.argsort(-d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), order
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_flat_index_equals_brute_force(trained_dstore, tmp_path, metric):
+    ds = trained_dstore
+    out = tmp_path / "flat.faiss"
+    index.build_index(icfg(ds, metric=metric, index_factory="Flat", faiss_index=str(out),
+                           num_keys_to_add_at_a_time=3000))
+    idx, meta = index.load_index(out, ds, "att", metric)
+    xb = np.asarray(ds.keys("att"), dtype=np.float64)
+    xq = xb[np.random.default_rng(0).choice(len(xb), 50, replace=False)] + 0.01
+    D, I = idx.search(xq.astype(np.float32), 8)
+    Dref, Iref = brute_force(xb, xq, 8, metric)
+    np.testing.assert_allclose(D, Dref, rtol=1e-4, atol=1e-3)
+    # ids agree wherever distances are not tied
+    untied = np.abs(np.diff(Dref, axis=1)).min(axis=1) > 1e-3
+    assert untied.sum() > 25
+    assert np.array_equal(I[untied], Iref[untied])
+    assert meta["factory"] == "Flat" and meta["metric"] == metric
+
+
+def test_ivfpq_recall_at_nprobe_nlist(trained_dstore, tmp_path):
+    ds = trained_dstore
+    out = tmp_path / "ivf.faiss"
+    index.build_index(icfg(ds, index_factory="IVF32,PQ16", faiss_index=str(out), train_size=8000))
+    idx, _ = index.load_index(out, ds, "att", nprobe=32)
+    xb = np.asarray(ds.keys("att"), dtype=np.float64)
+    rows = np.random.default_rng(1).choice(len(xb), 200, replace=False)
+    xq = xb[rows] + np.random.default_rng(2).normal(0, 0.05, (200, xb.shape[1]))
+    _, I = idx.search(xq.astype(np.float32), 1)
+    Dref, _ = brute_force(xb, xq, 1, "l2")
+    got = ((xb[I[:, 0]] - xq) ** 2).sum(1)
+    recall = np.mean(got <= Dref[:, 0] + 1e-6)   # a tie with the nearest counts as a hit
+    assert recall >= 0.9, recall
+
+
+def test_auto_factory():
+    assert index.auto_factory(5_000, 128) == "Flat"
+    assert index.auto_factory(1_740_000, 128) == "IVF4096,PQ32"
+    assert index.auto_factory(100_000, 1024) == "IVF1024,PQ64"
+    assert index.auto_factory(20_000, 32) == "IVF512,PQ8"
+    assert index.BuildIndexConfig(dstore_dir="x", ncentroids=256).factory(10 ** 6, 1024) == "IVF256,PQ64"
+
+
+class Crash(Exception):
+    pass
+
+
+def test_killed_build_resumes_to_identical_index(trained_dstore, tmp_path, monkeypatch):
+    ds = trained_dstore
+    kw = dict(index_factory="OPQ8,IVF16,PQ8", train_size=5000, num_keys_to_add_at_a_time=2000,
+              save_interval_seconds=0)
+    ref = tmp_path / "ref.faiss"
+    index.build_index(icfg(ds, faiss_index=str(ref), **kw))
+
+    out = tmp_path / "res.faiss"
+    calls = {"n": 0}
+    real_save = index._save_partial
+
+    def crashing_save(*a):
+        real_save(*a)
+        calls["n"] += 1
+        if calls["n"] == 3:  # trained + 2 chunks saved
+            raise Crash()
+    monkeypatch.setattr(index, "_save_partial", crashing_save)
+    with pytest.raises(Crash):
+        index.build_index(icfg(ds, faiss_index=str(out), **kw))
+    monkeypatch.setattr(index, "_save_partial", real_save)
+    side = json.loads((tmp_path / "res.faiss.json").read_text())
+    assert side["rows_added"] == 4000 and not side["complete"]
+    with pytest.raises(UserError, match="not a complete"):
+        index.load_index(out, ds, "att")
+    meta = index.build_index(icfg(ds, faiss_index=str(out), **kw))
+    assert meta["complete"] and not (tmp_path / "res.faiss.partial").exists()
+    a = faiss.serialize_index(faiss.read_index(str(ref)))
+    b = faiss.serialize_index(faiss.read_index(str(out)))
+    assert np.array_equal(a, b)
+
+
+def test_index_refuses_another_datastore_or_keytype(trained_dstore, tmp_path):
+    ds = trained_dstore
+    out = tmp_path / "f.faiss"
+    index.build_index(icfg(ds, index_factory="Flat", faiss_index=str(out)))
+    with pytest.raises(UserError, match="indexes att keys"):
+        index.load_index(out, ds, "ffn")
+    side = json.loads((tmp_path / "f.faiss.json").read_text())
+    side["datastore_fingerprint"] = "0" * 16
+    (tmp_path / "f.faiss.json").write_text(json.dumps(side))
+    with pytest.raises(UserError, match="another datastore"):
+        index.load_index(out, ds, "att")
+
+
+def test_bad_factory_is_one_line_exit_2(trained_dstore, tmp_path, capsys):
+    from knnlm.cli import run
+    rc = run(["build-index", "--dstore-dir", str(trained_dstore.path), "--index-factory",
+              "IVF16,PQ7", "--faiss-index", str(tmp_path / "x.faiss")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "FAISS rejects" in err
+    assert not (tmp_path / "x.faiss").exists()
