@@ -15,7 +15,6 @@ batch, and the finished files are byte-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,15 +108,12 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
     bar = tqdm(total=n, initial=done, unit="tok", desc="build-dstore",
                disable=True if cfg.quiet else None)
     t0 = time.perf_counter()
-    nll, scored = 0.0, 0
     for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
                           max_tokens=cfg.max_tokens, softmax_batch=4096, device=device,
-                          return_hidden=tuple(cfg.keytypes)):
+                          return_hidden=tuple(cfg.keytypes), logprobs=False):
         keys = {kt: sb.hidden[kt].float().cpu().numpy().astype(key_dtype) for kt in cfg.keytypes}
         writer.write(sb.start, keys, sb.targets, np.arange(sb.start, sb.end))
         writer.commit(sb.end)
-        nll -= float(sb.logprobs.double().sum())
-        scored += sb.end - sb.start
         bar.update(sb.end - sb.start)
         if on_batch is not None:
             on_batch(sb.end)
@@ -125,8 +121,7 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
     if not writer.meta["complete"]:  # nothing was left to do, or an empty split
         writer.commit(n)
     return dict(size=n, dim=writer.meta["dim"], keytypes=cfg.keytypes,
-                seconds=time.perf_counter() - t0, path=str(cfg.dstore_dir),
-                rows_this_run=scored, ppl_this_run=math.exp(nll / scored) if scored else None)
+                seconds=time.perf_counter() - t0, path=str(cfg.dstore_dir))
 
 
 def main(cfg: BuildDstoreConfig, on_batch: Callable[[int], None] | None = None) -> dict:
@@ -139,8 +134,5 @@ def main(cfg: BuildDstoreConfig, on_batch: Callable[[int], None] | None = None) 
     nbytes = sum(f.stat().st_size for f in Path(cfg.dstore_dir).glob("*.npy"))
     print(f"datastore {cfg.dstore_dir}: {res['size']:,} entries x {res['dim']} dims "
           f"({', '.join(res['keytypes'])}), {nbytes / 2**20:,.1f} MiB, {res['seconds']:.1f}s")
-    if res.get("ppl_this_run"):
-        print(f"LM perplexity over the {res['rows_this_run']:,} {cfg.gen_subset} tokens stored "
-              f"in this run: {res['ppl_this_run']:.2f} per token")
     res["config"] = config_dict(cfg)
     return res

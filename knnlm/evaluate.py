@@ -101,7 +101,7 @@ class ScoredBatch:
     end: int
     targets: np.ndarray          # (M,) int64
     prev: np.ndarray             # (M,) int64, the input token at each position
-    logprobs: torch.Tensor       # (M,) float32, log p_LM(target), natural log
+    logprobs: torch.Tensor | None  # (M,) float32, log p_LM(target), natural log
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (M, D)
 
 
@@ -128,9 +128,11 @@ def make_windows(n_tokens: int, tokens: np.ndarray, eos: int, tokens_per_sample:
 @torch.no_grad()
 def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, pad: int,
                 max_tokens: int, softmax_batch: int, device: torch.device,
-                return_hidden: tuple[str, ...] = (), amp_dtype=None) -> Iterator[ScoredBatch]:
-    """Run the model over consecutive windows, yielding target log-probs (and hidden
-    states) of each batch's scored positions, in order."""
+                return_hidden: tuple[str, ...] = (), amp_dtype=None,
+                logprobs: bool = True) -> Iterator[ScoredBatch]:
+    """Run the model over consecutive windows, yielding target log-probs (unless
+    ``logprobs`` is False: no output layer at all) and the ``return_hidden`` states of each
+    batch's scored positions, in order."""
     if any(a.end != b.score_start for a, b in zip(windows, windows[1:])):
         raise ValueError("iter_scored needs consecutive windows")
     model.eval()
@@ -146,11 +148,12 @@ def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, p
         prev = shifted_inputs(tokens, eos, start, end)
         x = torch.from_numpy(inp).to(device)
         idx = torch.from_numpy(np.concatenate(flat_idx)).to(device)
+        lp = None
         with autocast_context(device, amp_dtype):
             feats, hidden = model(x, return_hidden=return_hidden)
-            feats = feats.reshape(B * L, -1)[idx]
-            lp = target_logprobs(model, feats, torch.from_numpy(targets).to(device),
-                                 softmax_batch)
+            if logprobs:
+                lp = target_logprobs(model, feats.reshape(B * L, -1)[idx],
+                                     torch.from_numpy(targets).to(device), softmax_batch)
         hidden = {k: v.reshape(B * L, -1)[idx] for k, v in hidden.items()}
         yield ScoredBatch(start, end, targets, prev, lp, hidden)
 

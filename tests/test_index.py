@@ -89,7 +89,7 @@ class Crash(Exception):
 
 def test_killed_build_resumes_to_identical_index(trained_dstore, tmp_path, monkeypatch):
     ds = trained_dstore
-    kw = dict(index_factory="OPQ8,IVF16,PQ8", train_size=5000, num_keys_to_add_at_a_time=2000,
+    kw = dict(index_factory="OPQ8,IVF16,PQ8", train_size=3000, num_keys_to_add_at_a_time=2000,
               save_interval_seconds=0)
     ref = tmp_path / "ref.faiss"
     index.build_index(icfg(ds, faiss_index=str(ref), **kw))
