@@ -2,7 +2,8 @@
 corpus, sized for a 2-core CPU.
 
 Stages: fetch the corpus -> byte-level BPE (8k) data-bin -> train the ``small`` model ->
-eval-lm on valid and test. Each stage is skipped when its output already exists, so an
+eval-lm on valid and test -> datastore of the training split (att and ffn keys) -> FAISS
+index over the att keys. Each stage is skipped when its output already exists, so an
 interrupted demo picks up where it stopped. Ends with a results table and each stage's
 wall time; everything lands under ``--workdir`` (results in ``results.json``).
 
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import evaluate, train
+from . import build_dstore, evaluate, index, train
 from .config import UserError, config_dict, flag, write_json_atomic
 from .data import corpora, preprocess
 
@@ -28,6 +29,9 @@ class DemoConfig:
     arch: str = flag("small", "model preset")
     tokens_per_sample: int = flag(256, "training sample length")
     context_window: int = flag(128, "eval-lm left context per scored block")
+    dstore_context_window: int = flag(64, "datastore left context per block")
+    index_factory: str = flag("IVF1024,PQ32", "FAISS index over the att keys")
+    index_train_size: int = flag(100_000, "keys sampled to train the index")
     max_update: int = flag(300, "training updates (about 1.5 s each for `small` on 2 cores)")
     max_tokens: int = flag(4096, "tokens per training batch")
     lr: float = flag(2e-3, "peak learning rate (cosine schedule)")
@@ -81,6 +85,17 @@ def main(cfg: DemoConfig) -> dict:
             results_path=str(work / f"eval_{split}.json"), quiet=cfg.quiet)
         results[split] = _stage(f"eval-lm {split}", timings, evaluate.main, ecfg)
 
+    dstore_dir = work / "dstore"
+    dcfg = build_dstore.BuildDstoreConfig(
+        data=str(data_dir), path=str(ckpt_dir / "checkpoint_best.pt"), dstore_dir=str(dstore_dir),
+        gen_subset="train", knn_keytype="att,ffn", tokens_per_sample=cfg.tokens_per_sample,
+        context_window=cfg.dstore_context_window, quiet=cfg.quiet)
+    dstore_res = _stage("build-dstore", timings, build_dstore.main, dcfg)
+    icfg = index.BuildIndexConfig(dstore_dir=str(dstore_dir), knn_keytype="att", metric="l2",
+                                  index_factory=cfg.index_factory,
+                                  train_size=cfg.index_train_size, quiet=cfg.quiet)
+    index_res = _stage("build-index", timings, index.main, icfg)
+
     print("\n== results (Shakespeare, byte-level BPE, model: "
           f"{cfg.arch}, {train_res['num_updates']} updates)")
     print(f"| split | tokens | words | ppl/token | ppl/word |\n|---|---:|---:|---:|---:|")
@@ -90,6 +105,13 @@ def main(cfg: DemoConfig) -> dict:
     for name, sec in timings.items():
         print(f"| {name} | {sec:.1f} |")
     print(f"| total | {sum(timings.values()):.1f} |")
-    out = dict(config=config_dict(cfg), train=train_res, eval=results, timings=timings)
+    files = {p.name: p.stat().st_size for p in sorted(dstore_dir.iterdir()) if p.is_file()}
+    print(f"\ndatastore: {dstore_res['size']:,} keys x {dstore_res['dim']} dims; index "
+          f"{index_res['factory']}; files in {dstore_dir}:")
+    for name, size in files.items():
+        print(f"  {name:32s} {size / 2**20:10,.1f} MiB")
+    out = dict(config=config_dict(cfg), train=train_res, eval=results, timings=timings,
+               datastore=dict(size=dstore_res["size"], dim=dstore_res["dim"], files=files),
+               index=dict(factory=index_res["factory"], path=str(icfg.index_path())))
     write_json_atomic(work / "results.json", out)
     return out

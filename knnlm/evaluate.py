@@ -24,12 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import check_data_matches, load_checkpoint, model_from_checkpoint
+from . import knn
+from .checkpoint import check_data_matches, load_checkpoint, model_fingerprint, model_from_checkpoint
 from .config import UserError, config_dict, flag, write_json_atomic
 from .data.blocks import BREAK_MODES, Window, batch_windows, score_windows, shifted_inputs, \
     train_blocks
 from .data.preprocess import DataBin
-from .data.tokenizer import count_words
+from .data.tokenizer import word_mask
 from .device import autocast_context, resolve_device
 
 LN2 = math.log(2)
@@ -52,6 +53,32 @@ class EvalConfig:
     save_scores: str | None = flag(None, "write per-token target log-probs (.npy, natural log)")
     save_tokens: str | None = flag(None, "write the scored target tokens (.npy)")
     results_path: str | None = flag(None, "write the results as JSON")
+    knnlm: bool = flag(False, "evaluate the kNN-LM: interpolate with a datastore's neighbours")
+    dstore_filename: str | None = flag(None, "--knnlm: datastore directory")
+    indexfile: str | None = flag(None, "--knnlm: FAISS index (default: the datastore's "
+                                 "index_<keytype>_<metric>.faiss)")
+    k: int = flag(1024, "--knnlm: neighbours per query")
+    lmbda: float = flag(0.25, "--knnlm: interpolation weight of p_kNN")
+    knn_temp: float = flag(1.0, "--knnlm: softmax temperature over neighbour scores")
+    probe: int = flag(32, "--knnlm: IVF lists probed per query (nprobe)")
+    knn_sim_func: str | None = flag(None, "--knnlm: scores of FAISS neighbours: exact L2 from "
+                                    "stored keys (default), do_not_recomp_l2 (FAISS distances), "
+                                    "dot (exact inner products)",
+                                    choices=("l2", "do_not_recomp_l2", "dot"))
+    faiss_metric_type: str = flag("l2", "--knnlm: metric of the index", choices=("l2", "ip"))
+    exact_search: bool = flag(False, "--knnlm: exact neighbours by brute force (no index)")
+    ignore_top: bool = flag(False, "--knnlm: drop the nearest neighbour (scoring the "
+                            "datastore's own text)")
+    load_keys: bool = flag(True, "--knnlm: read the stored keys (needed to recompute "
+                           "distances)", negative=("--no-load-keys",))
+    move_dstore_to_mem: bool = flag(False, "--knnlm: load keys and values into RAM")
+    knnlm_gpu: bool = flag(False, "--knnlm: search on GPU (FAISS GPU build, or brute force "
+                           "with --exact-search)")
+    save_retrieval: str | None = flag(None, "--knnlm: write a retrieval cache to this directory "
+                                      "(for `knnlm sweep`)")
+    save_exact_dists: bool = flag(False, "--save-retrieval: also store exact distances")
+    save_knn_scores: str | None = flag(None, "--knnlm: write per-token log p_kNN (.npy)")
+    save_queries: str | None = flag(None, "--knnlm: write the query vectors (.npy, fp32)")
     save_knnlm_dstore: bool = flag(False, "instead of evaluating, save a datastore of the "
                                    "split (same as `knnlm build-dstore`)")
     dstore_mmap: str | None = flag(None, "--save-knnlm-dstore: datastore directory")
@@ -82,6 +109,19 @@ class EvalConfig:
             raise UserError("--fp16 and --bf16 are exclusive")
         if self.save_knnlm_dstore and not self.dstore_mmap:
             raise UserError("--save-knnlm-dstore needs --dstore-mmap DIR")
+        if self.knnlm and self.save_knnlm_dstore:
+            raise UserError("--knnlm and --save-knnlm-dstore are exclusive")
+        if self.knnlm:
+            if not self.dstore_filename:
+                raise UserError("--knnlm needs --dstore-filename DIR")
+            if self.k <= 0 or self.probe <= 0:
+                raise UserError("--k and --probe must be > 0")
+            if not 0.0 <= self.lmbda <= 1.0:
+                raise UserError(f"--lmbda must be in [0, 1], got {self.lmbda}")
+            if not self.knn_temp > 0:
+                raise UserError(f"--knn-temp must be > 0, got {self.knn_temp}")
+            if self.sample_break_mode != "none":
+                raise UserError("--knnlm needs --sample-break-mode none")
 
     def to_build_dstore(self):
         """The equivalent `knnlm build-dstore` config (the original --save-knnlm-dstore)."""
@@ -173,13 +213,20 @@ def perplexities(nll_sum: float, n_tokens: int, n_words: int) -> dict:
     return out
 
 
-def eval_lm(model, databin: DataBin, cfg: EvalConfig, device: torch.device) -> dict:
-    """Score the split ``cfg.gen_subset`` of ``databin``."""
-    return eval_tokens(model, databin.split(cfg.gen_subset), databin, cfg, device)
+def eval_lm(model, databin: DataBin, cfg: EvalConfig, device: torch.device,
+            model_fingerprint: str | None = None) -> dict:
+    """Score the split ``cfg.gen_subset`` of ``databin`` (with ``--knnlm``, also p_kNN and
+    the interpolation; ``model_fingerprint`` binds the datastore to the model)."""
+    tokens = databin.split(cfg.gen_subset)
+    knn_scorer = None
+    if cfg.knnlm:
+        from .knn_eval import KnnScorer
+        knn_scorer = KnnScorer(cfg, model_fingerprint, databin, device, len(tokens))
+    return eval_tokens(model, tokens, databin, cfg, device, knn_scorer)
 
 
 def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
-                device: torch.device) -> dict:
+                device: torch.device, knn_scorer=None) -> dict:
     """Score a token stream with the vocabulary and specials of ``databin``."""
     n = len(tokens)
     T = cfg.tokens_per_sample or model.cfg.max_target_positions
@@ -196,13 +243,23 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
     saved_tokens = open_token_memmap(cfg.save_tokens, n, np.int32) if cfg.save_tokens else None
     amp = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
     nll_sum, n_words, t0 = 0.0, 0, time.perf_counter()
+    knn_nll, interp_nll, no_match = 0.0, 0.0, 0
+    hidden = (knn_scorer.keytype,) if knn_scorer is not None else ()
     bar = tqdm(total=n, unit="tok", desc=f"eval {cfg.gen_subset}", disable=True if cfg.quiet else None)
     for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
                           max_tokens=cfg.max_tokens, softmax_batch=cfg.softmax_batch,
-                          device=device, amp_dtype=amp):
+                          device=device, amp_dtype=amp, return_hidden=hidden):
         lp = sb.logprobs.double().cpu().numpy()
         nll_sum -= float(lp.sum())
-        n_words += count_words(sb.targets, sb.prev, vocab, flags)
+        words = word_mask(sb.targets, sb.prev, vocab, flags)
+        n_words += int(words.sum())
+        if knn_scorer is not None:
+            klp = knn_scorer.score(sb.start, sb.hidden[knn_scorer.keytype], sb.targets,
+                                   lp.astype(np.float32), words)
+            knn_nll -= float(klp.sum())
+            no_match += int(np.isinf(klp).sum())
+            mix = knn.interpolate(torch.from_numpy(lp), torch.from_numpy(klp), cfg.lmbda)
+            interp_nll -= float(mix.sum())
         if scores is not None:
             scores[sb.start:sb.end] = lp
         if saved_tokens is not None:
@@ -216,13 +273,31 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
     res.update(seconds=time.perf_counter() - t0, subset=cfg.gen_subset, tokens_per_sample=T,
                context_window=cfg.context_window)
     res["tokens_per_second"] = n / max(res["seconds"], 1e-9)
+    if knn_scorer is not None:
+        res["knn"] = dict(perplexities(knn_nll, n, n_words), no_match_tokens=no_match)
+        res["interpolated"] = dict(perplexities(interp_nll, n, n_words), lmbda=cfg.lmbda,
+                                   knn_temp=cfg.knn_temp, k=cfg.k)
+        knn_scorer.close(dict(lm=res["ppl"], knn=res["knn"]["ppl"],
+                              interpolated=res["interpolated"]["ppl"]))
     return res
 
 
 def format_results(res: dict) -> str:
-    return (f"{res['subset']}: {res['tokens']:,} tokens, {res['words']:,} words | "
+    line = (f"{res['subset']}: {res['tokens']:,} tokens, {res['words']:,} words | "
             f"loss (base 2) {res['loss']:.4f} | ppl {res['ppl']:.2f} per token, "
             f"{res['word_ppl']:.2f} per word | {res['tokens_per_second']:,.0f} tok/s")
+    if "knn" not in res:
+        return line
+    k, m = res["knn"], res["interpolated"]
+    return "\n".join([
+        f"{res['subset']}: {res['tokens']:,} tokens, {res['words']:,} words, "
+        f"{res['tokens_per_second']:,.0f} tok/s",
+        f"  LM only        ppl {res['ppl']:10.2f} per token {res['word_ppl']:12.2f} per word",
+        f"  kNN only       ppl {k['ppl']:10.2f} per token {k['word_ppl']:12.2f} per word"
+        + (f"  ({k['no_match_tokens']:,} tokens without a matching neighbour)"
+           if k["no_match_tokens"] else ""),
+        f"  kNN-LM         ppl {m['ppl']:10.2f} per token {m['word_ppl']:12.2f} per word"
+        f"  (lambda {m['lmbda']}, T {m['knn_temp']}, k {m['k']})"])
 
 
 def main(cfg: EvalConfig) -> dict:
@@ -234,7 +309,8 @@ def main(cfg: EvalConfig) -> dict:
     check_data_matches(ckpt, databin, cfg.path)
     device = resolve_device(cfg.device, cfg.cpu)
     model = model_from_checkpoint(ckpt).to(device)
-    res = eval_lm(model, databin, cfg, device)
+    res = eval_lm(model, databin, cfg, device,
+                  model_fingerprint(ckpt["model"]) if cfg.knnlm else None)
     print(format_results(res))
     if cfg.results_path:
         write_json_atomic(cfg.results_path, dict(results=res, config=config_dict(cfg)))

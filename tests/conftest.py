@@ -77,3 +77,26 @@ def tiny_ckpt(bpe_databin, tmp_path_factory) -> Path:
     """A randomly initialised tiny model saved as a checkpoint for the BPE data-bin."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     return write_model_checkpoint(tiny_model(bpe_databin.vocab_size), bpe_databin, path)
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(bpe_databin, tmp_path_factory) -> Path:
+    """A tiny model trained for 40 updates on the synthetic corpus."""
+    from knnlm import train
+    root = tmp_path_factory.mktemp("trained")
+    train.main(train.TrainConfig(data=str(bpe_databin.path), arch="tiny", save_dir=str(root),
+                                 tokens_per_sample=64, max_tokens=512, lr=3e-3, max_update=40,
+                                 validate_interval=0, max_valid_tokens=256, quiet=True))
+    return root / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="session")
+def trained_dstore(bpe_databin, trained_ckpt, tmp_path_factory):
+    """att and ffn keys of the trained tiny model over the training split (~13k entries)."""
+    from knnlm import build_dstore
+    from knnlm.datastore import Datastore
+    out = tmp_path_factory.mktemp("dstore_train") / "ds"
+    build_dstore.main(build_dstore.BuildDstoreConfig(
+        data=str(bpe_databin.path), path=str(trained_ckpt), dstore_dir=str(out),
+        knn_keytype="att,ffn", tokens_per_sample=64, context_window=32, quiet=True))
+    return Datastore(out)

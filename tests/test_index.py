@@ -6,23 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
-from knnlm import build_dstore, index, train
+from knnlm import index
 from knnlm.config import UserError
 from knnlm.datastore import Datastore
-
-
-@pytest.fixture(scope="module")
-def trained_dstore(bpe_databin, tmp_path_factory):
-    """Keys of a briefly trained tiny model over the training split (~13k entries)."""
-    root = tmp_path_factory.mktemp("idx")
-    train.main(train.TrainConfig(data=str(bpe_databin.path), arch="tiny", save_dir=str(root / "ck"),
-                                 tokens_per_sample=64, max_tokens=512, lr=3e-3, max_update=40,
-                                 validate_interval=0, max_valid_tokens=256, quiet=True))
-    build_dstore.main(build_dstore.BuildDstoreConfig(
-        data=str(bpe_databin.path), path=str(root / "ck" / "checkpoint_last.pt"),
-        dstore_dir=str(root / "ds"), knn_keytype="att,ffn", tokens_per_sample=64,
-        context_window=32, quiet=True))
-    return Datastore(root / "ds")
 
 
 def icfg(ds, **kw):

@@ -197,17 +197,22 @@ class BPETokenizer:
         return flags
 
 
-def count_words(targets: np.ndarray, prev: np.ndarray, vocab, flags: np.ndarray) -> int:
-    """Number of words among ``targets`` (``prev[i]`` is the token before ``targets[i]``).
+def word_mask(targets: np.ndarray, prev: np.ndarray, vocab, flags: np.ndarray) -> np.ndarray:
+    """(N,) bool: which of ``targets`` count as words (``prev[i]`` precedes ``targets[i]``).
 
     Dictionary vocabularies count word ends (tokens that are not ``@@`` continuations);
     byte-level BPE counts word starts: a piece with a leading space, ``</s>``, or the first
-    non-blank piece of a line. Summed log-probs divided by this count give per-word perplexity.
+    non-blank piece of a line. Summed log-probs divided by the count give per-word
+    perplexity.
     """
     if vocab.kind == "dict":
-        return int(flags[targets].sum())
+        return flags[targets].astype(bool)
     f = flags[targets]
-    return int(((f == WORD_START) | ((prev == vocab.eos) & (f != SPACE))).sum())
+    return (f == WORD_START) | ((prev == vocab.eos) & (f != SPACE))
+
+
+def count_words(targets: np.ndarray, prev: np.ndarray, vocab, flags: np.ndarray) -> int:
+    return int(word_mask(targets, prev, vocab, flags).sum())
 
 
 def load_vocab(data_dir: str | Path, meta: dict):
@@ -224,5 +229,5 @@ def vocab_summary(vocab) -> dict:
                 pad=vocab.pad, bos=vocab.bos, unk=vocab.unk)
 
 
-__all__ = ["Dictionary", "BPETokenizer", "count_words", "load_vocab", "vocab_summary",
+__all__ = ["Dictionary", "BPETokenizer", "count_words", "word_mask", "load_vocab", "vocab_summary",
            "SPECIALS", "EOS", "PAD", "BOS", "UNK"]

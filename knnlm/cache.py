@@ -1,0 +1,88 @@
+"""The retrieval cache: what `eval-lm --knnlm --save-retrieval DIR` saw for every scored
+token, enough to recompute p_kNN for any temperature, any k' <= k, any λ and FAISS vs
+exact scores without the model, the datastore or the index (see :mod:`knnlm.sweep`).
+
+Files in DIR (row i = token i of the evaluated split):
+
+- ``targets.npy`` (N,) int32 and ``words.npy`` (N,) bool (the token counts as a word);
+- ``lm_logprobs.npy`` (N,) float32: log p_LM(target), natural log;
+- ``ids.npy`` (N, k) int64, ``vals.npy`` (N, k) int32: neighbours and their values (-1: none);
+- ``faiss_dists.npy`` (N, k) float32: the distances search returned (FAISS conventions);
+- ``exact_dists.npy`` (N, k) float32, with ``--save-exact-dists``: recomputed from the keys;
+- ``cache.json``: the eval config, metric, k, N, datastore and index fingerprints,
+  ``complete``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .config import UserError, read_json, write_json_atomic
+
+CACHE_FORMAT = "knnlm-retrieval-cache"
+CACHE_VERSION = 1
+
+
+def _columns(k: int, exact: bool) -> dict[str, tuple]:
+    cols = dict(targets=("int32", ()), words=("bool", ()), lm_logprobs=("float32", ()),
+                ids=("int64", (k,)), vals=("int32", (k,)), faiss_dists=("float32", (k,)))
+    if exact:
+        cols["exact_dists"] = ("float32", (k,))
+    return cols
+
+
+class CacheWriter:
+    def __init__(self, path: str | Path, n: int, k: int, exact: bool, meta: dict):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.meta = dict(meta, format=CACHE_FORMAT, version=CACHE_VERSION, size=n, k=k,
+                         exact_dists=exact, complete=False)
+        write_json_atomic(self.path / "cache.json", self.meta)
+        self.arrays = {name: np.lib.format.open_memmap(self.path / f"{name}.npy", mode="w+",
+                                                       dtype=dt, shape=(n, *shape))
+                       for name, (dt, shape) in _columns(k, exact).items()}
+
+    def write(self, start: int, **cols: np.ndarray) -> None:
+        for name, arr in cols.items():
+            if name in self.arrays:
+                self.arrays[name][start:start + len(arr)] = arr
+
+    def close(self, summary: dict) -> None:
+        for arr in self.arrays.values():
+            arr.flush()
+        self.meta.update(complete=True, summary=summary)
+        write_json_atomic(self.path / "cache.json", self.meta)
+
+
+class RetrievalCache:
+    """A complete cache, opened read-only (memmaps)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"retrieval cache not found: {self.path}")
+        self.meta = read_json(self.path / "cache.json", "retrieval cache sidecar")
+        if self.meta.get("format") != CACHE_FORMAT:
+            raise UserError(f"{self.path}/cache.json is not a knnlm retrieval cache")
+        if not self.meta.get("complete"):
+            raise UserError(f"{self.path} is incomplete (the eval that wrote it did not finish)")
+        self.size, self.k, self.metric = self.meta["size"], self.meta["k"], self.meta["metric"]
+        for name, (dt, shape) in _columns(self.k, self.meta["exact_dists"]).items():
+            path = self.path / f"{name}.npy"
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{path} is missing or truncated ({exc})")
+            if arr.shape != (self.size, *shape) or arr.dtype != np.dtype(dt):
+                raise UserError(f"{path} is {arr.shape} {arr.dtype}, cache.json expects "
+                                f"{(self.size, *shape)} {dt}")
+            setattr(self, name, arr)
+
+    @property
+    def has_exact(self) -> bool:
+        return bool(self.meta["exact_dists"])
+
+    def check_datastore(self, fingerprint: str) -> None:
+        if self.meta["datastore_fingerprint"] != fingerprint:
+            raise UserError(f"{self.path} was computed with another datastore")

@@ -1,0 +1,107 @@
+"""kNN-LM math: pure functions, log space, no I/O.
+
+Notation (paper notes §1): for a query q with k retrieved neighbours i = 1..k, each with a
+*score* s_i (higher = closer) and a value v_i (the token that followed the neighbour),
+
+    log p_kNN(w | q) = logsumexp_{i: v_i = w} (s_i / T) - logsumexp_i (s_i / T)
+    log p(w | q)     = logaddexp(log(1 - λ) + log p_LM(w | q), log λ + log p_kNN(w | q))
+
+Scores: with the L2 metric s_i = -||q - k_i||² (FAISS returns the squared distance, so
+s = -D); with the inner-product metric s_i = <q, k_i> (FAISS returns it, so s = D).
+A token with no matching neighbour has log p_kNN = -inf; the interpolation still gives a
+finite log p for λ < 1. λ = 0 returns log p_LM and λ = 1 returns log p_kNN exactly.
+
+Shapes: B queries, k neighbours, V vocabulary, D dimensions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+METRICS = ("l2", "ip")
+NEG_INF = float("-inf")
+
+
+def scores_from_distances(D: torch.Tensor, metric: str) -> torch.Tensor:
+    """(B, k) FAISS output -> scores, higher = closer (the sign convention in one place)."""
+    if metric == "l2":
+        return -D
+    if metric == "ip":
+        return D
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def exact_scores(q: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
+    """Scores of (B, D) queries against their own (B, k, D) neighbour keys, in float32+.
+
+    L2: -||q - k||², computed as a difference (not the expanded form) for accuracy.
+    """
+    q = q.to(keys.dtype)[:, None, :]
+    if metric == "l2":
+        return -((keys - q) ** 2).sum(-1)
+    if metric == "ip":
+        return (keys * q).sum(-1)
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
+def log_weights(scores: torch.Tensor, temp: float) -> torch.Tensor:
+    """(B, k) log softmax of scores / T over the neighbours."""
+    if temp <= 0:
+        raise ValueError(f"temperature must be > 0, got {temp}")
+    return torch.log_softmax(scores / temp, dim=-1)
+
+
+def knn_target_log_probs(scores: torch.Tensor, vals: torch.Tensor, targets: torch.Tensor,
+                         temp: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) log p_kNN(target): log of the softmax mass of neighbours whose value is the target.
+
+    ``mask`` (B, k) bool drops neighbours (e.g. all but the first k' <= k, or self-hits);
+    a row with no kept neighbour matching the target gets -inf.
+    """
+    s = scores / temp
+    if mask is not None:
+        s = s.masked_fill(~mask, NEG_INF)
+    log_z = torch.logsumexp(s, dim=-1)
+    hit = s.masked_fill(vals != targets[:, None], NEG_INF)
+    out = torch.logsumexp(hit, dim=-1) - log_z
+    # rows whose every neighbour is masked: no distribution at all
+    return torch.where(torch.isfinite(log_z), out, torch.full_like(out, NEG_INF))
+
+
+def knn_full_log_probs(scores: torch.Tensor, vals: torch.Tensor, vocab_size: int,
+                       temp: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) log p_kNN over the whole vocabulary (for generation).
+
+    The neighbour weights are scattered into V in a numerically safe way: subtract each
+    row's maximum before exponentiating, sum per token, take the log, add it back.
+    """
+    s = (scores / temp).double()
+    if mask is not None:
+        s = s.masked_fill(~mask, NEG_INF)
+    m = s.max(dim=-1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(s - m)                                   # (B, k) in [0, 1]
+    mass = torch.zeros(s.shape[0], vocab_size, dtype=w.dtype, device=w.device)
+    mass.scatter_add_(1, vals.long(), w)
+    log_z = torch.log(w.sum(-1, keepdim=True))
+    return (torch.log(mass) - log_z).to(scores.dtype)
+
+
+def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor,
+                lmbda: float) -> torch.Tensor:
+    """log((1-λ) p_LM + λ p_kNN), elementwise; λ = 0 and λ = 1 are exact."""
+    if not 0.0 <= lmbda <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lmbda}")
+    if lmbda == 0.0:
+        return lm_log_probs.clone()
+    if lmbda == 1.0:
+        return knn_log_probs.clone()
+    return torch.logaddexp(lm_log_probs + math.log1p(-lmbda), knn_log_probs + math.log(lmbda))
+
+
+def drop_first_mask(k: int, batch: int, device=None) -> torch.Tensor:
+    """(B, k) mask that drops the nearest neighbour (``--ignore-top``)."""
+    mask = torch.ones(batch, k, dtype=torch.bool, device=device)
+    mask[:, 0] = False
+    return mask

@@ -1,0 +1,118 @@
+"""The kNN-LM side of `eval-lm --knnlm`: retrieval for each scored block, p_kNN of the
+targets, the interpolation, and the optional per-token outputs (retrieval cache, kNN
+scores, queries). The math is in :mod:`knnlm.knn`; retrieval in :mod:`knnlm.retrieval`.
+
+Score modes (the paper's analyses), chosen by flags of the original code:
+
+- ``--knn-sim-func do_not_recomp_l2``: FAISS neighbours, FAISS (quantised) distances;
+- default: FAISS neighbours, exact L2 recomputed from the stored keys;
+- ``--knn-sim-func dot``: FAISS neighbours, exact inner products from the stored keys;
+- ``--exact-search``: exact neighbours by brute force (the paper's "real mask"), exact scores.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import knn
+from .cache import CacheWriter
+from .config import UserError, config_dict
+from .datastore import Datastore, normalize_keytype
+from .index import gpu_available, load_index
+from .retrieval import Retriever
+
+QUERY_CHUNK = 256        # queries per search call (bounds the (B, k, D) neighbour keys)
+SIM_FUNCS = (None, "l2", "do_not_recomp_l2", "dot")
+
+
+def default_index_path(dstore_dir: str | Path, keytype: str, metric: str) -> Path:
+    return Path(dstore_dir) / f"index_{keytype.replace(':', '')}_{metric}.faiss"
+
+
+class KnnScorer:
+    """Retrieves neighbours for a batch of queries and scores the targets."""
+
+    def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device, n_tokens: int):
+        self.cfg = cfg
+        self.keytype = normalize_keytype(cfg.knn_keytype)
+        ds = Datastore(cfg.dstore_filename, in_memory=cfg.move_dstore_to_mem)
+        ds.check_model(model_fingerprint, databin.tokenizer_sha256)
+        self.ds = ds
+        index, self.index_meta = None, None
+        if not cfg.exact_search:
+            path = cfg.indexfile or default_index_path(ds.path, self.keytype, cfg.faiss_metric_type)
+            index, self.index_meta = load_index(path, ds, self.keytype, cfg.faiss_metric_type,
+                                                cfg.probe)
+            if cfg.knnlm_gpu and gpu_available():
+                import faiss
+                index = faiss.index_cpu_to_all_gpus(index)
+        # the metric neighbours are searched with, and the one scores are computed in
+        self.score_metric = "ip" if cfg.knn_sim_func == "dot" else \
+            ("l2" if cfg.knn_sim_func in (None, "l2") else cfg.faiss_metric_type)
+        search_metric = self.score_metric if cfg.exact_search else cfg.faiss_metric_type
+        self.recompute = not cfg.exact_search and cfg.knn_sim_func != "do_not_recomp_l2"
+        if self.recompute and not cfg.load_keys:
+            raise UserError("--no-load-keys needs --knn-sim-func do_not_recomp_l2 "
+                            "(the default recomputes distances from the keys)")
+        self.k_search = cfg.k + (1 if cfg.ignore_top else 0)
+        bf_device = device if cfg.knnlm_gpu else torch.device("cpu")
+        self.retriever = Retriever(ds, self.keytype, self.k_search, search_metric, index,
+                                   cfg.exact_search, cfg.load_keys or cfg.save_exact_dists, bf_device)
+        self.search_metric = search_metric
+        self.cache = None
+        if cfg.save_retrieval:
+            meta = dict(config=config_dict(cfg), metric=self.score_metric,
+                        faiss_metric=search_metric, datastore_fingerprint=ds.fingerprint,
+                        index=self.index_meta and {k: self.index_meta[k] for k in
+                                                   ("factory", "metric", "nprobe", "datastore_fingerprint")},
+                        nprobe=cfg.probe, exact_search=cfg.exact_search, ignore_top=cfg.ignore_top)
+            self.cache = CacheWriter(cfg.save_retrieval, n_tokens, cfg.k,
+                                     cfg.save_exact_dists, meta)
+        self.knn_scores = self.queries = None
+        if cfg.save_knn_scores:
+            self.knn_scores = np.lib.format.open_memmap(cfg.save_knn_scores, mode="w+",
+                                                        dtype=np.float32, shape=(n_tokens,))
+        if cfg.save_queries:
+            self.queries = np.lib.format.open_memmap(cfg.save_queries, mode="w+", dtype=np.float32,
+                                                     shape=(n_tokens, ds.dim))
+
+    def score(self, start: int, q: torch.Tensor, targets: np.ndarray, lm_lp: np.ndarray,
+              words: np.ndarray) -> np.ndarray:
+        """log p_kNN of each target, (M,) float64; writes the per-token outputs."""
+        q = q.float().cpu().numpy()
+        out = np.empty(len(q), dtype=np.float64)
+        for s in range(0, len(q), QUERY_CHUNK):
+            e = min(len(q), s + QUERY_CHUNK)
+            out[s:e] = self._score_chunk(start + s, q[s:e], targets[s:e], lm_lp[s:e], words[s:e])
+        if self.queries is not None:
+            self.queries[start:start + len(q)] = q
+        if self.knn_scores is not None:
+            self.knn_scores[start:start + len(q)] = out
+        return out
+
+    def _score_chunk(self, start, q, targets, lm_lp, words) -> np.ndarray:
+        D, I = self.retriever.search(q)
+        if self.cfg.ignore_top:   # scoring the datastore's own text: drop the self-hit
+            D, I = D[:, 1:], I[:, 1:]
+        vals = self.retriever.values(I)
+        exact = None
+        if self.recompute or self.cfg.save_exact_dists:
+            exact = self.retriever.recompute(q, I, self.score_metric)
+        dist, metric = (exact, self.score_metric) if self.recompute else (D, self.search_metric)
+        scores = knn.scores_from_distances(torch.from_numpy(dist).double(), metric)
+        mask = torch.from_numpy(I >= 0)
+        lp = knn.knn_target_log_probs(scores, torch.from_numpy(vals), torch.from_numpy(targets),
+                                      self.cfg.knn_temp, mask)
+        if self.cache is not None:
+            self.cache.write(start, targets=targets, words=words, lm_logprobs=lm_lp, ids=I,
+                             vals=vals, faiss_dists=D, exact_dists=exact)
+        return lp.numpy()
+
+    def close(self, summary: dict) -> None:
+        for arr in (self.knn_scores, self.queries):
+            if arr is not None:
+                arr.flush()
+        if self.cache is not None:
+            self.cache.close(summary)

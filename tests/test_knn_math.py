@@ -1,0 +1,107 @@
+"""kNN math against brute-force loops over neighbours."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from knnlm import knn
+
+
+def loop_knn_target(scores, vals, target, temp, keep=None):
+    """Reference: explicit loops, Python floats."""
+    keep = keep if keep is not None else [True] * len(scores)
+    z = sum(math.exp(s / temp) for s, k in zip(scores, keep) if k)
+    if z == 0:
+        return float("-inf")
+    hit = sum(math.exp(s / temp) for s, v, k in zip(scores, vals, keep) if k and v == target)
+    return math.log(hit / z) if hit > 0 else float("-inf")
+
+
+def random_case(B=40, k=12, V=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.rand(B, k, generator=g, dtype=torch.float64) * 20
+    D[:, 3] = D[:, 4]                      # ties
+    vals = torch.randint(0, V, (B, k), generator=g)
+    vals[:, 5] = vals[:, 6]                # repeated values
+    targets = torch.randint(0, V, (B,), generator=g)
+    vals[0] = (targets[0] + 1) % V         # row 0: no neighbour has the target
+    return D, vals, targets
+
+
+@pytest.mark.parametrize("temp", [0.3, 1.0, 7.5])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_target_log_probs_match_loops(temp, metric):
+    D, vals, targets = random_case()
+    scores = knn.scores_from_distances(D, metric)
+    got = knn.knn_target_log_probs(scores, vals, targets, temp)
+    for b in range(len(D)):
+        ref = loop_knn_target(scores[b].tolist(), vals[b].tolist(), int(targets[b]), temp)
+        if ref == float("-inf"):
+            assert got[b] == float("-inf")
+        else:
+            assert got[b].item() == pytest.approx(ref, abs=1e-10)
+    assert got[0] == float("-inf")
+    assert not torch.isnan(got).any()
+
+
+def test_full_vocab_equals_target_path_and_sums_to_one():
+    D, vals, targets = random_case(V=9)
+    scores = knn.scores_from_distances(D, "l2")
+    full = knn.knn_full_log_probs(scores, vals, 9, temp=2.0)
+    tgt = knn.knn_target_log_probs(scores, vals, targets, temp=2.0)
+    picked = full.gather(1, targets[:, None])[:, 0]
+    assert torch.equal(torch.isinf(picked), torch.isinf(tgt))
+    fin = torch.isfinite(tgt)
+    torch.testing.assert_close(picked[fin], tgt[fin], rtol=0, atol=1e-10)
+    torch.testing.assert_close(full.exp().sum(1), torch.ones(len(D), dtype=full.dtype))
+
+
+def test_masks_and_ignore_top():
+    D, vals, targets = random_case()
+    scores = knn.scores_from_distances(D, "l2")
+    mask = knn.drop_first_mask(D.shape[1], D.shape[0])
+    got = knn.knn_target_log_probs(scores, vals, targets, 1.0, mask)
+    ref = knn.knn_target_log_probs(scores[:, 1:], vals[:, 1:], targets, 1.0)
+    torch.testing.assert_close(got, ref)
+    none = torch.zeros_like(mask)
+    assert torch.isinf(knn.knn_target_log_probs(scores, vals, targets, 1.0, none)).all()
+
+
+def test_interpolation_edges_and_minus_inf():
+    lm = torch.log(torch.tensor([0.2, 0.5, 0.01], dtype=torch.float64))
+    kn = torch.tensor([math.log(0.9), float("-inf"), math.log(0.3)], dtype=torch.float64)
+    assert torch.equal(knn.interpolate(lm, kn, 0.0), lm)
+    assert torch.equal(knn.interpolate(lm, kn, 1.0), kn)
+    mid = knn.interpolate(lm, kn, 0.25)
+    ref = torch.log(0.75 * lm.exp() + 0.25 * kn.exp())
+    torch.testing.assert_close(mid, ref)
+    assert torch.isfinite(mid).all()       # a missing kNN match does not sink the token
+    with pytest.raises(ValueError):
+        knn.interpolate(lm, kn, 1.5)
+
+
+def test_temperature_scaling_identity():
+    """Scaling all distances by c equals dividing the temperature by c."""
+    D, vals, targets = random_case()
+    s = knn.scores_from_distances(D, "l2")
+    a = knn.knn_target_log_probs(s * 3.0, vals, targets, temp=6.0)
+    b = knn.knn_target_log_probs(s, vals, targets, temp=2.0)
+    torch.testing.assert_close(a, b)
+    # T -> infinity: uniform over the k neighbours, the share of target hits
+    far = knn.knn_target_log_probs(s, vals, targets, temp=1e12)
+    share = (vals == targets[:, None]).double().mean(1)
+    fin = share > 0
+    torch.testing.assert_close(far[fin], share[fin].log())
+
+
+def test_l2_and_ip_sign_conventions():
+    q = torch.tensor([[1.0, 0.0]])
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [3.0, 0.0]]])
+    l2 = knn.exact_scores(q, keys, "l2")
+    ip = knn.exact_scores(q, keys, "ip")
+    assert l2.tolist() == [[-0.0, -2.0, -4.0]]       # nearest (itself) scores highest
+    assert ip.tolist() == [[1.0, 0.0, 3.0]]          # the long vector wins under IP
+    # FAISS returns squared L2 distances and raw inner products
+    assert torch.equal(knn.scores_from_distances(torch.tensor([[0.0, 2.0, 4.0]]), "l2"), l2)
+    assert torch.equal(knn.scores_from_distances(torch.tensor([[1.0, 0.0, 3.0]]), "ip"), ip)
