@@ -6,6 +6,7 @@
     knnlm eval-lm DATA_BIN --path CKPT ...      perplexity (fairseq eval-lm semantics)
     knnlm build-dstore DATA_BIN --path CKPT ... datastore of keys and values
     knnlm build-index --dstore-dir DIR ...      FAISS index over one keytype
+    knnlm sweep --cache DIR ...                 offline sweeps over a retrieval cache
     knnlm demo                                  the whole pipeline on Shakespeare
 
 Every subcommand is a dataclass config plus a ``main(cfg)``; errors a user can fix end
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "build-dstore": ("knnlm.build_dstore", "BuildDstoreConfig",
                      "save kNN-LM keys (att/ffn/layer:N) and values of a split"),
     "build-index": ("knnlm.index", "BuildIndexConfig", "build a FAISS index over datastore keys"),
+    "sweep": ("knnlm.sweep", "SweepConfig", "λ / temperature / k / score-mode sweeps over a retrieval cache"),
     "demo": ("knnlm.demo", "DemoConfig", "run the whole pipeline on the Shakespeare corpus"),
 }
 

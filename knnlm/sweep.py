@@ -1,0 +1,203 @@
+"""`knnlm sweep --cache DIR`: interpolated perplexity over a grid of λ, temperature, k and
+score mode, recomputed from a retrieval cache alone (no model, datastore or index).
+
+Inputs: a retrieval cache (`eval-lm --knnlm --save-retrieval DIR`). Outputs in ``--out``
+(default ``DIR/sweep``): ``sweep.json`` (every grid point), ``sweep.md`` (per score mode
+and k: best λ and T, LM-only, kNN-only, interpolated and oracle perplexity) and, when
+matplotlib is installed, ``ppl_vs_temp.png`` and ``ppl_vs_lambda.png``.
+
+    knnlm sweep --cache runs/demo/cache_valid --lmbda 0:1:0.01 --knn-temp 0.5,1,2,4,8 \\
+        --k 64,256,1024 --score faiss,exact
+
+Score modes: ``faiss`` uses the distances the search returned (quantised for IVF-PQ),
+``exact`` the distances recomputed from the stored keys (needs ``--save-exact-dists``).
+k' < k keeps the first k' neighbours in search order. The oracle picks, per token, the
+larger of p_LM and p_kNN (at the best T).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import knn
+from .cache import RetrievalCache
+from .config import UserError, config_dict, flag, write_json_atomic
+
+ROWS_PER_CHUNK = 8192
+
+
+def parse_grid(text: str, name: str) -> list[float]:
+    """'a,b,c' or 'start:stop:step' (stop included)."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            n = int(round((stop - start) / step)) + 1
+            return [round(start + i * step, 10) for i in range(n)]
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{name} must be a comma list or start:stop:step, got {text!r}")
+
+
+@dataclass
+class SweepConfig:
+    cache: str = flag(help="retrieval cache directory (eval-lm --save-retrieval)")
+    lmbda: str = flag("0:1:0.01", "λ values: list or start:stop:step")
+    knn_temp: str = flag("1", "temperatures: list or start:stop:step")
+    k: str | None = flag(None, "neighbour counts <= the cached k (default: the cached k)")
+    score: str | None = flag(None, "faiss, exact or both (default: every mode the cache holds)")
+    dstore_filename: str | None = flag(None, "check the cache was made with this datastore")
+    out: str | None = flag(None, "output directory (default: CACHE/sweep)")
+    quiet: bool = flag(False, "no progress bar")
+
+    def __post_init__(self):
+        self.lambdas = parse_grid(self.lmbda, "--lmbda")
+        self.temps = parse_grid(self.knn_temp, "--knn-temp")
+        if not self.lambdas or any(not 0 <= x <= 1 for x in self.lambdas):
+            raise UserError(f"--lmbda values must lie in [0, 1], got {self.lmbda}")
+        if not self.temps or any(t <= 0 for t in self.temps):
+            raise UserError(f"--knn-temp values must be > 0, got {self.knn_temp}")
+        self.ks = [int(x) for x in parse_grid(self.k, "--k")] if self.k else []
+        if any(x <= 0 for x in self.ks):
+            raise UserError("--k values must be > 0")
+        self.scores = [s.strip() for s in self.score.split(",")] if self.score else []
+        if any(s not in ("faiss", "exact") for s in self.scores):
+            raise UserError(f"--score must be faiss, exact or both, got {self.score}")
+
+
+def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
+               lambdas: list[float], quiet: bool = True) -> dict[str, np.ndarray]:
+    """Summed log-probs over all tokens: ``interp`` (T, L), ``knn`` (T,), ``oracle`` (T,),
+    ``lm`` scalar. One pass over the cache; every T and λ per chunk (vectorised)."""
+    metric = cache.metric if score == "exact" else cache.meta["faiss_metric"]
+    lam = torch.tensor(lambdas, dtype=torch.float64)
+    log_l, log_1ml = torch.log(lam), torch.log1p(-lam)   # -inf at the ends: exact edges
+    interp = torch.zeros(len(temps), len(lambdas), dtype=torch.float64)
+    knn_sum = torch.zeros(len(temps), dtype=torch.float64)
+    oracle = torch.zeros(len(temps), dtype=torch.float64)
+    lm_sum = 0.0
+    dists = cache.exact_dists if score == "exact" else cache.faiss_dists
+    for s in tqdm(range(0, cache.size, ROWS_PER_CHUNK), disable=True if quiet else None,
+                  desc=f"sweep {score} k={k}", unit="chunk"):
+        e = min(cache.size, s + ROWS_PER_CHUNK)
+        d = torch.from_numpy(np.asarray(dists[s:e, :k], dtype=np.float64))
+        ids = torch.from_numpy(np.array(cache.ids[s:e, :k]))
+        vals = torch.from_numpy(np.asarray(cache.vals[s:e, :k], dtype=np.int64))
+        tgt = torch.from_numpy(np.asarray(cache.targets[s:e], dtype=np.int64))
+        lm = torch.from_numpy(np.asarray(cache.lm_logprobs[s:e], dtype=np.float64))
+        lm_sum += float(lm.sum())
+        scores = knn.scores_from_distances(d, metric)
+        mask = ids >= 0
+        for ti, T in enumerate(temps):
+            kl = knn.knn_target_log_probs(scores, vals, tgt, T, mask)          # (c,)
+            knn_sum[ti] += kl.sum()
+            oracle[ti] += torch.maximum(kl, lm).sum()
+            mix = torch.logaddexp(lm[:, None] + log_1ml[None], kl[:, None] + log_l[None])
+            interp[ti] += mix.sum(0)
+    # λ = 0 and 1 exactly (logaddexp with -inf terms is exact already, but keep it explicit)
+    for li, l in enumerate(lambdas):
+        if l == 0.0:
+            interp[:, li] = lm_sum
+        elif l == 1.0:
+            interp[:, li] = knn_sum
+    return dict(interp=interp.numpy(), knn=knn_sum.numpy(), oracle=oracle.numpy(), lm=lm_sum)
+
+
+def _ppl(logp_sum: float, n: int) -> float:
+    return math.exp(-logp_sum / n) if np.isfinite(logp_sum) else float("inf")
+
+
+def summarize(sums: dict, temps, lambdas, n_tokens: int, n_words: int) -> dict:
+    interp = sums["interp"]
+    ti, li = np.unravel_index(np.argmax(interp), interp.shape)
+    tk = int(np.argmax(sums["knn"]))
+    return dict(
+        best_lambda=lambdas[li], best_temp=temps[ti],
+        lm_ppl=_ppl(sums["lm"], n_tokens), lm_word_ppl=_ppl(sums["lm"], n_words),
+        knn_ppl=_ppl(sums["knn"][ti], n_tokens), knn_word_ppl=_ppl(sums["knn"][ti], n_words),
+        best_knn_only_ppl=_ppl(sums["knn"][tk], n_tokens), best_knn_only_temp=temps[tk],
+        interp_ppl=_ppl(interp[ti, li], n_tokens), interp_word_ppl=_ppl(interp[ti, li], n_words),
+        oracle_ppl=_ppl(sums["oracle"][ti], n_tokens),
+        ppl_grid=[[_ppl(v, n_tokens) for v in row] for row in interp],
+    )
+
+
+def _plots(out: Path, results: dict, temps, lambdas) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, r in results.items():
+        grid = np.array(r["ppl_grid"])
+        ax.plot(temps, grid.min(axis=1), marker="o", label=f"{key} (best λ per T)")
+    ax.set_xscale("log")
+    ax.set_xlabel("kNN temperature T")
+    ax.set_ylabel("interpolated perplexity (per token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_temp.png", dpi=120)
+    made.append("ppl_vs_temp.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, r in results.items():
+        grid = np.array(r["ppl_grid"])
+        ax.plot(lambdas, grid[temps.index(r["best_temp"])], label=f"{key} (T={r['best_temp']:g})")
+    ax.set_xlabel("λ")
+    ax.set_ylabel("interpolated perplexity (per token)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_lambda.png", dpi=120)
+    plt.close("all")
+    made.append("ppl_vs_lambda.png")
+    return made
+
+
+def markdown(results: dict) -> str:
+    rows = ["| score | k | best λ | best T | LM ppl | kNN ppl (at T) | kNN-LM ppl | oracle ppl |"
+            " kNN-LM word ppl |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, r in results.items():
+        score, k = key.split("@k=")
+        rows.append(f"| {score} | {k} | {r['best_lambda']:g} | {r['best_temp']:g} | "
+                    f"{r['lm_ppl']:.2f} | {r['knn_ppl']:.2f} | {r['interp_ppl']:.2f} | "
+                    f"{r['oracle_ppl']:.2f} | {r['interp_word_ppl']:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(cfg: SweepConfig) -> dict:
+    cache = RetrievalCache(cfg.cache)
+    if cfg.dstore_filename:
+        from .datastore import Datastore
+        cache.check_datastore(Datastore(cfg.dstore_filename).fingerprint)
+    ks = cfg.ks or [cache.k]
+    if max(ks) > cache.k:
+        raise UserError(f"--k {max(ks)} exceeds the cached k {cache.k}")
+    scores = cfg.scores or (["faiss", "exact"] if cache.has_exact else ["faiss"])
+    if "exact" in scores and not cache.has_exact:
+        raise UserError(f"{cache.path} holds no exact distances (eval-lm --save-exact-dists)")
+    n_words = int(np.asarray(cache.words).sum())
+    results = {}
+    for score in scores:
+        for k in ks:
+            sums = sweep_sums(cache, score, k, cfg.temps, cfg.lambdas, cfg.quiet)
+            results[f"{score}@k={k}"] = summarize(sums, cfg.temps, cfg.lambdas, cache.size, n_words)
+    out = Path(cfg.out) if cfg.out else cache.path / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results)
+    (out / "sweep.md").write_text(table)
+    plots = _plots(out, results, cfg.temps, cfg.lambdas)
+    write_json_atomic(out / "sweep.json", dict(config=config_dict(cfg), temps=cfg.temps,
+                                               lambdas=cfg.lambdas, tokens=cache.size,
+                                               words=n_words, results=results, plots=plots))
+    print(table, end="")
+    print(f"wrote {out}/sweep.json, sweep.md" + (", " + ", ".join(plots) if plots else ""))
+    return results
