@@ -6,7 +6,8 @@ Files in DIR (row i = token i of the evaluated split):
 
 - ``targets.npy`` (N,) int32 and ``words.npy`` (N,) bool (the token counts as a word);
 - ``lm_logprobs.npy`` (N,) float32: log p_LM(target), natural log;
-- ``ids.npy`` (N, k) int64, ``vals.npy`` (N, k) int32: neighbours and their values (-1: none);
+- ``ids.npy`` (N, k) int32 (int64 for datastores beyond int32), ``vals.npy`` (N, k) int32:
+  neighbours and their values (-1: none);
 - ``faiss_dists.npy`` (N, k) float32: the distances search returned (FAISS conventions);
 - ``exact_dists.npy`` (N, k) float32, with ``--save-exact-dists``: recomputed from the keys;
 - ``cache.json``: the eval config, metric, k, N, datastore and index fingerprints,
@@ -24,24 +25,26 @@ CACHE_FORMAT = "knnlm-retrieval-cache"
 CACHE_VERSION = 1
 
 
-def _columns(k: int, exact: bool) -> dict[str, tuple]:
+def _columns(k: int, exact: bool, ids_dtype: str) -> dict[str, tuple]:
     cols = dict(targets=("int32", ()), words=("bool", ()), lm_logprobs=("float32", ()),
-                ids=("int64", (k,)), vals=("int32", (k,)), faiss_dists=("float32", (k,)))
+                ids=(ids_dtype, (k,)), vals=("int32", (k,)), faiss_dists=("float32", (k,)))
     if exact:
         cols["exact_dists"] = ("float32", (k,))
     return cols
 
 
 class CacheWriter:
-    def __init__(self, path: str | Path, n: int, k: int, exact: bool, meta: dict):
+    def __init__(self, path: str | Path, n: int, k: int, exact: bool, meta: dict,
+                 datastore_size: int):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        ids_dtype = "int32" if datastore_size < np.iinfo(np.int32).max else "int64"
         self.meta = dict(meta, format=CACHE_FORMAT, version=CACHE_VERSION, size=n, k=k,
-                         exact_dists=exact, complete=False)
+                         exact_dists=exact, ids_dtype=ids_dtype, complete=False)
         write_json_atomic(self.path / "cache.json", self.meta)
         self.arrays = {name: np.lib.format.open_memmap(self.path / f"{name}.npy", mode="w+",
                                                        dtype=dt, shape=(n, *shape))
-                       for name, (dt, shape) in _columns(k, exact).items()}
+                       for name, (dt, shape) in _columns(k, exact, ids_dtype).items()}
 
     def write(self, start: int, **cols: np.ndarray) -> None:
         for name, arr in cols.items():
@@ -68,7 +71,8 @@ class RetrievalCache:
         if not self.meta.get("complete"):
             raise UserError(f"{self.path} is incomplete (the eval that wrote it did not finish)")
         self.size, self.k, self.metric = self.meta["size"], self.meta["k"], self.meta["metric"]
-        for name, (dt, shape) in _columns(self.k, self.meta["exact_dists"]).items():
+        cols = _columns(self.k, self.meta["exact_dists"], self.meta["ids_dtype"])
+        for name, (dt, shape) in cols.items():
             path = self.path / f"{name}.npy"
             try:
                 arr = np.load(path, mmap_mode="r")

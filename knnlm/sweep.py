@@ -87,7 +87,7 @@ def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
                   desc=f"sweep {score} k={k}", unit="chunk"):
         e = min(cache.size, s + ROWS_PER_CHUNK)
         d = torch.from_numpy(np.asarray(dists[s:e, :k], dtype=np.float64))
-        ids = torch.from_numpy(np.array(cache.ids[s:e, :k]))
+        ids = torch.from_numpy(np.array(cache.ids[s:e, :k], dtype=np.int64))
         vals = torch.from_numpy(np.asarray(cache.vals[s:e, :k], dtype=np.int64))
         tgt = torch.from_numpy(np.asarray(cache.targets[s:e], dtype=np.int64))
         lm = torch.from_numpy(np.asarray(cache.lm_logprobs[s:e], dtype=np.float64))
