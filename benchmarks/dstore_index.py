@@ -14,11 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import finish_stage, machine, run_stage, write_result  # noqa: E402
 
 
 def stage_bare(a) -> dict:
@@ -98,14 +95,6 @@ def stage_raw_faiss(a) -> dict:
 STAGES = dict(bare=stage_bare, dump=stage_dump, index=stage_index, raw_faiss=stage_raw_faiss)
 
 
-def run_stage(name: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--stage", name, *argv], capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if out.returncode != 0:
-        raise SystemExit(f"stage {name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="runs/demo/data-bin")
@@ -121,24 +110,22 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/dstore_index.json")
     a = ap.parse_args()
     if a.stage:
-        res = STAGES[a.stage](a)
-        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(res))
+        finish_stage(STAGES[a.stage](a))
         return
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["--data", a.data, "--path", a.path, "--subset", a.subset, "--tps", str(a.tps),
                 "--ctx", str(a.ctx), "--max-tokens", str(a.max_tokens), "--factory", a.factory,
                 "--train-size", str(a.train_size), "--dstore", str(Path(tmp) / "ds")]
-        bare = run_stage("bare", argv)
-        dump = run_stage("dump", argv)
-        bare2 = run_stage("bare", argv)   # bracket the dump: noise hits both
-        raw = run_stage("raw_faiss", argv)
-        idx = run_stage("index", argv)
-        raw2 = run_stage("raw_faiss", argv)
+        bare = run_stage(__file__, "bare", argv)
+        dump = run_stage(__file__, "dump", argv)
+        bare2 = run_stage(__file__, "bare", argv)   # bracket the dump: noise hits both
+        raw = run_stage(__file__, "raw_faiss", argv)
+        idx = run_stage(__file__, "index", argv)
+        raw2 = run_stage(__file__, "raw_faiss", argv)
     bare_s = min(bare["seconds"], bare2["seconds"])
     raw_s = min(raw["seconds"], raw2["seconds"])
     out = dict(
-        machine=dict(platform=platform.platform(), cpus=os.cpu_count()),
+        machine=machine(),
         config={k: v for k, v in vars(a).items() if k not in ("stage", "dstore")},
         rows=dump["rows"],
         dump_tokens_per_s=dump["rows"] / dump["seconds"],
@@ -150,9 +137,7 @@ def main() -> None:
                           index=idx["peak_rss_mib"], raw_faiss=raw["peak_rss_mib"]),
         runs=dict(bare=[bare, bare2], dump=dump, raw_faiss=[raw, raw2], index=idx),
     )
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in out.items() if k not in ("machine", "runs")}, indent=2))
+    write_result(a.out, out)
 
 
 if __name__ == "__main__":

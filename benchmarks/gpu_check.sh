@@ -1,52 +1,115 @@
 #!/usr/bin/env bash
-# GPU parity check: on a machine with an NVIDIA GPU, evaluates one checkpoint on CPU and on
-# GPU (fp32 and bf16) and compares perplexities; trains a few updates on GPU in fp32, bf16
-# and fp16 and reports tokens/s. Prints a JSON summary; exits non-zero on a mismatch.
+# GPU parity check on a machine with an NVIDIA GPU: the tiny pipeline on GPU and on CPU.
+#   1. train a `small` model for a few updates on GPU (fp32; bf16 and fp16 smoke runs);
+#   2. eval-lm of one checkpoint on CPU and on GPU (fp32, bf16): perplexities must agree;
+#   3. build-dstore of the valid split on GPU and on CPU: keys must agree (fp16 tolerance);
+#   4. build-index (FAISS trains on GPU when it has GPU support);
+#   5. eval-lm --knnlm on the test split, CPU vs GPU (--knnlm-gpu), with the FAISS index and
+#      with --exact-search (brute force on the GPU): kNN-LM perplexities must agree.
+# Prints GPU vs CPU timings and a JSON summary; exits non-zero on a mismatch.
 #
-#   bash benchmarks/gpu_check.sh DATA_BIN CHECKPOINT [OUT_DIR]
+#   bash benchmarks/gpu_check.sh DATA_BIN [OUT_DIR]
 set -euo pipefail
 DATA=${1:?data-bin directory}
-CKPT=${2:?checkpoint}
-OUT=${3:-gpu_check_out}
+OUT=${2:-gpu_check_out}
 TPS=${TPS:-256}
 CTX=${CTX:-128}
-UPDATES=${UPDATES:-40}
+DCTX=${DCTX:-64}
+UPDATES=${UPDATES:-60}
+DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-
-eval_run() {  # name, extra flags...
+log() { echo "== $*" >&2; }
+timed() {  # name, command...: runs it, appends "name seconds" to $OUT/times.txt
   local name=$1; shift
-  $PY -m knnlm eval-lm "$DATA" --path "$CKPT" --gen-subset valid --tokens-per-sample "$TPS" \
-      --context-window "$CTX" --quiet --results-path "$OUT/eval_$name.json" "$@"
+  local t0=$EPOCHREALTIME
+  "$@"
+  awk -v n="$name" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { print n, b - a }' >> "$OUT/times.txt"
 }
-eval_run cpu --cpu
-eval_run cuda_fp32 --device cuda
-eval_run cuda_bf16 --device cuda --bf16
+: > "$OUT/times.txt"
 
+log "train on $DEVICE"
 for prec in fp32 bf16 fp16; do
   flag=""; [ "$prec" != fp32 ] && flag="--$prec"
+  [ "$DEVICE" = cpu ] && [ "$prec" != fp32 ] && continue
   rm -rf "$OUT/train_$prec"
-  $PY -m knnlm train "$DATA" --arch small --tokens-per-sample "$TPS" --max-tokens 16384 \
-      --max-update "$UPDATES" --lr 2e-3 --warmup-updates 5 --validate-interval 0 \
-      --max-valid-tokens 30000 --save-dir "$OUT/train_$prec" --quiet $flag \
+  timed "train_$prec" $PY -m knnlm train "$DATA" --arch small --tokens-per-sample "$TPS" \
+      --max-tokens 16384 --max-update "$UPDATES" --lr 2e-3 --warmup-updates 5 \
+      --validate-interval 0 --max-valid-tokens 30000 --save-dir "$OUT/train_$prec" --quiet $flag \
       > "$OUT/train_$prec.log"
 done
+CKPT="$OUT/train_fp32/checkpoint_last.pt"
+GPU=(--device "$DEVICE")
 
-$PY - "$OUT" "$UPDATES" <<'PY'
-import json, sys, pathlib
-out, updates = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-ev = {n: json.loads((out / f"eval_{n}.json").read_text())["results"] for n in ("cpu", "cuda_fp32", "cuda_bf16")}
-summary = {n: dict(ppl=r["ppl"], word_ppl=r["word_ppl"], tok_s=round(r["tokens_per_second"])) for n, r in ev.items()}
-rel32 = abs(ev["cuda_fp32"]["ppl"] / ev["cpu"]["ppl"] - 1)
-rel16 = abs(ev["cuda_bf16"]["ppl"] / ev["cpu"]["ppl"] - 1)
-summary["rel_diff_fp32"], summary["rel_diff_bf16"] = rel32, rel16
+log "eval-lm CPU vs $DEVICE"
+ev() { local name=$1; shift
+  timed "eval_$name" $PY -m knnlm eval-lm "$DATA" --path "$CKPT" --gen-subset valid \
+      --tokens-per-sample "$TPS" --context-window "$CTX" --quiet \
+      --results-path "$OUT/eval_$name.json" "$@" > /dev/null; }
+ev cpu --cpu
+ev gpu_fp32 "${GPU[@]}"
+[ "$DEVICE" = cpu ] || ev gpu_bf16 "${GPU[@]}" --bf16
+
+log "build-dstore CPU vs $DEVICE"
+for dev in cpu gpu; do
+  rm -rf "$OUT/dstore_$dev"
+  args=(--cpu); [ "$dev" = gpu ] && args=("${GPU[@]}")
+  timed "dstore_$dev" $PY -m knnlm build-dstore "$DATA" --path "$CKPT" --gen-subset valid \
+      --dstore-dir "$OUT/dstore_$dev" --knn-keytype att,ffn --tokens-per-sample "$TPS" \
+      --context-window "$DCTX" --quiet "${args[@]}" > /dev/null
+done
+
+log "build-index"
+timed index $PY -m knnlm build-index --dstore-dir "$OUT/dstore_gpu" --index-factory IVF256,PQ32 \
+    --train-size 60000 --quiet > /dev/null
+
+log "eval-lm --knnlm CPU vs $DEVICE"
+kn() { local name=$1; shift
+  timed "knnlm_$name" $PY -m knnlm eval-lm "$DATA" --path "$CKPT" --gen-subset test \
+      --tokens-per-sample "$TPS" --context-window "$CTX" --knnlm --dstore-filename "$OUT/dstore_gpu" \
+      --k 256 --probe 16 --lmbda 0.3 --knn-temp 4 --quiet --results-path "$OUT/knnlm_$name.json" \
+      "$@" > /dev/null; }
+kn faiss_cpu --cpu --knn-sim-func do_not_recomp_l2
+kn faiss_gpu "${GPU[@]}" --knnlm-gpu --knn-sim-func do_not_recomp_l2
+kn exact_cpu --cpu --exact-search
+kn exact_gpu "${GPU[@]}" --knnlm-gpu --exact-search
+
+$PY - "$OUT" <<'PY'
+import json, pathlib, sys
+import numpy as np
+out = pathlib.Path(sys.argv[1])
+res = lambda name: json.loads((out / f"{name}.json").read_text())["results"]
+rel = lambda a, b: abs(a / b - 1)
+s = {"times_s": {l.split()[0]: round(float(l.split()[1]), 2)
+                 for l in (out / "times.txt").read_text().splitlines()}}
+cpu, g32 = res("eval_cpu"), res("eval_gpu_fp32")
+s["lm_ppl"] = dict(cpu=cpu["ppl"], gpu_fp32=g32["ppl"])
+checks = {"eval fp32": rel(g32["ppl"], cpu["ppl"]) < 1e-4}
+if (out / "eval_gpu_bf16.json").exists():
+    s["lm_ppl"]["gpu_bf16"] = res("eval_gpu_bf16")["ppl"]
+    checks["eval bf16"] = rel(s["lm_ppl"]["gpu_bf16"], cpu["ppl"]) < 2e-2
+diffs = {}
+for kt in ("att", "ffn"):
+    a = np.load(out / "dstore_cpu" / f"keys_{kt}.npy").astype(np.float32)
+    b = np.load(out / "dstore_gpu" / f"keys_{kt}.npy").astype(np.float32)
+    diffs[kt] = float(np.abs(a - b).max() / (np.abs(a).max() + 1e-9))
+s["dstore_key_max_rel_diff"] = diffs
+checks["dstore keys"] = max(diffs.values()) < 1e-2
+checks["dstore vals"] = bool(np.array_equal(np.load(out / "dstore_cpu" / "vals.npy"),
+                                            np.load(out / "dstore_gpu" / "vals.npy")))
+for mode in ("faiss", "exact"):
+    c, g = res(f"knnlm_{mode}_cpu"), res(f"knnlm_{mode}_gpu")
+    s[f"knnlm_{mode}"] = dict(cpu=c["interpolated"]["ppl"], gpu=g["interpolated"]["ppl"],
+                              lm=c["ppl"])
+    checks[f"knnlm {mode}"] = rel(g["interpolated"]["ppl"], c["interpolated"]["ppl"]) < 1e-3
+    checks[f"knnlm {mode} helps"] = c["interpolated"]["ppl"] < c["ppl"]
 for prec in ("fp32", "bf16", "fp16"):
-    log = (out / f"train_{prec}.log").read_text()
-    last = [json.loads(l) for l in (out / f"train_{prec}" / "train_log.jsonl").read_text().splitlines()][-1]
-    summary[f"train_{prec}"] = dict(valid_ppl=last["valid_ppl"], log=log.strip().splitlines()[-1])
-ok = rel32 < 1e-3 and rel16 < 2e-2 and all(summary[f"train_{p}"]["valid_ppl"] < 8000 for p in ("fp32", "bf16", "fp16"))
-summary["ok"] = ok
-print(json.dumps(summary, indent=2))
-(out / "summary.json").write_text(json.dumps(summary, indent=2))
-sys.exit(0 if ok else 1)
+    p = out / f"train_{prec}" / "train_log.jsonl"
+    if p.exists():
+        s[f"train_{prec}_valid_ppl"] = json.loads(p.read_text().splitlines()[-1])["valid_ppl"]
+s["checks"] = checks
+s["ok"] = all(checks.values())
+print(json.dumps(s, indent=2))
+(out / "summary.json").write_text(json.dumps(s, indent=2))
+sys.exit(0 if s["ok"] else 1)
 PY

@@ -15,11 +15,6 @@ sweep: ``knnlm sweep`` over a synthetic retrieval cache of N tokens x k neighbou
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import finish_stage, machine, run_stage, write_result  # noqa: E402
 
 
 def _eval_cfg(a, **kw):
@@ -98,14 +95,6 @@ def stage_sweep(a) -> dict:
 STAGES = dict(knnlm=stage_knnlm, bare=stage_bare, sweep=stage_sweep)
 
 
-def run_stage(name: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--stage", name, *argv], capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if out.returncode != 0:
-        raise SystemExit(f"stage {name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="runs/demo/data-bin")
@@ -122,26 +111,22 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/knnlm_eval_sweep.json")
     a = ap.parse_args()
     if a.stage:
-        res = STAGES[a.stage](a)
-        res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(res))
+        finish_stage(STAGES[a.stage](a))
         return
     argv = [x for k, v in vars(a).items() if k not in ("stage", "out", "skip_eval")
             for x in (f"--{k.replace('_', '-')}", str(v))]
-    out = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count()),
+    out = dict(machine=machine(),
                config={k: v for k, v in vars(a).items() if k != "stage"})
     if not a.skip_eval:
-        bare = run_stage("bare", argv)
-        knnlm = run_stage("knnlm", argv)
-        bare2 = run_stage("bare", argv)   # bracket: noise hits both sides
+        bare = run_stage(__file__, "bare", argv)
+        knnlm = run_stage(__file__, "knnlm", argv)
+        bare2 = run_stage(__file__, "bare", argv)   # bracket: noise hits both sides
         base = min(b["forward_seconds"] + b["search_seconds"] for b in (bare, bare2))
         out.update(knnlm_tokens_per_s=knnlm["tokens"] / knnlm["seconds"],
                    overhead_ratio=knnlm["seconds"] / base, knnlm=knnlm, bare=[bare, bare2])
-    sw = run_stage("sweep", argv)
+    sw = run_stage(__file__, "sweep", argv)
     out.update(sweep=sw)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=2))
+    write_result(a.out, out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UserError, read_json, write_json_atomic
+from .config import UserError, open_npy, read_sidecar, write_json_atomic
 
 CACHE_FORMAT = "knnlm-retrieval-cache"
 CACHE_VERSION = 1
@@ -63,25 +63,13 @@ class RetrievalCache:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise UserError(f"retrieval cache not found: {self.path}")
-        self.meta = read_json(self.path / "cache.json", "retrieval cache sidecar")
-        if self.meta.get("format") != CACHE_FORMAT:
-            raise UserError(f"{self.path}/cache.json is not a knnlm retrieval cache")
+        self.meta = read_sidecar(self.path, "cache.json", CACHE_FORMAT, "retrieval cache")
         if not self.meta.get("complete"):
             raise UserError(f"{self.path} is incomplete (the eval that wrote it did not finish)")
         self.size, self.k, self.metric = self.meta["size"], self.meta["k"], self.meta["metric"]
         cols = _columns(self.k, self.meta["exact_dists"], self.meta["ids_dtype"])
         for name, (dt, shape) in cols.items():
-            path = self.path / f"{name}.npy"
-            try:
-                arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                raise UserError(f"{path} is missing or truncated ({exc})")
-            if arr.shape != (self.size, *shape) or arr.dtype != np.dtype(dt):
-                raise UserError(f"{path} is {arr.shape} {arr.dtype}, cache.json expects "
-                                f"{(self.size, *shape)} {dt}")
-            setattr(self, name, arr)
+            setattr(self, name, open_npy(self.path / f"{name}.npy", (self.size, *shape), dt))
 
     @property
     def has_exact(self) -> bool:

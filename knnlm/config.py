@@ -146,6 +146,32 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     return obj
 
 
+def read_sidecar(directory: str | os.PathLike, name: str, fmt: str, what: str) -> dict:
+    """The JSON sidecar ``name`` of a stage's output directory, checked to be of ``fmt``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{what} not found: {directory}")
+    meta = read_json(directory / name, f"{what} sidecar")
+    if meta.get("format") != fmt:
+        raise UserError(f"{directory / name} is not a knnlm {what} sidecar")
+    return meta
+
+
+def open_npy(path: str | os.PathLike, shape: tuple | None, dtype) -> "np.ndarray":
+    """A .npy file as a read-only memmap, checked against the shape and dtype its sidecar
+    records (``shape`` None: only the dtype)."""
+    import numpy as np
+    path = Path(path)
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is missing or truncated ({exc})")
+    if (shape is not None and arr.shape != tuple(shape)) or arr.dtype != np.dtype(dtype):
+        raise UserError(f"{path} is {arr.shape} {arr.dtype}; its sidecar says "
+                        f"{tuple(shape) if shape is not None else arr.shape} {np.dtype(dtype)}")
+    return arr
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

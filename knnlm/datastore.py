@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UserError, read_json, write_json_atomic
+from .config import UserError, open_npy, read_json, read_sidecar, write_json_atomic
 
 DSTORE_FORMAT = "knnlm-datastore"
 DSTORE_VERSION = 1
@@ -127,11 +127,7 @@ class Datastore:
 
     def __init__(self, path: str | Path, in_memory: bool = False):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise UserError(f"datastore directory not found: {self.path}")
-        self.meta = read_json(self.path / "datastore.json", "datastore sidecar")
-        if self.meta.get("format") != DSTORE_FORMAT:
-            raise UserError(f"{self.path}/datastore.json is not a knnlm datastore sidecar")
+        self.meta = read_sidecar(self.path, "datastore.json", DSTORE_FORMAT, "datastore")
         if not self.meta.get("complete"):
             raise UserError(f"{self.path} is incomplete ({self.meta.get('rows_written', 0):,} of "
                             f"{self.meta['size']:,} rows); rerun build-dstore to finish it")
@@ -144,16 +140,7 @@ class Datastore:
         self._keys: dict[str, np.ndarray] = {}
 
     def _open(self, name: str, shape: tuple, dtype: str, in_memory: bool) -> np.ndarray:
-        path = self.path / name
-        if not path.is_file():
-            raise UserError(f"{path} is missing")
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path} is truncated or not a .npy file ({exc})")
-        if arr.shape != shape or arr.dtype != np.dtype(dtype):
-            raise UserError(f"{path} is {arr.shape} {arr.dtype}; datastore.json says "
-                            f"{shape} {dtype}")
+        arr = open_npy(self.path / name, shape, dtype)
         return np.array(arr) if in_memory else arr
 
     def keys(self, keytype: str) -> np.ndarray:

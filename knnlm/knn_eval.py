@@ -24,6 +24,7 @@ from .index import gpu_available, load_index
 from .retrieval import Retriever
 
 QUERY_CHUNK = 256        # queries per search call (bounds the (B, k, D) neighbour keys)
+EXACT_QUERY_CHUNK = 4096  # brute force reads every key per call: larger query batches
 SIM_FUNCS = (None, "l2", "do_not_recomp_l2", "dot")
 
 
@@ -83,8 +84,10 @@ class KnnScorer:
         """log p_kNN of each target, (M,) float64; writes the per-token outputs."""
         q = q.float().cpu().numpy()
         out = np.empty(len(q), dtype=np.float64)
-        for s in range(0, len(q), QUERY_CHUNK):
-            e = min(len(q), s + QUERY_CHUNK)
+        step = QUERY_CHUNK if (self.recompute or self.cfg.save_exact_dists) or \
+            not self.cfg.exact_search else EXACT_QUERY_CHUNK
+        for s in range(0, len(q), step):
+            e = min(len(q), s + step)
             out[s:e] = self._score_chunk(start + s, q[s:e], targets[s:e], lm_lp[s:e], words[s:e])
         if self.queries is not None:
             self.queries[start:start + len(q)] = q

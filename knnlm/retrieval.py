@@ -22,8 +22,9 @@ def brute_force_search(q: torch.Tensor, keys, k: int, metric: str,
                        chunk: int = BRUTE_FORCE_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k over all keys: chunked matmul + top-k, merged across chunks.
 
-    q: (B, D) float32 on the compute device; keys: (N, D) array or memmap (any float dtype).
-    Returns FAISS-style (D (B, k) float32, I (B, k) int64).
+    q: (B, D) float32 on the compute device; keys: (N, D) array or memmap (any float
+    dtype), or a tensor already on the device. Returns FAISS-style (D (B, k) float32,
+    I (B, k) int64).
     """
     device = q.device
     q = q.float()
@@ -31,7 +32,10 @@ def brute_force_search(q: torch.Tensor, keys, k: int, metric: str,
     best_s = torch.full((len(q), 0), float("-inf"), device=device)
     best_i = torch.zeros((len(q), 0), dtype=torch.long, device=device)
     for s in range(0, len(keys), chunk):
-        kc = torch.from_numpy(np.asarray(keys[s:s + chunk], dtype=np.float32)).to(device)
+        if isinstance(keys, torch.Tensor):
+            kc = keys[s:s + chunk].float()
+        else:
+            kc = torch.from_numpy(np.asarray(keys[s:s + chunk], dtype=np.float32)).to(device)
         ip = q @ kc.T
         if metric == "l2":   # score = -||q - k||^2
             sc = -(qn - 2 * ip + (kc * kc).sum(1)[None, :])
@@ -81,13 +85,28 @@ class Retriever:
         self.keys = ds.keys(keytype) if (load_keys or exact_search) else None
         self.vals = ds.vals
         self.device = device or torch.device("cpu")
+        self._device_keys = None   # keys kept on the GPU for brute-force search
+
+    def _search_keys(self):
+        """The keys brute force scans: on a GPU, one fp16 copy made once (if it fits)."""
+        if self.device.type != "cuda":
+            return self.keys
+        if self._device_keys is None:
+            need = self.keys.shape[0] * self.keys.shape[1] * 2
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > 0.8 * free:
+                return self.keys   # stream the chunks from host memory instead
+            self._device_keys = torch.from_numpy(np.asarray(self.keys)).to(
+                self.device, dtype=torch.float16)
+        return self._device_keys
 
     def search(self, q: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(B, D) float32 queries -> (D (B, k), I (B, k)), FAISS conventions."""
         k = k or self.k
         q = np.ascontiguousarray(q, dtype=np.float32)
         if self.exact_search:
-            return brute_force_search(torch.from_numpy(q).to(self.device), self.keys, k, self.metric)
+            return brute_force_search(torch.from_numpy(q).to(self.device), self._search_keys(),
+                                      k, self.metric)
         D, I = self.index.search(q, k)
         return D, I
 

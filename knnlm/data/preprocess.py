@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..config import (UserError, config_dict, flag, read_json, sha256_file, write_json_atomic)
+from ..config import (UserError, config_dict, flag, open_npy, read_sidecar, sha256_file,
+                      write_json_atomic)
 from .tokenizer import BPETokenizer, Dictionary, load_vocab, vocab_summary
 
 DATA_FORMAT = "knnlm-data-bin"
@@ -143,11 +144,7 @@ class DataBin:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise UserError(f"data-bin directory not found: {self.path}")
-        self.meta = read_json(self.path / "data.json", "data-bin sidecar")
-        if self.meta.get("format") != DATA_FORMAT:
-            raise UserError(f"{self.path}/data.json is not a knnlm data-bin sidecar")
+        self.meta = read_sidecar(self.path, "data.json", DATA_FORMAT, "data-bin")
         self.tokenizer_sha256 = self.meta["tokenizer"]["sha256"]
         vocab_file = self.path / self.meta["tokenizer"]["file"]
         if vocab_file.is_file() and sha256_file(vocab_file) != self.tokenizer_sha256:
@@ -175,11 +172,4 @@ class DataBin:
         if info is None:
             raise UserError(f"split {name!r} not in {self.path} (has: "
                             f"{', '.join(self.meta['splits'])})")
-        path = self.path / info["file"]
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path} is missing or truncated ({exc})")
-        if arr.ndim != 1 or len(arr) != info["tokens"]:
-            raise UserError(f"{path} holds {arr.shape} tokens, data.json says {info['tokens']}")
-        return arr
+        return open_npy(self.path / info["file"], (info["tokens"],), info["dtype"])
