@@ -32,8 +32,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# Benchmarks measure the demo's model, datastore and index: run `make demo` first.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_eval_throughput.py --out benchmarks/results/train_eval.json
+	@test -f $(DEMO_DIR)/results.json || { echo "make bench needs the demo's outputs: run make demo first" >&2; exit 2; }
+	$(BIN)/python benchmarks/train_eval_throughput.py --data $(DEMO_DIR)/data-bin --out benchmarks/results/train_eval.json
+	$(BIN)/python benchmarks/dstore_index.py --data $(DEMO_DIR)/data-bin --path $(DEMO_DIR)/checkpoints/checkpoint_best.pt --out benchmarks/results/dstore_index.json
+	$(BIN)/python benchmarks/knnlm_eval_sweep.py --data $(DEMO_DIR)/data-bin --path $(DEMO_DIR)/checkpoints/checkpoint_best.pt --dstore $(DEMO_DIR)/dstore --out benchmarks/results/knnlm_eval_sweep.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -69,6 +69,40 @@ def knn_target_log_probs(scores: torch.Tensor, vals: torch.Tensor, targets: torc
     return torch.where(torch.isfinite(log_z), out, torch.full_like(out, NEG_INF))
 
 
+def knn_target_log_probs_temps(scores: torch.Tensor, vals: torch.Tensor, targets: torch.Tensor,
+                               temps: list[float], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(len(temps), B) log p_kNN(target) at several temperatures, for sweeps.
+
+    Equal to :func:`knn_target_log_probs` at each T, but ~4x cheaper: the row maximum and
+    the target mask are computed once, and each T costs one exp pass in float32 (the
+    maximum of s/T is max(s)/T). Rows whose matching neighbours all underflow in float32
+    (more than ~87 nats below the nearest) are recomputed in log space, so no finite
+    value turns into -inf.
+    """
+    if mask is None:
+        mask = torch.ones_like(vals, dtype=torch.bool)
+    hit = mask & (vals == targets[:, None])
+    m = scores.masked_fill(~mask, NEG_INF).max(dim=-1, keepdim=True).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    d0 = (scores - m).float().masked_fill(~mask, NEG_INF)        # <= 0; -inf where dropped
+    hitf = hit.float()
+    any_hit, any_kept = hit.any(-1), mask.any(-1)
+    out = torch.empty(len(temps), len(scores), dtype=torch.float64, device=scores.device)
+    for i, T in enumerate(temps):
+        if T <= 0:
+            raise ValueError(f"temperature must be > 0, got {T}")
+        e = torch.exp(d0 * (1.0 / T))
+        z, h = e.sum(-1), (e * hitf).sum(-1)
+        row = torch.log(h.double()) - torch.log(z.double())
+        row = torch.where(any_kept, row, torch.full_like(row, NEG_INF))
+        redo = any_hit & (h == 0)
+        if redo.any():
+            row[redo] = knn_target_log_probs(scores[redo].double(), vals[redo], targets[redo], T,
+                                             mask[redo]).double()
+        out[i] = row
+    return out
+
+
 def knn_full_log_probs(scores: torch.Tensor, vals: torch.Tensor, vocab_size: int,
                        temp: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) log p_kNN over the whole vocabulary (for generation).

@@ -96,8 +96,8 @@ class Retriever:
             free, _ = torch.cuda.mem_get_info(self.device)
             if need > 0.8 * free:
                 return self.keys   # stream the chunks from host memory instead
-            self._device_keys = torch.from_numpy(np.asarray(self.keys)).to(
-                self.device, dtype=torch.float16)
+            host = np.array(self.keys, dtype=np.float16)  # a writable copy for torch
+            self._device_keys = torch.from_numpy(host).to(self.device)
         return self._device_keys
 
     def search(self, q: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ from . import knn
 from .cache import RetrievalCache
 from .config import UserError, config_dict, flag, write_json_atomic
 
-ROWS_PER_CHUNK = 8192
+ROWS_PER_CHUNK = 1024   # small chunks stay in cache: ~2x faster than 8192 here
 
 
 def parse_grid(text: str, name: str) -> list[float]:
@@ -86,16 +86,16 @@ def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
     for s in tqdm(range(0, cache.size, ROWS_PER_CHUNK), disable=True if quiet else None,
                   desc=f"sweep {score} k={k}", unit="chunk"):
         e = min(cache.size, s + ROWS_PER_CHUNK)
-        d = torch.from_numpy(np.asarray(dists[s:e, :k], dtype=np.float64))
+        # copies (np.array): the memmaps are read-only, torch wants writable memory
+        d = torch.from_numpy(np.array(dists[s:e, :k], dtype=np.float32))
         ids = torch.from_numpy(np.array(cache.ids[s:e, :k], dtype=np.int64))
-        vals = torch.from_numpy(np.asarray(cache.vals[s:e, :k], dtype=np.int64))
-        tgt = torch.from_numpy(np.asarray(cache.targets[s:e], dtype=np.int64))
-        lm = torch.from_numpy(np.asarray(cache.lm_logprobs[s:e], dtype=np.float64))
+        vals = torch.from_numpy(np.array(cache.vals[s:e, :k], dtype=np.int64))
+        tgt = torch.from_numpy(np.array(cache.targets[s:e], dtype=np.int64))
+        lm = torch.from_numpy(np.array(cache.lm_logprobs[s:e], dtype=np.float64))
         lm_sum += float(lm.sum())
         scores = knn.scores_from_distances(d, metric)
-        mask = ids >= 0
-        for ti, T in enumerate(temps):
-            kl = knn.knn_target_log_probs(scores, vals, tgt, T, mask)          # (c,)
+        kls = knn.knn_target_log_probs_temps(scores, vals, tgt, temps, ids >= 0)   # (T, c)
+        for ti, kl in enumerate(kls):
             knn_sum[ti] += kl.sum()
             oracle[ti] += torch.maximum(kl, lm).sum()
             mix = torch.logaddexp(lm[:, None] + log_1ml[None], kl[:, None] + log_l[None])

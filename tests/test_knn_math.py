@@ -105,3 +105,19 @@ def test_l2_and_ip_sign_conventions():
     # FAISS returns squared L2 distances and raw inner products
     assert torch.equal(knn.scores_from_distances(torch.tensor([[0.0, 2.0, 4.0]]), "l2"), l2)
     assert torch.equal(knn.scores_from_distances(torch.tensor([[1.0, 0.0, 3.0]]), "ip"), ip)
+
+
+def test_multi_temperature_path_equals_single_temperature():
+    D, vals, targets = random_case(B=60, k=20)
+    D[7] += torch.linspace(0, 3000, 20, dtype=torch.float64)   # far hits: float32 underflow
+    vals[7, 0] = (targets[7] + 1) % 9
+    scores = knn.scores_from_distances(D, "l2")
+    mask = torch.rand(D.shape, generator=torch.Generator().manual_seed(3)) > 0.2
+    mask[5] = False                                             # a row with nothing kept
+    temps = [0.3, 1.0, 4.0, 50.0]
+    multi = knn.knn_target_log_probs_temps(scores.float(), vals, targets, temps, mask)
+    for i, T in enumerate(temps):
+        ref = knn.knn_target_log_probs(scores, vals, targets, T, mask)
+        assert torch.equal(torch.isinf(multi[i]), torch.isinf(ref)), T
+        fin = torch.isfinite(ref)
+        torch.testing.assert_close(multi[i][fin], ref[fin], rtol=1e-5, atol=1e-4)
