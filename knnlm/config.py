@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ def _flag_name(name: str) -> str:
 def _base_type(tp):
     """(python type, is_optional) of a field annotation such as ``int | None``."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0], True
     return tp, False

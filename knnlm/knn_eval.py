@@ -32,6 +32,22 @@ def default_index_path(dstore_dir: str | Path, keytype: str, metric: str) -> Pat
     return Path(dstore_dir) / f"index_{keytype.replace(':', '')}_{metric}.faiss"
 
 
+def score_setup(sim_func: str | None, faiss_metric: str, exact_search: bool) -> tuple[str, str, bool]:
+    """(metric neighbours are searched with, metric of the scores, recompute from keys?).
+
+    FAISS search uses the index's metric; scores are its distances with
+    ``do_not_recomp_l2``, else exact L2 (default) or inner products (``dot``) recomputed
+    from the stored keys. Exact search already yields exact distances, in the metric the
+    flags name (``dot`` -> IP, ``l2`` -> L2, default -> the ``--faiss-metric-type``).
+    """
+    if exact_search:
+        metric = {"dot": "ip", "l2": "l2"}.get(sim_func or "", faiss_metric)
+        return metric, metric, False
+    if sim_func == "do_not_recomp_l2":
+        return faiss_metric, faiss_metric, False
+    return faiss_metric, "ip" if sim_func == "dot" else "l2", True
+
+
 class KnnScorer:
     """Retrieves neighbours for a batch of queries and scores the targets."""
 
@@ -49,11 +65,8 @@ class KnnScorer:
             if cfg.knnlm_gpu and gpu_available():
                 import faiss
                 index = faiss.index_cpu_to_all_gpus(index)
-        # the metric neighbours are searched with, and the one scores are computed in
-        self.score_metric = "ip" if cfg.knn_sim_func == "dot" else \
-            ("l2" if cfg.knn_sim_func in (None, "l2") else cfg.faiss_metric_type)
-        search_metric = self.score_metric if cfg.exact_search else cfg.faiss_metric_type
-        self.recompute = not cfg.exact_search and cfg.knn_sim_func != "do_not_recomp_l2"
+        search_metric, self.score_metric, self.recompute = score_setup(
+            cfg.knn_sim_func, cfg.faiss_metric_type, cfg.exact_search)
         if self.recompute and not cfg.load_keys:
             raise UserError("--no-load-keys needs --knn-sim-func do_not_recomp_l2 "
                             "(the default recomputes distances from the keys)")

@@ -156,3 +156,13 @@ def test_brute_force_search_ip_and_chunks():
     assert np.array_equal(I, ref)
     np.testing.assert_allclose(D, np.take_along_axis(xq @ xb.T, ref, 1), rtol=1e-5)
     np.testing.assert_allclose(exact_distances(xq, xb, I, "ip"), D, rtol=1e-5)
+
+
+def test_score_setup_modes():
+    from knnlm.knn_eval import score_setup
+    assert score_setup(None, "l2", False) == ("l2", "l2", True)          # FAISS mask, real score
+    assert score_setup("do_not_recomp_l2", "l2", False) == ("l2", "l2", False)
+    assert score_setup("do_not_recomp_l2", "ip", False) == ("ip", "ip", False)
+    assert score_setup("dot", "l2", False) == ("l2", "ip", True)
+    assert score_setup(None, "ip", True) == ("ip", "ip", False)          # real mask, real score
+    assert score_setup("dot", "l2", True) == ("ip", "ip", False)

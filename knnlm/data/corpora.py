@@ -141,14 +141,14 @@ def fetch_shakespeare(cfg: FetchConfig) -> dict:
 
 # ------------------------------------------------------------------ WikiText
 
-def _wikitext_files(name: str, raw: bool) -> dict[str, str]:
+def _wikitext_files(raw: bool) -> dict[str, str]:
     ext = "raw" if raw else "tokens"
     return {s: f"wiki.{s}.{ext}" for s in SPLITS}
 
 
 def fetch_wikitext(cfg: FetchConfig) -> dict:
     archive = f"{cfg.name}-raw" if cfg.raw else cfg.name
-    wanted = _wikitext_files(cfg.name, cfg.raw)
+    wanted = _wikitext_files(cfg.raw)
     src = Path(cfg.source) if cfg.source else None
     texts: dict[str, str] = {}
     if src is not None and src.is_dir():
