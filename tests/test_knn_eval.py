@@ -166,3 +166,13 @@ def test_score_setup_modes():
     assert score_setup("dot", "l2", False) == ("l2", "ip", True)
     assert score_setup(None, "ip", True) == ("ip", "ip", False)          # real mask, real score
     assert score_setup("dot", "l2", True) == ("ip", "ip", False)
+
+
+def test_move_dstore_to_mem_gives_the_same_result(bpe_databin, trained_ckpt, trained_dstore,
+                                                  ivf_index, tmp_path):
+    a = run_eval(kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path))
+    b = run_eval(kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, move_dstore_to_mem=True))
+    assert a["interpolated"]["ppl"] == b["interpolated"]["ppl"]
+    from knnlm.datastore import Datastore
+    mem = Datastore(trained_dstore.path, in_memory=True)
+    assert not isinstance(mem.keys("att"), np.memmap) and mem.keys("att").dtype == np.float16
