@@ -30,7 +30,7 @@ from .data.preprocess import DataBin
 from .datastore import (DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter, is_built,
                         normalize_keytype, value_dtype)
 from .device import resolve_device
-from .evaluate import iter_scored, make_windows
+from .evaluate import iter_scored, make_windows, resolve_window
 
 
 @dataclass
@@ -84,10 +84,7 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
     if cfg.dstore_size is not None and cfg.dstore_size != n:
         raise UserError(f"--dstore-size {cfg.dstore_size} but the {cfg.gen_subset} split gives "
                         f"{n} entries (the size is computed; the flag can be dropped)")
-    T = cfg.tokens_per_sample or model.cfg.max_target_positions
-    if T > model.cfg.max_target_positions or cfg.context_window >= T:
-        raise UserError(f"need --context-window < --tokens-per-sample <= the model's max "
-                        f"positions ({model.cfg.max_target_positions})")
+    T = resolve_window(model, cfg.tokens_per_sample, cfg.context_window)
     for kt in cfg.keytypes:
         if kt.startswith("layer:"):
             i = int(kt[6:])

@@ -157,6 +157,19 @@ def target_logprobs(model, features: torch.Tensor, targets: torch.Tensor,
     return out
 
 
+def resolve_window(model, tokens_per_sample: int | None, context_window: int) -> int:
+    """The input length T (default: the model's max positions), checked against the model
+    and the context window."""
+    T = tokens_per_sample or model.cfg.max_target_positions
+    if T > model.cfg.max_target_positions:
+        raise UserError(f"--tokens-per-sample {T} exceeds the model's max positions "
+                        f"{model.cfg.max_target_positions}")
+    if context_window >= T:
+        raise UserError(f"--context-window ({context_window}) must be smaller than "
+                        f"--tokens-per-sample ({T})")
+    return T
+
+
 def make_windows(n_tokens: int, tokens: np.ndarray, eos: int, tokens_per_sample: int,
                  context_window: int, mode: str) -> list[Window]:
     if mode == "none":
@@ -229,13 +242,7 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
                 device: torch.device, knn_scorer=None) -> dict:
     """Score a token stream with the vocabulary and specials of ``databin``."""
     n = len(tokens)
-    T = cfg.tokens_per_sample or model.cfg.max_target_positions
-    if T > model.cfg.max_target_positions:
-        raise UserError(f"--tokens-per-sample {T} exceeds the model's max positions "
-                        f"{model.cfg.max_target_positions}")
-    if cfg.context_window >= T:
-        raise UserError(f"--context-window ({cfg.context_window}) must be smaller than "
-                        f"--tokens-per-sample ({T})")
+    T = resolve_window(model, cfg.tokens_per_sample, cfg.context_window)
     windows = make_windows(n, tokens, databin.eos, T, cfg.context_window, cfg.sample_break_mode)
     vocab = databin.vocab
     flags = vocab.word_flags(cfg.remove_bpe.rstrip() if cfg.remove_bpe else None)

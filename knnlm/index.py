@@ -177,23 +177,20 @@ def build_index(cfg: BuildIndexConfig) -> dict:
     out = cfg.index_path()
     partial, side_path = Path(str(out) + ".partial"), Path(str(out) + ".json")
     meta = sidecar_for(cfg, ds, factory, min(cfg.train_size, n))
-    if out.is_file() and side_path.is_file():
-        old = read_json(side_path, "index sidecar")
-        if old.get("complete") and _same(old, meta):
-            print(f"{out}: this index is already built")
-            return old
+    old = read_json(side_path, "index sidecar") if side_path.is_file() else {}
+    if out.is_file() and old.get("complete") and _same(old, meta):
+        print(f"{out}: this index is already built")
+        return old
     try:
         index = faiss.index_factory(d, factory, faiss_metric(cfg.metric))
     except RuntimeError as exc:
         raise UserError(f"FAISS rejects --index-factory {factory!r} for d={d} "
                         f"({str(exc).strip().splitlines()[-1][:160]})")
     start = 0
-    if partial.is_file() and side_path.is_file():
-        old = read_json(side_path, "index sidecar")
-        if _same(old, meta) and not old.get("complete"):
-            index = faiss.read_index(str(partial))
-            start = int(old["rows_added"])
-            print(f"resuming {out} at row {start:,} of {n:,}")
+    if partial.is_file() and old and _same(old, meta) and not old.get("complete"):
+        index = faiss.read_index(str(partial))
+        start = int(old["rows_added"])
+        print(f"resuming {out} at row {start:,} of {n:,}")
     if cfg.starting_point is not None and cfg.starting_point != start:
         raise UserError(f"--starting_point {cfg.starting_point} but the saved partial index "
                         f"holds {start:,} rows")
