@@ -31,6 +31,7 @@ from .config import UserError, config_dict, flag, write_json_atomic
 from .data.blocks import BREAK_MODES, score_windows, shifted_inputs, train_blocks
 from .data.preprocess import DataBin
 from .distributed import DistContext, setup_distributed
+from . import knn
 from .evaluate import iter_scored
 from .models.transformer import ARCHS, build_model, count_parameters
 from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, lr_at
@@ -80,6 +81,26 @@ class TrainConfig:
     validate_interval_updates: int = flag(0, "also validate every N updates (0: off)")
     save_interval_updates: int = flag(0, "also save checkpoint_last.pt every N updates")
     max_valid_tokens: int = flag(0, "validate on the first N tokens only (0: all)")
+    # parametric heads (paper notes §3.3, §3.8; names of the original fork)
+    restore_file: str | None = flag(None, "start from this checkpoint's weights (fresh "
+                                    "optimizer); the base model of the flags below")
+    softmax_input: str = flag("ffn", "representation the output layer reads",
+                              choices=("ffn", "att"))
+    use_last_ffn_input: bool = flag(False, "same as --softmax-input att")
+    pseudo_vocab_ratio: int = flag(1, "K output embeddings per token (summed softmax mass)")
+    num_extra_embed_file: str | None = flag(None, "JSON list: extra embeddings per token "
+                                            "(knnlm allot-embeddings)")
+    k_mos: int = flag(1, "mixture of K softmaxes")
+    additional_linear: bool = flag(False, "add the logits of a second V x D head on att")
+    use_l2: bool = flag(False, "logits = -||h - w||^2 instead of h.w")
+    norm_l2: bool = flag(False, "L2-normalise the output layer's input")
+    interpolated_loss: bool = flag(False, "loss = -log((1-λ) p_base + λ p_new), p_base from "
+                                   "the frozen --restore-file model")
+    train_lambda: float = flag(0.25, "--interpolated-loss: weight λ of the new model")
+    init_out_embed: bool = flag(False, "initialise the output rows from the base W_sm")
+    finetune_out_embed: bool = flag(False, "train only the output layer (body frozen)")
+    finetune_mos: bool = flag(False, "train only the mixture-of-softmaxes head")
+    finetune_additional_linear: bool = flag(False, "train only the additional linear head")
     fp16: bool = flag(False, "mixed precision fp16 with loss scaling (GPU)")
     bf16: bool = flag(False, "mixed precision bf16 (GPU)")
     cpu: bool = flag(False, "train on the CPU even if a GPU is present")
@@ -108,6 +129,33 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not 0 <= v < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+        if self.use_last_ffn_input:
+            self.softmax_input = "att"
+        if self.pseudo_vocab_ratio < 1 or self.k_mos < 1:
+            raise UserError("--pseudo-vocab-ratio and --k-mos must be >= 1")
+        if self.num_extra_embed_file and self.pseudo_vocab_ratio > 1:
+            raise UserError("--pseudo-vocab-ratio and --num-extra-embed-file are exclusive")
+        if not 0 < self.train_lambda <= 1:
+            raise UserError(f"--train-lambda must be in (0, 1], got {self.train_lambda}")
+        needs_base = [n for n in ("interpolated_loss", "init_out_embed", *self.finetune_flags())
+                      if getattr(self, n)]
+        if needs_base and not self.restore_file:
+            raise UserError(f"--{needs_base[0].replace('_', '-')} needs --restore-file "
+                            "(the trained base model)")
+
+    @staticmethod
+    def finetune_flags() -> tuple[str, ...]:
+        return ("finetune_out_embed", "finetune_mos", "finetune_additional_linear")
+
+    def head_config(self, vocab_size: int) -> dict:
+        """The ModelConfig head fields these flags ask for."""
+        from .heads_train import read_extra_embed_file
+        extra = (read_extra_embed_file(self.num_extra_embed_file, vocab_size)
+                 if self.num_extra_embed_file else None)
+        return dict(softmax_input=self.softmax_input, pseudo_vocab_ratio=self.pseudo_vocab_ratio,
+                    num_extra_embed=extra, k_mos=self.k_mos,
+                    additional_linear=self.additional_linear, use_l2=self.use_l2,
+                    norm_l2=self.norm_l2)
 
     def model_overrides(self) -> dict:
         keys = ("dropout", "attention_dropout", "activation_dropout", "decoder_layers",
@@ -140,20 +188,40 @@ def make_batch(tokens: np.ndarray, blocks: np.ndarray, idx: np.ndarray, eos: int
     return torch.from_numpy(inp), torch.from_numpy(tgt)
 
 
-class LossModule(torch.nn.Module):
-    """The LM and its loss in one ``forward``, so DDP sees every parameter used there."""
+def token_logprobs(model, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """(B, L) log p(target) under ``model``."""
+    feats, _ = model(inp)
+    logits = model.output_layer(feats).float()
+    return torch.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0]
 
-    def __init__(self, model, pad: int):
+
+class LossModule(torch.nn.Module):
+    """The LM and its loss in one ``forward``, so DDP sees every parameter used there.
+
+    With a ``base`` model and ``train_lambda`` λ, the loss is the interpolated loss
+    −log((1−λ)·p_base + λ·p_model), p_base from the frozen base."""
+
+    def __init__(self, model, pad: int, base=None, train_lambda: float = 1.0):
         super().__init__()
         self.model = model
         self.pad = pad
+        self.train_lambda = train_lambda
+        # kept out of the module tree: DDP must not sync it and train() must not touch it
+        self._base = [base] if base is not None else []
 
     def forward(self, inp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         """Summed token NLL (nats) over non-pad targets."""
-        feats, _ = self.model(inp)
-        logits = self.model.output_layer(feats).float()
-        return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1),
-                                                 ignore_index=self.pad, reduction="sum")
+        keep = tgt != self.pad
+        if not self._base:
+            feats, _ = self.model(inp)
+            logits = self.model.output_layer(feats).float()
+            return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)),
+                                                     tgt.view(-1), ignore_index=self.pad,
+                                                     reduction="sum")
+        with torch.no_grad():
+            base_lp = token_logprobs(self._base[0], inp, tgt)
+        mix = knn.interpolate(base_lp, token_logprobs(self.model, inp, tgt), self.train_lambda)
+        return -mix[keep].sum()
 
 
 @torch.no_grad()
@@ -193,12 +261,9 @@ class Trainer:
                                    cfg.sample_break_mode)
         self.save_dir = Path(cfg.save_dir)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        try:
-            self.model = build_model(cfg.arch, self.databin.vocab_size, self.databin.pad,
-                                     **cfg.model_overrides()).to(self.device)
-        except ValueError as exc:
-            raise UserError(str(exc))
-        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters(), lr=cfg.lr,
+        self.model, base = self._build_model()
+        self.optimizer = build_optimizer(cfg.optimizer, [p for p in self.model.parameters()
+                                                         if p.requires_grad], lr=cfg.lr,
                                          weight_decay=cfg.weight_decay, adam_betas=cfg.adam_betas,
                                          adam_eps=cfg.adam_eps, momentum=cfg.momentum)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.fp16)
@@ -206,7 +271,29 @@ class Trainer:
                           last_valid_loss=None, last_valid_update=-1, train_seconds=0.0,
                           tokens_seen=0)
         self._resume()
-        self.loss_module = self.dist.wrap(LossModule(self.model, self.databin.pad))
+        self.loss_module = self.dist.wrap(LossModule(
+            self.model, self.databin.pad, base if cfg.interpolated_loss else None,
+            cfg.train_lambda))
+
+    def _build_model(self):
+        """(model, frozen base model or None): a fresh ``--arch`` model, or with
+        ``--restore-file`` the base's body under the head the flags ask for."""
+        c, V = self.cfg, self.databin.vocab_size
+        head = c.head_config(V)
+        overrides = {k: v for k, v in c.model_overrides().items() if v is not None}
+        if not c.restore_file:
+            try:
+                return build_model(c.arch, V, self.databin.pad, **overrides, **head).to(self.device), None
+            except ValueError as exc:
+                raise UserError(str(exc))
+        from .heads_train import freeze_for_finetune, load_base, model_from_base
+        base_ckpt, base = load_base(c.restore_file, self.databin, self.device)
+        overrides.pop("max_target_positions", None)
+        model = model_from_base(base_ckpt, head, c.init_out_embed, c.seed, overrides)
+        groups = [n[len("finetune_"):] for n in c.finetune_flags() if getattr(c, n)]
+        if groups:
+            freeze_for_finetune(model, groups)
+        return model.to(self.device), base
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> dict:
@@ -318,7 +405,9 @@ class Trainer:
         if d.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.save_dir / "train_config.json", config_dict(c))
-            print(f"model {c.arch}: {count_parameters(self.model):,} parameters | "
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            print(f"model {c.restore_file or c.arch}: {count_parameters(self.model):,} "
+                  f"parameters ({trainable:,} trained) | "
                   f"{len(self.blocks):,} training blocks | {d.world_size} process(es) on "
                   f"{self.device.type}")
         group = d.world_size * c.update_freq

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import heads
+
 REPRESENTATIONS = ("att", "ffn")
 
 
@@ -44,12 +46,42 @@ class ModelConfig:
     share_decoder_input_output_embed: bool = False
     no_scale_embedding: bool = False
     padding_idx: int = 1
+    # output head (models/heads.py); the defaults are the standard softmax over ffn
+    softmax_input: str = "ffn"
+    pseudo_vocab_ratio: int = 1
+    num_extra_embed: list[int] | None = None
+    k_mos: int = 1
+    additional_linear: bool = False
+    use_l2: bool = False
+    norm_l2: bool = False
 
     def __post_init__(self):
         if self.decoder_embed_dim % self.decoder_attention_heads:
             raise ValueError("decoder_embed_dim must be divisible by decoder_attention_heads")
         if self.activation_fn not in ("relu", "gelu"):
             raise ValueError(f"activation_fn must be relu or gelu, not {self.activation_fn}")
+        if self.softmax_input not in REPRESENTATIONS:
+            raise ValueError(f"softmax_input must be att or ffn, not {self.softmax_input!r}")
+        if self.pseudo_vocab_ratio < 1 or self.k_mos < 1:
+            raise ValueError("pseudo_vocab_ratio and k_mos must be >= 1")
+        if self.num_extra_embed is not None and self.pseudo_vocab_ratio > 1:
+            raise ValueError("pseudo_vocab_ratio and num_extra_embed are exclusive")
+        if self.share_decoder_input_output_embed and self.output_rows != self.vocab_size:
+            raise ValueError("a tied output embedding has exactly one row per token")
+
+    @property
+    def output_rows(self) -> int:
+        """R, the rows of the output embedding (V for the standard head)."""
+        if self.num_extra_embed is not None:
+            return self.vocab_size + sum(self.num_extra_embed)
+        return self.vocab_size * self.pseudo_vocab_ratio
+
+    @property
+    def standard_head(self) -> bool:
+        """The plain softmax(W_sm · ffn): output_layer returns raw logits."""
+        return (self.output_rows == self.vocab_size and self.k_mos == 1 and not self.use_l2
+                and not self.norm_l2 and not self.additional_linear
+                and self.softmax_input == "ffn")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,7 +182,14 @@ class TransformerLM(nn.Module):
         use_final = cfg.decoder_normalize_before and not cfg.no_decoder_final_norm
         self.layer_norm = nn.LayerNorm(d) if use_final else None
         if not cfg.share_decoder_input_output_embed:
-            self.output_projection = nn.Linear(d, cfg.vocab_size, bias=False)
+            self.output_projection = nn.Linear(d, cfg.output_rows, bias=False)
+        self.register_buffer("row_token", heads.row_token_map(
+            cfg.vocab_size, cfg.pseudo_vocab_ratio, cfg.num_extra_embed), persistent=False)
+        if cfg.k_mos > 1:
+            self.mos_proj = nn.Linear(d, cfg.k_mos * d)
+            self.mos_prior = nn.Linear(d, cfg.k_mos, bias=False)
+        if cfg.additional_linear:
+            self.additional_linear = nn.Linear(d, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -163,16 +202,45 @@ class TransformerLM(nn.Module):
                 nn.init.zeros_(lin.bias)
         if not self.cfg.share_decoder_input_output_embed:
             nn.init.normal_(self.output_projection.weight, mean=0.0, std=d ** -0.5)
+        if self.cfg.additional_linear:  # zero: training starts from the base model
+            nn.init.zeros_(self.additional_linear.weight)
+
+    # parameter-name prefixes of the output head (the rest is the body)
+    HEAD_PARAMS = ("output_projection.", "mos_proj.", "mos_prior.", "additional_linear.")
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """W_sm, the (V, D) output embedding."""
+        """W_sm, the (R, D) output embedding (R = V for the standard head)."""
         if self.cfg.share_decoder_input_output_embed:
             return self.embed_tokens.weight
         return self.output_projection.weight
 
+    @property
+    def head_inputs(self) -> tuple[str, ...]:
+        """The representations :meth:`output_layer` reads, in the order packed into
+        ``features``: the main head's input, then ``att`` for the additional linear."""
+        return (self.cfg.softmax_input,) + (("att",) if self.cfg.additional_linear else ())
+
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:
-        return F.linear(features, self.output_weight)
+        """(…, D·len(head_inputs)) features -> (…, V) logits: raw logits for the standard
+        head, normalised log-probs for the others (their log_softmax is themselves)."""
+        c = self.cfg
+        if c.standard_head:
+            return F.linear(features, self.output_weight)
+        lead, d = features.shape[:-1], c.decoder_embed_dim
+        f = features.reshape(-1, features.shape[-1])
+        h = f[:, :d]
+        if c.k_mos > 1:
+            ctx = torch.tanh(self.mos_proj(h)).view(len(h) * c.k_mos, d)
+            comp = heads.head_log_probs(ctx, self.output_weight, self.row_token, c.vocab_size,
+                                        c.use_l2, c.norm_l2).view(len(h), c.k_mos, -1)
+            out = heads.mixture_log_probs(self.mos_prior(h).float(), comp)
+        else:
+            out = heads.head_log_probs(h, self.output_weight, self.row_token, c.vocab_size,
+                                       c.use_l2, c.norm_l2)
+        if c.additional_linear:  # added as logits to the main head's (log-)logits
+            out = torch.log_softmax(out + self.additional_linear(f[:, d:2 * d]).float(), -1)
+        return out.view(*lead, -1)
 
     def _layer_index(self, name: str) -> int:
         n = len(self.layers)
@@ -186,9 +254,10 @@ class TransformerLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, return_hidden: tuple[str, ...] = ()
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """tokens (B, L) -> (features (B, L, D), {name: (B, L, D)} for ``return_hidden``).
+        """tokens (B, L) -> (features, {name: (B, L, D)} for ``return_hidden``).
 
-        ``features`` is ``ffn``: the input of :meth:`output_layer`.
+        ``features`` is the input of :meth:`output_layer`: ``ffn`` (B, L, D) for the
+        standard head; the :attr:`head_inputs` concatenated on the last axis otherwise.
         """
         B, L = tokens.shape
         if L > self.cfg.max_target_positions:
@@ -206,16 +275,16 @@ class TransformerLM(nn.Module):
             x, ffn_input = layer(x)
             if i in wanted_layers:
                 hidden[wanted_layers[i]] = x
-        if "att" in return_hidden:
-            hidden["att"] = ffn_input
         if self.layer_norm is not None:
             x = self.layer_norm(x)
-        if "ffn" in return_hidden:
-            hidden["ffn"] = x
+        reps = dict(att=ffn_input, ffn=x)
+        hidden.update({n: reps[n] for n in return_hidden if n in reps})
         unknown = set(return_hidden) - set(hidden)
         if unknown:
             raise ValueError(f"unknown representation(s) {sorted(unknown)} (att, ffn or layer:N)")
-        return x, hidden
+        if self.cfg.standard_head:
+            return x, hidden
+        return torch.cat([reps[n] for n in self.head_inputs], dim=-1), hidden
 
 
 def build_model(arch: str, vocab_size: int, padding_idx: int = 1, **overrides) -> TransformerLM:

@@ -1,0 +1,85 @@
+"""Output layers ("heads"): the parametric alternatives to a datastore (paper notes §3.3, §3.8).
+
+The standard head is p(w) = softmax(W_sm · ffn), W_sm being V × D. The alternatives the
+paper compares the kNN-LM with change one part of that formula each:
+
+- more rows than tokens (``pseudo_vocab_ratio`` K: K·V rows, row r belongs to token r mod V;
+  or ``num_extra_embed``: token w gets 1 + e_w rows). A softmax runs over all R rows and
+  the probability of a token is the summed mass of its rows:
+  log p(w) = logsumexp_{r: token(r) = w} log_softmax(s)_r;
+- a mixture of K softmaxes (``k_mos``): h_k = tanh(P_k h), π = softmax(W_π h),
+  p(w) = Σ_k π_k softmax(W h_k)_w;
+- the input: ``att`` (the last FFN's input, the kNN-LM key) instead of ``ffn``;
+- the similarity: ``use_l2`` scores a row by −‖h − w_r‖² instead of h·w_r; ``norm_l2``
+  L2-normalises h first;
+- ``additional_linear``: a second V × D matrix on ``att`` whose logits are added to the
+  main head's logits (zero-initialised, so training starts from the base model).
+
+This module holds the pure math (tested against loops); :class:`TransformerLM` owns the
+parameters. Shapes: M positions, R rows, V vocabulary, D dimensions, K components.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def row_token_map(vocab_size: int, pseudo_vocab_ratio: int = 1,
+                  num_extra_embed: list[int] | None = None) -> torch.Tensor:
+    """(R,) int64: the token each output row belongs to. The first V rows are tokens
+    0..V-1 in order (so a base W_sm fits there); extra rows follow, grouped by token."""
+    base = torch.arange(vocab_size)
+    if num_extra_embed is not None:
+        if len(num_extra_embed) != vocab_size:
+            raise ValueError(f"num_extra_embed lists {len(num_extra_embed)} tokens, the "
+                             f"vocabulary has {vocab_size}")
+        if min(num_extra_embed, default=0) < 0:
+            raise ValueError("num_extra_embed counts must be >= 0")
+        extra = torch.repeat_interleave(base, torch.tensor(num_extra_embed, dtype=torch.long))
+        return torch.cat([base, extra])
+    if pseudo_vocab_ratio < 1:
+        raise ValueError(f"pseudo_vocab_ratio must be >= 1, got {pseudo_vocab_ratio}")
+    return base.repeat(pseudo_vocab_ratio)
+
+
+def similarity_logits(h: torch.Tensor, W: torch.Tensor, use_l2: bool = False,
+                      norm_l2: bool = False) -> torch.Tensor:
+    """(M, D) x (R, D) -> (M, R) row scores: h·w, or −‖h − w‖² with ``use_l2``."""
+    if norm_l2:
+        h = F.normalize(h, dim=-1)
+    dots = F.linear(h, W)
+    if not use_l2:
+        return dots
+    return 2 * dots - (h * h).sum(-1, keepdim=True) - (W * W).sum(-1)[None]
+
+
+def aggregate_rows(row_log_probs: torch.Tensor, row_token: torch.Tensor, vocab_size: int
+                   ) -> torch.Tensor:
+    """(M, R) log-probabilities of rows -> (M, V) log-probabilities of tokens (log of the
+    summed mass of each token's rows). Exact in log space: per-token maximum first."""
+    M, R = row_log_probs.shape
+    if R == vocab_size:
+        return row_log_probs
+    if R % vocab_size == 0 and torch.equal(row_token, torch.arange(vocab_size, device=row_token.device)
+                                           .repeat(R // vocab_size)):
+        return row_log_probs.view(M, R // vocab_size, vocab_size).logsumexp(1)
+    idx = row_token[None].expand(M, R)
+    mx = torch.full((M, vocab_size), float("-inf"), dtype=row_log_probs.dtype,
+                    device=row_log_probs.device)
+    mx = mx.scatter_reduce(1, idx, row_log_probs, "amax")
+    mass = torch.zeros_like(mx).scatter_add(1, idx, torch.exp(row_log_probs - mx.gather(1, idx)))
+    return mx + torch.log(mass)
+
+
+def mixture_log_probs(prior_logits: torch.Tensor, comp_log_probs: torch.Tensor) -> torch.Tensor:
+    """Mixture of softmaxes: (M, K) prior logits, (M, K, V) component log-probs -> (M, V)
+    log Σ_k π_k p_k(w). With K = 1 this is the component itself."""
+    log_prior = torch.log_softmax(prior_logits, dim=-1)
+    return torch.logsumexp(log_prior[..., None] + comp_log_probs, dim=1)
+
+
+def head_log_probs(h: torch.Tensor, W: torch.Tensor, row_token: torch.Tensor, vocab_size: int,
+                   use_l2: bool = False, norm_l2: bool = False) -> torch.Tensor:
+    """(M, D) inputs -> (M, V) token log-probs of one (possibly multi-row) softmax."""
+    row_lp = torch.log_softmax(similarity_logits(h, W, use_l2, norm_l2).float(), dim=-1)
+    return aggregate_rows(row_lp, row_token, vocab_size)
