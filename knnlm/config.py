@@ -123,6 +123,7 @@ def config_dict(cfg) -> dict:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True)
@@ -196,3 +197,34 @@ def check_positive(value, name: str, allow_zero: bool = False) -> None:
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise UserError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def command_line(command: str, cfg) -> str:
+    """The `knnlm` command line that gives ``cfg`` (fields left at their default omitted),
+    so every result can be printed next to the exact command that reproduces it."""
+    import shlex
+    words = ["knnlm", command]
+    for f in dataclasses.fields(cfg):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        value = getattr(cfg, f.name)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING
+                                         else f.default_factory())
+        if meta.get("positional"):
+            words.append(str(value))
+            continue
+        if value is None or (not required and value == default):
+            continue
+        name = _flag_name(f.name)
+        if isinstance(value, bool):
+            if value:
+                words.append(name)
+            elif meta["negative"]:
+                words.append(meta["negative"][0])
+        elif isinstance(value, list):
+            words += [name, *map(str, value)]
+        else:
+            words += [name, str(value)]
+    return " ".join(shlex.quote(w) for w in words)

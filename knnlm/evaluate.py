@@ -44,6 +44,7 @@ class EvalConfig:
     tokens_per_sample: int | None = flag(None, "longest model input, context included "
                                          "(default: the model's max positions)")
     context_window: int = flag(0, "tokens of extra left context before each scored block")
+    max_eval_tokens: int = flag(0, "score only the first N tokens of the split (0: all)")
     sample_break_mode: str = flag("none", "blocks ignore lines (none), hold whole lines "
                                   "(complete) or one line each (eos)", choices=BREAK_MODES)
     max_tokens: int = flag(8192, "padded tokens per batch")
@@ -95,6 +96,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.tokens_per_sample is not None and self.tokens_per_sample <= 0:
             raise UserError(f"--tokens-per-sample must be > 0, got {self.tokens_per_sample}")
+        if self.max_eval_tokens < 0:
+            raise UserError(f"--max-eval-tokens must be >= 0, got {self.max_eval_tokens}")
         if self.context_window < 0:
             raise UserError(f"--context-window must be >= 0, got {self.context_window}")
         if self.tokens_per_sample is not None and self.context_window >= self.tokens_per_sample:
@@ -231,6 +234,8 @@ def eval_lm(model, databin: DataBin, cfg: EvalConfig, device: torch.device,
     """Score the split ``cfg.gen_subset`` of ``databin`` (with ``--knnlm``, also p_kNN and
     the interpolation; ``model_fingerprint`` binds the datastore to the model)."""
     tokens = databin.split(cfg.gen_subset)
+    if cfg.max_eval_tokens:  # a prefix: its tokens score exactly as in the full run
+        tokens = tokens[:cfg.max_eval_tokens]
     knn_scorer = None
     if cfg.knnlm:
         from .knn_eval import KnnScorer

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import knn
 from .cache import RetrievalCache
-from .config import UserError, config_dict, flag, write_json_atomic
+from .config import UserError, config_dict, flag, open_npy, write_json_atomic
 
 ROWS_PER_CHUNK = 1024   # small chunks stay in cache: ~2x faster than 8192 here
 
@@ -47,7 +47,9 @@ def parse_grid(text: str, name: str) -> list[float]:
 
 @dataclass
 class SweepConfig:
-    cache: str = flag(help="retrieval cache directory (eval-lm --save-retrieval)")
+    cache: str | None = flag(None, "retrieval cache directory (eval-lm --save-retrieval)")
+    score_files: str | None = flag(None, "instead of a cache: BASE.npy,OTHER.npy, per-token "
+                              "log-probs of two models (eval-lm --save-scores) to interpolate")
     lmbda: str = flag("0:1:0.01", "λ values: list or start:stop:step")
     knn_temp: str = flag("1", "temperatures: list or start:stop:step")
     k: str | None = flag(None, "neighbour counts <= the cached k (default: the cached k)")
@@ -57,6 +59,10 @@ class SweepConfig:
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
+        if bool(self.cache) == bool(self.score_files):
+            raise UserError("give exactly one of --cache DIR and --score-files BASE.npy,OTHER.npy")
+        if self.score_files and (len(self.score_files.split(",")) != 2 or not self.out):
+            raise UserError("--score-files takes BASE.npy,OTHER.npy and needs --out DIR")
         self.lambdas = parse_grid(self.lmbda, "--lmbda")
         self.temps = parse_grid(self.knn_temp, "--knn-temp")
         if not self.lambdas or any(not 0 <= x <= 1 for x in self.lambdas):
@@ -107,6 +113,32 @@ def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
         elif l == 1.0:
             interp[:, li] = knn_sum
     return dict(interp=interp.numpy(), knn=knn_sum.numpy(), oracle=oracle.numpy(), lm=lm_sum)
+
+
+def interpolation_sums(base: np.ndarray, other: np.ndarray, lambdas: list[float]) -> np.ndarray:
+    """(L,) summed log((1-λ) p_base + λ p_other) over tokens, for per-token log-probs of two
+    models on the same tokens (a parametric head vs the base LM)."""
+    out = np.zeros(len(lambdas))
+    for s in range(0, len(base), ROWS_PER_CHUNK * 64):
+        b = torch.from_numpy(np.asarray(base[s:s + ROWS_PER_CHUNK * 64], dtype=np.float64))
+        o = torch.from_numpy(np.asarray(other[s:s + ROWS_PER_CHUNK * 64], dtype=np.float64))
+        for i, lam in enumerate(lambdas):
+            out[i] += float(knn.interpolate(b, o, lam).sum())
+    return out
+
+
+def sweep_scores(base_path: str, other_path: str, lambdas: list[float]) -> dict:
+    """Best λ for interpolating two per-token score files; per-token perplexities."""
+    base, other = (open_npy(p, None, np.float32) for p in (base_path, other_path))
+    if base.shape != other.shape or base.ndim != 1:
+        raise UserError(f"{base_path} {base.shape} and {other_path} {other.shape} do not score "
+                        "the same tokens")
+    sums = interpolation_sums(base, other, lambdas)
+    n, li = len(base), int(np.argmax(sums))
+    return dict(best_lambda=lambdas[li], base_ppl=_ppl(float(base.astype(np.float64).sum()), n),
+                other_ppl=_ppl(float(other.astype(np.float64).sum()), n),
+                interp_ppl=_ppl(sums[li], n), tokens=n,
+                ppl_curve=[_ppl(v, n) for v in sums])
 
 
 def _ppl(logp_sum: float, n: int) -> float:
@@ -174,6 +206,15 @@ def markdown(results: dict) -> str:
 
 
 def main(cfg: SweepConfig) -> dict:
+    if cfg.score_files:
+        res = sweep_scores(*cfg.score_files.split(","), cfg.lambdas)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(cfg.out) / "sweep.json", dict(config=config_dict(cfg),
+                                                             lambdas=cfg.lambdas, results=res))
+        print(f"base ppl {res['base_ppl']:.2f} | other ppl {res['other_ppl']:.2f} | "
+              f"interpolated ppl {res['interp_ppl']:.2f} at λ {res['best_lambda']:g} "
+              f"({res['tokens']:,} tokens)")
+        return res
     cache = RetrievalCache(cfg.cache)
     if cfg.dstore_filename:
         from .datastore import Datastore
