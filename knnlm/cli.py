@@ -7,6 +7,8 @@
     knnlm build-dstore DATA_BIN --path CKPT ... datastore of keys and values
     knnlm build-index --dstore-dir DIR ...      FAISS index over one keytype
     knnlm sweep --cache DIR ...                 offline sweeps over a retrieval cache
+    knnlm analyze DATA_BIN --path CKPT ...      the paper's analyses in one results directory
+    knnlm allot-embeddings DATA_BIN --out F     extra output rows per token (for train)
     knnlm demo                                  the whole pipeline on Shakespeare
 
 Every subcommand is a dataclass config plus a ``main(cfg)``; errors a user can fix end
@@ -30,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                      "save kNN-LM keys (att/ffn/layer:N) and values of a split"),
     "build-index": ("knnlm.index", "BuildIndexConfig", "build a FAISS index over datastore keys"),
     "sweep": ("knnlm.sweep", "SweepConfig", "λ / temperature / k / score-mode sweeps over a retrieval cache"),
+    "analyze": ("knnlm.analysis.analyze", "AnalyzeConfig",
+                "the paper's analyses: representation, retrieval, temperature, size, heads"),
+    "allot-embeddings": ("knnlm.heads_train", "AllotConfig",
+                         "extra output embeddings per token by log-frequency (for train)"),
     "demo": ("knnlm.demo", "DemoConfig", "run the whole pipeline on the Shakespeare corpus"),
 }
 

@@ -1,0 +1,1 @@
+"""The analyses of "Why do Nearest Neighbor Language Models Work?" (`knnlm analyze`)."""

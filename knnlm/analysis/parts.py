@@ -1,0 +1,219 @@
+"""The parts of `knnlm analyze`, each a function (cfg, runner) -> JSON-able results.
+
+:class:`Runner` runs the stages the parts share (index builds, evals with retrieval
+caches, sweeps) through the same configs the CLI commands use, skips those already done,
+and records for each the `knnlm` command that reproduces it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import evaluate, index as index_mod, sweep
+from ..cache import RetrievalCache
+from ..checkpoint import load_checkpoint
+from ..config import command_line, config_dict, read_json
+from ..datastore import Datastore
+from ..knn_eval import default_index_path
+from . import stats
+from .subsample import write_subset
+
+OVERLAP_KS = (1, 8, 64, 256, 1024)
+HEAD_FIELDS = ("softmax_input", "pseudo_vocab_ratio", "num_extra_embed", "k_mos",
+               "additional_linear", "use_l2", "norm_l2")
+# configuration fields that only some parts depend on
+PART_FIELDS = dict(retrieval=("large_probe",), temperature=("large_probe",),
+                   overlap=("large_probe",), size=("subsample",), parametric=("head",))
+NEVER = ("parts", "quiet", "cpu")
+
+
+def part_identity(name: str, cfg) -> dict:
+    optional = {f for fields in PART_FIELDS.values() for f in fields} - set(PART_FIELDS.get(name, ()))
+    return {k: v for k, v in config_dict(cfg).items() if k not in NEVER and k not in optional}
+
+
+class Runner:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.out = Path(cfg.results_dir)
+        self.timings: dict[str, float] = {}
+        self._summaries: dict[tuple, dict] = {}
+        self.ds = Datastore(cfg.dstore_filename)
+
+    def _timed(self, stage: str, fn, *args):
+        t0 = time.perf_counter()
+        res = fn(*args)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+        return res
+
+    # ------------------------------------------------------------------ stages
+    def index(self, ds: Datastore, keytype: str, metric: str, path: Path) -> tuple[Path, str]:
+        factory = self.cfg.index_factory
+        if factory and factory.startswith("IVF"):  # too few keys for the lists: choose anew
+            nlist = int(factory[3:].split(",")[0])
+            if ds.size < nlist * index_mod.MIN_POINTS_PER_LIST:
+                factory = None
+        icfg = index_mod.BuildIndexConfig(
+            dstore_dir=str(ds.path), knn_keytype=keytype, metric=metric, index_factory=factory,
+            faiss_index=str(path), probe=self.cfg.probe, train_size=self.cfg.train_size,
+            seed=self.cfg.seed, quiet=self.cfg.quiet)
+        self._timed("build-index", index_mod.build_index, icfg)
+        return path, command_line("build-index", icfg)
+
+    def knn_eval(self, name: str, ds: Datastore, keytype: str, metric: str, indexfile: Path | None,
+                 probe: int | None = None, exact_search: bool = False) -> tuple[RetrievalCache, str]:
+        c = self.cfg
+        ecfg = evaluate.EvalConfig(
+            data=c.data, path=c.path, gen_subset=c.gen_subset, max_eval_tokens=c.max_eval_tokens,
+            tokens_per_sample=c.tokens_per_sample, context_window=c.context_window,
+            max_tokens=c.max_tokens, knnlm=True, dstore_filename=str(ds.path),
+            indexfile=None if exact_search else str(indexfile), k=c.k, probe=probe or c.probe,
+            knn_keytype=keytype, faiss_metric_type=metric, knn_sim_func="do_not_recomp_l2",
+            exact_search=exact_search, save_retrieval=str(self.out / "caches" / name),
+            save_exact_dists=not exact_search, results_path=str(self.out / "evals" / f"{name}.json"),
+            cpu=c.cpu, quiet=c.quiet)
+        if not self._done(ecfg, Path(ecfg.save_retrieval) / "cache.json"):
+            print(f"-- eval-lm --knnlm: {name}")
+            self._timed("eval-lm --knnlm", evaluate.main, ecfg)
+        return RetrievalCache(ecfg.save_retrieval), command_line("eval-lm", ecfg)
+
+    def lm_scores(self, name: str, ckpt: str) -> tuple[Path, str]:
+        c = self.cfg
+        ecfg = evaluate.EvalConfig(
+            data=c.data, path=ckpt, gen_subset=c.gen_subset, max_eval_tokens=c.max_eval_tokens,
+            tokens_per_sample=c.tokens_per_sample, context_window=c.context_window,
+            max_tokens=c.max_tokens, save_scores=str(self.out / "evals" / f"{name}_scores.npy"),
+            results_path=str(self.out / "evals" / f"{name}.json"), cpu=c.cpu, quiet=c.quiet)
+        if not self._done(ecfg, Path(ecfg.save_scores)):
+            print(f"-- eval-lm: {name}")
+            self._timed("eval-lm", evaluate.main, ecfg)
+        return Path(ecfg.save_scores), command_line("eval-lm", ecfg)
+
+    @staticmethod
+    def _done(ecfg, output: Path) -> bool:
+        res = Path(ecfg.results_path)
+        if not (res.is_file() and output.is_file()):
+            return False
+        if output.name == "cache.json" and not read_json(output, "cache").get("complete"):
+            return False
+        return read_json(res, "eval results").get("config") == config_dict(ecfg)
+
+    def summary(self, cache: RetrievalCache, score: str) -> dict:
+        """Best λ at T = 1 and best (T, λ) over the cache, with the sweep command."""
+        key = (str(cache.path), score)
+        if key not in self._summaries:
+            c = self.cfg
+            sums = self._timed("sweep", sweep.sweep_sums, cache, score, cache.k, c.temps, c.lambdas)
+            res = stats.sweep_summary(sums, c.temps, c.lambdas, cache.size)
+            scfg = sweep.SweepConfig(cache=str(cache.path), lmbda=c.lmbda,
+                                     knn_temp=",".join(f"{t:g}" for t in c.temps), score=score)
+            res["command"] = command_line("sweep", scfg)
+            self._summaries[key] = res
+        return self._summaries[key]
+
+    # ------------------------------------------------------------------ shared settings
+    def main_eval(self, keytype: str, metric: str) -> tuple[RetrievalCache, list[str]]:
+        # the path `knnlm build-index` writes by default: an index built there with the same
+        # factory, training sample and seed is reused
+        path = default_index_path(self.ds.path, keytype, metric)
+        _, icmd = self.index(self.ds, keytype, metric, path)
+        cache, ecmd = self.knn_eval(f"{keytype}_{metric}", self.ds, keytype, metric, path)
+        return cache, [icmd, ecmd]
+
+    def retrieval_modes(self) -> list[tuple[str, RetrievalCache, str, list[str]]]:
+        """(label, cache, score mode, commands) of the paper's retrieval settings (att, L2)."""
+        c = self.cfg
+        cache, cmds = self.main_eval("att", "l2")
+        exact, ecmd = self.knn_eval("att_l2_exact", self.ds, "att", "l2", None, exact_search=True)
+        big, bcmd = self.knn_eval(f"att_l2_probe{c.nprobe_large}", self.ds, "att", "l2",
+                                  default_index_path(self.ds.path, "att", "l2"),
+                                  probe=c.nprobe_large)
+        return [(f"FAISS mask, FAISS score (nprobe {c.probe})", cache, "faiss", cmds),
+                (f"FAISS mask, real score (nprobe {c.probe})", cache, "exact", cmds),
+                ("real mask, real score (exact search)", exact, "faiss", [ecmd]),
+                (f"FAISS mask, FAISS score (nprobe {c.nprobe_large})", big, "faiss", [bcmd]),
+                (f"FAISS mask, real score (nprobe {c.nprobe_large})", big, "exact", [bcmd])]
+
+
+def _row(summary: dict, **extra) -> dict:
+    return dict(extra, lm_ppl=summary["lm_ppl"], t1=summary.get("t1"), best=summary["best"],
+                curve=summary["curve"], commands=extra.pop("commands", []) + [summary["command"]])
+
+
+# ---------------------------------------------------------------------- the parts
+def representation(cfg, runner: Runner) -> dict:
+    rows = []
+    for keytype in ("att", "ffn"):
+        for metric in ("l2", "ip"):
+            cache, cmds = runner.main_eval(keytype, metric)
+            rows.append(_row(runner.summary(cache, "faiss"), keytype=keytype, metric=metric,
+                             commands=cmds))
+    return dict(rows=rows)
+
+
+def retrieval(cfg, runner: Runner) -> dict:
+    rows = [_row(runner.summary(cache, score), mode=label, commands=cmds)
+            for label, cache, score, cmds in runner.retrieval_modes()]
+    return dict(rows=rows)
+
+
+def temperature(cfg, runner: Runner) -> dict:
+    curves = {label: dict(runner.summary(cache, score)["curve"],
+                          command=runner.summary(cache, score)["command"])
+              for label, cache, score, _ in runner.retrieval_modes()}
+    return dict(curves=curves)
+
+
+def size(cfg, runner: Runner) -> dict:
+    rows = []
+    for f in sorted(cfg.fractions):
+        if f == 1.0:
+            ds, (cache, cmds) = runner.ds, runner.main_eval("att", "l2")
+        else:
+            sub_dir = runner.out / "subsets" / f"{f:g}"
+            ds = runner._timed("subset", write_subset, runner.ds, sub_dir, "att", f, cfg.seed,
+                               cfg.quiet)
+            path, icmd = runner.index(ds, "att", "l2", default_index_path(ds.path, "att", "l2"))
+            cache, ecmd = runner.knn_eval(f"att_l2_size{f:g}", ds, "att", "l2", path)
+            cmds = [f"(knnlm analyze writes the subset: fraction {f:g}, seed {cfg.seed})", icmd, ecmd]
+        meta = read_json(str(default_index_path(ds.path, "att", "l2")) + ".json", "index sidecar")
+        rows.append(_row(runner.summary(cache, "faiss"), fraction=f, keys=ds.size,
+                         factory=meta["factory"], commands=cmds))
+    return dict(rows=rows)
+
+
+def overlap(cfg, runner: Runner) -> dict:
+    modes = runner.retrieval_modes()
+    exact = modes[2][1]
+    rows = []
+    for label, cache, _, _ in (modes[0], modes[3]):
+        for k in [k for k in OVERLAP_KS if k < cfg.k] + [cfg.k]:
+            ov = stats.neighbour_overlap(cache.ids, exact.ids, [k])[k]
+            gaps = stats.distance_gaps(cache.exact_dists, cache.faiss_dists, exact.faiss_dists, k)
+            rows.append(dict(search=label.split("(")[-1].rstrip(")"), k=k, overlap=ov, **gaps))
+    return dict(rows=rows, commands=[modes[i][3][-1] for i in (0, 2, 3)])
+
+
+def parametric(cfg, runner: Runner) -> dict:
+    base_scores, base_cmd = runner.lm_scores("base", cfg.path)
+    knn_summary = runner.summary(runner.main_eval("att", "l2")[0], "faiss")
+    base_ppl = knn_summary["lm_ppl"]
+    rows = []
+    for name, ckpt in cfg.heads.items():
+        scores, cmd = runner.lm_scores(f"head_{name}", ckpt)
+        res = sweep.sweep_scores(str(base_scores), str(scores), cfg.lambdas)
+        mcfg = load_checkpoint(ckpt)["model_cfg"]
+        head = {k: mcfg.get(k) for k in HEAD_FIELDS if k in mcfg}
+        if head.get("num_extra_embed") is not None:
+            head["num_extra_embed"] = f"{sum(head['num_extra_embed']):,} extra rows"
+        scfg = sweep.SweepConfig(score_files=f"{base_scores},{scores}", lmbda=cfg.lmbda,
+                                 out=str(runner.out / "evals" / f"sweep_{name}"))
+        rows.append(dict(name=name, checkpoint=ckpt, head=head, alone_ppl=res["other_ppl"],
+                         lmbda=res["best_lambda"], interp_ppl=res["interp_ppl"],
+                         gain_recovered=stats.gain_recovered(base_ppl, res["interp_ppl"],
+                                                             knn_summary["best"]["ppl"]),
+                         commands=[base_cmd, cmd, command_line("sweep", scfg)]))
+    return dict(base_ppl=base_ppl, knnlm=dict(t1=knn_summary["t1"], best=knn_summary["best"],
+                                              command=knn_summary["command"]), rows=rows)

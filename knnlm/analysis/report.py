@@ -1,0 +1,144 @@
+"""Markdown tables and plots of `knnlm analyze` results (perplexities per token)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+TITLES = dict(
+    representation="Representation x similarity (FAISS mask and score)",
+    retrieval="Approximate vs exact retrieval (att keys, L2)",
+    temperature="Temperature: best-λ perplexity per T and retrieval mode",
+    size="Datastore size (seeded random subsets, att keys, L2)",
+    overlap="Approximate vs exact neighbour sets (att keys, L2)",
+    parametric="Parametric alternatives vs the kNN-LM",
+)
+
+
+def _f(x, digits=2) -> str:
+    return "n/a" if x is None else f"{x:,.{digits}f}"
+
+
+def _settings_table(rows: list[dict], label_cols: list[tuple[str, str]]) -> list[str]:
+    head = [h for h, _ in label_cols] + ["kNN-only ppl (T=1)", "kNN-LM ppl (T=1, best λ)",
+                                         "λ", "best T", "kNN-LM ppl (best T, λ)", "λ"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(label_cols) + "---:|" * 6]
+    for r in rows:
+        t1, b = r.get("t1") or {}, r["best"]
+        cells = [str(r[k]) for _, k in label_cols] + [
+            _f(t1.get("knn_ppl")), _f(t1.get("ppl")), f"{t1.get('lmbda', float('nan')):g}",
+            f"{b['temp']:g}", _f(b["ppl"]), f"{b['lmbda']:g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _commands(rows: list[dict], key: str) -> list[str]:
+    out = ["", "Commands:", ""]
+    for r in rows:
+        out.append(f"- {r[key]}:")
+        out += [f"  - `{c}`" for c in r["commands"]]
+    return out
+
+
+def part_markdown(name: str, res: dict) -> str:
+    lines = [f"## {TITLES[name]}", ""]
+    if name == "representation":
+        rows = res["rows"]
+        lines.append(f"LM only: {_f(rows[0]['lm_ppl'])}")
+        lines.append("")
+        lines += _settings_table(rows, [("keys", "keytype"), ("similarity", "metric")])
+        for r in rows:
+            r["setting"] = f"{r['keytype']} / {r['metric']}"
+        lines += _commands(rows, "setting")
+    elif name == "retrieval":
+        lines += _settings_table(res["rows"], [("retrieval", "mode")])
+        lines += _commands(res["rows"], "mode")
+    elif name == "temperature":
+        curves = res["curves"]
+        temps = next(iter(curves.values()))["temps"]
+        lines.append("| T | " + " | ".join(curves) + " |")
+        lines.append("|---:|" + "---:|" * len(curves))
+        for i, t in enumerate(temps):
+            lines.append(f"| {t:g} | " + " | ".join(_f(c["ppl"][i]) for c in curves.values()) + " |")
+        lines += ["", "Commands:", ""] + [f"- {k}: `{c['command']}`" for k, c in curves.items()]
+    elif name == "size":
+        for r in res["rows"]:
+            r["label"] = f"{r['fraction']:g} ({r['keys']:,} keys, {r['factory']})"
+        lines += _settings_table(res["rows"], [("fraction of the datastore", "label")])
+        lines += _commands(res["rows"], "label")
+    elif name == "overlap":
+        lines += ["| search | k | overlap with exact top-k | mean exact dist: approx | "
+                  "exact | approx − exact | FAISS − exact dist (same neighbours) | "
+                  "mean abs FAISS error |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in res["rows"]:
+            lines.append(f"| {r['search']} | {r['k']} | {r['overlap']:.3f} | "
+                         f"{_f(r['mean_exact_dist_approx'])} | {_f(r['mean_exact_dist_true'])} | "
+                         f"{_f(r['approx_minus_true'])} | {_f(r['faiss_minus_exact'])} | "
+                         f"{_f(r['abs_faiss_error'])} |")
+        lines += ["", "Commands (the evals whose caches are compared):", ""]
+        lines += [f"- `{c}`" for c in res["commands"]]
+    elif name == "parametric":
+        k = res["knnlm"]
+        lines += ["| model | head | alone ppl | + base LM: ppl | λ | share of the kNN-LM gain |",
+                  "|---|---|---:|---:|---:|---:|",
+                  f"| base LM | softmax over ffn | {_f(res['base_ppl'])} | — | — | 0 |",
+                  f"| kNN-LM (att, L2, T=1) | datastore | — | {_f(k['t1']['ppl'])} | "
+                  f"{k['t1']['lmbda']:g} | — |",
+                  f"| kNN-LM (att, L2, T={k['best']['temp']:g}) | datastore | — | "
+                  f"{_f(k['best']['ppl'])} | {k['best']['lmbda']:g} | 1 |"]
+        for r in res["rows"]:
+            head = ", ".join(f"{a}={b}" for a, b in r["head"].items() if b not in (None, False, 1, "ffn"))
+            lines.append(f"| {r['name']} | {head or 'standard'} | {_f(r['alone_ppl'])} | "
+                         f"{_f(r['interp_ppl'])} | {r['lmbda']:g} | {r['gain_recovered']:.2f} |")
+        lines += _commands(res["rows"], "name")
+        lines.append(f"- kNN-LM: `{k['command']}`")
+    lines += ["", f"This part alone: `{res.get('command', '')}`", ""]
+    return "\n".join(lines) + "\n"
+
+
+def plots(out: Path, results: dict) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    if "temperature" in results:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, c in results["temperature"]["curves"].items():
+            ax.plot(c["temps"], c["ppl"], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("kNN softmax temperature T")
+        ax.set_ylabel("kNN-LM perplexity (best λ per T)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "temperature.png", dpi=120)
+        made.append("temperature.png")
+    if "size" in results:
+        rows = results["size"]["rows"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        keys = [r["keys"] for r in rows]
+        if all(r.get("t1") for r in rows):
+            ax.plot(keys, [r["t1"]["ppl"] for r in rows], marker="o", label="T = 1")
+        ax.plot(keys, [r["best"]["ppl"] for r in rows], marker="s", label="best T")
+        ax.axhline(rows[0]["lm_ppl"], color="gray", linestyle="--", label="LM only")
+        ax.set_xscale("log")
+        ax.set_xlabel("datastore keys")
+        ax.set_ylabel("kNN-LM perplexity (best λ)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "size.png", dpi=120)
+        made.append("size.png")
+    plt.close("all")
+    return made
+
+
+def full_report(results: dict, config: dict, plot_files: list[str]) -> str:
+    lines = ["# kNN-LM analysis", "",
+             f"Model `{config['path']}`, datastore `{config['dstore_filename']}`, split "
+             f"`{config['gen_subset']}`" + (f" (first {config['max_eval_tokens']:,} tokens)"
+                                          if config["max_eval_tokens"] else "")
+             + f", k {config['k']}, nprobe {config['probe']}. Perplexities are per token.", ""]
+    for name, res in results.items():
+        lines.append(part_markdown(name, res))
+    lines += [f"![{p}]({p})" for p in plot_files]
+    return "\n".join(lines) + "\n"

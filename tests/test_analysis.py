@@ -1,0 +1,149 @@
+"""`knnlm analyze`: its tables equal direct evals of the same settings; subsets are seeded
+and exact; overlap and distance statistics equal loops."""
+import json
+
+import numpy as np
+import pytest
+
+from knnlm import evaluate, sweep, train
+from knnlm.analysis import analyze, stats
+from knnlm.analysis.subsample import subset_rows, write_subset
+from knnlm.cli import run as cli_run
+from knnlm.datastore import Datastore
+
+from test_sweep import run as direct_run
+
+EVAL = dict(tokens_per_sample=64, context_window=32, max_eval_tokens=1200)
+
+
+@pytest.fixture(scope="module")
+def head_ckpt(bpe_databin, trained_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("head_att")
+    train.main(train.TrainConfig(
+        data=str(bpe_databin.path), restore_file=str(trained_ckpt), save_dir=str(out),
+        softmax_input="att", init_out_embed=True, finetune_out_embed=True, tokens_per_sample=64,
+        max_tokens=512, lr=3e-3, max_update=5, validate_interval=0, max_valid_tokens=256,
+        quiet=True))
+    return out / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="module")
+def analysis(bpe_databin, trained_ckpt, trained_dstore, head_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis")
+    cfg = analyze.AnalyzeConfig(
+        data=str(bpe_databin.path), path=str(trained_ckpt), dstore_filename=str(trained_dstore.path),
+        results_dir=str(out), k=32, probe=2, large_probe=16, index_factory="IVF32,PQ8",
+        train_size=4000, lmbda="0:1:0.05", knn_temp="0.5,2", subsample="0.5,1",
+        head=f"att={head_ckpt}", quiet=True, **EVAL)
+    return cfg, analyze.main(cfg)
+
+
+def direct(cfg, ds_path, **kw):
+    ecfg = evaluate.EvalConfig(data=cfg.data, path=cfg.path, gen_subset=cfg.gen_subset, knnlm=True,
+                               dstore_filename=str(ds_path), k=cfg.k, quiet=True, **EVAL, **kw)
+    return direct_run(ecfg)
+
+
+def test_tables_equal_direct_evals(analysis):
+    cfg, res = analysis
+    out = cfg.results_dir
+    rows = {(r["keytype"], r["metric"]): r for r in res["representation"]["rows"]}
+    b = rows[("ffn", "ip")]["best"]
+    d = direct(cfg, cfg.dstore_filename, knn_keytype="ffn", faiss_metric_type="ip",
+               indexfile=f"{cfg.dstore_filename}/index_ffn_ip.faiss", probe=2, knn_sim_func="do_not_recomp_l2",
+               lmbda=b["lmbda"], knn_temp=b["temp"])
+    assert b["ppl"] == pytest.approx(d["interpolated"]["ppl"], rel=1e-5)
+    assert rows[("ffn", "ip")]["lm_ppl"] == pytest.approx(d["ppl"], rel=1e-6)
+    modes = {r["mode"]: r for r in res["retrieval"]["rows"]}
+    t1 = modes["FAISS mask, real score (nprobe 2)"]["t1"]
+    d = direct(cfg, cfg.dstore_filename, indexfile=f"{cfg.dstore_filename}/index_att_l2.faiss", probe=2,
+               lmbda=t1["lmbda"], knn_temp=1.0)   # default: exact L2 of the FAISS neighbours
+    assert t1["ppl"] == pytest.approx(d["interpolated"]["ppl"], rel=1e-5)
+    b = modes["real mask, real score (exact search)"]["best"]
+    d = direct(cfg, cfg.dstore_filename, exact_search=True, lmbda=b["lmbda"], knn_temp=b["temp"])
+    assert b["ppl"] == pytest.approx(d["interpolated"]["ppl"], rel=1e-4)
+    half = [r for r in res["size"]["rows"] if r["fraction"] == 0.5][0]
+    sub = f"{out}/subsets/0.5"
+    d = direct(cfg, sub, indexfile=f"{sub}/index_att_l2.faiss", probe=2,
+               knn_sim_func="do_not_recomp_l2", lmbda=half["best"]["lmbda"],
+               knn_temp=half["best"]["temp"])
+    assert half["best"]["ppl"] == pytest.approx(d["interpolated"]["ppl"], rel=1e-5)
+    assert half["keys"] == Datastore(sub).size
+
+
+def test_parametric_row_equals_direct_interpolation(analysis, head_ckpt):
+    cfg, res = analysis
+    row = res["parametric"]["rows"][0]
+    assert row["head"]["softmax_input"] == "att"
+    base = np.load(f"{cfg.results_dir}/evals/base_scores.npy").astype(np.float64)
+    head = np.load(f"{cfg.results_dir}/evals/head_att_scores.npy").astype(np.float64)
+    lam = row["lmbda"]
+    mix = np.logaddexp(np.log1p(-lam) + base, np.log(lam) + head) if 0 < lam < 1 else \
+        (base if lam == 0 else head)
+    assert row["interp_ppl"] == pytest.approx(np.exp(-mix.mean()), rel=1e-6)
+    grid = [np.exp(-np.logaddexp(np.log1p(-x) + base, np.log(x) + head).mean())
+            for x in np.arange(0.05, 1.0, 0.05)]
+    assert row["interp_ppl"] <= min(grid) + 1e-9
+    assert row["alone_ppl"] == pytest.approx(np.exp(-head.mean()), rel=1e-6)
+
+
+def test_rerun_skips_everything_and_reports(analysis, capsys):
+    cfg, res = analysis
+    again = analyze.main(cfg)
+    text = capsys.readouterr().out
+    assert "-- eval-lm" not in text and text.count("already done") == len(analyze.PARTS)
+    assert again["size"]["rows"] == res["size"]["rows"]
+    report = (cfg.results_dir and open(f"{cfg.results_dir}/report.md").read())
+    assert "knnlm eval-lm" in report and "knnlm sweep --cache" in report
+    assert json.load(open(f"{cfg.results_dir}/timings.json"))["representation"] > 0
+
+
+def test_subsets_are_seeded_exact_and_nested(trained_dstore, tmp_path):
+    ds = trained_dstore
+    a = subset_rows(ds.size, 0.1, 7)
+    assert len(a) == round(0.1 * ds.size) and np.all(np.diff(a) > 0)
+    assert np.array_equal(a, subset_rows(ds.size, 0.1, 7))
+    assert not np.array_equal(a, subset_rows(ds.size, 0.1, 8))
+    assert np.isin(a, subset_rows(ds.size, 0.3, 7)).all()
+    sub = write_subset(ds, tmp_path / "s", "att", 0.1, 7)
+    assert np.array_equal(np.asarray(sub.keys("att")), np.asarray(ds.keys("att"))[a])
+    assert np.array_equal(np.asarray(sub.vals), np.asarray(ds.vals)[a])
+    assert np.array_equal(np.asarray(sub.pos), np.asarray(ds.pos)[a])
+    assert sub.meta["subset"]["parent_fingerprint"] == ds.fingerprint
+    assert sub.meta["model_fingerprint"] == ds.meta["model_fingerprint"]
+
+
+def test_overlap_and_gaps_equal_loops():
+    rng = np.random.default_rng(0)
+    a = np.stack([rng.permutation(50)[:10] for _ in range(30)])
+    b = np.stack([rng.permutation(50)[:10] for _ in range(30)])
+    b[0, 5:] = -1
+    a[0, 7:] = -1
+    got = stats.neighbour_overlap(a, b, [3, 10])
+    for k in (3, 10):
+        want = np.mean([len((set(x[:k]) & set(y[:k])) - {-1}) / k for x, y in zip(a, b)])
+        assert got[k] == pytest.approx(want)
+    ae, af, te = (rng.random((30, 10)) for _ in range(3))
+    g = stats.distance_gaps(ae, af, te, 4)
+    assert g["approx_minus_true"] == pytest.approx(ae[:, :4].mean() - te[:, :4].mean())
+    assert g["abs_faiss_error"] == pytest.approx(np.abs(af[:, :4] - ae[:, :4]).mean())
+
+
+def test_sweep_score_files(tmp_path):
+    base, other = np.log([0.5, 0.1, 0.2]).astype(np.float32), np.log([0.1, 0.6, 0.3]).astype(np.float32)
+    np.save(tmp_path / "a.npy", base)
+    np.save(tmp_path / "b.npy", other)
+    res = sweep.main(sweep.SweepConfig(score_files=f"{tmp_path}/a.npy,{tmp_path}/b.npy",
+                                       lmbda="0:1:0.5", out=str(tmp_path / "o")))
+    want = np.exp(-np.mean(np.log(0.5 * np.exp(base.astype(np.float64)) + 0.5 * np.exp(other))))
+    assert res["best_lambda"] == 0.5 and res["interp_ppl"] == pytest.approx(want, rel=1e-6)
+    np.save(tmp_path / "c.npy", base[:2])
+    assert cli_run(["sweep", "--score-files", f"{tmp_path}/a.npy,{tmp_path}/c.npy",
+                    "--out", str(tmp_path / "o")]) == 2
+
+
+def test_bad_analyze_flags(tmp_path):
+    for argv in (["--parts", "nope"], ["--head", "x"], ["--subsample", "0,1"],
+                 ["--parts", "parametric"]):
+        assert cli_run(["analyze", "db", "--path", "p", "--dstore-filename", "d",
+                        "--results-dir", str(tmp_path), *argv]) == 2
