@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# kNN-LM on the model of wikitext_bpe_train.sh, then every analysis of "Why do Nearest
+# Neighbor Language Models Work?": LM eval; datastore of the training split (att and ffn
+# keys); FAISS indexes (L2 and IP); kNN-LM eval with retrieval caches and a λ/T sweep;
+# the parametric heads (fine-tuned on the frozen LM); `knnlm analyze`.
+#
+#   bash wikitext_bpe_knn.sh                                # WikiText-103
+#   CORPUS=shakespeare ARCH=small bash wikitext_bpe_knn.sh  # small mode: 2 CPU cores
+#
+# Same variables and run directory as wikitext_bpe_train.sh. Each stage is skipped when
+# its output and sidecar are there; logs go to $RUN/logs/.
+#
+# Windows: our --tokens-per-sample counts the context too. The original datastore flags
+# (fairseq's --tokens-per-sample 1536 --context-window 1536: 1536 new tokens after up to
+# 1536 of context) are here --tokens-per-sample 3072 --context-window 1536.
+set -euo pipefail
+
+CORPUS=${CORPUS:-wikitext-103}
+KNNLM=${KNNLM:-knnlm}
+SEED=${SEED:-1}
+if [[ $CORPUS == shakespeare ]]; then   # small mode
+  ARCH=${ARCH:-small}
+  EVAL_TOKENS_PER_SAMPLE=${EVAL_TOKENS_PER_SAMPLE:-256}
+  EVAL_CONTEXT_WINDOW=${EVAL_CONTEXT_WINDOW:-128}
+  DSTORE_TOKENS_PER_SAMPLE=${DSTORE_TOKENS_PER_SAMPLE:-256}
+  DSTORE_CONTEXT_WINDOW=${DSTORE_CONTEXT_WINDOW:-64}
+  INDEX_FACTORY=${INDEX_FACTORY:-IVF2048,PQ32}
+  INDEX_TRAIN_SIZE=${INDEX_TRAIN_SIZE:-100000}
+  PROBE=${PROBE:-8}
+  LARGE_PROBE=${LARGE_PROBE:-128}
+  ANALYZE_MAX_EVAL_TOKENS=${ANALYZE_MAX_EVAL_TOKENS:-10000}
+  HEAD_UPDATES=${HEAD_UPDATES:-60}
+  HEAD_MAX_TOKENS=${HEAD_MAX_TOKENS:-4096}
+  HEAD_LR=${HEAD_LR:-2e-3}
+  EXTRA_EVAL_FLAGS=${EXTRA_EVAL_FLAGS:-}
+else
+  ARCH=${ARCH:-transformer_lm_wikibpe}
+  EVAL_TOKENS_PER_SAMPLE=${EVAL_TOKENS_PER_SAMPLE:-3072}
+  EVAL_CONTEXT_WINDOW=${EVAL_CONTEXT_WINDOW:-2560}
+  DSTORE_TOKENS_PER_SAMPLE=${DSTORE_TOKENS_PER_SAMPLE:-3072}
+  DSTORE_CONTEXT_WINDOW=${DSTORE_CONTEXT_WINDOW:-1536}
+  INDEX_FACTORY=${INDEX_FACTORY:-IVF4096,PQ64}
+  INDEX_TRAIN_SIZE=${INDEX_TRAIN_SIZE:-1000000}
+  PROBE=${PROBE:-32}
+  LARGE_PROBE=${LARGE_PROBE:-1024}
+  ANALYZE_MAX_EVAL_TOKENS=${ANALYZE_MAX_EVAL_TOKENS:-0}
+  HEAD_UPDATES=${HEAD_UPDATES:-20000}
+  HEAD_MAX_TOKENS=${HEAD_MAX_TOKENS:-3072}
+  HEAD_LR=${HEAD_LR:-5e-4}
+  EXTRA_EVAL_FLAGS=${EXTRA_EVAL_FLAGS:---fp16}
+fi
+RUN=${RUN:-runs/${CORPUS}_${ARCH}}
+K=${K:-1024}
+LMBDA=${LMBDA:-0.25}
+DATA_BIN=$RUN/data-bin
+CKPT=${CKPT:-$RUN/checkpoints/checkpoint_best.pt}
+DSTORE=$RUN/dstore
+RESULTS=$RUN/results
+HEADS=$RUN/heads
+LOGS=$RUN/logs
+WINDOW=(--tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" --context-window "$EVAL_CONTEXT_WINDOW")
+
+mkdir -p "$LOGS" "$RESULTS" "$HEADS"
+log() { echo "[$(date '+%F %T')] $*" | tee -a "$LOGS/pipeline.log"; }
+complete() { [[ -f $1 ]] && grep -q '"complete": true' "$1"; }
+[[ -f $CKPT ]] || { echo "no checkpoint $CKPT: run wikitext_bpe_train.sh first" >&2; exit 2; }
+
+# 1. LM-only perplexity
+for split in valid test; do
+  if [[ -f $RESULTS/lm_$split.json ]]; then log "eval-lm $split: done"; continue; fi
+  log "eval-lm $split"
+  # shellcheck disable=SC2086
+  $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset "$split" "${WINDOW[@]}" \
+    --results-path "$RESULTS/lm_$split.json" $EXTRA_EVAL_FLAGS 2>&1 | tee "$LOGS/eval_lm_$split.log"
+done
+
+# 2. datastore of the training split, att and ffn keys (resumes after a kill)
+log "build-dstore"
+$KNNLM build-dstore "$DATA_BIN" --path "$CKPT" --gen-subset train --dstore-dir "$DSTORE" \
+  --knn-keytype att,ffn --tokens-per-sample "$DSTORE_TOKENS_PER_SAMPLE" \
+  --context-window "$DSTORE_CONTEXT_WINDOW" 2>&1 | tee -a "$LOGS/build_dstore.log"
+
+# 3. indexes: both keytypes, L2 and inner product (knnlm analyze reuses them)
+for keytype in att ffn; do
+  for metric in l2 ip; do
+    if complete "$DSTORE/index_${keytype}_${metric}.faiss.json"; then
+      log "build-index $keytype $metric: done"; continue
+    fi
+    log "build-index $keytype $metric"
+    $KNNLM build-index --dstore-dir "$DSTORE" --knn-keytype "$keytype" --metric "$metric" \
+      --index-factory "$INDEX_FACTORY" --train-size "$INDEX_TRAIN_SIZE" --probe "$PROBE" \
+      --seed "$SEED" 2>&1 | tee -a "$LOGS/build_index.log"
+  done
+done
+
+# 4. kNN-LM (original defaults: att keys, L2, λ 0.25, T 1) with retrieval caches, and a
+#    λ / T sweep on valid
+for split in valid test; do
+  if complete "$RESULTS/cache_$split/cache.json" && [[ -f $RESULTS/knnlm_$split.json ]]; then
+    log "eval-lm --knnlm $split: done"; continue
+  fi
+  log "eval-lm --knnlm $split"
+  # shellcheck disable=SC2086
+  $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset "$split" "${WINDOW[@]}" \
+    --knnlm --dstore-filename "$DSTORE" --k "$K" --probe "$PROBE" --lmbda "$LMBDA" --knn-temp 1 \
+    --knn-sim-func do_not_recomp_l2 --save-retrieval "$RESULTS/cache_$split" \
+    --results-path "$RESULTS/knnlm_$split.json" $EXTRA_EVAL_FLAGS 2>&1 | tee "$LOGS/knnlm_$split.log"
+done
+if [[ ! -f $RESULTS/cache_valid/sweep/sweep.json ]]; then
+  log "sweep valid"
+  $KNNLM sweep --cache "$RESULTS/cache_valid" --lmbda 0:1:0.01 \
+    --knn-temp 0.25,0.5,1,2,3,4,6,8,12,16 2>&1 | tee "$LOGS/sweep.log"
+fi
+
+# 5. parametric heads on the frozen LM (paper §3.3 and §3.8); each resumes or says done
+log "allot-embeddings"
+[[ -f $HEADS/extra_embed.json ]] || \
+  $KNNLM allot-embeddings "$DATA_BIN" --total-ratio 3 --out "$HEADS/extra_embed.json"
+declare -A HEAD_FLAGS=(
+  [att]="--softmax-input att --init-out-embed --finetune-out-embed"
+  [att_kv3]="--softmax-input att --pseudo-vocab-ratio 3 --init-out-embed --finetune-out-embed"
+  [ffn_extra3v]="--num-extra-embed-file $HEADS/extra_embed.json --init-out-embed --finetune-out-embed"
+  [ffn_mos3]="--k-mos 3 --init-out-embed --finetune-mos"
+  [att_addlin_interp]="--additional-linear --finetune-additional-linear --interpolated-loss --train-lambda $LMBDA"
+)
+HEAD_LIST=""
+for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp; do
+  log "head $name"
+  # shellcheck disable=SC2086
+  $KNNLM train "$DATA_BIN" --restore-file "$CKPT" --save-dir "$HEADS/$name" \
+    ${HEAD_FLAGS[$name]} --tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" \
+    --max-tokens "$HEAD_MAX_TOKENS" --lr "$HEAD_LR" --lr-scheduler cosine \
+    --warmup-updates $((HEAD_UPDATES / 10)) --max-update "$HEAD_UPDATES" --validate-interval 0 \
+    --max-valid-tokens 30000 --seed "$SEED" 2>&1 | tee -a "$LOGS/head_$name.log"
+  HEAD_LIST+="${HEAD_LIST:+,}$name=$HEADS/$name/checkpoint_last.pt"
+done
+
+# 6. every analysis of the paper in $RESULTS/analysis (report.md, JSON, PNG)
+log "analyze"
+$KNNLM analyze "$DATA_BIN" --path "$CKPT" --dstore-filename "$DSTORE" \
+  --results-dir "$RESULTS/analysis" --gen-subset valid "${WINDOW[@]}" \
+  --max-eval-tokens "$ANALYZE_MAX_EVAL_TOKENS" --k "$K" --probe "$PROBE" \
+  --large-probe "$LARGE_PROBE" --index-factory "$INDEX_FACTORY" \
+  --train-size "$INDEX_TRAIN_SIZE" --seed "$SEED" --head "$HEAD_LIST" \
+  2>&1 | tee "$LOGS/analyze.log"
+log "done: $RESULTS/analysis/report.md"
