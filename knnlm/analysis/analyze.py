@@ -8,8 +8,9 @@ Outputs in ``--results-dir``: ``<part>.json`` and ``<part>.md`` per part, ``repo
 (every table, each number with the command that made it), ``temperature.png``,
 ``size.png``, ``timings.json``; the retrieval caches, eval results and datastore subsets
 it needed under ``caches/``, ``evals/``, ``subsets/``. Indexes go where `knnlm
-build-index` puts them (``<datastore>/index_<keytype>_<metric>.faiss``), and one built
-there already with the same factory, sample and seed is used as it is.
+build-index` puts them (``<datastore>/index_<keytype>_<metric>.faiss``, or under
+``--index-dir``), and one built there already with the same factory, sample and seed is
+used as it is.
 
     knnlm analyze runs/demo/data-bin --path runs/demo/checkpoints/checkpoint_best.pt \\
         --dstore-filename runs/demo/dstore --results-dir runs/demo/analysis \\
@@ -50,6 +51,8 @@ class AnalyzeConfig:
     probe: int = flag(32, "nprobe of the approximate searches")
     large_probe: int = flag(0, "nprobe of the 'large nprobe' setting (0: 8 x --probe)")
     index_factory: str | None = flag(None, "FAISS factory (default: chosen from N and D)")
+    index_dir: str | None = flag(None, "where the indexes of the full datastore are read or "
+                                 "built (default: the datastore directory)")
     train_size: int = flag(1_000_000, "keys sampled to train each index")
     lmbda: str = flag("0:1:0.01", "λ grid of every sweep")
     knn_temp: str = flag("0.1,0.25,0.5,0.75,1,1.5,2,3,4,6,8,12,16", "temperature grid (1 is "

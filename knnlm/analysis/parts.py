@@ -26,7 +26,7 @@ HEAD_FIELDS = ("softmax_input", "pseudo_vocab_ratio", "num_extra_embed", "k_mos"
 # configuration fields that only some parts depend on
 PART_FIELDS = dict(retrieval=("large_probe",), temperature=("large_probe",),
                    overlap=("large_probe",), size=("subsample",), parametric=("head",))
-NEVER = ("parts", "quiet", "cpu")
+NEVER = ("parts", "quiet", "cpu", "index_dir")
 
 
 def part_identity(name: str, cfg) -> dict:
@@ -41,6 +41,10 @@ class Runner:
         self.timings: dict[str, float] = {}
         self._summaries: dict[tuple, dict] = {}
         self.ds = Datastore(cfg.dstore_filename)
+        self.index_dir = Path(cfg.index_dir) if cfg.index_dir else self.ds.path
+
+    def index_path(self, keytype: str, metric: str) -> Path:
+        return default_index_path(self.index_dir, keytype, metric)
 
     def _timed(self, stage: str, fn, *args):
         t0 = time.perf_counter()
@@ -117,7 +121,7 @@ class Runner:
     def main_eval(self, keytype: str, metric: str) -> tuple[RetrievalCache, list[str]]:
         # the path `knnlm build-index` writes by default: an index built there with the same
         # factory, training sample and seed is reused
-        path = default_index_path(self.ds.path, keytype, metric)
+        path = self.index_path(keytype, metric)
         _, icmd = self.index(self.ds, keytype, metric, path)
         cache, ecmd = self.knn_eval(f"{keytype}_{metric}", self.ds, keytype, metric, path)
         return cache, [icmd, ecmd]
@@ -128,8 +132,7 @@ class Runner:
         cache, cmds = self.main_eval("att", "l2")
         exact, ecmd = self.knn_eval("att_l2_exact", self.ds, "att", "l2", None, exact_search=True)
         big, bcmd = self.knn_eval(f"att_l2_probe{c.nprobe_large}", self.ds, "att", "l2",
-                                  default_index_path(self.ds.path, "att", "l2"),
-                                  probe=c.nprobe_large)
+                                  self.index_path("att", "l2"), probe=c.nprobe_large)
         return [(f"FAISS mask, FAISS score (nprobe {c.probe})", cache, "faiss", cmds),
                 (f"FAISS mask, real score (nprobe {c.probe})", cache, "exact", cmds),
                 ("real mask, real score (exact search)", exact, "faiss", [ecmd]),
@@ -178,7 +181,8 @@ def size(cfg, runner: Runner) -> dict:
             path, icmd = runner.index(ds, "att", "l2", default_index_path(ds.path, "att", "l2"))
             cache, ecmd = runner.knn_eval(f"att_l2_size{f:g}", ds, "att", "l2", path)
             cmds = [f"(knnlm analyze writes the subset: fraction {f:g}, seed {cfg.seed})", icmd, ecmd]
-        meta = read_json(str(default_index_path(ds.path, "att", "l2")) + ".json", "index sidecar")
+        ipath = runner.index_path("att", "l2") if f == 1.0 else default_index_path(ds.path, "att", "l2")
+        meta = read_json(str(ipath) + ".json", "index sidecar")
         rows.append(_row(runner.summary(cache, "faiss"), fraction=f, keys=ds.size,
                          factory=meta["factory"], commands=cmds))
     return dict(rows=rows)
