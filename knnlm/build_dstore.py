@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import check_data_matches, load_checkpoint, model_fingerprint, model_from_checkpoint
+from .checkpoint import load_lm
 from .config import UserError, config_dict, flag
 from .data.preprocess import DataBin
 from .datastore import (DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter, is_built,
@@ -36,8 +36,9 @@ from .evaluate import iter_scored, make_windows, resolve_window
 @dataclass
 class BuildDstoreConfig:
     data: str = flag(help="data-bin directory", positional=True)
-    path: str = flag(help="checkpoint whose representations become the keys")
     dstore_dir: str = flag(help="output datastore directory", aliases=("--dstore-mmap",))
+    path: str | None = flag(None, "checkpoint whose representations become the keys")
+    hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
     gen_subset: str = flag("train", "split to store")
     knn_keytype: str = flag("att", "comma-separated keytypes: att (last_ffn_input), "
                             "ffn (last_linear_input), layer:N")
@@ -52,6 +53,8 @@ class BuildDstoreConfig:
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
+        if bool(self.path) == bool(self.hf_model):
+            raise UserError("give exactly one of --path CKPT and --hf-model NAME")
         self.keytypes = [normalize_keytype(k) for k in self.knn_keytype.split(",") if k.strip()]
         if not self.keytypes:
             raise UserError("--knn-keytype is empty")
@@ -123,11 +126,9 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
 
 def main(cfg: BuildDstoreConfig, on_batch: Callable[[int], None] | None = None) -> dict:
     databin = DataBin(cfg.data)
-    ckpt = load_checkpoint(cfg.path)
-    check_data_matches(ckpt, databin, cfg.path)
     device = resolve_device(cfg.device, cfg.cpu)
-    model = model_from_checkpoint(ckpt).to(device)
-    res = build_dstore(model, databin, cfg, device, model_fingerprint(ckpt["model"]), on_batch)
+    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
+    res = build_dstore(model, databin, cfg, device, fingerprint, on_batch)
     nbytes = sum(f.stat().st_size for f in Path(cfg.dstore_dir).glob("*.npy"))
     print(f"datastore {cfg.dstore_dir}: {res['size']:,} entries x {res['dim']} dims "
           f"({', '.join(res['keytypes'])}), {nbytes / 2**20:,.1f} MiB, {res['seconds']:.1f}s")

@@ -80,3 +80,16 @@ def check_data_matches(ckpt: dict, databin, ckpt_path: str | Path) -> None:
     if ckpt["model_cfg"]["vocab_size"] != databin.vocab_size:
         raise UserError(f"model vocabulary {ckpt['model_cfg']['vocab_size']} != data-bin "
                         f"vocabulary {databin.vocab_size}")
+
+
+def load_lm(path: str | None, hf_model: str | None, databin, device) -> tuple:
+    """(model, fingerprint) of a knnlm checkpoint (``--path``) or an HF causal LM
+    (``--hf-model``), checked against the data-bin's vocabulary, on ``device``."""
+    if hf_model:
+        from .models.hf import check_hf_data, hf_fingerprint, load_hf_model
+        model = load_hf_model(hf_model)
+        check_hf_data(model, databin)
+        return model.to(device), hf_fingerprint(model.hf)
+    ckpt = load_checkpoint(path)
+    check_data_matches(ckpt, databin, path)
+    return model_from_checkpoint(ckpt).to(device), model_fingerprint(ckpt["model"])

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import knn
-from .checkpoint import check_data_matches, load_checkpoint, model_fingerprint, model_from_checkpoint
+from .checkpoint import load_lm
 from .config import UserError, config_dict, flag, write_json_atomic
 from .data.blocks import BREAK_MODES, Window, batch_windows, score_windows, shifted_inputs, \
     train_blocks
@@ -39,7 +39,8 @@ LN2 = math.log(2)
 @dataclass
 class EvalConfig:
     data: str = flag(help="data-bin directory", positional=True)
-    path: str = flag(help="checkpoint to evaluate")
+    path: str | None = flag(None, "checkpoint to evaluate")
+    hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
     gen_subset: str = flag("test", "split to score (train, valid, test)")
     tokens_per_sample: int | None = flag(None, "longest model input, context included "
                                          "(default: the model's max positions)")
@@ -94,6 +95,8 @@ class EvalConfig:
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
+        if bool(self.path) == bool(self.hf_model):
+            raise UserError("give exactly one of --path CKPT and --hf-model NAME")
         if self.tokens_per_sample is not None and self.tokens_per_sample <= 0:
             raise UserError(f"--tokens-per-sample must be > 0, got {self.tokens_per_sample}")
         if self.max_eval_tokens < 0:
@@ -130,7 +133,7 @@ class EvalConfig:
         """The equivalent `knnlm build-dstore` config (the original --save-knnlm-dstore)."""
         from .build_dstore import BuildDstoreConfig
         return BuildDstoreConfig(
-            data=self.data, path=self.path, dstore_dir=self.dstore_mmap, gen_subset=self.gen_subset,
+            data=self.data, path=self.path, hf_model=self.hf_model, dstore_dir=self.dstore_mmap, gen_subset=self.gen_subset,
             knn_keytype=self.knn_keytype, tokens_per_sample=self.tokens_per_sample,
             context_window=self.context_window, max_tokens=self.max_tokens,
             dstore_fp32=self.dstore_fp32, dstore_size=self.dstore_size, cpu=self.cpu,
@@ -317,12 +320,9 @@ def main(cfg: EvalConfig) -> dict:
         from . import build_dstore
         return build_dstore.main(cfg.to_build_dstore())
     databin = DataBin(cfg.data)
-    ckpt = load_checkpoint(cfg.path)
-    check_data_matches(ckpt, databin, cfg.path)
     device = resolve_device(cfg.device, cfg.cpu)
-    model = model_from_checkpoint(ckpt).to(device)
-    res = eval_lm(model, databin, cfg, device,
-                  model_fingerprint(ckpt["model"]) if cfg.knnlm else None)
+    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
+    res = eval_lm(model, databin, cfg, device, fingerprint)
     print(format_results(res))
     if cfg.results_path:
         write_json_atomic(cfg.results_path, dict(results=res, config=config_dict(cfg)))

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..config import (UserError, config_dict, flag, open_npy, read_sidecar, sha256_file,
                       write_json_atomic)
-from .tokenizer import BPETokenizer, Dictionary, load_vocab, vocab_summary
+from .tokenizer import BPETokenizer, Dictionary, HFTokenizer, load_vocab, vocab_summary
 
 DATA_FORMAT = "knnlm-data-bin"
 DATA_VERSION = 1
@@ -47,6 +47,8 @@ class PreprocessConfig:
                                          aliases=("--encoder-json",))
     gpt2_vocab_bpe: str | None = flag(None, "byte-level BPE: GPT-2 merges.txt",
                                       aliases=("--vocab-bpe",))
+    hf_tokenizer: str | None = flag(None, "the tokenizer of an HF model (name or local "
+                                    "directory, offline): text keeps its newlines")
     quiet: bool = flag(False, "no progress bars")
 
     def __post_init__(self):
@@ -56,10 +58,14 @@ class PreprocessConfig:
                 if getattr(self, attr) is None:
                     setattr(self, attr, str(Path(self.srcdir) / f"{split}.txt"))
         if not self.trainpref and not self.srcdict and not self.tokenizer \
-                and not self.gpt2_encoder_json:
+                and not self.gpt2_encoder_json and not self.hf_tokenizer:
             raise UserError("--trainpref (or --srcdir) is required to build a vocabulary")
         if bool(self.gpt2_encoder_json) != bool(self.gpt2_vocab_bpe):
             raise UserError("--gpt2-encoder-json and --gpt2-vocab-bpe go together")
+        if sum(map(bool, (self.only_source, self.tokenizer, self.gpt2_encoder_json,
+                          self.hf_tokenizer))) > 1:
+            raise UserError("choose one vocabulary: --only-source, --tokenizer, "
+                            "--gpt2-encoder-json or --hf-tokenizer")
         if self.only_source and (self.tokenizer or self.gpt2_encoder_json):
             raise UserError("--only-source uses a dict.txt; it cannot take --tokenizer")
         if self.vocab_size < 300:
@@ -94,6 +100,9 @@ def build_vocab(cfg: PreprocessConfig, files: dict[str, list[Path]]):
             return Dictionary.load(cfg.srcdict)
         return Dictionary.build(_read_lines(files["train"][0]), cfg.thresholdsrc,
                                 cfg.nwordssrc, cfg.padding_factor)
+    if cfg.hf_tokenizer:
+        from ..models.hf import load_hf_tokenizer
+        return HFTokenizer.from_hf(load_hf_tokenizer(cfg.hf_tokenizer))
     if cfg.tokenizer:
         return BPETokenizer.load(cfg.tokenizer)
     if cfg.gpt2_encoder_json:
@@ -121,7 +130,8 @@ def main(cfg: PreprocessConfig) -> dict:
     vocab_path = dest / vocab.filename
     vocab.save(vocab_path)
     meta = dict(format=DATA_FORMAT, version=DATA_VERSION, config=config_dict(cfg),
-                tokenizer=dict(vocab_summary(vocab), sha256=sha256_file(vocab_path)), splits={})
+                tokenizer=dict(vocab_summary(vocab), sha256=sha256_file(vocab_path),
+                               hf_name=cfg.hf_tokenizer), splits={})
     for split, paths in files.items():
         lines = _read_lines(paths[0])
         ids, unk = binarize(lines, vocab, quiet=cfg.quiet)

@@ -116,9 +116,14 @@ class BPETokenizer:
     kind = "bpe"
     filename = "tokenizer.json"
 
-    def __init__(self, tok):
+    def __init__(self, tok, specials: dict | None = None):
         self.tok = tok
         vocab = tok.get_vocab()
+        self._size = tok.get_vocab_size()
+        if specials is not None:  # recorded ids (an HF model's tokenizer)
+            self.eos, self.pad, self.bos, self.unk = (int(specials[k]) for k in
+                                                      ("eos", "pad", "bos", "unk"))
+            return
         eos_name = next((s for s in ("</s>", "<|endoftext|>") if s in vocab), None)
         if eos_name is None:
             raise UserError("tokenizer has neither '</s>' nor '<|endoftext|>' to end lines with")
@@ -126,7 +131,6 @@ class BPETokenizer:
         self.pad = vocab.get("<pad>", self.eos)
         self.bos = vocab.get("<s>", self.eos)
         self.unk = vocab.get("<unk>", self.eos)
-        self._size = tok.get_vocab_size()
 
     def __len__(self) -> int:
         return self._size
@@ -144,10 +148,10 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str | Path) -> "BPETokenizer":
+    def load(cls, path: str | Path, specials: dict | None = None) -> "BPETokenizer":
         from tokenizers import Tokenizer
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            return cls(Tokenizer.from_file(str(path)), specials)
         except Exception as exc:  # tokenizers raises plain Exception subclasses
             raise UserError(f"cannot load tokenizer {path} ({str(exc).splitlines()[0]})")
 
@@ -197,6 +201,54 @@ class BPETokenizer:
         return flags
 
 
+class HFTokenizer(BPETokenizer):
+    """The tokenizer of an HF model (``preprocess --hf-tokenizer``). The text keeps its
+    newlines (lines are encoded in chunks joined by ``\n``; no separator tokens), and the
+    stream starts with the model's BOS token (EOS when it has none), recorded as ``eos``:
+    the token fed before the first one."""
+
+    kind = "hf"
+    LINES_PER_CHUNK = 64
+    WORD_MARKS = ("Ġ", "▁")          # byte-level BPE / sentencepiece word-start markers
+    SPACE_PIECES = ("Ċ", "ĊĊ", "<0x0A>", "▁", "Ġ")
+
+    @classmethod
+    def from_hf(cls, hf_tok) -> "HFTokenizer":
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
+        start = hf_tok.bos_token_id if hf_tok.bos_token_id is not None else hf_tok.eos_token_id
+        if start is None:
+            raise UserError("the HF tokenizer has neither a BOS nor an EOS token to start "
+                            "the stream with")
+        pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else start
+        unk = hf_tok.unk_token_id if hf_tok.unk_token_id is not None else start
+        return cls(tok, dict(eos=start, pad=pad, bos=start, unk=unk))
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode_lines(self, lines: list[str]) -> list[np.ndarray]:
+        chunks = ["\n".join(lines[i:i + self.LINES_PER_CHUNK]) + "\n"
+                  for i in range(0, len(lines), self.LINES_PER_CHUNK)]
+        encs = self.tok.encode_batch(chunks, add_special_tokens=False)
+        return [np.array(e.ids, dtype=np.int64) for e in encs]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def word_flags(self, bpe_cont: str | None = None) -> np.ndarray:
+        """Per id, from the piece's spelling: word-start marker -> ``WORD_START``, a
+        newline or bare marker -> ``SPACE``, else 0 (continues a word)."""
+        flags = np.zeros(len(self), dtype=np.int8)
+        for i in range(len(self)):
+            piece = self.tok.id_to_token(i) or ""
+            if piece in self.SPACE_PIECES or not piece.strip("ĊĠ▁ \n"):
+                flags[i] = SPACE
+            elif piece.startswith(self.WORD_MARKS):
+                flags[i] = WORD_START
+        return flags
+
+
 def word_mask(targets: np.ndarray, prev: np.ndarray, vocab, flags: np.ndarray) -> np.ndarray:
     """(N,) bool: which of ``targets`` count as words (``prev[i]`` precedes ``targets[i]``).
 
@@ -208,7 +260,10 @@ def word_mask(targets: np.ndarray, prev: np.ndarray, vocab, flags: np.ndarray) -
     if vocab.kind == "dict":
         return flags[targets].astype(bool)
     f = flags[targets]
-    return (f == WORD_START) | ((prev == vocab.eos) & (f != SPACE))
+    starts = (f == WORD_START) | ((prev == vocab.eos) & (f != SPACE))
+    if vocab.kind == "hf":   # text with newlines: the first piece after one starts a word
+        starts |= (flags[prev] == SPACE) & (f != SPACE)
+    return starts
 
 
 def count_words(targets: np.ndarray, prev: np.ndarray, vocab, flags: np.ndarray) -> int:
@@ -221,7 +276,11 @@ def load_vocab(data_dir: str | Path, meta: dict):
     path = Path(data_dir) / tok["file"]
     if not path.is_file():
         raise UserError(f"{path} missing from the data-bin")
-    return Dictionary.load(path) if tok["kind"] == "dict" else BPETokenizer.load(path)
+    if tok["kind"] == "dict":
+        return Dictionary.load(path)
+    if tok["kind"] == "hf":
+        return HFTokenizer.load(path, tok)
+    return BPETokenizer.load(path)
 
 
 def vocab_summary(vocab) -> dict:
@@ -229,5 +288,5 @@ def vocab_summary(vocab) -> dict:
                 pad=vocab.pad, bos=vocab.bos, unk=vocab.unk)
 
 
-__all__ = ["Dictionary", "BPETokenizer", "count_words", "word_mask", "load_vocab", "vocab_summary",
+__all__ = ["Dictionary", "BPETokenizer", "HFTokenizer", "count_words", "word_mask", "load_vocab", "vocab_summary",
            "SPECIALS", "EOS", "PAD", "BOS", "UNK"]

@@ -1,0 +1,205 @@
+"""HuggingFace causal LMs behind the interface of our own Transformer (`--hf-model`).
+
+``model(tokens, return_hidden)`` returns ``(ffn, {name: tensor})`` and
+``model.output_layer(ffn)`` the logits, as :class:`~knnlm.models.transformer.TransformerLM`
+does, so eval-lm, build-dstore, the kNN-LM and generation use either unchanged.
+
+The representations (paper notes §2):
+
+- ``ffn``: the final hidden state after the final norm, the input of the LM head: the
+  backbone's ``last_hidden_state`` (the head is applied separately, only where needed);
+- ``att``: the input of the last decoder layer's MLP (after its pre-MLP norm), captured by
+  a forward pre-hook on that module, registered for one call and always removed;
+- ``layer:N``: the backbone's hidden state after layer N.
+
+The model's ``forward`` is never patched or replaced. Transformers is an optional extra
+(``pip install -e .[hf]``); models load offline from a local directory or the HF cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+from ..config import UserError
+
+# model_type -> (path of the decoder layers inside the backbone, MLP-input module in a layer)
+LAYOUTS = {
+    "gpt2": ("h", "mlp"),
+    "gpt_neox": ("layers", "mlp"),
+    "opt": ("decoder.layers", "fc1"),
+    "llama": ("layers", "mlp"), "mistral": ("layers", "mlp"), "mixtral": ("layers", "mlp"),
+    "qwen2": ("layers", "mlp"), "qwen3": ("layers", "mlp"), "gemma": ("layers", "mlp"),
+    "gemma2": ("layers", "mlp"), "phi3": ("layers", "mlp"), "olmo": ("layers", "mlp"),
+}
+FALLBACK_LAYERS = ("layers", "h", "decoder.layers", "blocks")
+FALLBACK_MLP = ("mlp", "feed_forward", "ffn", "fc1")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("--hf-model needs transformers: pip install -e '.[hf]'")
+    return transformers
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _get(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def locate_modules(backbone: nn.Module, model_type: str) -> tuple[nn.ModuleList, nn.Module]:
+    """(decoder layers, MLP-input module of the last layer); a UserError naming what was
+    expected when the family's layout is unknown."""
+    layouts = [LAYOUTS[model_type]] if model_type in LAYOUTS else \
+        [(l, m) for l in FALLBACK_LAYERS for m in FALLBACK_MLP]
+    for layers_path, mlp_name in layouts:
+        layers = _get(backbone, layers_path)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            mlp = getattr(layers[-1], mlp_name, None)
+            if isinstance(mlp, nn.Module):
+                return layers, mlp
+    expected = ", ".join(f"{l}[-1].{m}" for l, m in layouts[:8])
+    raise UserError(f"cannot locate the last decoder layer's MLP of model type {model_type!r} "
+                    f"(expected one of: {expected}, inside {type(backbone).__name__})")
+
+
+@contextlib.contextmanager
+def capture_input(module: nn.Module, store: dict, name: str):
+    """Record the first positional input of ``module`` under ``store[name]`` while the
+    context is open; the hook is removed on exit, whatever happens."""
+    def hook(_mod, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        store[name] = x
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+class HFCausalLM(nn.Module):
+    """An HF ``*ForCausalLM`` model seen as a knnlm LM."""
+
+    def __init__(self, hf_model: nn.Module, name: str):
+        super().__init__()
+        self.hf = hf_model
+        self.name = name
+        self.backbone = hf_model.base_model
+        self.lm_head = hf_model.get_output_embeddings()
+        if self.lm_head is None:
+            raise UserError(f"{name} has no LM head (get_output_embeddings() is None)")
+        c = hf_model.config
+        self.layers, self.att_module = locate_modules(self.backbone, c.model_type)
+        max_pos = next((getattr(c, k) for k in ("max_position_embeddings", "n_positions",
+                                                "max_sequence_length") if getattr(c, k, None)), 2048)
+        params = inspect.signature(self.backbone.forward).parameters
+        # the KV-cache argument was renamed from past_key_values to cache in transformers 5
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.cfg = SimpleNamespace(max_target_positions=int(max_pos),
+                                   decoder_embed_dim=int(self.lm_head.weight.shape[1]),
+                                   vocab_size=int(self.lm_head.weight.shape[0]),
+                                   decoder_layers=len(self.layers), model_type=c.model_type)
+
+    def forward(self, tokens: torch.Tensor, return_hidden: tuple[str, ...] = (),
+                past=None, use_cache: bool = False):
+        """tokens (B, L) -> (ffn (B, L, D), {name: (B, L, D)}); with ``use_cache`` the
+        backbone's KV cache is returned under ``hidden["past"]`` (pass it back as ``past``
+        to continue)."""
+        store: dict = {}
+        layer_ids = {}
+        for n in return_hidden:
+            if n.startswith("layer:"):
+                i = int(n.split(":", 1)[1])
+                if not -len(self.layers) <= i < len(self.layers):
+                    raise ValueError(f"{n}: the model has {len(self.layers)} layers")
+                layer_ids[n] = i % len(self.layers)
+            elif n not in ("att", "ffn"):
+                raise ValueError(f"unknown representation {n!r} (att, ffn or layer:N)")
+        ctx = capture_input(self.att_module, store, "att") if "att" in return_hidden \
+            else contextlib.nullcontext()
+        with ctx:
+            kw = {self._cache_arg: past} if past is not None else {}
+            out = self.backbone(input_ids=tokens, use_cache=use_cache,
+                                output_hidden_states=bool(layer_ids), **kw)
+        ffn = out.last_hidden_state
+        hidden = {n: out.hidden_states[i + 1] for n, i in layer_ids.items()}
+        if "att" in return_hidden:  # some families (OPT) flatten (B, L) before the MLP
+            hidden["att"] = store["att"].reshape(*ffn.shape[:-1], -1)
+        if "ffn" in return_hidden:
+            hidden["ffn"] = ffn
+        if use_cache:
+            hidden["past"] = out[self._cache_arg]
+        return ffn, hidden
+
+    def output_layer(self, features: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(features)
+
+
+def hf_fingerprint(model: nn.Module) -> str:
+    """A short identity of the weights: config, every tensor's name and shape, and the
+    bytes of its first and last 4096 elements (cheap for multi-GB models)."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        for part in (flat[:4096], flat[-4096:]):
+            h.update(part.to("cpu", torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_hf_data(model: HFCausalLM, databin) -> None:
+    """Refuse a data-bin tokenized with another vocabulary than the model's: ids beyond
+    its embedding, or (when the model directory has a tokenizer) another tokenizer."""
+    if databin.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{databin.path} has {databin.vocab_size:,} token ids; {model.name} "
+                        f"embeds only {model.cfg.vocab_size:,}")
+    try:
+        hf_tok = load_hf_tokenizer(model.name)
+    except UserError:
+        return  # no tokenizer next to the weights: the id range check is all there is
+    from tokenizers import Tokenizer
+    ours = Tokenizer.from_file(str(databin.path / databin.meta["tokenizer"]["file"])).to_str()
+    if Tokenizer.from_str(hf_tok.backend_tokenizer.to_str()).to_str() != ours:
+        raise UserError(f"{databin.path} was not tokenized with {model.name}'s tokenizer "
+                        f"(make it with knnlm preprocess --hf-tokenizer {model.name})")
+
+
+def load_hf_model(name: str, dtype: torch.dtype | None = None) -> HFCausalLM:
+    """From a local directory or the HF cache; offline unless downloads are allowed."""
+    tf = _transformers()
+    kwargs = dict(local_files_only=not os.path.isdir(name) and os.environ.get(
+        "HF_HUB_OFFLINE", "1") != "0")
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load HF model {name!r} offline ({_first_line(exc)})")
+    return HFCausalLM(model.eval(), name)
+
+
+def load_hf_tokenizer(name: str):
+    tf = _transformers()
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(name, local_files_only=not os.path.isdir(name)
+                                               and os.environ.get("HF_HUB_OFFLINE", "1") != "0")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the HF tokenizer {name!r} offline ({_first_line(exc)})")
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"{name}: only fast (tokenizers-backed) HF tokenizers are supported")
+    return tok

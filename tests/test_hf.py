@@ -1,0 +1,141 @@
+"""HF causal LMs through forward hooks: tiny random GPT-2, Llama, GPT-NeoX and OPT built
+offline; representations, perplexity and datastore keys against the models' own outputs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from knnlm import build_dstore, evaluate
+from knnlm.cli import run as cli_run
+from knnlm.config import UserError
+from knnlm.data import preprocess
+from knnlm.data.blocks import shifted_inputs
+from knnlm.data.preprocess import DataBin
+from knnlm.datastore import Datastore
+from knnlm.models.hf import HFCausalLM, load_hf_model, locate_modules
+
+FAMILIES = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=2, n_positions=128),
+             "ln_2"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2, hidden_size=32,
+              intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+              max_position_embeddings=128), "post_attention_layernorm"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(num_hidden_layers=2, hidden_size=32,
+                 intermediate_size=64, num_attention_heads=2, max_position_embeddings=128),
+                 "post_attention_layernorm"),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(num_hidden_layers=2, hidden_size=32, ffn_dim=64,
+            num_attention_heads=2, max_position_embeddings=128, word_embed_proj_dim=32),
+            "final_layer_norm"),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(bpe_databin, tmp_path_factory):
+    """The test corpus' byte-level BPE as an HF fast tokenizer (eos/bos </s>, <s>)."""
+    from tokenizers import Tokenizer
+    d = tmp_path_factory.mktemp("hf_tok")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(str(bpe_databin.path / "tokenizer.json")),
+        bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def hf_model_dir(request, hf_tokenizer_dir, bpe_databin, tmp_path_factory):
+    cfg_cls, model_cls, kw, _ = FAMILIES[request.param]
+    torch.manual_seed(0)
+    config = getattr(transformers, cfg_cls)(vocab_size=bpe_databin.vocab_size, bos_token_id=0,
+                                            eos_token_id=2, pad_token_id=1, **kw)
+    model = getattr(transformers, model_cls)(config).eval()
+    d = tmp_path_factory.mktemp(f"hf_{request.param}")
+    model.save_pretrained(d)
+    transformers.AutoTokenizer.from_pretrained(hf_tokenizer_dir).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def hf_databin(hf_tokenizer_dir, corpus_dir, tmp_path_factory) -> DataBin:
+    dest = tmp_path_factory.mktemp("databin_hf")
+    preprocess.main(preprocess.PreprocessConfig(destdir=str(dest), srcdir=str(corpus_dir),
+                                                hf_tokenizer=str(hf_tokenizer_dir), quiet=True))
+    return DataBin(dest)
+
+
+def test_hf_databin_keeps_the_text(hf_databin, corpus_dir):
+    text = (corpus_dir / "valid.txt").read_text()
+    assert hf_databin.vocab.decode(hf_databin.split("valid")) == text
+    assert hf_databin.eos == 0   # the stream starts with <s>
+
+
+def test_hooked_representations_equal_the_modules_outputs(hf_model_dir):
+    model = load_hf_model(str(hf_model_dir))
+    family = model.cfg.model_type
+    norm = getattr(model.layers[-1], FAMILIES[family][3])
+    seen = {}
+    handle = norm.register_forward_hook(lambda m, a, out: seen.__setitem__("norm", out))
+    tokens = torch.randint(4, 300, (2, 17))
+    with torch.no_grad():
+        ffn, hid = model(tokens, return_hidden=("att", "ffn", "layer:0"))
+        full = model.hf(input_ids=tokens, output_hidden_states=True)
+    handle.remove()
+    torch.testing.assert_close(hid["att"], seen["norm"].reshape(hid["att"].shape), rtol=0, atol=0)
+    torch.testing.assert_close(hid["ffn"], full.hidden_states[-1], rtol=0, atol=0)
+    torch.testing.assert_close(model.output_layer(ffn), full.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hid["layer:0"], full.hidden_states[1], rtol=0, atol=0)
+    # no hook left behind, also when the forward fails
+    assert not model.att_module._forward_pre_hooks
+    with pytest.raises(Exception):
+        model(torch.full((1, 3), 10_000), return_hidden=("att",))
+    assert not model.att_module._forward_pre_hooks
+
+
+def test_eval_lm_equals_the_models_own_loss(hf_model_dir, hf_databin):
+    T = 32
+    res = evaluate.main(evaluate.EvalConfig(data=str(hf_databin.path), hf_model=str(hf_model_dir),
+                                            gen_subset="valid", tokens_per_sample=T, quiet=True))
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir).eval()
+    tokens = hf_databin.split("valid")
+    nll = 0.0
+    with torch.no_grad():
+        for s in range(0, len(tokens), T):
+            e = min(len(tokens), s + T)
+            ids = np.concatenate([shifted_inputs(tokens, hf_databin.eos, s, e), tokens[e - 1:e]])
+            out = model(input_ids=torch.from_numpy(ids.astype(np.int64))[None],
+                        labels=torch.from_numpy(ids.astype(np.int64))[None])
+            nll += float(out.loss) * (e - s)
+    assert res["ppl"] == pytest.approx(math.exp(nll / len(tokens)), rel=1e-4)
+    assert res["words"] > 0
+
+
+def test_build_dstore_keys_equal_hooked_tensors(hf_model_dir, hf_databin, tmp_path):
+    out = tmp_path / "ds"
+    build_dstore.main(build_dstore.BuildDstoreConfig(
+        data=str(hf_databin.path), hf_model=str(hf_model_dir), dstore_dir=str(out),
+        gen_subset="valid", knn_keytype="att,ffn", tokens_per_sample=32, context_window=0,
+        quiet=True))
+    ds = Datastore(out)
+    tokens = hf_databin.split("valid")
+    model = load_hf_model(str(hf_model_dir))
+    inp = torch.from_numpy(shifted_inputs(tokens, hf_databin.eos, 32, 64).astype(np.int64))[None]
+    with torch.no_grad():
+        _, hid = model(inp, return_hidden=("att", "ffn"))
+    for kt in ("att", "ffn"):
+        np.testing.assert_allclose(np.asarray(ds.keys(kt)[32:64], dtype=np.float32),
+                                   hid[kt][0].numpy(), rtol=2e-3, atol=2e-3)
+    assert np.array_equal(np.asarray(ds.vals), np.asarray(tokens, dtype=np.int32))
+
+
+def test_bad_hf_inputs(hf_model_dir, hf_databin, bpe_databin, tmp_path):
+    base = ["eval-lm", str(hf_databin.path), "--gen-subset", "valid", "--quiet"]
+    assert cli_run(base + ["--hf-model", str(tmp_path / "absent")]) == 2
+    assert cli_run(base + ["--hf-model", "no-such-org/no-such-model"]) == 2
+    # a data-bin made with another tokenizer than the model's
+    assert cli_run(["eval-lm", str(bpe_databin.path), "--hf-model", str(hf_model_dir),
+                    "--quiet"]) == 2
+    with pytest.raises(UserError, match="expected one of"):
+        locate_modules(torch.nn.Linear(2, 2), "some_new_family")
+
