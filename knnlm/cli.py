@@ -9,6 +9,7 @@
     knnlm sweep --cache DIR ...                 offline sweeps over a retrieval cache
     knnlm analyze DATA_BIN --path CKPT ...      the paper's analyses in one results directory
     knnlm allot-embeddings DATA_BIN --out F     extra output rows per token (for train)
+    knnlm generate DATA_BIN --path CKPT ...     continue prompts (greedy or sampling), kNN-LM too
     knnlm demo                                  the whole pipeline on Shakespeare
 
 Every subcommand is a dataclass config plus a ``main(cfg)``; errors a user can fix end
@@ -36,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "the paper's analyses: representation, retrieval, temperature, size, heads"),
     "allot-embeddings": ("knnlm.heads_train", "AllotConfig",
                          "extra output embeddings per token by log-frequency (for train)"),
+    "generate": ("knnlm.generate", "GenerateConfig", "continue prompts with the LM or the kNN-LM"),
     "demo": ("knnlm.demo", "DemoConfig", "run the whole pipeline on the Shakespeare corpus"),
 }
 

@@ -32,12 +32,13 @@ from .data.blocks import BREAK_MODES, Window, batch_windows, score_windows, shif
 from .data.preprocess import DataBin
 from .data.tokenizer import word_mask
 from .device import autocast_context, resolve_device
+from .knn_options import KnnOptions
 
 LN2 = math.log(2)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(KnnOptions):
     data: str = flag(help="data-bin directory", positional=True)
     path: str | None = flag(None, "checkpoint to evaluate")
     hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
@@ -55,27 +56,6 @@ class EvalConfig:
     save_scores: str | None = flag(None, "write per-token target log-probs (.npy, natural log)")
     save_tokens: str | None = flag(None, "write the scored target tokens (.npy)")
     results_path: str | None = flag(None, "write the results as JSON")
-    knnlm: bool = flag(False, "evaluate the kNN-LM: interpolate with a datastore's neighbours")
-    dstore_filename: str | None = flag(None, "--knnlm: datastore directory")
-    indexfile: str | None = flag(None, "--knnlm: FAISS index (default: the datastore's "
-                                 "index_<keytype>_<metric>.faiss)")
-    k: int = flag(1024, "--knnlm: neighbours per query")
-    lmbda: float = flag(0.25, "--knnlm: interpolation weight of p_kNN")
-    knn_temp: float = flag(1.0, "--knnlm: softmax temperature over neighbour scores")
-    probe: int = flag(32, "--knnlm: IVF lists probed per query (nprobe)")
-    knn_sim_func: str | None = flag(None, "--knnlm: scores of FAISS neighbours: exact L2 from "
-                                    "stored keys (default), do_not_recomp_l2 (FAISS distances), "
-                                    "dot (exact inner products)",
-                                    choices=("l2", "do_not_recomp_l2", "dot"))
-    faiss_metric_type: str = flag("l2", "--knnlm: metric of the index", choices=("l2", "ip"))
-    exact_search: bool = flag(False, "--knnlm: exact neighbours by brute force (no index)")
-    ignore_top: bool = flag(False, "--knnlm: drop the nearest neighbour (scoring the "
-                            "datastore's own text)")
-    load_keys: bool = flag(True, "--knnlm: read the stored keys (needed to recompute "
-                           "distances)", negative=("--no-load-keys",))
-    move_dstore_to_mem: bool = flag(False, "--knnlm: load keys and values into RAM")
-    knnlm_gpu: bool = flag(False, "--knnlm: search on GPU (FAISS GPU build, or brute force "
-                           "with --exact-search)")
     save_retrieval: str | None = flag(None, "--knnlm: write a retrieval cache to this directory "
                                       "(for `knnlm sweep`)")
     save_exact_dists: bool = flag(False, "--save-retrieval: also store exact distances")
@@ -84,8 +64,6 @@ class EvalConfig:
     save_knnlm_dstore: bool = flag(False, "instead of evaluating, save a datastore of the "
                                    "split (same as `knnlm build-dstore`)")
     dstore_mmap: str | None = flag(None, "--save-knnlm-dstore: datastore directory")
-    knn_keytype: str = flag("att", "--save-knnlm-dstore: keytypes (att/last_ffn_input, "
-                            "ffn/last_linear_input, layer:N; comma-separated)")
     dstore_fp32: bool = flag(False, "--save-knnlm-dstore: fp32 keys (default fp16)")
     dstore_size: int | None = flag(None, "--save-knnlm-dstore: expected entries (checked)")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
@@ -118,14 +96,7 @@ class EvalConfig:
         if self.knnlm and self.save_knnlm_dstore:
             raise UserError("--knnlm and --save-knnlm-dstore are exclusive")
         if self.knnlm:
-            if not self.dstore_filename:
-                raise UserError("--knnlm needs --dstore-filename DIR")
-            if self.k <= 0 or self.probe <= 0:
-                raise UserError("--k and --probe must be > 0")
-            if not 0.0 <= self.lmbda <= 1.0:
-                raise UserError(f"--lmbda must be in [0, 1], got {self.lmbda}")
-            if not self.knn_temp > 0:
-                raise UserError(f"--knn-temp must be > 0, got {self.knn_temp}")
+            self.check_knn()
             if self.sample_break_mode != "none":
                 raise UserError("--knnlm needs --sample-break-mode none")
 

@@ -48,10 +48,12 @@ def score_setup(sim_func: str | None, faiss_metric: str, exact_search: bool) -> 
     return faiss_metric, "ip" if sim_func == "dot" else "l2", True
 
 
-class KnnScorer:
-    """Retrieves neighbours for a batch of queries and scores the targets."""
+class KnnSearch:
+    """The datastore, index and score mode the kNN flags describe: the neighbours of a batch
+    of queries and their scores (shared by eval-lm, generate and neighbors)."""
 
-    def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device, n_tokens: int):
+    def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device,
+                 need_exact: bool = False):
         self.cfg = cfg
         self.keytype = normalize_keytype(cfg.knn_keytype)
         ds = Datastore(cfg.dstore_filename, in_memory=cfg.move_dstore_to_mem)
@@ -65,22 +67,48 @@ class KnnScorer:
             if cfg.knnlm_gpu and gpu_available():
                 import faiss
                 index = faiss.index_cpu_to_all_gpus(index)
-        search_metric, self.score_metric, self.recompute = score_setup(
+        self.search_metric, self.score_metric, self.recompute = score_setup(
             cfg.knn_sim_func, cfg.faiss_metric_type, cfg.exact_search)
         if self.recompute and not cfg.load_keys:
             raise UserError("--no-load-keys needs --knn-sim-func do_not_recomp_l2 "
                             "(the default recomputes distances from the keys)")
+        self.need_exact = need_exact
         self.k_search = cfg.k + (1 if cfg.ignore_top else 0)
         bf_device = device if cfg.knnlm_gpu else torch.device("cpu")
-        self.retriever = Retriever(ds, self.keytype, self.k_search, search_metric, index,
-                                   cfg.exact_search, cfg.load_keys or cfg.save_exact_dists, bf_device)
-        self.search_metric = search_metric
+        self.retriever = Retriever(ds, self.keytype, self.k_search, self.search_metric, index,
+                                   cfg.exact_search, cfg.load_keys or need_exact, bf_device)
+
+    def search(self, q: np.ndarray) -> dict:
+        """(B, D) float32 queries -> D, I (B, k) as searched (minus the self-hit with
+        --ignore-top), their values, exact distances (when recomputed or asked for), and
+        ``scores`` (B, k) float64 in the configured score mode, ``mask`` of real neighbours."""
+        D, I = self.retriever.search(q)
+        if self.cfg.ignore_top:   # scoring the datastore's own text: drop the self-hit
+            D, I = D[:, 1:], I[:, 1:]
+        vals = self.retriever.values(I)
+        exact = None
+        if self.recompute or self.need_exact:
+            exact = self.retriever.recompute(q, I, self.score_metric)
+        dist, metric = (exact, self.score_metric) if self.recompute else (D, self.search_metric)
+        scores = knn.scores_from_distances(torch.from_numpy(dist).double(), metric)
+        return dict(D=D, I=I, vals=vals, exact=exact, scores=scores, mask=torch.from_numpy(I >= 0))
+
+
+class KnnScorer:
+    """Retrieves neighbours for a batch of queries and scores the targets."""
+
+    def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device, n_tokens: int):
+        self.cfg = cfg
+        self.knn = KnnSearch(cfg, model_fingerprint, databin, device, cfg.save_exact_dists)
+        self.keytype, ds = self.knn.keytype, self.knn.ds
+        self.recompute = self.knn.recompute
         self.cache = None
         if cfg.save_retrieval:
-            meta = dict(config=config_dict(cfg), metric=self.score_metric,
-                        faiss_metric=search_metric, datastore_fingerprint=ds.fingerprint,
-                        index=self.index_meta and {k: self.index_meta[k] for k in
-                                                   ("factory", "metric", "nprobe", "datastore_fingerprint")},
+            meta = dict(config=config_dict(cfg), metric=self.knn.score_metric,
+                        faiss_metric=self.knn.search_metric, datastore_fingerprint=ds.fingerprint,
+                        index=self.knn.index_meta and {k: self.knn.index_meta[k] for k in
+                                                       ("factory", "metric", "nprobe",
+                                                        "datastore_fingerprint")},
                         nprobe=cfg.probe, exact_search=cfg.exact_search, ignore_top=cfg.ignore_top)
             self.cache = CacheWriter(cfg.save_retrieval, n_tokens, cfg.k,
                                      cfg.save_exact_dists, meta, ds.size)
@@ -109,21 +137,12 @@ class KnnScorer:
         return out
 
     def _score_chunk(self, start, q, targets, lm_lp, words) -> np.ndarray:
-        D, I = self.retriever.search(q)
-        if self.cfg.ignore_top:   # scoring the datastore's own text: drop the self-hit
-            D, I = D[:, 1:], I[:, 1:]
-        vals = self.retriever.values(I)
-        exact = None
-        if self.recompute or self.cfg.save_exact_dists:
-            exact = self.retriever.recompute(q, I, self.score_metric)
-        dist, metric = (exact, self.score_metric) if self.recompute else (D, self.search_metric)
-        scores = knn.scores_from_distances(torch.from_numpy(dist).double(), metric)
-        mask = torch.from_numpy(I >= 0)
-        lp = knn.knn_target_log_probs(scores, torch.from_numpy(vals), torch.from_numpy(targets),
-                                      self.cfg.knn_temp, mask)
+        r = self.knn.search(q)
+        lp = knn.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]),
+                                      torch.from_numpy(targets), self.cfg.knn_temp, r["mask"])
         if self.cache is not None:
-            self.cache.write(start, targets=targets, words=words, lm_logprobs=lm_lp, ids=I,
-                             vals=vals, faiss_dists=D, exact_dists=exact)
+            self.cache.write(start, targets=targets, words=words, lm_logprobs=lm_lp, ids=r["I"],
+                             vals=r["vals"], faiss_dists=r["D"], exact_dists=r["exact"])
         return lp.numpy()
 
     def close(self, summary: dict) -> None:

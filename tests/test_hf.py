@@ -139,3 +139,23 @@ def test_bad_hf_inputs(hf_model_dir, hf_databin, bpe_databin, tmp_path):
     with pytest.raises(UserError, match="expected one of"):
         locate_modules(torch.nn.Linear(2, 2), "some_new_family")
 
+
+
+def test_greedy_generation_equals_model_generate(hf_model_dir, hf_databin, tmp_path):
+    from knnlm import generate
+    ds = tmp_path / "ds"
+    build_dstore.main(build_dstore.BuildDstoreConfig(
+        data=str(hf_databin.path), hf_model=str(hf_model_dir), dstore_dir=str(ds),
+        gen_subset="valid", knn_keytype="att", tokens_per_sample=64, quiet=True))
+    prompt = "Enter the king, and"
+    cfg = dict(data=str(hf_databin.path), hf_model=str(hf_model_dir), prompt=prompt,
+               max_new_tokens=8)
+    ours = generate.main(generate.GenerateConfig(**cfg))["results"][0]["ids"]
+    zero = generate.main(generate.GenerateConfig(**cfg, knnlm=True, dstore_filename=str(ds),
+                                                 exact_search=True, k=8, lmbda=0.0))
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir).eval()
+    ids = [hf_databin.eos] + list(hf_databin.vocab.encode_text(prompt))
+    model.generation_config.eos_token_id = None   # ours never stops early either
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    assert ours == out[0, len(ids):].tolist() == zero["results"][0]["ids"]

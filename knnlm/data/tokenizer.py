@@ -88,6 +88,10 @@ class Dictionary:
         return [np.array([get(w, UNK) for w in line.split()] + [EOS], dtype=np.int64)
                 for line in lines]
 
+    def encode_text(self, text: str) -> np.ndarray:
+        """Ids of a text without the line-end ``</s>`` (a prompt)."""
+        return np.array([self.indices.get(w, UNK) for w in text.split()], dtype=np.int64)
+
     def piece(self, i: int) -> str:
         return self.symbols[i]
 
@@ -172,6 +176,10 @@ class BPETokenizer:
     def encode_lines(self, lines: list[str]) -> list[np.ndarray]:
         encs = self.tok.encode_batch(lines, add_special_tokens=False)
         return [np.array(e.ids + [self.eos], dtype=np.int64) for e in encs]
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """Ids of a text without the line-end ``</s>`` (a prompt)."""
+        return np.array(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def piece(self, i: int) -> str:
         return self.tok.id_to_token(i)

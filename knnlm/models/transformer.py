@@ -144,24 +144,36 @@ class DecoderLayer(nn.Module):
         self.activation_dropout = nn.Dropout(cfg.activation_dropout)
         self.attention_dropout = cfg.attention_dropout
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """Causal self-attention; with ``cache`` (a dict, filled in place) the keys and
+        values of earlier calls are attended to and this call's are appended."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
         p = self.attention_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        past = 0
+        if cache is not None:
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:  # query i (absolute position past + i) sees keys 0 .. past + i
+            mask = torch.ones(L, past + L, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, D))
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.fc2(self.activation_dropout(self.act(self.fc1(h)))))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, ffn_input): the second is the exact tensor fed into ``fc1``."""
         if self.pre_ln:
-            x = x + self.dropout(self.attention(self.self_attn_layer_norm(x)))
+            x = x + self.dropout(self.attention(self.self_attn_layer_norm(x), cache))
             h = self.final_layer_norm(x)
             return x + self.ffn(h), h
-        x = self.self_attn_layer_norm(x + self.dropout(self.attention(x)))
+        x = self.self_attn_layer_norm(x + self.dropout(self.attention(x, cache)))
         return self.final_layer_norm(x + self.ffn(x)), x
 
 
@@ -242,6 +254,10 @@ class TransformerLM(nn.Module):
             out = torch.log_softmax(out + self.additional_linear(f[:, d:2 * d]).float(), -1)
         return out.view(*lead, -1)
 
+    def new_cache(self) -> list[dict]:
+        """An empty key/value cache for :meth:`forward`."""
+        return [{} for _ in self.layers]
+
     def _layer_index(self, name: str) -> int:
         n = len(self.layers)
         try:
@@ -252,27 +268,30 @@ class TransformerLM(nn.Module):
             raise ValueError(f"{name}: the model has {n} layers")
         return i % n
 
-    def forward(self, tokens: torch.Tensor, return_hidden: tuple[str, ...] = ()
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, tokens: torch.Tensor, return_hidden: tuple[str, ...] = (),
+                cache: list[dict] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """tokens (B, L) -> (features, {name: (B, L, D)} for ``return_hidden``).
 
         ``features`` is the input of :meth:`output_layer`: ``ffn`` (B, L, D) for the
         standard head; the :attr:`head_inputs` concatenated on the last axis otherwise.
+        ``cache``: one dict per layer (see :meth:`new_cache`), extended in place, so that
+        generation feeds each new token alone.
         """
         B, L = tokens.shape
-        if L > self.cfg.max_target_positions:
-            raise ValueError(f"input of {L} tokens exceeds max_target_positions "
+        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        if past + L > self.cfg.max_target_positions:
+            raise ValueError(f"input of {past + L} tokens exceeds max_target_positions "
                              f"{self.cfg.max_target_positions}")
         x = self.embed_scale * self.embed_tokens(tokens)
         if self.cfg.decoder_learned_pos:
-            x = x + self.embed_positions.weight[:L]
+            x = x + self.embed_positions.weight[past:past + L]
         else:
-            x = x + self.sinusoidal[:L].to(x.dtype)
+            x = x + self.sinusoidal[past:past + L].to(x.dtype)
         x = self.dropout(x)
         wanted_layers = {self._layer_index(n): n for n in return_hidden if n.startswith("layer:")}
         hidden: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            x, ffn_input = layer(x)
+            x, ffn_input = layer(x, cache[i] if cache is not None else None)
             if i in wanted_layers:
                 hidden[wanted_layers[i]] = x
         if self.layer_norm is not None:

@@ -1,0 +1,177 @@
+"""`knnlm generate`: continue prompts with the LM or the kNN-LM.
+
+Inputs: a data-bin (positional: its vocabulary encodes the prompts), ``--path`` or
+``--hf-model``, ``--prompt TEXT`` or ``--prompts-file FILE`` (one prompt per line), and with
+``--knnlm`` the datastore and index flags of eval-lm. Output: each prompt and its
+continuation on stdout; ``--results-path`` writes them with token ids and speed as JSON.
+
+    knnlm generate runs/demo/data-bin --path runs/demo/checkpoints/checkpoint_best.pt \\
+        --prompt "To be, or not to be" --max-new-tokens 40 \\
+        --knnlm --dstore-filename runs/demo/dstore --probe 8 --lmbda 0.25 --knn-temp 4
+
+At every step the next-token distribution over the whole vocabulary is
+log((1 − λ)·p_LM + λ·p_kNN), p_kNN scattered from the retrieved neighbours
+(:func:`knnlm.knn.knn_full_log_probs`); decoding is greedy, or sampling (``--sampling``)
+with ``--temperature``, ``--sampling-topk`` and ``--sampling-topp``. The model keeps a
+key/value cache, so each new token costs one single-token forward and one retrieval. With
+``--lmbda 0`` the output equals plain generation token for token.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import knn
+from .checkpoint import load_lm
+from .config import UserError, config_dict, flag, write_json_atomic
+from .data.preprocess import DataBin
+from .device import resolve_device
+from .knn_options import KnnOptions
+
+
+@dataclass
+class GenerateConfig(KnnOptions):
+    data: str = flag(help="data-bin directory (its vocabulary encodes the prompts)",
+                     positional=True)
+    path: str | None = flag(None, "checkpoint")
+    hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
+    prompt: str | None = flag(None, "the prompt text")
+    prompts_file: str | None = flag(None, "a file of prompts, one per line")
+    max_new_tokens: int = flag(50, "tokens to generate per prompt")
+    sampling: bool = flag(False, "sample instead of greedy decoding")
+    temperature: float = flag(1.0, "--sampling: softmax temperature of the final distribution")
+    sampling_topk: int = flag(-1, "--sampling: sample among the k most likely tokens (-1: all)")
+    sampling_topp: float = flag(-1.0, "--sampling: sample within top-p probability mass (-1: off)")
+    seed: int = flag(1, "random seed of the sampling")
+    results_path: str | None = flag(None, "write prompts, continuations and speed as JSON")
+    cpu: bool = flag(False, "run on the CPU even if a GPU is present")
+    device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
+
+    def __post_init__(self):
+        if bool(self.path) == bool(self.hf_model):
+            raise UserError("give exactly one of --path CKPT and --hf-model NAME")
+        if bool(self.prompt is not None) == bool(self.prompts_file):
+            raise UserError("give exactly one of --prompt TEXT and --prompts-file FILE")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max-new-tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if self.sampling_topp != -1.0 and not 0 < self.sampling_topp <= 1:
+            raise UserError(f"--sampling-topp must be in (0, 1], got {self.sampling_topp}")
+        if self.sampling_topk == 0 or self.sampling_topk < -1:
+            raise UserError(f"--sampling-topk must be > 0 (or -1), got {self.sampling_topk}")
+        if self.knnlm:
+            self.check_knn()
+
+    def prompts(self) -> list[str]:
+        if self.prompt is not None:
+            return [self.prompt]
+        p = Path(self.prompts_file)
+        if not p.is_file():
+            raise UserError(f"--prompts-file not found: {p}")
+        lines = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines()]
+        if not any(lines):
+            raise UserError(f"{p} holds no prompt")
+        return [line for line in lines if line]
+
+
+class Stepper:
+    """One model behind one call: feed tokens, get the last position's logits and query;
+    the key/value cache (ours or HF's) carries the prefix between calls."""
+
+    def __init__(self, model, keytype: str | None):
+        self.model, self.keytype = model, keytype
+        self.hf = hasattr(model, "hf")
+        self.state = None if self.hf else model.new_cache()
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        want = (self.keytype,) if self.keytype else ()
+        if self.hf:
+            feats, hid = self.model(tokens, return_hidden=want, past=self.state, use_cache=True)
+            self.state = hid.pop("past")
+        else:
+            feats, hid = self.model(tokens, return_hidden=want, cache=self.state)
+        logits = self.model.output_layer(feats[:, -1]).float()[0]
+        return logits, (hid[self.keytype][0, -1].float() if self.keytype else None)
+
+
+def choose(log_probs: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator) -> int:
+    """Greedy argmax, or a sample after temperature, top-k and top-p filtering."""
+    if not cfg.sampling:
+        return int(torch.argmax(log_probs))
+    lp = log_probs.double() / cfg.temperature
+    if cfg.sampling_topk > 0:
+        kth = torch.topk(lp, min(cfg.sampling_topk, len(lp))).values[-1]
+        lp = lp.masked_fill(lp < kth, -math.inf)
+    if cfg.sampling_topp > 0:
+        order = torch.argsort(lp, descending=True)
+        probs = torch.softmax(lp[order], 0)
+        # keep the smallest prefix whose mass reaches p (the token crossing p included)
+        drop = (torch.cumsum(probs, 0) - probs) >= cfg.sampling_topp
+        lp[order[drop]] = -math.inf
+    probs = torch.softmax(lp, 0)
+    return int(torch.multinomial(probs.float().cpu(), 1, generator=gen))
+
+
+def next_log_probs(logits: torch.Tensor, query, search, cfg: GenerateConfig) -> torch.Tensor:
+    """(V,) log p of the next token: the LM's, or interpolated with p_kNN over all of V."""
+    lm = torch.log_softmax(logits.double().cpu(), -1)
+    if search is None:
+        return lm
+    r = search.search(query.cpu().numpy()[None])
+    vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
+    knn_lp = knn.knn_full_log_probs(r["scores"], vals, len(lm), cfg.knn_temp, r["mask"])[0]
+    return knn.interpolate(lm, knn_lp, cfg.lmbda)
+
+
+def generate_one(model, prompt_ids: np.ndarray, start: int, cfg: GenerateConfig, search,
+                 gen: torch.Generator, device) -> tuple[list[int], float]:
+    """New token ids for one prompt, and the seconds spent after the prompt's forward."""
+    ids = [start] + [int(i) for i in prompt_ids]
+    limit = model.cfg.max_target_positions
+    if len(ids) + cfg.max_new_tokens - 1 > limit:
+        raise UserError(f"prompt ({len(ids) - 1} tokens) + --max-new-tokens "
+                        f"{cfg.max_new_tokens} exceed the model's {limit} positions")
+    step = Stepper(model, search.keytype if search is not None else None)
+    logits, q = step(torch.tensor([ids], device=device))
+    out, t0 = [], time.perf_counter()
+    for i in range(cfg.max_new_tokens):
+        tok = choose(next_log_probs(logits, q, search, cfg), cfg, gen)
+        out.append(tok)
+        if i + 1 < cfg.max_new_tokens:
+            logits, q = step(torch.tensor([[tok]], device=device))
+    return out, time.perf_counter() - t0
+
+
+def main(cfg: GenerateConfig) -> dict:
+    databin = DataBin(cfg.data)
+    device = resolve_device(cfg.device, cfg.cpu)
+    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
+    model.eval()
+    search = None
+    if cfg.knnlm:
+        from .knn_eval import KnnSearch
+        search = KnnSearch(cfg, fingerprint, databin, device)
+    vocab, gen = databin.vocab, torch.Generator().manual_seed(cfg.seed)
+    results, n_new, seconds = [], 0, 0.0
+    for prompt in cfg.prompts():
+        ids = vocab.encode_text(prompt)
+        new, sec = generate_one(model, ids, databin.eos, cfg, search, gen, device)
+        text = vocab.decode(new)
+        print(f"{prompt}{text if text.startswith((' ', chr(10))) else ' ' + text}")
+        results.append(dict(prompt=prompt, prompt_ids=[int(i) for i in ids], ids=new,
+                            continuation=text))
+        n_new, seconds = n_new + len(new), seconds + sec
+    speed = n_new / seconds if seconds > 0 else float("nan")   # after each prompt's forward
+    print(f"{n_new:,} tokens, {speed:,.1f} tok/s" + (f" with kNN (k {cfg.k}, λ {cfg.lmbda}, "
+                                                     f"T {cfg.knn_temp})" if cfg.knnlm else ""))
+    out = dict(results=results, tokens=n_new, tokens_per_second=speed, config=config_dict(cfg))
+    if cfg.results_path:
+        write_json_atomic(cfg.results_path, out)
+    return out

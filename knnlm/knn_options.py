@@ -1,0 +1,45 @@
+"""The kNN-LM flags shared by `eval-lm` and `generate` (names of the original code)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import UserError, flag
+
+
+@dataclass(kw_only=True)
+class KnnOptions:
+    knnlm: bool = flag(False, "use the kNN-LM: interpolate with a datastore's neighbours")
+    dstore_filename: str | None = flag(None, "--knnlm: datastore directory")
+    indexfile: str | None = flag(None, "--knnlm: FAISS index (default: the datastore's "
+                                 "index_<keytype>_<metric>.faiss)")
+    knn_keytype: str = flag("att", "--knnlm: keytype of the queries (att/last_ffn_input, "
+                            "ffn/last_linear_input, layer:N); eval-lm --save-knnlm-dstore: "
+                            "the keytypes saved, comma-separated")
+    k: int = flag(1024, "--knnlm: neighbours per query")
+    lmbda: float = flag(0.25, "--knnlm: interpolation weight of p_kNN")
+    knn_temp: float = flag(1.0, "--knnlm: softmax temperature over neighbour scores")
+    probe: int = flag(32, "--knnlm: IVF lists probed per query (nprobe)")
+    knn_sim_func: str | None = flag(None, "--knnlm: scores of FAISS neighbours: exact L2 from "
+                                    "stored keys (default), do_not_recomp_l2 (FAISS distances), "
+                                    "dot (exact inner products)",
+                                    choices=("l2", "do_not_recomp_l2", "dot"))
+    faiss_metric_type: str = flag("l2", "--knnlm: metric of the index", choices=("l2", "ip"))
+    exact_search: bool = flag(False, "--knnlm: exact neighbours by brute force (no index)")
+    ignore_top: bool = flag(False, "--knnlm: drop the nearest neighbour (scoring the "
+                            "datastore's own text)")
+    load_keys: bool = flag(True, "--knnlm: read the stored keys (needed to recompute "
+                           "distances)", negative=("--no-load-keys",))
+    move_dstore_to_mem: bool = flag(False, "--knnlm: load keys and values into RAM")
+    knnlm_gpu: bool = flag(False, "--knnlm: search on GPU (FAISS GPU build, or brute force "
+                           "with --exact-search)")
+
+    def check_knn(self) -> None:
+        """Validate the kNN flags (call when --knnlm is on)."""
+        if not self.dstore_filename:
+            raise UserError("--knnlm needs --dstore-filename DIR")
+        if self.k <= 0 or self.probe <= 0:
+            raise UserError("--k and --probe must be > 0")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise UserError(f"--lmbda must be in [0, 1], got {self.lmbda}")
+        if not self.knn_temp > 0:
+            raise UserError(f"--knn-temp must be > 0, got {self.knn_temp}")

@@ -1,0 +1,73 @@
+"""Generation: KV-cached decoding equals re-encoding the prefix, λ = 0 equals plain
+generation, HF generation equals model.generate, sampling filters."""
+import numpy as np
+import pytest
+import torch
+
+from knnlm import generate, index
+from knnlm.checkpoint import load_checkpoint, model_from_checkpoint
+from knnlm.cli import run as cli_run
+from knnlm.data.preprocess import DataBin
+
+PROMPT = "Enter the king, and my"
+
+
+def gcfg(databin, ckpt, **kw):
+    base = dict(data=str(databin.path), path=str(ckpt), prompt=PROMPT, max_new_tokens=12)
+    base.update(kw)
+    return generate.GenerateConfig(**base)
+
+
+def test_greedy_equals_reencoding_every_step(bpe_databin, trained_ckpt):
+    out = generate.main(gcfg(bpe_databin, trained_ckpt))
+    model = model_from_checkpoint(load_checkpoint(trained_ckpt)).eval()
+    ids = [bpe_databin.eos] + list(bpe_databin.vocab.encode_text(PROMPT))
+    want = []
+    with torch.no_grad():
+        for _ in range(12):
+            feats, _ = model(torch.tensor([ids + want]))
+            want.append(int(torch.argmax(model.output_layer(feats[0, -1]))))
+    assert out["results"][0]["ids"] == want
+
+
+@pytest.fixture(scope="module")
+def dstore_with_index(trained_dstore):
+    index.build_index(index.BuildIndexConfig(dstore_dir=str(trained_dstore.path), knn_keytype="att",
+                                             index_factory="IVF32,PQ8", train_size=4000, quiet=True))
+    return trained_dstore
+
+
+@pytest.mark.parametrize("search", [dict(probe=32), dict(exact_search=True)])
+def test_lambda_zero_equals_plain_generation_and_knn_changes_it(bpe_databin, trained_ckpt,
+                                                                dstore_with_index, search):
+    knn = dict(knnlm=True, dstore_filename=str(dstore_with_index.path), k=16, **search)
+    plain = generate.main(gcfg(bpe_databin, trained_ckpt))["results"][0]["ids"]
+    zero = generate.main(gcfg(bpe_databin, trained_ckpt, lmbda=0.0, **knn))["results"][0]["ids"]
+    assert zero == plain
+    one = generate.main(gcfg(bpe_databin, trained_ckpt, lmbda=1.0, **knn))
+    # λ = 1: every token is the value of a retrieved neighbour
+    assert one["tokens"] == 12 and one["tokens_per_second"] > 0
+    assert set(one["results"][0]["ids"]) <= set(np.unique(np.asarray(dstore_with_index.vals)).tolist())
+
+
+def test_sampling_filters():
+    lp = torch.log_softmax(torch.tensor([0.1, 3.0, 2.9, -1.0, 0.5]), 0)
+    gen = torch.Generator().manual_seed(0)
+    cfg = lambda **kw: generate.GenerateConfig(data="d", path="p", prompt="x", sampling=True, **kw)
+    assert {generate.choose(lp, cfg(sampling_topk=1), gen) for _ in range(20)} == {1}
+    assert {generate.choose(lp, cfg(sampling_topp=0.01), gen) for _ in range(20)} == {1}
+    assert {generate.choose(lp, cfg(sampling_topk=2), gen) for _ in range(200)} == {1, 2}
+    # top-p 0.95: the smallest prefix reaching 0.95 (tokens 1, 2 and 4 here)
+    probs = torch.softmax(lp, 0)
+    kept = {generate.choose(lp, cfg(sampling_topp=0.95), gen) for _ in range(600)}
+    assert kept == {1, 2, 4} and probs[[1, 2]].sum() < 0.95 <= probs[[1, 2, 4]].sum()
+    draws = lambda s: [generate.choose(lp, cfg(), torch.Generator().manual_seed(s)) for _ in range(5)]
+    assert draws(3) == draws(3)
+
+
+def test_generate_bad_input(bpe_databin, trained_ckpt, tmp_path):
+    base = ["generate", str(bpe_databin.path), "--path", str(trained_ckpt)]
+    assert cli_run(base) == 2                                     # no prompt
+    assert cli_run(base + ["--prompt", "a", "--max-new-tokens", "100000"]) == 2
+    assert cli_run(base + ["--prompts-file", str(tmp_path / "none.txt")]) == 2
+    assert cli_run(base + ["--prompt", "a", "--sampling-topp", "2"]) == 2
