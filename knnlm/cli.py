@@ -10,6 +10,7 @@
     knnlm analyze DATA_BIN --path CKPT ...      the paper's analyses in one results directory
     knnlm allot-embeddings DATA_BIN --out F     extra output rows per token (for train)
     knnlm generate DATA_BIN --path CKPT ...     continue prompts (greedy or sampling), kNN-LM too
+    knnlm neighbors DATA_BIN --path CKPT ...    the neighbours of each position of a text
     knnlm demo                                  the whole pipeline on Shakespeare
 
 Every subcommand is a dataclass config plus a ``main(cfg)``; errors a user can fix end
@@ -38,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "allot-embeddings": ("knnlm.heads_train", "AllotConfig",
                          "extra output embeddings per token by log-frequency (for train)"),
     "generate": ("knnlm.generate", "GenerateConfig", "continue prompts with the LM or the kNN-LM"),
+    "neighbors": ("knnlm.neighbors", "NeighborsConfig",
+                  "show the retrieved neighbours of each position of a text, as text"),
     "demo": ("knnlm.demo", "DemoConfig", "run the whole pipeline on the Shakespeare corpus"),
 }
 

@@ -1,0 +1,141 @@
+"""`knnlm neighbors`: what the kNN-LM retrieves, position by position, as readable text.
+
+Inputs: a data-bin (positional: its vocabulary encodes the text), ``--path`` or
+``--hf-model``, ``--dstore-filename`` (+ ``--indexfile`` or ``--exact-search``) and the
+text (``--text`` or ``--file``). For each position: the text so far, the actual next
+token, its LM and kNN probabilities, and the k neighbours — distance, kNN weight, value
+token, and the datastore context the neighbour came from (decoded from the datastore's
+positions and its own data-bin). ``--json`` prints the same as JSON.
+
+    knnlm neighbors runs/demo/data-bin --path runs/demo/checkpoints/checkpoint_best.pt \\
+        --dstore-filename runs/demo/dstore --probe 8 --k 4 --text "To be, or not to be"
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import knn
+from .checkpoint import load_lm
+from .config import UserError, flag
+from .data.blocks import shifted_inputs
+from .data.preprocess import DataBin
+from .device import resolve_device
+from .knn_options import KnnOptions
+
+
+@dataclass(kw_only=True)
+class NeighborsConfig(KnnOptions):
+    data: str = flag(help="data-bin directory (its vocabulary encodes the text)", positional=True)
+    path: str | None = flag(None, "checkpoint")
+    hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
+    text: str | None = flag(None, "the text to inspect")
+    file: str | None = flag(None, "a text file to inspect (lines end with the line token)")
+    context_tokens: int = flag(12, "datastore tokens shown before each neighbour's value")
+    json: bool = flag(False, "print JSON instead of text")
+    cpu: bool = flag(False, "run on the CPU even if a GPU is present")
+    device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
+
+    def __post_init__(self):
+        self.knnlm = True
+        if bool(self.path) == bool(self.hf_model):
+            raise UserError("give exactly one of --path CKPT and --hf-model NAME")
+        if bool(self.text is not None) == bool(self.file):
+            raise UserError("give exactly one of --text TEXT and --file FILE")
+        if self.context_tokens < 0:
+            raise UserError("--context-tokens must be >= 0")
+        self.check_knn()
+
+    def token_ids(self, vocab) -> np.ndarray:
+        if self.text is not None:
+            ids = vocab.encode_text(self.text)
+        else:
+            p = Path(self.file)
+            if not p.is_file():
+                raise UserError(f"--file not found: {p}")
+            lines = p.read_text(encoding="utf-8").splitlines()
+            ids = np.concatenate(vocab.encode_lines(lines)) if lines else np.zeros(0, np.int64)
+        if len(ids) == 0:
+            raise UserError("the text encodes to no tokens")
+        return ids
+
+
+def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) -> list[dict]:
+    """Per position of ``ids``: the next token, p_LM, p_kNN and the neighbours (id,
+    distance, score, weight, value), in search order."""
+    if len(ids) > model.cfg.max_target_positions:
+        raise UserError(f"the text has {len(ids)} tokens; the model reads at most "
+                        f"{model.cfg.max_target_positions}")
+    inp = torch.from_numpy(shifted_inputs(ids, start, 0, len(ids)).astype(np.int64))[None]
+    with torch.no_grad():
+        feats, hid = model(inp.to(device), return_hidden=(search.keytype,))
+        lm = torch.log_softmax(model.output_layer(feats[0]).double(), -1).cpu()
+    q = hid[search.keytype][0].float().cpu().numpy()
+    r = search.search(q)
+    weights = torch.exp(knn.log_weights(r["scores"].masked_fill(~r["mask"], -math.inf), temp))
+    tgt = torch.from_numpy(ids.astype(np.int64))
+    p_knn = knn.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]), tgt, temp,
+                                     r["mask"]).exp()
+    out = []
+    for i in range(len(ids)):
+        nb = [dict(id=int(r["I"][i, j]), distance=float(r["D"][i, j]),
+                   score=float(r["scores"][i, j]), weight=float(weights[i, j]),
+                   value=int(r["vals"][i, j]))
+              for j in range(r["I"].shape[1]) if r["I"][i, j] >= 0]
+        out.append(dict(position=i, target=int(ids[i]), lm_prob=float(lm[i, ids[i]].exp()),
+                        knn_prob=float(p_knn[i]), neighbors=nb))
+    return out
+
+
+def describe(rows: list[dict], ids: np.ndarray, vocab, ds, ds_vocab, ds_tokens, n_ctx: int) -> list[dict]:
+    """Add readable text: each position's context and target, each neighbour's source."""
+    pos = ds.pos
+    for row in rows:
+        i = row["position"]
+        row["context"] = vocab.decode(ids[max(0, i - n_ctx):i])
+        row["target_text"] = vocab.decode(ids[i:i + 1])
+        for nb in row["neighbors"]:
+            p = int(pos[nb["id"]])
+            nb["source_position"] = p
+            nb["source_context"] = ds_vocab.decode(ds_tokens[max(0, p - n_ctx):p])
+            nb["value_text"] = ds_vocab.decode([nb["value"]])
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        lines.append(f"[{row['position']}] …{row['context']!r} → {row['target_text']!r}   "
+                     f"p_LM {row['lm_prob']:.4f}  p_kNN {row['knn_prob']:.4f}")
+        for j, nb in enumerate(row["neighbors"], 1):
+            mark = "*" if nb["value"] == row["target"] else " "
+            lines.append(f"   {j:2d}.{mark} d {nb['distance']:9.3f}  w {nb['weight']:.3f}  "
+                         f"…{nb['source_context']!r} → {nb['value_text']!r}  "
+                         f"(entry {nb['id']:,}, token {nb['source_position']:,})")
+    return "\n".join(lines)
+
+
+def main(cfg: NeighborsConfig) -> list[dict]:
+    databin = DataBin(cfg.data)
+    device = resolve_device(cfg.device, cfg.cpu)
+    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
+    model.eval()
+    from .knn_eval import KnnSearch
+    search = KnnSearch(cfg, fingerprint, databin, device)
+    ids = cfg.token_ids(databin.vocab)
+    rows = neighbours(model, ids, databin.eos, search, cfg.knn_temp, device)
+    ds = search.ds
+    src = Path(ds.meta.get("data_dir", ""))
+    ds_bin = DataBin(src) if (src / "data.json").is_file() else databin
+    if ds_bin.tokenizer_sha256 != ds.meta["tokenizer_sha256"]:
+        raise UserError(f"the datastore's data-bin {src} is gone or changed; cannot show "
+                        "neighbour texts")
+    rows = describe(rows, ids, databin.vocab, ds, ds_bin.vocab, ds_bin.split(ds.meta["split"]),
+                    cfg.context_tokens)
+    print(json.dumps(rows, indent=1) if cfg.json else format_rows(rows))
+    return rows
