@@ -159,3 +159,35 @@ def test_greedy_generation_equals_model_generate(hf_model_dir, hf_databin, tmp_p
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert ours == out[0, len(ids):].tolist() == zero["results"][0]["ids"]
+
+
+def test_example_script_runs_end_to_end(corpus_dir, tmp_path):
+    """examples/hf_knnlm.sh on a tiny random GPT-2 saved in a local directory."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    model_dir = tmp_path / "gpt2-tiny"
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator((corpus_dir / "train.txt").read_text().splitlines(),
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                              show_progress=False))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>",
+                                                  bos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_positions=128, bos_token_id=0,
+        eos_token_id=0)).save_pretrained(model_dir)
+    hf_tok.save_pretrained(model_dir)
+    env = dict(os.environ, KNNLM=f"{sys.executable} -m knnlm", WINDOW="64", CONTEXT="32",
+               K="16", PROBE="8", PROMPT="Enter the king", PYTHONPATH=str(root))
+    p = subprocess.run(["bash", str(root / "examples" / "hf_knnlm.sh"), str(model_dir),
+                        str(corpus_dir), str(tmp_path / "run")], env=env, capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "kNN-LM" in p.stdout and "p_kNN" in p.stdout and "tok/s" in p.stdout
