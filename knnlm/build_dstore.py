@@ -12,9 +12,17 @@ Blocking is eval-lm's (:mod:`knnlm.data.blocks`): entry i is the context of targ
 the split with up to ``--context-window`` tokens of extra left context; every target gets
 exactly one entry. Killed at any moment, the same command resumes from the last flushed
 batch, and the finished files are byte-identical to an uninterrupted run.
+
+Several processes (``torchrun --nproc_per_node N -m knnlm build-dstore ...``, across nodes
+too) split the batches of the single-process run into N contiguous ranges; each rank
+writes its rows straight into the shared memmaps and records its progress in
+``progress.rank<R>.json``, so a killed rank resumes its own range. The files are
+byte-identical to a single-process build; rank 0 marks the datastore complete.
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +33,11 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_lm
-from .config import UserError, config_dict, flag
+from .config import UserError, config_dict, flag, read_json, write_json_atomic
 from .data.preprocess import DataBin
+from .data.blocks import batch_windows
+from .distributed import setup_distributed
+from .datastore import fingerprint as dstore_fingerprint
 from .datastore import (DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter, is_built,
                         normalize_keytype, value_dtype)
 from .device import resolve_device
@@ -81,7 +92,8 @@ def datastore_meta(cfg: BuildDstoreConfig, model, databin: DataBin, fingerprint:
 
 
 def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.device,
-                 fingerprint: str, on_batch: Callable[[int], None] | None = None) -> dict:
+                 fingerprint: str, on_batch: Callable[[int], None] | None = None,
+                 dist=None) -> dict:
     tokens = databin.split(cfg.gen_subset)
     n = len(tokens)
     if cfg.dstore_size is not None and cfg.dstore_size != n:
@@ -98,37 +110,104 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
         print(f"{cfg.dstore_dir}: this datastore is already built")
         return dict(size=n, dim=meta["dim"], keytypes=cfg.keytypes, seconds=0.0,
                     path=str(cfg.dstore_dir))
-    writer = DatastoreWriter(cfg.dstore_dir, meta)
-    done = writer.rows_written
-    if done:
-        print(f"resuming {cfg.dstore_dir} at row {done:,} of {n:,}")
-    windows = [w for w in make_windows(n, tokens, databin.eos, T, cfg.context_window, "none")
-               if w.score_start >= done]
+    windows = make_windows(n, tokens, databin.eos, T, cfg.context_window, "none")
+    if dist is not None and dist.enabled:
+        writer, progress, windows = _open_rank(cfg, meta, windows, dist)
+        done = progress["done"]
+    else:
+        writer, progress = DatastoreWriter(cfg.dstore_dir, meta), None
+        done = writer.rows_written
+    if done and (progress is None or done > progress["start"]):
+        print(f"resuming {cfg.dstore_dir} at row {done:,}" + (f" (rank {dist.rank})" if progress else ""))
+    windows = [w for w in windows if w.score_start >= done]
     key_dtype = np.float32 if cfg.dstore_fp32 else np.float16
-    bar = tqdm(total=n, initial=done, unit="tok", desc="build-dstore",
-               disable=True if cfg.quiet else None)
+    total = progress["end"] - progress["start"] if progress else n
+    bar = tqdm(total=total, initial=done - (progress["start"] if progress else 0), unit="tok",
+               desc="build-dstore", disable=True if cfg.quiet or (dist and not dist.is_main) else None)
     t0 = time.perf_counter()
     for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
                           max_tokens=cfg.max_tokens, softmax_batch=4096, device=device,
                           return_hidden=tuple(cfg.keytypes), logprobs=False):
         keys = {kt: sb.hidden[kt].float().cpu().numpy().astype(key_dtype) for kt in cfg.keytypes}
         writer.write(sb.start, keys, sb.targets, np.arange(sb.start, sb.end))
-        writer.commit(sb.end)
+        if progress is None:
+            writer.commit(sb.end)
+        else:
+            writer.flush()
+            write_json_atomic(_progress_path(cfg, dist.rank), dict(progress, done=sb.end))
         bar.update(sb.end - sb.start)
         if on_batch is not None:
             on_batch(sb.end)
     bar.close()
-    if not writer.meta["complete"]:  # nothing was left to do, or an empty split
+    if progress is not None:
+        _finish_ranks(cfg, writer, dist)
+    elif not writer.meta["complete"]:  # nothing was left to do, or an empty split
         writer.commit(n)
     return dict(size=n, dim=writer.meta["dim"], keytypes=cfg.keytypes,
                 seconds=time.perf_counter() - t0, path=str(cfg.dstore_dir))
 
 
+def _progress_path(cfg: BuildDstoreConfig, rank: int) -> Path:
+    return Path(cfg.dstore_dir) / f"progress.rank{rank}.json"
+
+
+def rank_windows(windows: list, max_tokens: int, rank: int, world: int) -> list:
+    """This rank's contiguous share of the single-process batches (whole batches, so every
+    batch is computed exactly as in one process)."""
+    batches = list(batch_windows(windows, max_tokens))
+    per = math.ceil(len(batches) / world)
+    return [w for b in batches[rank * per:(rank + 1) * per] for w in b]
+
+
+def _open_rank(cfg: BuildDstoreConfig, meta: dict, windows: list, dist):
+    """Check that all ranks build the same datastore, let rank 0 allocate the files, open
+    them on every rank; (writer, this rank's progress record, its windows)."""
+    import torch.distributed as tdist
+    ident = [None] * dist.world_size
+    tdist.all_gather_object(ident, (dstore_fingerprint(meta), str(Path(cfg.dstore_dir).resolve())))
+    if len(set(ident)) > 1:
+        raise UserError("the ranks disagree on the datastore (data, checkpoint, flags or "
+                        "--dstore-dir differ between them)")
+    if dist.is_main:
+        DatastoreWriter(cfg.dstore_dir, dict(meta))
+    tdist.barrier()
+    writer = DatastoreWriter(cfg.dstore_dir, meta)
+    mine = rank_windows(windows, cfg.max_tokens, dist.rank, dist.world_size)
+    start = mine[0].score_start if mine else meta["size"]
+    end = mine[-1].end if mine else meta["size"]
+    progress = dict(world_size=dist.world_size, rank=dist.rank, start=start, end=end, done=start)
+    path = _progress_path(cfg, dist.rank)
+    if path.is_file():
+        old = read_json(path, "rank progress")
+        if {k: old.get(k) for k in ("world_size", "rank", "start", "end")} == \
+                {k: progress[k] for k in ("world_size", "rank", "start", "end")}:
+            progress["done"] = int(old["done"])
+    return writer, progress, mine
+
+
+def _finish_ranks(cfg: BuildDstoreConfig, writer: DatastoreWriter, dist) -> None:
+    """Once every rank has flushed its range, rank 0 marks the datastore complete."""
+    import torch.distributed as tdist
+    tdist.barrier()
+    if dist.is_main:
+        writer.commit(writer.meta["size"])
+        for r in range(dist.world_size):
+            _progress_path(cfg, r).unlink(missing_ok=True)
+    tdist.barrier()
+
+
 def main(cfg: BuildDstoreConfig, on_batch: Callable[[int], None] | None = None) -> dict:
     databin = DataBin(cfg.data)
-    device = resolve_device(cfg.device, cfg.cpu)
-    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
-    res = build_dstore(model, databin, cfg, device, fingerprint, on_batch)
+    dist = setup_distributed(cfg.cpu) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    device = dist.device if dist is not None else resolve_device(cfg.device, cfg.cpu)
+    model, fp = load_lm(cfg.path, cfg.hf_model, databin, device)
+    try:
+        res = build_dstore(model, databin, cfg, device, fp, on_batch, dist)
+    finally:
+        if dist is not None:
+            dist.close()
+    if dist is not None and not dist.is_main:
+        return res
     nbytes = sum(f.stat().st_size for f in Path(cfg.dstore_dir).glob("*.npy"))
     print(f"datastore {cfg.dstore_dir}: {res['size']:,} entries x {res['dim']} dims "
           f"({', '.join(res['keytypes'])}), {nbytes / 2**20:,.1f} MiB, {res['seconds']:.1f}s")

@@ -113,10 +113,13 @@ class DatastoreWriter:
         self.vals[start:end] = vals
         self.pos[start:end] = pos
 
-    def commit(self, rows: int) -> None:
-        """Flush everything so far to disk, then record ``rows`` as written."""
+    def flush(self) -> None:
         for arr in (*self.keys.values(), self.vals, self.pos):
             arr.flush()
+
+    def commit(self, rows: int) -> None:
+        """Flush everything so far to disk, then record ``rows`` as written."""
+        self.flush()
         self.meta["rows_written"] = rows
         self.meta["complete"] = rows == self.meta["size"]
         write_json_atomic(self.path / "datastore.json", self.meta)
