@@ -81,6 +81,8 @@ class BuildIndexConfig:
     save_interval_seconds: float = flag(300.0, "save the partial index at most this often "
                                         "(0: after every chunk)")
     gpu: str = flag("auto", "train on GPU: auto | yes | no", choices=("auto", "yes", "no"))
+    shards: int = flag(1, "add the keys in S contiguous shards, then merge (same index)")
+    workers: int = flag(1, "--shards: shards added in parallel processes")
     dstore_size: int | None = flag(None, "accepted for compatibility; checked against the datastore",
                                    aliases=("--dstore_size",))
     dimension: int | None = flag(None, "accepted for compatibility; checked against the datastore")
@@ -95,6 +97,10 @@ class BuildIndexConfig:
             raise UserError("give either --index-factory or --ncentroids/--code_size, not both")
         if self.save_interval_seconds < 0:
             raise UserError("--save-interval-seconds must be >= 0")
+        if self.shards < 1 or self.workers < 1:
+            raise UserError("--shards and --workers must be >= 1")
+        if self.shards > 1 and self.starting_point is not None:
+            raise UserError("--starting_point does not apply to a sharded build")
 
     def factory(self, n: int, d: int) -> str:
         if self.index_factory:
@@ -186,6 +192,22 @@ def build_index(cfg: BuildIndexConfig) -> dict:
     except RuntimeError as exc:
         raise UserError(f"FAISS rejects --index-factory {factory!r} for d={d} "
                         f"({str(exc).strip().splitlines()[-1][:160]})")
+    print(f"index {factory} ({cfg.metric}) over {n:,} x {d} {cfg.knn_keytype} keys"
+          + ("" if cfg.index_factory or cfg.ncentroids or cfg.code_size else " (chosen from N and D)")
+          + (f" in {cfg.shards} shards" if cfg.shards > 1 else ""))
+    t0 = time.perf_counter()
+
+    def trained():
+        if not index.is_trained:
+            _, xt = training_sample(keys, cfg.train_size, cfg.seed)
+            train_index(index, xt, use_gpu)
+        return index
+
+    if cfg.shards > 1:
+        from .index_shards import build_sharded
+        index, timings, leftovers = build_sharded(cfg, ds, out, meta, trained)
+        meta["shards"] = cfg.shards
+        return _finish(index, out, side_path, meta, timings, t0, leftovers)
     start = 0
     if partial.is_file() and old and _same(old, meta) and not old.get("complete"):
         index = faiss.read_index(str(partial))
@@ -194,16 +216,10 @@ def build_index(cfg: BuildIndexConfig) -> dict:
     if cfg.starting_point is not None and cfg.starting_point != start:
         raise UserError(f"--starting_point {cfg.starting_point} but the saved partial index "
                         f"holds {start:,} rows")
-    print(f"index {factory} ({cfg.metric}) over {n:,} x {d} {cfg.knn_keytype} keys"
-          + ("" if cfg.index_factory or cfg.ncentroids or cfg.code_size else " (chosen from N and D)"))
-    t0 = time.perf_counter()
     timings = {}
     if start == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if not index.is_trained:
-            _, xt = training_sample(keys, cfg.train_size, cfg.seed)
-            train_index(index, xt, use_gpu)
-            del xt
+        trained()
         timings["train_s"] = time.perf_counter() - t0
         _save_partial(index, partial, side_path, meta, 0)  # never train twice
     t1 = time.perf_counter()
@@ -219,13 +235,20 @@ def build_index(cfg: BuildIndexConfig) -> dict:
             last_save = time.perf_counter()
     bar.close()
     timings["add_s"] = time.perf_counter() - t1
+    return _finish(index, out, side_path, meta, timings, t0, [partial])
+
+
+def _finish(index, out: Path, side_path: Path, meta: dict, timings: dict, t0: float,
+            leftovers: list[Path]) -> dict:
+    """Write the index and its complete sidecar, then remove the intermediate files."""
+    faiss = faiss_module()
     tmp = Path(str(out) + ".tmp")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out)
-    meta.update(rows_added=n, complete=True, ntotal=int(index.ntotal), **timings)
+    meta.update(rows_added=int(index.ntotal), complete=True, ntotal=int(index.ntotal), **timings)
     write_json_atomic(side_path, meta)
-    if partial.exists():
-        partial.unlink()
+    for path in leftovers:
+        path.unlink(missing_ok=True)
     print(f"wrote {out}: {index.ntotal:,} keys, {out.stat().st_size / 2**20:,.1f} MiB, "
           f"{time.perf_counter() - t0:.1f}s")
     return meta

@@ -1,0 +1,135 @@
+"""Sharded index builds (`knnlm build-index --shards S --workers W`).
+
+The quantizers are trained once (``<index>.trained``); the datastore rows are cut into S
+contiguous shards, each added to a copy of the trained index in its own process (W at a
+time, `concurrent.futures` with spawned workers, FAISS threads split between them) and
+written as ``<index>.shard<s>of<S>`` with a JSON marker; the shards are then merged in
+order (FAISS ``merge_from``, ids offset by the rows before each shard). Every inverted
+list holds its ids in datastore order, exactly as in an unsharded build, so search
+results are identical. A killed build keeps its trained index and finished shards and
+redoes only the unfinished ones.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from .config import UserError, read_json, write_json_atomic
+
+
+def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    """S contiguous [start, end) row ranges covering range(n), sizes differing by <= 1."""
+    bounds = [round(i * n / shards) for i in range(shards + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def shard_path(out: Path, s: int, shards: int) -> Path:
+    return Path(f"{out}.shard{s}of{shards}")
+
+
+def _identity(meta: dict) -> dict:
+    keys = ("factory", "metric", "keytype", "datastore_fingerprint", "train_size", "seed")
+    return {k: meta[k] for k in keys}
+
+
+def _done(path: Path, ident: dict, start: int, end: int) -> bool:
+    side = Path(str(path) + ".json")
+    if not (path.is_file() and side.is_file()):
+        return False
+    m = read_json(side, "shard marker")
+    return m.get("identity") == ident and (m.get("start"), m.get("end")) == (start, end)
+
+
+def add_shard(dstore_dir: str, keytype: str, trained: str, out: str, start: int, end: int,
+              chunk: int, threads: int, ident: dict) -> int:
+    """Add rows [start, end) to a copy of the trained index and write it (worker process)."""
+    import faiss
+    from .datastore import Datastore
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+    keys = Datastore(dstore_dir).keys(keytype)
+    index = faiss.read_index(trained)
+    for s in range(start, end, chunk):
+        index.add(np.ascontiguousarray(keys[s:min(end, s + chunk)], dtype=np.float32))
+    tmp = out + ".tmp"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, out)
+    write_json_atomic(out + ".json", dict(identity=ident, start=start, end=end,
+                                          ntotal=int(index.ntotal)))
+    return int(index.ntotal)
+
+
+def merge_shards(paths: list[Path], ranges: list[tuple[int, int]]):
+    """One index from the shard files, in order; each shard's ids offset by its start."""
+    import faiss
+    index = None
+    for path, (start, end) in zip(paths, ranges):
+        if not path.is_file():
+            raise UserError(f"shard {path} is missing at merge; rerun build-index to rebuild it")
+        part = faiss.read_index(str(path))
+        if part.ntotal != end - start:
+            raise UserError(f"shard {path} holds {part.ntotal:,} keys, not {end - start:,}; "
+                            "remove it and rerun build-index")
+        if index is None:
+            index = part
+            continue
+        _merge(index, part, start)
+    return index
+
+
+def _merge(index, part, offset: int) -> None:
+    """Append ``part`` to ``index``: IVF lists get ids offset by ``offset``; flat codes are
+    appended (their ids are implicit positions)."""
+    import faiss
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        index.merge_from(part, 0)
+        return
+    ivf.merge_from(faiss.extract_index_ivf(part), offset)
+    index.ntotal = ivf.ntotal   # a wrapper (pre-transform) counts its inner index's rows
+
+
+def build_sharded(cfg, ds, out: Path, meta: dict, train_fn) -> tuple:
+    """(merged index, timings): train once (``train_fn`` returns a trained empty index),
+    add the shards in parallel processes, merge."""
+    import faiss
+    ident = _identity(meta)
+    trained = Path(f"{out}.trained")
+    t0 = time.perf_counter()
+    marker = Path(str(trained) + ".json")
+    if not (trained.is_file() and marker.is_file()
+            and read_json(marker, "trained index marker").get("identity") == ident):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        index = train_fn()
+        faiss.write_index(index, str(trained) + ".tmp")
+        os.replace(str(trained) + ".tmp", trained)
+        write_json_atomic(marker, dict(identity=ident))
+    timings = dict(train_s=time.perf_counter() - t0)
+    ranges = shard_ranges(ds.size, cfg.shards)
+    paths = [shard_path(out, s, cfg.shards) for s in range(cfg.shards)]
+    todo = [s for s, (a, b) in enumerate(ranges) if not _done(paths[s], ident, a, b)]
+    if len(todo) < cfg.shards:
+        print(f"{cfg.shards - len(todo)} of {cfg.shards} shards already built")
+    workers = max(1, min(cfg.workers, len(todo)))
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+    jobs = [(str(ds.path), cfg.knn_keytype, str(trained), str(paths[s]), *ranges[s],
+             cfg.num_keys_to_add_at_a_time, threads, ident) for s in todo]
+    t1 = time.perf_counter()
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for s, n in zip(todo, pool.map(add_shard, *zip(*jobs))):
+                print(f"shard {s + 1}/{cfg.shards}: {n:,} keys")
+    else:
+        for s, job in zip(todo, jobs):
+            print(f"shard {s + 1}/{cfg.shards}: {add_shard(*job):,} keys")
+    timings["add_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    index = merge_shards(paths, ranges)
+    timings["merge_s"] = time.perf_counter() - t2
+    return index, timings, [trained, marker] + paths + [Path(str(p) + ".json") for p in paths]

@@ -1,0 +1,75 @@
+"""Sharded index builds: same search results as the unsharded build; a killed build redoes
+only its unfinished shards; a shard missing at merge is reported."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from knnlm import index
+from knnlm.cli import run as cli_run
+from knnlm.config import UserError
+from knnlm.index_shards import merge_shards, shard_path, shard_ranges
+
+
+def build(ds, out, **kw):
+    return index.build_index(index.BuildIndexConfig(
+        dstore_dir=str(ds.path), knn_keytype="att", faiss_index=str(out), train_size=4000,
+        quiet=True, **kw))
+
+
+def search(path, ds, xq, nprobe=4):
+    idx, _ = index.load_index(path, ds, "att", nprobe=nprobe)
+    return idx.search(xq, 10)
+
+
+@pytest.mark.parametrize("factory,metric,workers", [
+    ("IVF32,PQ8", "l2", 2), ("PCAR16,IVF32,PQ8", "l2", 1), ("IVF16,Flat", "ip", 1), ("Flat", "l2", 1)])
+def test_sharded_equals_unsharded(trained_dstore, tmp_path, factory, metric, workers):
+    ds = trained_dstore
+    xq = np.asarray(ds.keys("att")[::997], dtype=np.float32) + 0.01
+    build(ds, tmp_path / "one.faiss", index_factory=factory, metric=metric)
+    meta = build(ds, tmp_path / "sharded.faiss", index_factory=factory, metric=metric,
+                 shards=3, workers=workers)
+    assert meta["shards"] == 3 and meta["ntotal"] == ds.size
+    D1, I1 = search(tmp_path / "one.faiss", ds, xq)
+    D2, I2 = search(tmp_path / "sharded.faiss", ds, xq)
+    assert np.array_equal(I1, I2) and np.array_equal(D1, D2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one.faiss", "one.faiss.json", "sharded.faiss", "sharded.faiss.json"]
+
+
+def test_killed_sharded_build_redoes_only_unfinished_shards(trained_dstore, tmp_path, capsys,
+                                                           monkeypatch):
+    from knnlm import index_shards
+    ds, out = trained_dstore, tmp_path / "s.faiss"
+    build(ds, out, index_factory="IVF32,PQ8", shards=3)
+    ref = out.read_bytes()
+    out.unlink()
+    side = json.loads((tmp_path / "s.faiss.json").read_text())
+    (tmp_path / "s.faiss.json").write_text(json.dumps(dict(side, complete=False)))
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(index_shards, "merge_shards", killed)     # killed before the merge
+    with pytest.raises(KeyboardInterrupt):
+        build(ds, out, index_factory="IVF32,PQ8", shards=3)
+    monkeypatch.undo()
+    shard_path(out, 1, 3).unlink()                                   # and shard 2 was lost
+    capsys.readouterr()
+    build(ds, out, index_factory="IVF32,PQ8", shards=3)
+    printed = capsys.readouterr().out
+    assert "2 of 3 shards already built" in printed and "shard 2/3" in printed
+    assert "shard 1/3" not in printed and "shard 3/3" not in printed
+    assert out.read_bytes() == ref
+
+
+def test_missing_shard_at_merge_and_bad_flags(trained_dstore, tmp_path):
+    ranges = shard_ranges(trained_dstore.size, 2)
+    assert ranges[0][0] == 0 and ranges[-1][1] == trained_dstore.size
+    with pytest.raises(UserError, match="missing"):
+        merge_shards([tmp_path / "a", tmp_path / "b"], ranges)
+    base = ["build-index", "--dstore-dir", str(trained_dstore.path), "--faiss-index",
+            str(tmp_path / "x.faiss")]
+    assert cli_run(base + ["--shards", "0"]) == 2
+    assert cli_run(base + ["--shards", "2", "--starting-point", "0"]) == 2
