@@ -48,6 +48,23 @@ def score_setup(sim_func: str | None, faiss_metric: str, exact_search: bool) -> 
     return faiss_metric, "ip" if sim_func == "dot" else "l2", True
 
 
+def index_to_gpus(index, n_gpus: int, shard: bool):
+    """The index cloned to (or sharded across) the first ``n_gpus`` GPUs (0: all) with
+    fp16 lookup tables; the CPU index, with a note, when FAISS has no GPU support."""
+    import faiss
+    have = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+    if n_gpus > max(have, torch.cuda.device_count()):
+        raise UserError(f"--knnlm-gpus {n_gpus} but {max(have, torch.cuda.device_count())} "
+                        "GPU(s) are visible")
+    if not gpu_available():
+        print("--knnlm-gpu: this FAISS build has no GPU support; searching on the CPU")
+        return index
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = shard
+    co.useFloat16 = True          # fp16 lookup tables (IVF-PQ) / storage (flat)
+    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n_gpus or have)
+
+
 class KnnSearch:
     """The datastore, index and score mode the kNN flags describe: the neighbours of a batch
     of queries and their scores (shared by eval-lm, generate and neighbors)."""
@@ -64,9 +81,8 @@ class KnnSearch:
             path = cfg.indexfile or default_index_path(ds.path, self.keytype, cfg.faiss_metric_type)
             index, self.index_meta = load_index(path, ds, self.keytype, cfg.faiss_metric_type,
                                                 cfg.probe)
-            if cfg.knnlm_gpu and gpu_available():
-                import faiss
-                index = faiss.index_cpu_to_all_gpus(index)
+            if cfg.knnlm_gpu:
+                index = index_to_gpus(index, cfg.knnlm_gpus, cfg.gpu_shard)
         self.search_metric, self.score_metric, self.recompute = score_setup(
             cfg.knn_sim_func, cfg.faiss_metric_type, cfg.exact_search)
         if self.recompute and not cfg.load_keys:

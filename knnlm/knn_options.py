@@ -31,7 +31,10 @@ class KnnOptions:
                            "distances)", negative=("--no-load-keys",))
     move_dstore_to_mem: bool = flag(False, "--knnlm: load keys and values into RAM")
     knnlm_gpu: bool = flag(False, "--knnlm: search on GPU (FAISS GPU build, or brute force "
-                           "with --exact-search)")
+                           "with --exact-search); without GPU support, the CPU")
+    knnlm_gpus: int = flag(0, "--knnlm-gpu: GPUs the index goes to (0: all)")
+    gpu_shard: bool = flag(False, "--knnlm-gpu: shard the index across the GPUs instead of "
+                           "cloning it to each (fp16 lookup tables either way)")
 
     def check_knn(self) -> None:
         """Validate the kNN flags (call when --knnlm is on)."""
@@ -43,3 +46,5 @@ class KnnOptions:
             raise UserError(f"--lmbda must be in [0, 1], got {self.lmbda}")
         if not self.knn_temp > 0:
             raise UserError(f"--knn-temp must be > 0, got {self.knn_temp}")
+        if self.knnlm_gpus < 0:
+            raise UserError(f"--knnlm-gpus must be >= 0, got {self.knnlm_gpus}")

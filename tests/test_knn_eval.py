@@ -176,3 +176,23 @@ def test_move_dstore_to_mem_gives_the_same_result(bpe_databin, trained_ckpt, tra
     from knnlm.datastore import Datastore
     mem = Datastore(trained_dstore.path, in_memory=True)
     assert not isinstance(mem.keys("att"), np.memmap) and mem.keys("att").dtype == np.float16
+
+
+def test_gpu_search_flags_fall_back_or_refuse(bpe_databin, trained_ckpt, trained_dstore, ivf_index,
+                                              tmp_path, capsys):
+    """Without FAISS GPU support --knnlm-gpu searches on the CPU (same result); asking for
+    more GPUs than present is refused."""
+    from knnlm.cli import run as cli_run
+    from knnlm.index import gpu_available
+    if gpu_available():
+        pytest.skip("a FAISS GPU build is present")
+    cpu = run_eval(kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, knn_sim_func="do_not_recomp_l2"))
+    gpu = run_eval(kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, knn_sim_func="do_not_recomp_l2",
+                   knnlm_gpu=True, gpu_shard=True))
+    assert gpu["interpolated"]["ppl"] == cpu["interpolated"]["ppl"]
+    assert "searching on the CPU" in capsys.readouterr().out
+    n = torch.cuda.device_count()
+    assert cli_run(["eval-lm", str(bpe_databin.path), "--path", str(trained_ckpt), "--gen-subset",
+                    "valid", "--tokens-per-sample", "64", "--knnlm", "--dstore-filename",
+                    str(trained_dstore.path), "--k", "16", "--knnlm-gpu", "--knnlm-gpus",
+                    str(n + 1), "--quiet"]) == 2
