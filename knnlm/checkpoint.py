@@ -82,12 +82,13 @@ def check_data_matches(ckpt: dict, databin, ckpt_path: str | Path) -> None:
                         f"vocabulary {databin.vocab_size}")
 
 
-def load_lm(path: str | None, hf_model: str | None, databin, device) -> tuple:
+def load_lm(path: str | None, hf_model: str | None, databin, device, hf_dtype=None) -> tuple:
     """(model, fingerprint) of a knnlm checkpoint (``--path``) or an HF causal LM
-    (``--hf-model``), checked against the data-bin's vocabulary, on ``device``."""
+    (``--hf-model``, its weights loaded in ``hf_dtype`` when given), checked against the
+    data-bin's vocabulary, on ``device``."""
     if hf_model:
         from .models.hf import check_hf_data, hf_fingerprint, load_hf_model
-        model = load_hf_model(hf_model)
+        model = load_hf_model(hf_model, hf_dtype)
         check_hf_data(model, databin)
         return model.to(device), hf_fingerprint(model.hf)
     ckpt = load_checkpoint(path)

@@ -292,7 +292,10 @@ def main(cfg: EvalConfig) -> dict:
         return build_dstore.main(cfg.to_build_dstore())
     databin = DataBin(cfg.data)
     device = resolve_device(cfg.device, cfg.cpu)
-    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
+    half = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
+    # HF weights load directly in half precision on a GPU (a 7B model needs no fp32 copy)
+    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device,
+                                 half if device.type == "cuda" else None)
     res = eval_lm(model, databin, cfg, device, fingerprint)
     print(format_results(res))
     if cfg.results_path:

@@ -191,3 +191,14 @@ def test_example_script_runs_end_to_end(corpus_dir, tmp_path):
                        text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "kNN-LM" in p.stdout and "p_kNN" in p.stdout and "tok/s" in p.stdout
+
+
+def test_fingerprint_ignores_the_load_dtype(hf_model_dir):
+    from knnlm.models.hf import hf_fingerprint
+    a = load_hf_model(str(hf_model_dir))
+    b = load_hf_model(str(hf_model_dir), torch.bfloat16)
+    assert next(b.hf.parameters()).dtype == torch.bfloat16
+    assert hf_fingerprint(a.hf) == hf_fingerprint(b.hf)
+    with torch.no_grad():
+        next(a.hf.parameters()).view(-1)[0] += 1.0
+    assert hf_fingerprint(a.hf) != hf_fingerprint(b.hf)
