@@ -85,13 +85,19 @@ def part_markdown(name: str, res: dict) -> str:
                   f"| kNN-LM (att, L2, T={k['best']['temp']:g}) | datastore | — | "
                   f"{_f(k['best']['ppl'])} | {k['best']['lmbda']:g} | 1 |"]
         for r in res["rows"]:
-            head = ", ".join(f"{a}={b}" for a, b in r["head"].items() if b not in (None, False, 1, "ffn"))
+            head = ", ".join(f"{a}={b}" for a, b in r["head"].items() if not _default_head(b))
             lines.append(f"| {r['name']} | {head or 'standard'} | {_f(r['alone_ppl'])} | "
                          f"{_f(r['interp_ppl'])} | {r['lmbda']:g} | {r['gain_recovered']:.2f} |")
         lines += _commands(res["rows"], "name")
         lines.append(f"- kNN-LM: `{k['command']}`")
     lines += ["", f"This part alone: `{res.get('command', '')}`", ""]
     return "\n".join(lines) + "\n"
+
+
+def _default_head(value) -> bool:
+    """A head field at its standard value (no extra rows, one component, ffn input)."""
+    return value is None or value is False or value == "ffn" or (
+        type(value) is int and value == 1)
 
 
 def plots(out: Path, results: dict) -> list[str]:
