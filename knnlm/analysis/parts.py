@@ -163,9 +163,10 @@ def retrieval(cfg, runner: Runner) -> dict:
 
 
 def temperature(cfg, runner: Runner) -> dict:
-    curves = {label: dict(runner.summary(cache, score)["curve"],
-                          command=runner.summary(cache, score)["command"])
-              for label, cache, score, _ in runner.retrieval_modes()}
+    # a list, not a dict: the JSON files sort object keys, and the column order matters
+    curves = [dict(runner.summary(cache, score)["curve"], mode=label,
+                   command=runner.summary(cache, score)["command"])
+              for label, cache, score, _ in runner.retrieval_modes()]
     return dict(curves=curves)
 
 

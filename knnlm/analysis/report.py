@@ -53,12 +53,12 @@ def part_markdown(name: str, res: dict) -> str:
         lines += _commands(res["rows"], "mode")
     elif name == "temperature":
         curves = res["curves"]
-        temps = next(iter(curves.values()))["temps"]
-        lines.append("| T | " + " | ".join(curves) + " |")
+        temps = curves[0]["temps"]
+        lines.append("| T | " + " | ".join(c["mode"] for c in curves) + " |")
         lines.append("|---:|" + "---:|" * len(curves))
         for i, t in enumerate(temps):
-            lines.append(f"| {t:g} | " + " | ".join(_f(c["ppl"][i]) for c in curves.values()) + " |")
-        lines += ["", "Commands:", ""] + [f"- {k}: `{c['command']}`" for k, c in curves.items()]
+            lines.append(f"| {t:g} | " + " | ".join(_f(c["ppl"][i]) for c in curves) + " |")
+        lines += ["", "Commands:", ""] + [f"- {c['mode']}: `{c['command']}`" for c in curves]
     elif name == "size":
         for r in res["rows"]:
             r["label"] = f"{r['fraction']:g} ({r['keys']:,} keys, {r['factory']})"
@@ -110,8 +110,8 @@ def plots(out: Path, results: dict) -> list[str]:
     made = []
     if "temperature" in results:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, c in results["temperature"]["curves"].items():
-            ax.plot(c["temps"], c["ppl"], marker="o", label=label)
+        for c in results["temperature"]["curves"]:
+            ax.plot(c["temps"], c["ppl"], marker="o", label=c["mode"])
         ax.set_xscale("log")
         ax.set_xlabel("kNN softmax temperature T")
         ax.set_ylabel("kNN-LM perplexity (best λ per T)")
