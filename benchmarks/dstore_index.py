@@ -6,6 +6,8 @@
   throughputs (target >= 0.90);
 - index: ``knnlm build-index`` vs raw FAISS ``index_factory`` + ``train`` (same sample) +
   ``add`` of all keys; ratio of wall times (target <= 1.10);
+- dump with 2 torchrun processes (gloo) vs 1: wall time ratio (process start-up included)
+  and whether the files are byte-identical;
 - peak RSS (ru_maxrss) of every stage, each measured in a fresh process.
 
     python benchmarks/dstore_index.py --data runs/demo/data-bin \\
@@ -92,6 +94,21 @@ def stage_raw_faiss(a) -> dict:
     return dict(seconds=time.perf_counter() - t0)
 
 
+def dump_two_processes(a, out: str) -> dict:
+    """The same dump through torchrun with 2 processes (gloo, one thread each)."""
+    import os
+    import subprocess
+    from common import ROOT
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", "29561", "-m", "knnlm", "build-dstore", a.data, "--path", a.path,
+            "--dstore-dir", out, "--gen-subset", a.subset, "--knn-keytype", "att,ffn",
+            "--tokens-per-sample", str(a.tps), "--context-window", str(a.ctx),
+            "--max-tokens", str(a.max_tokens), "--cpu", "--quiet"]
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return dict(seconds=time.perf_counter() - t0)
+
+
 STAGES = dict(bare=stage_bare, dump=stage_dump, index=stage_index, raw_faiss=stage_raw_faiss)
 
 
@@ -122,6 +139,9 @@ def main() -> None:
         raw = run_stage(__file__, "raw_faiss", argv)
         idx = run_stage(__file__, "index", argv)
         raw2 = run_stage(__file__, "raw_faiss", argv)
+        dump2 = dump_two_processes(a, str(Path(tmp) / "ds2"))
+        identical = all((Path(tmp) / "ds" / f).read_bytes() == (Path(tmp) / "ds2" / f).read_bytes()
+                        for f in ("keys_att.npy", "keys_ffn.npy", "vals.npy", "pos.npy"))
     bare_s = min(bare["seconds"], bare2["seconds"])
     raw_s = min(raw["seconds"], raw2["seconds"])
     out = dict(
@@ -131,6 +151,9 @@ def main() -> None:
         dump_tokens_per_s=dump["rows"] / dump["seconds"],
         bare_forward_tokens_per_s=bare["rows"] / bare_s,
         dump_over_bare=(dump["rows"] / dump["seconds"]) / (bare["rows"] / bare_s),
+        dump_2proc_seconds=dump2["seconds"], dump_1proc_seconds=dump["seconds"],
+        dump_2proc_over_1proc_time=dump2["seconds"] / dump["seconds"],
+        dump_2proc_bytes_identical=identical,
         index_seconds=idx["seconds"], raw_faiss_seconds=raw_s,
         index_over_raw=idx["seconds"] / raw_s,
         peak_rss_mib=dict(bare=bare["peak_rss_mib"], dump=dump["peak_rss_mib"],
