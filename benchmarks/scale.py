@@ -94,20 +94,41 @@ def stage_search(a) -> dict:
 STAGES = dict(synth=stage_synth, index=stage_index, search=stage_search)
 
 
-def project(per_key: dict, n: int, d: int, nlist: int, m: int) -> dict:
+def matmul_gflops() -> float:
+    """fp32 GEMM rate of this machine (the coarse quantizer of a search is a GEMM)."""
+    a = np.random.default_rng(0).standard_normal((256, 1024), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((1024, 4096), dtype=np.float32)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 256 * 1024 * 4096 / (time.perf_counter() - t0) / 1e9
+
+
+def project(per_key: dict, n: int, d: int, nlist: int, m: int, gflops: float) -> dict:
     """Linear projection from the measured per-key costs at 256 dims."""
-    scale_d = d / DIM
     disk = n * (d * 2 + 4 + 4)
     index_bytes = n * (m + 8)
-    add_s = per_key["add_s_per_key"] * n * scale_d
-    # search: a fixed cost per query plus the probed codes (nprobe 32) at the measured cost
-    # per code, scaled by the code size; the coarse quantizer scales with nlist and d
+    # adding a key = its coarse assignment (nlist x d) + its PQ encoding (256 x d)
+    measured = per_key.get("nlist", 1024)
+    add_s = per_key["add_s_per_key"] * n * (nlist + 256) * d / ((measured + 256) * DIM)
+    # search, per query: the measured fixed cost (k = 1024 results), the coarse quantizer
+    # (nlist x d GEMM at this machine's rate) and the probed codes (nprobe 32) at the
+    # measured cost per code, scaled by the code size
     codes = 32 * n / nlist
-    search_ms = (per_key["search_ms_fixed"] * (nlist / 1024) * scale_d
+    coarse_ms = 2 * nlist * d / (gflops * 1e9) * 1e3
+    search_ms = (per_key["search_ms_fixed"] + coarse_ms
                  + per_key["search_ms_per_probed_code"] * codes * (m / 32))
     return dict(keys=n, dim=d, factory=f"IVF{nlist},PQ{m}", disk_gib=disk / 2**30,
                 index_ram_gib=index_bytes / 2**30, add_hours_one_process=add_s / 3600,
-                search_ms_per_query_nprobe32=search_ms)
+                search_ms_per_query_nprobe32_one_process=search_ms)
+
+
+def projections(per_key: dict) -> dict:
+    g = matmul_gflops()
+    return dict(gemm_gflops=g,
+                wikitext103=project(per_key, 103_225_485, 1024, 4096, 64, g),
+                one_billion_4096d=project(per_key, 1_000_000_000, 4096, 65536, 64, g))
 
 
 def main() -> None:
@@ -122,9 +143,17 @@ def main() -> None:
     p.add_argument("--nprobe", type=int, default=32)
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--project-only", action="store_true",
+                   help="recompute the projection of an existing --out JSON")
     a = p.parse_args()
     if a.stage:
         finish_stage(STAGES[a.stage](a))
+        return
+    if a.project_only:
+        import json
+        out = json.loads(Path(a.out).read_text())
+        out["projection"] = projections(out["per_key"])
+        write_result(a.out, out, hide=("machine", "runs"))
         return
     work = Path(a.work)
     runs = {}
@@ -156,13 +185,13 @@ def main() -> None:
     else:
         per_code, fixed = ms[big] / codes[big], 0.0
     per_key = dict(add_s_per_key=rb["index"]["add_s"] / big,
+                   nlist=int(rb["index"]["factory"][3:].split(",")[0]),
                    search_ms_per_probed_code=per_code, search_ms_fixed=fixed,
                    disk_bytes_per_key=rb["disk_bytes"] / big,
                    index_bytes_per_key=rb["index"]["index_bytes"] / big)
     out = dict(benchmark="scale", dim=DIM, runs={str(n): r for n, r in runs.items()},
                per_key_at=big, per_key=per_key,
-               projection=dict(wikitext103=project(per_key, 103_225_485, 1024, 4096, 64),
-                               one_billion_4096d=project(per_key, 1_000_000_000, 4096, 65536, 64)),
+               projection=projections(per_key),
                machine=machine())
     write_result(a.out, out, hide=("machine",))
 
