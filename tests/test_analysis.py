@@ -30,7 +30,8 @@ def head_ckpt(bpe_databin, trained_ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def analysis(bpe_databin, trained_ckpt, trained_dstore, head_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
-    cfg = analyze.AnalyzeConfig(
+    # its own --index-dir: the session's datastore is shared with other tests
+    cfg = analyze.AnalyzeConfig(index_dir=str(out / "indexes"),
         data=str(bpe_databin.path), path=str(trained_ckpt), dstore_filename=str(trained_dstore.path),
         results_dir=str(out), k=32, probe=2, large_probe=16, index_factory="IVF32,PQ8",
         train_size=4000, lmbda="0:1:0.05", knn_temp="0.5,2", subsample="0.5,1",
@@ -50,13 +51,13 @@ def test_tables_equal_direct_evals(analysis):
     rows = {(r["keytype"], r["metric"]): r for r in res["representation"]["rows"]}
     b = rows[("ffn", "ip")]["best"]
     d = direct(cfg, cfg.dstore_filename, knn_keytype="ffn", faiss_metric_type="ip",
-               indexfile=f"{cfg.dstore_filename}/index_ffn_ip.faiss", probe=2, knn_sim_func="do_not_recomp_l2",
+               indexfile=f"{cfg.index_dir}/index_ffn_ip.faiss", probe=2, knn_sim_func="do_not_recomp_l2",
                lmbda=b["lmbda"], knn_temp=b["temp"])
     assert b["ppl"] == pytest.approx(d["interpolated"]["ppl"], rel=1e-5)
     assert rows[("ffn", "ip")]["lm_ppl"] == pytest.approx(d["ppl"], rel=1e-6)
     modes = {r["mode"]: r for r in res["retrieval"]["rows"]}
     t1 = modes["FAISS mask, real score (nprobe 2)"]["t1"]
-    d = direct(cfg, cfg.dstore_filename, indexfile=f"{cfg.dstore_filename}/index_att_l2.faiss", probe=2,
+    d = direct(cfg, cfg.dstore_filename, indexfile=f"{cfg.index_dir}/index_att_l2.faiss", probe=2,
                lmbda=t1["lmbda"], knn_temp=1.0)   # default: exact L2 of the FAISS neighbours
     assert t1["ppl"] == pytest.approx(d["interpolated"]["ppl"], rel=1e-5)
     b = modes["real mask, real score (exact search)"]["best"]
