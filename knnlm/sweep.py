@@ -160,12 +160,21 @@ def summarize(sums: dict, temps, lambdas, n_tokens: int, n_words: int) -> dict:
     )
 
 
-def _plots(out: Path, results: dict, temps, lambdas) -> list[str]:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None when it is not installed
+    (plots are optional: the `plot` extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _plots(out: Path, results: dict, temps, lambdas) -> list[str]:
+    plt = pyplot()
+    if plt is None:
         return []
     made = []
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -101,11 +101,9 @@ def _default_head(value) -> bool:
 
 
 def plots(out: Path, results: dict) -> list[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    from ..sweep import pyplot
+    plt = pyplot()
+    if plt is None:
         return []
     made = []
     if "temperature" in results:
