@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UserError, open_npy, read_sidecar, write_json_atomic
+from .config import UserError, open_npy, read_json, read_sidecar, write_json_atomic
 
 CACHE_FORMAT = "knnlm-retrieval-cache"
 CACHE_VERSION = 1
@@ -33,7 +33,13 @@ def _columns(k: int, exact: bool, ids_dtype: str) -> dict[str, tuple]:
     return cols
 
 
+PROGRESS_KEYS = ("complete", "progress", "summary")
+
+
 class CacheWriter:
+    """Writes a cache row block by row block. An incomplete cache of the same evaluation
+    (same sidecar) is reopened: ``progress`` is what its last :meth:`commit` recorded."""
+
     def __init__(self, path: str | Path, n: int, k: int, exact: bool, meta: dict,
                  datastore_size: int):
         self.path = Path(path)
@@ -41,10 +47,31 @@ class CacheWriter:
         ids_dtype = "int32" if datastore_size < np.iinfo(np.int32).max else "int64"
         self.meta = dict(meta, format=CACHE_FORMAT, version=CACHE_VERSION, size=n, k=k,
                          exact_dists=exact, ids_dtype=ids_dtype, complete=False)
+        self.progress = None
+        side = self.path / "cache.json"
+        if side.is_file():
+            old = read_json(side, "cache sidecar")
+            same = {a: b for a, b in old.items() if a not in PROGRESS_KEYS} == \
+                {a: b for a, b in self.meta.items() if a not in PROGRESS_KEYS}
+            if same and not old.get("complete") and old.get("progress"):
+                self.progress = old["progress"]
+        mode = "r+" if self.progress else "w+"
+        if mode == "w+":
+            write_json_atomic(side, self.meta)
+        try:
+            self.arrays = {name: np.lib.format.open_memmap(self.path / f"{name}.npy", mode=mode,
+                                                           dtype=dt, shape=(n, *shape))
+                           for name, (dt, shape) in _columns(k, exact, ids_dtype).items()}
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot reopen the cache files in {self.path} to resume ({exc}); "
+                            "remove the directory")
+
+    def commit(self, progress: dict) -> None:
+        """Flush the rows so far, then record ``progress`` (the evaluation's running state)."""
+        for arr in self.arrays.values():
+            arr.flush()
+        self.meta["progress"] = progress
         write_json_atomic(self.path / "cache.json", self.meta)
-        self.arrays = {name: np.lib.format.open_memmap(self.path / f"{name}.npy", mode="w+",
-                                                       dtype=dt, shape=(n, *shape))
-                       for name, (dt, shape) in _columns(k, exact, ids_dtype).items()}
 
     def write(self, start: int, **cols: np.ndarray) -> None:
         for name, arr in cols.items():
@@ -54,6 +81,7 @@ class CacheWriter:
     def close(self, summary: dict) -> None:
         for arr in self.arrays.values():
             arr.flush()
+        self.meta.pop("progress", None)
         self.meta.update(complete=True, summary=summary)
         write_json_atomic(self.path / "cache.json", self.meta)
 

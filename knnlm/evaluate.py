@@ -188,9 +188,16 @@ def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, p
         yield ScoredBatch(start, end, targets, prev, lp, hidden)
 
 
-def open_token_memmap(path: str | Path, n: int, dtype) -> np.ndarray:
+def open_token_memmap(path: str | Path, n: int, dtype, resume: bool = False) -> np.ndarray:
+    """A per-token output file: new, or (``resume``) the one a killed run left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if resume:
+        try:
+            return np.lib.format.open_memmap(path, mode="r+", dtype=dtype, shape=(n,))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot resume: {path} is missing or damaged ({exc}); remove "
+                            "the retrieval cache to evaluate from the start")
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
 
 
@@ -225,36 +232,50 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
     windows = make_windows(n, tokens, databin.eos, T, cfg.context_window, cfg.sample_break_mode)
     vocab = databin.vocab
     flags = vocab.word_flags(cfg.remove_bpe.rstrip() if cfg.remove_bpe else None)
-    scores = open_token_memmap(cfg.save_scores, n, np.float32) if cfg.save_scores else None
-    saved_tokens = open_token_memmap(cfg.save_tokens, n, np.int32) if cfg.save_tokens else None
+    # running sums; with a retrieval cache they are committed after every batch, and an
+    # evaluation killed and rerun resumes from the last commit (same batches, same sums)
+    st = dict(done=0, nll_sum=0.0, n_words=0, knn_nll=0.0, interp_nll=0.0, no_match=0)
+    resume = knn_scorer is not None and knn_scorer.progress
+    if resume:
+        st.update(knn_scorer.progress)
+        print(f"resuming the evaluation of {cfg.gen_subset} at token {st['done']:,} of {n:,}")
+        windows = [w for w in windows if w.score_start >= st["done"]]
+    scores = open_token_memmap(cfg.save_scores, n, np.float32, resume) if cfg.save_scores else None
+    saved_tokens = open_token_memmap(cfg.save_tokens, n, np.int32, resume) if cfg.save_tokens else None
     amp = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
-    nll_sum, n_words, t0 = 0.0, 0, time.perf_counter()
-    knn_nll, interp_nll, no_match = 0.0, 0.0, 0
+    t0 = time.perf_counter()
     hidden = (knn_scorer.keytype,) if knn_scorer is not None else ()
-    bar = tqdm(total=n, unit="tok", desc=f"eval {cfg.gen_subset}", disable=True if cfg.quiet else None)
+    bar = tqdm(total=n, initial=st["done"], unit="tok", desc=f"eval {cfg.gen_subset}",
+               disable=True if cfg.quiet else None)
     for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
                           max_tokens=cfg.max_tokens, softmax_batch=cfg.softmax_batch,
                           device=device, amp_dtype=amp, return_hidden=hidden):
         lp = sb.logprobs.double().cpu().numpy()
-        nll_sum -= float(lp.sum())
+        st["nll_sum"] -= float(lp.sum())
         words = word_mask(sb.targets, sb.prev, vocab, flags)
-        n_words += int(words.sum())
-        if knn_scorer is not None:
-            klp = knn_scorer.score(sb.start, sb.hidden[knn_scorer.keytype], sb.targets,
-                                   lp.astype(np.float32), words)
-            knn_nll -= float(klp.sum())
-            no_match += int(np.isinf(klp).sum())
-            mix = knn.interpolate(torch.from_numpy(lp), torch.from_numpy(klp), cfg.lmbda)
-            interp_nll -= float(mix.sum())
+        st["n_words"] += int(words.sum())
         if scores is not None:
             scores[sb.start:sb.end] = lp
         if saved_tokens is not None:
             saved_tokens[sb.start:sb.end] = sb.targets
+        if knn_scorer is not None:
+            klp = knn_scorer.score(sb.start, sb.hidden[knn_scorer.keytype], sb.targets,
+                                   lp.astype(np.float32), words)
+            st["knn_nll"] -= float(klp.sum())
+            st["no_match"] += int(np.isinf(klp).sum())
+            mix = knn.interpolate(torch.from_numpy(lp), torch.from_numpy(klp), cfg.lmbda)
+            st["interp_nll"] -= float(mix.sum())
+            for arr in (scores, saved_tokens):
+                if arr is not None:
+                    arr.flush()
+            knn_scorer.commit(dict(st, done=sb.end))
         bar.update(sb.end - sb.start)
     bar.close()
     for arr in (scores, saved_tokens):
         if arr is not None:
             arr.flush()
+    nll_sum, n_words, knn_nll = st["nll_sum"], st["n_words"], st["knn_nll"]
+    interp_nll, no_match = st["interp_nll"], st["no_match"]
     res = perplexities(nll_sum, n, n_words)
     res.update(seconds=time.perf_counter() - t0, subset=cfg.gen_subset, tokens_per_sample=T,
                context_window=cfg.context_window)

@@ -128,13 +128,25 @@ class KnnScorer:
                         nprobe=cfg.probe, exact_search=cfg.exact_search, ignore_top=cfg.ignore_top)
             self.cache = CacheWriter(cfg.save_retrieval, n_tokens, cfg.k,
                                      cfg.save_exact_dists, meta, ds.size)
+        self.progress = self.cache.progress if self.cache is not None else None
+        mode = "r+" if self.progress else "w+"   # resuming: keep the rows already written
         self.knn_scores = self.queries = None
         if cfg.save_knn_scores:
-            self.knn_scores = np.lib.format.open_memmap(cfg.save_knn_scores, mode="w+",
+            self.knn_scores = np.lib.format.open_memmap(cfg.save_knn_scores, mode=mode,
                                                         dtype=np.float32, shape=(n_tokens,))
         if cfg.save_queries:
-            self.queries = np.lib.format.open_memmap(cfg.save_queries, mode="w+", dtype=np.float32,
+            self.queries = np.lib.format.open_memmap(cfg.save_queries, mode=mode, dtype=np.float32,
                                                      shape=(n_tokens, ds.dim))
+
+    def commit(self, progress: dict) -> None:
+        """After a batch: flush every per-token output, then record the running state in the
+        cache sidecar (what a killed evaluation resumes from)."""
+        if self.cache is None:
+            return
+        for arr in (self.knn_scores, self.queries):
+            if arr is not None:
+                arr.flush()
+        self.cache.commit(progress)
 
     def score(self, start: int, q: torch.Tensor, targets: np.ndarray, lm_lp: np.ndarray,
               words: np.ndarray) -> np.ndarray:

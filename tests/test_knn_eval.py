@@ -1,4 +1,5 @@
 """eval-lm --knnlm against brute-force references."""
+import json
 import math
 
 import numpy as np
@@ -196,3 +197,34 @@ def test_gpu_search_flags_fall_back_or_refuse(bpe_databin, trained_ckpt, trained
                     "valid", "--tokens-per-sample", "64", "--knnlm", "--dstore-filename",
                     str(trained_dstore.path), "--k", "16", "--knnlm-gpu", "--knnlm-gpus",
                     str(n + 1), "--quiet"]) == 2
+
+
+def test_killed_knnlm_eval_resumes_to_identical_outputs(bpe_databin, trained_ckpt, trained_dstore,
+                                                       ivf_index, tmp_path, monkeypatch):
+    from knnlm import knn_eval
+
+    def cfg(d):
+        return kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, max_tokens=256,
+                    save_retrieval=str(d / "cache"), save_exact_dists=True,
+                    save_scores=str(d / "scores.npy"), save_knn_scores=str(d / "knn.npy"))
+    ref = run_eval(cfg(tmp_path / "ref"))
+    real, calls = knn_eval.KnnScorer.score, []
+
+    def dies(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt   # killed in the 4th batch
+        return real(self, *a, **kw)
+    monkeypatch.setattr(knn_eval.KnnScorer, "score", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg(tmp_path / "b"))
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "b" / "cache" / "cache.json").read_text())["progress"]["done"] > 0
+    got = run_eval(cfg(tmp_path / "b"))
+    for key in ("ppl", "word_ppl", "words"):
+        assert got[key] == ref[key]
+        assert got["knn"][key] == ref["knn"][key] and got["interpolated"][key] == ref["interpolated"][key]
+    for f in ("scores.npy", "knn.npy", "cache/ids.npy", "cache/vals.npy", "cache/faiss_dists.npy",
+              "cache/exact_dists.npy", "cache/lm_logprobs.npy", "cache/words.npy"):
+        assert (tmp_path / "ref" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert RetrievalCache(tmp_path / "b" / "cache").meta["complete"]
