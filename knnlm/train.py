@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,144 +26,19 @@ import numpy as np
 import torch
 
 from .checkpoint import CKPT_FORMAT, CKPT_VERSION, load_checkpoint, save_checkpoint
-from .config import UserError, config_dict, flag, write_json_atomic
-from .data.blocks import BREAK_MODES, score_windows, shifted_inputs, train_blocks
+from .config import UserError, config_dict, write_json_atomic
+from .data.blocks import score_windows, shifted_inputs, train_blocks
 from .data.preprocess import DataBin
 from .distributed import DistContext, setup_distributed
 from . import knn
 from .evaluate import iter_scored
-from .models.transformer import ARCHS, build_model, count_parameters
-from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, lr_at
+from .models.transformer import build_model, count_parameters
+from .optim import build_optimizer, lr_at
 from .device import autocast_context
 from .progress import TrainProgress
+from .train_config import TrainConfig  # noqa: F401  (the command's config: knnlm.train.TrainConfig)
 
 SEED_MIX = 1_000_003
-
-
-@dataclass
-class TrainConfig:
-    data: str = flag(help="data-bin directory", positional=True)
-    arch: str = flag("small", "model preset", choices=tuple(ARCHS))
-    save_dir: str = flag("checkpoints", "where checkpoints and logs go")
-    tokens_per_sample: int = flag(512, "tokens per training sample")
-    sample_break_mode: str = flag("none", "none | complete | eos", choices=BREAK_MODES)
-    max_tokens: int = flag(4096, "tokens per batch (per process)")
-    batch_size: int | None = flag(None, "samples per batch (default: from --max-tokens)",
-                                  aliases=("--max-sentences",))
-    update_freq: int = flag(1, "batches accumulated per update")
-    optimizer: str = flag("adam", "adam | nag", choices=OPTIMIZERS)
-    lr: float = flag(5e-4, "peak learning rate")
-    adam_betas: str = flag("(0.9, 0.98)", "Adam betas")
-    adam_eps: float = flag(1e-8, "Adam epsilon")
-    momentum: float = flag(0.99, "NAG momentum")
-    weight_decay: float = flag(0.0, "weight decay")
-    clip_norm: float = flag(0.0, "clip gradients to this global norm (0: off)")
-    lr_scheduler: str = flag("fixed", "fixed | inverse_sqrt | cosine", choices=SCHEDULERS)
-    warmup_updates: int = flag(0, "linear warm-up updates")
-    warmup_init_lr: float = flag(-1.0, "learning rate at the start of warm-up (-1: 0)")
-    min_lr: float = flag(0.0, "cosine: final learning rate")
-    lr_period_updates: int = flag(-1, "cosine: period (default: max-update minus warm-up)")
-    max_update: int = flag(0, "stop after this many updates (0: no limit)")
-    max_epoch: int = flag(0, "stop after this many epochs (0: no limit)")
-    stop_time_hours: float = flag(0.0, "stop after this much wall time (0: no limit)")
-    seed: int = flag(1, "random seed")
-    share_decoder_input_output_embed: bool = flag(False, "tie input and output embeddings")
-    dropout: float | None = flag(None, "override the preset's dropout")
-    attention_dropout: float | None = flag(None, "override the preset's attention dropout")
-    activation_dropout: float | None = flag(None, "override the preset's activation dropout")
-    decoder_layers: int | None = flag(None, "override the preset's layer count")
-    decoder_embed_dim: int | None = flag(None, "override the preset's model dimension")
-    decoder_ffn_embed_dim: int | None = flag(None, "override the preset's FFN dimension")
-    decoder_attention_heads: int | None = flag(None, "override the preset's head count")
-    valid_subset: str = flag("valid", "split used for validation")
-    validate_interval: int = flag(1, "validate every N epochs (0: never at epoch ends)")
-    validate_interval_updates: int = flag(0, "also validate every N updates (0: off)")
-    save_interval_updates: int = flag(0, "also save checkpoint_last.pt every N updates")
-    max_valid_tokens: int = flag(0, "validate on the first N tokens only (0: all)")
-    # parametric heads (paper notes §3.3, §3.8; names of the original fork)
-    restore_file: str | None = flag(None, "start from this checkpoint's weights (fresh "
-                                    "optimizer); the base model of the flags below")
-    softmax_input: str = flag("ffn", "representation the output layer reads",
-                              choices=("ffn", "att"))
-    use_last_ffn_input: bool = flag(False, "same as --softmax-input att")
-    pseudo_vocab_ratio: int = flag(1, "K output embeddings per token (summed softmax mass)")
-    num_extra_embed_file: str | None = flag(None, "JSON list: extra embeddings per token "
-                                            "(knnlm allot-embeddings)")
-    k_mos: int = flag(1, "mixture of K softmaxes")
-    additional_linear: bool = flag(False, "add the logits of a second V x D head on att")
-    use_l2: bool = flag(False, "logits = -||h - w||^2 instead of h.w")
-    norm_l2: bool = flag(False, "L2-normalise the output layer's input")
-    interpolated_loss: bool = flag(False, "loss = -log((1-λ) p_base + λ p_new), p_base from "
-                                   "the frozen --restore-file model")
-    train_lambda: float = flag(0.25, "--interpolated-loss: weight λ of the new model")
-    init_out_embed: bool = flag(False, "initialise the output rows from the base W_sm")
-    finetune_out_embed: bool = flag(False, "train only the output layer (body frozen)")
-    finetune_mos: bool = flag(False, "train only the mixture-of-softmaxes head")
-    finetune_additional_linear: bool = flag(False, "train only the additional linear head")
-    fp16: bool = flag(False, "mixed precision fp16 with loss scaling (GPU)")
-    bf16: bool = flag(False, "mixed precision bf16 (GPU)")
-    cpu: bool = flag(False, "train on the CPU even if a GPU is present")
-    quiet: bool = flag(False, "no progress bar")
-
-    def __post_init__(self):
-        for name in ("tokens_per_sample", "max_tokens", "update_freq"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be > 0")
-        if self.batch_size is not None and self.batch_size <= 0:
-            raise UserError("--batch-size must be > 0")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "clip_norm", "max_update", "max_epoch", "stop_time_hours",
-                     "warmup_updates", "validate_interval_updates", "save_interval_updates",
-                     "max_valid_tokens", "validate_interval"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-        if self.lr_scheduler == "cosine" and self.max_update <= 0 and self.lr_period_updates <= 0:
-            raise UserError("--lr-scheduler cosine needs --max-update or --lr-period-updates")
-        if self.max_update == 0 and self.max_epoch == 0 and self.stop_time_hours == 0:
-            raise UserError("give a stopping point: --max-update, --max-epoch or --stop-time-hours")
-        if self.fp16 and self.bf16:
-            raise UserError("--fp16 and --bf16 are exclusive")
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
-            v = getattr(self, name)
-            if v is not None and not 0 <= v < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
-        if self.use_last_ffn_input:
-            self.softmax_input = "att"
-        if self.pseudo_vocab_ratio < 1 or self.k_mos < 1:
-            raise UserError("--pseudo-vocab-ratio and --k-mos must be >= 1")
-        if self.num_extra_embed_file and self.pseudo_vocab_ratio > 1:
-            raise UserError("--pseudo-vocab-ratio and --num-extra-embed-file are exclusive")
-        if not 0 < self.train_lambda <= 1:
-            raise UserError(f"--train-lambda must be in (0, 1], got {self.train_lambda}")
-        needs_base = [n for n in ("interpolated_loss", "init_out_embed", *self.finetune_flags())
-                      if getattr(self, n)]
-        if needs_base and not self.restore_file:
-            raise UserError(f"--{needs_base[0].replace('_', '-')} needs --restore-file "
-                            "(the trained base model)")
-
-    @staticmethod
-    def finetune_flags() -> tuple[str, ...]:
-        return ("finetune_out_embed", "finetune_mos", "finetune_additional_linear")
-
-    def head_config(self, vocab_size: int) -> dict:
-        """The ModelConfig head fields these flags ask for."""
-        from .heads_train import read_extra_embed_file
-        extra = (read_extra_embed_file(self.num_extra_embed_file, vocab_size)
-                 if self.num_extra_embed_file else None)
-        return dict(softmax_input=self.softmax_input, pseudo_vocab_ratio=self.pseudo_vocab_ratio,
-                    num_extra_embed=extra, k_mos=self.k_mos,
-                    additional_linear=self.additional_linear, use_l2=self.use_l2,
-                    norm_l2=self.norm_l2)
-
-    def model_overrides(self) -> dict:
-        keys = ("dropout", "attention_dropout", "activation_dropout", "decoder_layers",
-                "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads")
-        out = {k: getattr(self, k) for k in keys}
-        out["share_decoder_input_output_embed"] = self.share_decoder_input_output_embed or None
-        out["max_target_positions"] = max(self.tokens_per_sample,
-                                          ARCHS[self.arch].get("max_target_positions", 1024))
-        return out
 
 
 def epoch_batches(blocks: np.ndarray, epoch: int, seed: int, max_tokens: int,
