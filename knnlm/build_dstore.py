@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_lm
+from .checkpoint import check_model_source, load_lm
 from .config import UserError, config_dict, flag, read_json, write_json_atomic
 from .data.preprocess import DataBin
 from .data.blocks import batch_windows
@@ -64,8 +64,7 @@ class BuildDstoreConfig:
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
-        if bool(self.path) == bool(self.hf_model):
-            raise UserError("give exactly one of --path CKPT and --hf-model NAME")
+        check_model_source(self.path, self.hf_model)
         self.keytypes = [normalize_keytype(k) for k in self.knn_keytype.split(",") if k.strip()]
         if not self.keytypes:
             raise UserError("--knn-keytype is empty")

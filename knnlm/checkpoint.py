@@ -82,6 +82,12 @@ def check_data_matches(ckpt: dict, databin, ckpt_path: str | Path) -> None:
                         f"vocabulary {databin.vocab_size}")
 
 
+def check_model_source(path: str | None, hf_model: str | None) -> None:
+    """The configs that load a model take exactly one of --path and --hf-model."""
+    if bool(path) == bool(hf_model):
+        raise UserError("give exactly one of --path CKPT and --hf-model NAME")
+
+
 def load_lm(path: str | None, hf_model: str | None, databin, device, hf_dtype=None) -> tuple:
     """(model, fingerprint) of a knnlm checkpoint (``--path``) or an HF causal LM
     (``--hf-model``, its weights loaded in ``hf_dtype`` when given), checked against the

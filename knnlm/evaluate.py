@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import knn
-from .checkpoint import load_lm
+from .checkpoint import check_model_source, load_lm
 from .config import UserError, config_dict, flag, write_json_atomic
 from .data.blocks import BREAK_MODES, Window, batch_windows, score_windows, shifted_inputs, \
     train_blocks
@@ -73,8 +73,7 @@ class EvalConfig(KnnOptions):
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
-        if bool(self.path) == bool(self.hf_model):
-            raise UserError("give exactly one of --path CKPT and --hf-model NAME")
+        check_model_source(self.path, self.hf_model)
         if self.tokens_per_sample is not None and self.tokens_per_sample <= 0:
             raise UserError(f"--tokens-per-sample must be > 0, got {self.tokens_per_sample}")
         if self.max_eval_tokens < 0:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import knn
-from .checkpoint import load_lm
+from .checkpoint import check_model_source, load_lm
 from .config import UserError, config_dict, flag, write_json_atomic
 from .data.preprocess import DataBin
 from .device import resolve_device
@@ -53,8 +53,7 @@ class GenerateConfig(KnnOptions):
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
 
     def __post_init__(self):
-        if bool(self.path) == bool(self.hf_model):
-            raise UserError("give exactly one of --path CKPT and --hf-model NAME")
+        check_model_source(self.path, self.hf_model)
         if bool(self.prompt is not None) == bool(self.prompts_file):
             raise UserError("give exactly one of --prompt TEXT and --prompts-file FILE")
         if self.max_new_tokens <= 0:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import knn
-from .checkpoint import load_lm
+from .checkpoint import check_model_source, load_lm
 from .config import UserError, flag
 from .data.blocks import shifted_inputs
 from .data.preprocess import DataBin
@@ -43,8 +43,7 @@ class NeighborsConfig(KnnOptions):
 
     def __post_init__(self):
         self.knnlm = True
-        if bool(self.path) == bool(self.hf_model):
-            raise UserError("give exactly one of --path CKPT and --hf-model NAME")
+        check_model_source(self.path, self.hf_model)
         if bool(self.text is not None) == bool(self.file):
             raise UserError("give exactly one of --text TEXT and --file FILE")
         if self.context_tokens < 0:

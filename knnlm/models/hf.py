@@ -49,6 +49,11 @@ def _transformers():
     return transformers
 
 
+def _offline(name: str) -> bool:
+    """Hub names resolve from the local cache only, unless HF_HUB_OFFLINE=0."""
+    return not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE", "1") != "0"
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -184,8 +189,7 @@ def check_hf_data(model: HFCausalLM, databin) -> None:
 def load_hf_model(name: str, dtype: torch.dtype | None = None) -> HFCausalLM:
     """From a local directory or the HF cache; offline unless downloads are allowed."""
     tf = _transformers()
-    kwargs = dict(local_files_only=not os.path.isdir(name) and os.environ.get(
-        "HF_HUB_OFFLINE", "1") != "0")
+    kwargs = dict(local_files_only=_offline(name))
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
@@ -198,8 +202,7 @@ def load_hf_model(name: str, dtype: torch.dtype | None = None) -> HFCausalLM:
 def load_hf_tokenizer(name: str):
     tf = _transformers()
     try:
-        tok = tf.AutoTokenizer.from_pretrained(name, local_files_only=not os.path.isdir(name)
-                                               and os.environ.get("HF_HUB_OFFLINE", "1") != "0")
+        tok = tf.AutoTokenizer.from_pretrained(name, local_files_only=_offline(name))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the HF tokenizer {name!r} offline ({_first_line(exc)})")
     if not getattr(tok, "is_fast", False):
