@@ -8,6 +8,8 @@ fewer than k keys) come back with id -1 and are masked out downstream.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -36,11 +38,10 @@ def brute_force_search(q: torch.Tensor, keys, k: int, metric: str,
             kc = keys[s:s + chunk].float()
         else:
             kc = torch.from_numpy(np.asarray(keys[s:s + chunk], dtype=np.float32)).to(device)
-        ip = q @ kc.T
-        if metric == "l2":   # score = -||q - k||^2
-            sc = -(qn - 2 * ip + (kc * kc).sum(1)[None, :])
+        if metric == "l2":   # score = 2 q.k - ||k||^2 = ||q||^2 - ||q - k||^2, one GEMM
+            sc = torch.addmm((kc * kc).sum(1).neg_()[None, :], q, kc.T, alpha=2)
         else:
-            sc = ip
+            sc = q @ kc.T
         kk = min(k, sc.shape[1])
         top_s, top_i = sc.topk(kk, dim=1)
         best_s = torch.cat([best_s, top_s], 1)
@@ -48,24 +49,38 @@ def brute_force_search(q: torch.Tensor, keys, k: int, metric: str,
         if best_s.shape[1] > k:
             best_s, order = best_s.topk(k, dim=1)
             best_i = best_i.gather(1, order)
-    D = -best_s if metric == "l2" else best_s
-    if metric == "l2":
-        D = D.clamp_min(0)
+    D = (qn - best_s).clamp_min(0) if metric == "l2" else best_s
     return D.cpu().numpy().astype(np.float32), best_i.cpu().numpy()
+
+
+RECOMPUTE_CHUNK = 16   # queries per gather in exact_distances (keeps (C, k, D) in cache)
+
+
+def key_table(keys) -> torch.Tensor:
+    """A zero-copy torch view of stored keys (a read-only memmap too: it is only read)."""
+    if isinstance(keys, torch.Tensor):
+        return keys
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(keys))
 
 
 def exact_distances(q: np.ndarray, keys, ids: np.ndarray, metric: str) -> np.ndarray:
     """FAISS-style distances of (B, D) queries to their (B, k) neighbours, recomputed in
     float32 from the stored keys (squared L2 as a sum of squared differences)."""
-    safe = np.where(ids >= 0, ids, 0)
-    nk = torch.from_numpy(np.asarray(keys[safe.reshape(-1)])).view(*ids.shape, -1).float()
+    table = key_table(keys)
+    safe = torch.from_numpy(np.where(ids >= 0, ids, 0).astype(np.int64))
     qq = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))[:, None, :]
-    if metric == "l2":
-        d = ((nk - qq) ** 2).sum(-1)
-    else:
-        d = (nk * qq).sum(-1)
-    d = d.numpy()
-    return np.where(ids >= 0, d, np.inf if metric == "l2" else -np.inf).astype(np.float32)
+    out = np.empty(ids.shape, dtype=np.float32)
+    for s in range(0, len(ids), RECOMPUTE_CHUNK):
+        e = min(len(ids), s + RECOMPUTE_CHUNK)
+        nk = table.index_select(0, safe[s:e].reshape(-1)).view(e - s, ids.shape[1], -1).float()
+        if metric == "l2":
+            d = nk.sub_(qq[s:e]).square_().sum(-1)
+        else:
+            d = nk.mul_(qq[s:e]).sum(-1)
+        out[s:e] = d.numpy()
+    return np.where(ids >= 0, out, np.inf if metric == "l2" else -np.inf).astype(np.float32)
 
 
 class Retriever:

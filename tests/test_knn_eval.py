@@ -159,6 +159,33 @@ def test_brute_force_search_ip_and_chunks():
     np.testing.assert_allclose(exact_distances(xq, xb, I, "ip"), D, rtol=1e-5)
 
 
+def test_exact_distances_and_l2_search_on_a_read_only_memmap(tmp_path):
+    """Recomputed distances equal a loop over (query, neighbour) pairs, across the query
+    chunks, with missing neighbours (-1) masked; L2 brute force equals numpy's ordering."""
+    rng = np.random.default_rng(1)
+    xb = rng.standard_normal((700, 12)).astype(np.float16)
+    np.save(tmp_path / "keys.npy", xb)
+    keys = np.load(tmp_path / "keys.npy", mmap_mode="r")
+    xq = rng.standard_normal((37, 12)).astype(np.float32)
+    ids = rng.integers(0, 700, (37, 9))
+    ids[3, 4] = ids[30, 0] = -1
+    for metric in ("l2", "ip"):
+        got = exact_distances(xq, keys, ids, metric)
+        for i in range(37):
+            for j in range(9):
+                if ids[i, j] < 0:
+                    assert got[i, j] == (np.inf if metric == "l2" else -np.inf)
+                    continue
+                k = xb[ids[i, j]].astype(np.float32)
+                ref = ((xq[i] - k) ** 2).sum() if metric == "l2" else xq[i] @ k
+                assert abs(got[i, j] - ref) <= 1e-5 * max(1.0, abs(ref))
+    D, I = brute_force_search(torch.from_numpy(xq), keys, 11, "l2", chunk=100)
+    full = ((xq[:, None, :] - xb.astype(np.float32)[None]) ** 2).sum(-1)
+    assert np.array_equal(I, np.argsort(full, axis=1, kind="stable")[:, :11])
+    np.testing.assert_allclose(D, np.take_along_axis(full, I, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(exact_distances(xq, keys, I, "l2"), D, rtol=1e-4, atol=1e-4)
+
+
 def test_score_setup_modes():
     from knnlm.knn_eval import score_setup
     assert score_setup(None, "l2", False) == ("l2", "l2", True)          # FAISS mask, real score
