@@ -3,8 +3,11 @@
 #   1. train a `small` model for a few updates on GPU (fp32; bf16 and fp16 smoke runs);
 #   2. eval-lm of one checkpoint on CPU and on GPU (fp32, bf16): perplexities must agree;
 #   3. build-dstore of the valid split on GPU and on CPU: keys must agree (fp16 tolerance);
-#   4. build-index (FAISS trains on GPU when it has GPU support);
-#   5. eval-lm --knnlm on the test split, CPU vs GPU (--knnlm-gpu), with the FAISS index and
+#   4. build-dstore with torchrun, one rank per GPU (2 gloo ranks on the CPU when there is
+#      one GPU): files byte-identical to the one-process dump of the same device;
+#   5. build-index (FAISS trains on GPU when it has GPU support), and CPU-trained unsharded
+#      vs 4-shard 2-worker builds: the kNN-LM perplexities with the two must be equal;
+#   6. eval-lm --knnlm on the test split, CPU vs GPU (--knnlm-gpu), with the FAISS index and
 #      with --exact-search (brute force on the GPU): kNN-LM perplexities must agree.
 # Prints GPU vs CPU timings and a JSON summary; exits non-zero on a mismatch.
 #
@@ -59,9 +62,25 @@ for dev in cpu gpu; do
       --context-window "$DCTX" --quiet "${args[@]}" > /dev/null
 done
 
+NGPU=0
+[ "$DEVICE" = cpu ] || NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPU" -ge 2 ]; then ranks=$NGPU; rdev=gpu; rargs=(); else ranks=2; rdev=cpu; rargs=(--cpu); fi
+log "build-dstore with torchrun: $ranks ranks ($rdev)"
+rm -rf "$OUT/dstore_torchrun"
+timed "dstore_torchrun_${ranks}x$rdev" $PY -m torch.distributed.run --standalone \
+    --nproc_per_node "$ranks" -m knnlm build-dstore "$DATA" --path "$CKPT" --gen-subset valid \
+    --dstore-dir "$OUT/dstore_torchrun" --knn-keytype att,ffn --tokens-per-sample "$TPS" \
+    --context-window "$DCTX" --quiet "${rargs[@]}" > /dev/null 2> "$OUT/dstore_torchrun.log"
+echo "$rdev" > "$OUT/dstore_torchrun.device"
+
 log "build-index"
 timed index $PY -m knnlm build-index --dstore-dir "$OUT/dstore_gpu" --index-factory IVF256,PQ32 \
     --train-size 60000 --quiet > /dev/null
+for s in 1 4; do
+  timed "index_cpu_shards$s" $PY -m knnlm build-index --dstore-dir "$OUT/dstore_gpu" \
+      --index-factory IVF256,PQ32 --train-size 60000 --gpu no --shards $s --workers 2 \
+      --faiss-index "$OUT/index_shards$s.faiss" --quiet > /dev/null
+done
 
 log "eval-lm --knnlm CPU vs $DEVICE"
 kn() { local name=$1; shift
@@ -73,6 +92,9 @@ kn faiss_cpu --cpu --knn-sim-func do_not_recomp_l2
 kn faiss_gpu "${GPU[@]}" --knnlm-gpu --knn-sim-func do_not_recomp_l2
 kn exact_cpu --cpu --exact-search
 kn exact_gpu "${GPU[@]}" --knnlm-gpu --exact-search
+for s in 1 4; do
+  kn "shards${s}_cpu" --cpu --knn-sim-func do_not_recomp_l2 --indexfile "$OUT/index_shards$s.faiss"
+done
 
 $PY - "$OUT" <<'PY'
 import json, pathlib, sys
@@ -103,6 +125,14 @@ for mode in ("faiss", "exact"):
                               lm=c["ppl"])
     checks[f"knnlm {mode}"] = rel(g["interpolated"]["ppl"], c["interpolated"]["ppl"]) < 1e-3
     checks[f"knnlm {mode} helps"] = c["interpolated"]["ppl"] < c["ppl"]
+dev = (out / "dstore_torchrun.device").read_text().strip()
+same = all((out / "dstore_torchrun" / f).read_bytes() == (out / f"dstore_{dev}" / f).read_bytes()
+           for f in ("keys_att.npy", "keys_ffn.npy", "vals.npy", "pos.npy"))
+s["torchrun_dump_bytes_identical"] = dict(device=dev, identical=same)
+checks["torchrun dump"] = same
+sh = {n: res(f"knnlm_shards{n}_cpu")["interpolated"]["ppl"] for n in (1, 4)}
+s["knnlm_sharded_index"] = sh
+checks["sharded index"] = sh[1] == sh[4]
 for prec in ("fp32", "bf16", "fp16"):
     p = out / f"train_{prec}" / "train_log.jsonl"
     if p.exists():
