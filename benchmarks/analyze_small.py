@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--run", default="runs/small", help="run directory of the small mode")
     p.add_argument("--out", default="benchmarks/results/analyze_small.json")
     p.add_argument("--max-eval-tokens", type=int, default=10000)
+    p.add_argument("--keep", action="store_true", help="keep the analysis outputs (RUN/bench_analyze)")
     a = p.parse_args()
     run = Path(a.run)
     work = run / "bench_analyze"
@@ -55,7 +56,8 @@ def main() -> None:
                machine=machine())
     out["stages"]["other (model loading, statistics, reports)"] = total - sum(out["stages"].values())
     write_result(a.out, out, hide=("machine",))
-    shutil.rmtree(work)
+    if not a.keep:
+        shutil.rmtree(work)
 
 
 if __name__ == "__main__":
