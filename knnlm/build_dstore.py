@@ -17,12 +17,16 @@ Several processes (``torchrun --nproc_per_node N -m knnlm build-dstore ...``, ac
 too) split the batches of the single-process run into N contiguous ranges; each rank
 writes its rows straight into the shared memmaps and records its progress in
 ``progress.rank<R>.json``, so a killed rank resumes its own range. The files are
-byte-identical to a single-process build; rank 0 marks the datastore complete.
+byte-identical to a single-process build; rank 0 marks the datastore complete. Across
+nodes, ``--dstore-dir`` must be on a filesystem every node mounts: a rank that does not see
+the files rank 0 allocated is refused before anything is written.
 """
 from __future__ import annotations
 
 import math
 import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +109,10 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
             if not -model.cfg.decoder_layers <= i < model.cfg.decoder_layers:
                 raise UserError(f"--knn-keytype {kt}: the model has {model.cfg.decoder_layers} layers")
     meta = datastore_meta(cfg, model, databin, fingerprint, n, T)
-    if is_built(cfg.dstore_dir, meta):
+    built = is_built(cfg.dstore_dir, meta)
+    if dist is not None and dist.enabled:
+        _agree(cfg, meta, dist, built)
+    if built:
         print(f"{cfg.dstore_dir}: this datastore is already built")
         return dict(size=n, dim=meta["dim"], keytypes=cfg.keytypes, seconds=0.0,
                     path=str(cfg.dstore_dir))
@@ -158,18 +165,45 @@ def rank_windows(windows: list, max_tokens: int, rank: int, world: int) -> list:
     return [w for b in batches[rank * per:(rank + 1) * per] for w in b]
 
 
-def _open_rank(cfg: BuildDstoreConfig, meta: dict, windows: list, dist):
-    """Check that all ranks build the same datastore, let rank 0 allocate the files, open
-    them on every rank; (writer, this rank's progress record, its windows)."""
+def _agree(cfg: BuildDstoreConfig, meta: dict, dist, built: bool) -> None:
+    """All ranks build the same datastore into the same --dstore-dir and find it in the
+    same state (a node that does not mount the others' directory finds another)."""
     import torch.distributed as tdist
-    ident = [None] * dist.world_size
-    tdist.all_gather_object(ident, (dstore_fingerprint(meta), str(Path(cfg.dstore_dir).resolve())))
-    if len(set(ident)) > 1:
+    seen = [None] * dist.world_size
+    tdist.all_gather_object(seen, (dstore_fingerprint(meta), cfg.dstore_dir, built,
+                                   socket.gethostname()))
+    if len({s[:2] for s in seen}) > 1:
         raise UserError("the ranks disagree on the datastore (data, checkpoint, flags or "
                         "--dstore-dir differ between them)")
+    if len({s[2] for s in seen}) > 1:
+        raise UserError(_not_shared(cfg, [(r, s[3]) for r, s in enumerate(seen) if s[2] != built],
+                                    "see the datastore in another state than"))
+
+
+def _not_shared(cfg: BuildDstoreConfig, ranks: list, what: str) -> str:
+    names = ", ".join(f"{r} on {host}" for r, host in ranks)
+    return (f"--dstore-dir {cfg.dstore_dir} is not one directory for all ranks: rank(s) {names} "
+            f"{what} rank 0; with several nodes it must be on a filesystem that every node mounts")
+
+
+def _open_rank(cfg: BuildDstoreConfig, meta: dict, windows: list, dist):
+    """Rank 0 allocates the files; every rank checks that it sees them (a file named by a
+    fresh token) before opening them; (writer, this rank's progress record, its windows)."""
+    import torch.distributed as tdist
+    token = [secrets.token_hex(8) if dist.is_main else None]
+    tdist.broadcast_object_list(token, src=0)
+    check = Path(cfg.dstore_dir) / f"shared-check.{token[0]}"
     if dist.is_main:
         DatastoreWriter(cfg.dstore_dir, dict(meta))
+        check.write_text(token[0])
     tdist.barrier()
+    sees = [None] * dist.world_size
+    tdist.all_gather_object(sees, (check.is_file(), socket.gethostname()))
+    if dist.is_main:
+        check.unlink(missing_ok=True)
+    blind = [(r, host) for r, (ok, host) in enumerate(sees) if not ok]
+    if blind:
+        raise UserError(_not_shared(cfg, blind, "do not see the files created by"))
     writer = DatastoreWriter(cfg.dstore_dir, meta)
     mine = rank_windows(windows, cfg.max_tokens, dist.rank, dist.world_size)
     start = mine[0].score_start if mine else meta["size"]

@@ -66,16 +66,46 @@ def test_two_processes_write_the_single_process_bytes_and_resume(bpe_databin, tr
     assert Datastore(two).meta["complete"]
 
 
-def test_ranks_that_disagree_are_refused(bpe_databin, trained_ckpt, tmp_path):
+def two_ranks(argv_of, cwd_of, port):
+    """Start ranks 0 and 1 by hand (as torchrun would on two nodes); their stderr."""
     procs = []
     for rank in range(2):
         env = dict(os.environ, PYTHONPATH=str(ROOT), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29543",
+                   WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "knnlm",
-                                       *args(bpe_databin, trained_ckpt, tmp_path / f"ds{rank}")],
-                                      env=env, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        err = p.communicate(timeout=300)[1]
-        assert p.returncode == 2 and "disagree" in err and "Traceback" not in err
+        procs.append(subprocess.Popen([sys.executable, "-m", "knnlm", *argv_of(rank)], env=env,
+                                      cwd=cwd_of(rank), stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    return [(p.returncode, e) for p, e in zip(procs, errs)]
+
+
+def test_ranks_that_disagree_are_refused(bpe_databin, trained_ckpt, tmp_path):
+    out = two_ranks(lambda r: args(bpe_databin, trained_ckpt, tmp_path / f"ds{r}"),
+                    lambda r: tmp_path, 29543)
+    for rc, err in out:
+        assert rc == 2 and "disagree" in err and "Traceback" not in err, err
     assert not (tmp_path / "ds1").exists()
+
+
+def test_a_dstore_dir_the_ranks_do_not_share_is_refused(bpe_databin, trained_ckpt, tmp_path):
+    """Two nodes given the same --dstore-dir on their own disks (here: the same relative
+    path from two working directories) would each fill half of their own files."""
+    for d in ("node0", "node1"):
+        (tmp_path / d).mkdir()
+    out = two_ranks(lambda r: args(bpe_databin, trained_ckpt, "ds"),
+                    lambda r: tmp_path / f"node{r}", 29544)
+    for rc, err in out:
+        assert rc == 2 and "not one directory for all ranks" in err, err
+        assert "1 on" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "node1" / "ds").exists()
+    assert not list((tmp_path / "node0" / "ds").glob("shared-check.*"))
+    assert not json.loads((tmp_path / "node0" / "ds" / "datastore.json").read_text())["complete"]
+
+    # the same state seen differently: node 0 already holds the complete datastore
+    p = torchrun(args(bpe_databin, trained_ckpt, tmp_path / "node0" / "ds"), 29545)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = two_ranks(lambda r: args(bpe_databin, trained_ckpt, "ds"),
+                    lambda r: tmp_path / f"node{r}", 29546)
+    for rc, err in out:
+        assert rc == 2 and "in another state" in err and "Traceback" not in err, err
+    assert not (tmp_path / "node1" / "ds").exists()
