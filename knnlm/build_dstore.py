@@ -37,7 +37,8 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import check_model_source, load_lm
-from .config import UserError, config_dict, flag, read_json, write_json_atomic
+from .util import UserError, config_dict, flag
+from .io import read_json, write_json_atomic
 from .data.preprocess import DataBin
 from .data.blocks import batch_windows
 from .distributed import setup_distributed

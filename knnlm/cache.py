@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UserError, open_npy, read_json, read_sidecar, write_json_atomic
+from .util import UserError
+from .io import open_npy, read_json, read_sidecar, write_json_atomic
 
 CACHE_FORMAT = "knnlm-retrieval-cache"
 CACHE_VERSION = 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UserError
+from .util import UserError
 from .models.transformer import ModelConfig, TransformerLM
 
 CKPT_FORMAT = "knnlm-checkpoint"

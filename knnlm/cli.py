@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .config import UserError, parse_config
+from .util import UserError, parse_config
 
 # name -> (module, config class, one-line description)
 COMMANDS: dict[str, tuple[str, str, str]] = {

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import UserError, open_npy, read_json, read_sidecar, write_json_atomic
+from .util import UserError
+from .io import open_npy, read_json, read_sidecar, write_json_atomic
 
 DSTORE_FORMAT = "knnlm-datastore"
 DSTORE_VERSION = 1

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import build_dstore, evaluate, index, sweep, train
-from .config import UserError, config_dict, flag, read_json, write_json_atomic
+from .util import UserError, config_dict, flag
+from .io import read_json, write_json_atomic
 from .data import corpora, preprocess
 
 

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from . import knn
 from .checkpoint import check_model_source, load_lm
-from .config import UserError, config_dict, flag, write_json_atomic
+from .util import UserError, config_dict, flag
+from .io import write_json_atomic
 from .data.blocks import BREAK_MODES, Window, batch_windows, score_windows, shifted_inputs, \
     train_blocks
 from .data.preprocess import DataBin

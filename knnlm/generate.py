@@ -28,7 +28,8 @@ import torch
 
 from . import knn
 from .checkpoint import check_model_source, load_lm
-from .config import UserError, config_dict, flag, write_json_atomic
+from .util import UserError, config_dict, flag
+from .io import write_json_atomic
 from .data.preprocess import DataBin
 from .device import resolve_device
 from .knn_options import KnnOptions

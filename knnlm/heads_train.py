@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .checkpoint import check_data_matches, load_checkpoint, model_from_checkpoint
-from .config import UserError, flag, write_json_atomic
+from .util import UserError, flag
+from .io import write_json_atomic
 from .data.preprocess import DataBin
 from .models.transformer import ModelConfig, TransformerLM
 

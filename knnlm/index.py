@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .config import UserError, config_dict, flag, read_json, write_json_atomic
+from .util import UserError, config_dict, flag
+from .io import read_json, write_json_atomic
 from .datastore import Datastore, normalize_keytype
 
 INDEX_FORMAT = "knnlm-index"

@@ -18,7 +18,7 @@ import torch
 
 from . import knn
 from .cache import CacheWriter
-from .config import UserError, config_dict
+from .util import UserError, config_dict
 from .datastore import Datastore, normalize_keytype
 from .index import gpu_available, load_index
 from .retrieval import Retriever

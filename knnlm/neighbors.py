@@ -22,7 +22,7 @@ import torch
 
 from . import knn
 from .checkpoint import check_model_source, load_lm
-from .config import UserError, flag
+from .util import UserError, flag
 from .data.blocks import shifted_inputs
 from .data.preprocess import DataBin
 from .device import resolve_device

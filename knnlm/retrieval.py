@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-from .config import UserError
+from .util import UserError
 from .datastore import Datastore
 from .knn import METRICS
 

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from . import knn
 from .cache import RetrievalCache
-from .config import UserError, config_dict, flag, open_npy, write_json_atomic
+from .util import UserError, config_dict, flag
+from .io import open_npy, write_json_atomic
 
 ROWS_PER_CHUNK = 1024   # small chunks stay in cache: ~2x faster than 8192 here
 

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .checkpoint import CKPT_FORMAT, CKPT_VERSION, load_checkpoint, save_checkpoint
-from .config import UserError, config_dict, write_json_atomic
+from .util import UserError, config_dict
+from .io import write_json_atomic
 from .data.blocks import score_windows, shifted_inputs, train_blocks
 from .data.preprocess import DataBin
 from .distributed import DistContext, setup_distributed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import UserError, flag
+from .util import UserError, flag
 from .data.blocks import BREAK_MODES
 from .models.transformer import ARCHS
 from .optim import OPTIMIZERS, SCHEDULERS

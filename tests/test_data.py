@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from knnlm.config import UserError
+from knnlm.util import UserError
 from knnlm.data import corpora, preprocess
 from knnlm.data.preprocess import DataBin
 from knnlm.data.tokenizer import EOS, UNK, BPETokenizer, Dictionary

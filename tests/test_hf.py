@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from knnlm import build_dstore, evaluate
 from knnlm.cli import run as cli_run
-from knnlm.config import UserError
+from knnlm.util import UserError
 from knnlm.data import preprocess
 from knnlm.data.blocks import shifted_inputs
 from knnlm.data.preprocess import DataBin

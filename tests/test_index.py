@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from knnlm import index
-from knnlm.config import UserError
+from knnlm.util import UserError
 from knnlm.datastore import Datastore
 
 

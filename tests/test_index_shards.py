@@ -8,7 +8,7 @@ import pytest
 
 from knnlm import index
 from knnlm.cli import run as cli_run
-from knnlm.config import UserError
+from knnlm.util import UserError
 from knnlm.index_shards import merge_shards, shard_path, shard_ranges
 
 

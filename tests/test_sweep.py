@@ -7,7 +7,7 @@ import torch
 
 from knnlm import evaluate, index, sweep
 from knnlm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
-from knnlm.config import UserError
+from knnlm.util import UserError
 from knnlm.data.preprocess import DataBin
 
 

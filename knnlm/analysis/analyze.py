@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import UserError, command_line, config_dict, flag, read_json, write_json_atomic
+from ..util import UserError, command_line, config_dict, flag
+from ..io import read_json, write_json_atomic
 from ..sweep import parse_grid
 from . import parts, report
 

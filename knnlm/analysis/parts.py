@@ -14,7 +14,8 @@ import numpy as np
 from .. import evaluate, index as index_mod, sweep
 from ..cache import RetrievalCache
 from ..checkpoint import load_checkpoint
-from ..config import command_line, config_dict, read_json
+from ..util import command_line, config_dict
+from ..io import read_json
 from ..datastore import Datastore
 from ..knn_eval import default_index_path
 from . import stats

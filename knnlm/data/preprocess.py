@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..config import (UserError, config_dict, flag, open_npy, read_sidecar, sha256_file,
-                      write_json_atomic)
+from ..util import UserError, config_dict, flag
+from ..io import open_npy, read_sidecar, sha256_file, write_json_atomic
 from .tokenizer import BPETokenizer, Dictionary, HFTokenizer, load_vocab, vocab_summary
 
 DATA_FORMAT = "knnlm-data-bin"
@@ -101,7 +101,7 @@ def build_vocab(cfg: PreprocessConfig, files: dict[str, list[Path]]):
         return Dictionary.build(_read_lines(files["train"][0]), cfg.thresholdsrc,
                                 cfg.nwordssrc, cfg.padding_factor)
     if cfg.hf_tokenizer:
-        from ..models.hf import load_hf_tokenizer
+        from ..hub import load_hf_tokenizer
         return HFTokenizer.from_hf(load_hf_tokenizer(cfg.hf_tokenizer))
     if cfg.tokenizer:
         return BPETokenizer.load(cfg.tokenizer)

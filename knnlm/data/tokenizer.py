@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..config import UserError
+from ..util import UserError
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 BOS, PAD, EOS, UNK = range(4)

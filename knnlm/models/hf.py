@@ -20,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import os
 from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
-from ..config import UserError
+from ..util import UserError
+from ..hub import first_line, load_hf_tokenizer, offline, transformers_module
 
 # model_type -> (path of the decoder layers inside the backbone, MLP-input module in a layer)
 LAYOUTS = {
@@ -39,24 +39,6 @@ LAYOUTS = {
 }
 FALLBACK_LAYERS = ("layers", "h", "decoder.layers", "blocks")
 FALLBACK_MLP = ("mlp", "feed_forward", "ffn", "fc1")
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("--hf-model needs transformers: pip install -e '.[hf]'")
-    return transformers
-
-
-def _offline(name: str) -> bool:
-    """Hub names resolve from the local cache only, unless HF_HUB_OFFLINE=0."""
-    return not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE", "1") != "0"
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _get(module: nn.Module, path: str):
@@ -188,23 +170,12 @@ def check_hf_data(model: HFCausalLM, databin) -> None:
 
 def load_hf_model(name: str, dtype: torch.dtype | None = None) -> HFCausalLM:
     """From a local directory or the HF cache; offline unless downloads are allowed."""
-    tf = _transformers()
-    kwargs = dict(local_files_only=_offline(name))
+    tf = transformers_module()
+    kwargs = dict(local_files_only=offline(name))
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load HF model {name!r} offline ({_first_line(exc)})")
+        raise UserError(f"cannot load HF model {name!r} offline ({first_line(exc)})")
     return HFCausalLM(model.eval(), name)
-
-
-def load_hf_tokenizer(name: str):
-    tf = _transformers()
-    try:
-        tok = tf.AutoTokenizer.from_pretrained(name, local_files_only=_offline(name))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the HF tokenizer {name!r} offline ({_first_line(exc)})")
-    if not getattr(tok, "is_fast", False):
-        raise UserError(f"{name}: only fast (tokenizers-backed) HF tokenizers are supported")
-    return tok

@@ -1,22 +1,20 @@
-"""Shared plumbing for every stage: user errors, dataclass configs turned into argparse
-parsers, JSON sidecars written atomically, and file fingerprints.
+"""Plumbing every command shares: the user error, and dataclass configs as command lines.
 
-Each command declares one dataclass whose fields carry their flag help in
-``field(metadata=...)`` (use :func:`flag`). :func:`build_parser` turns it into an
+:class:`UserError` is an error the user can fix; the CLI prints it as one line on stderr
+and exits with status 2. Each command declares one dataclass whose fields carry their flag
+help in ``field(metadata=...)`` (use :func:`flag`). :func:`build_parser` turns it into an
 argparse parser, :func:`parse_config` back into the dataclass, whose ``__post_init__``
-validates values and raises :class:`UserError` naming the flag.
+validates values and raises :class:`UserError` naming the flag; :func:`command_line`
+renders a config as the ``knnlm`` command that gives it.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
-import os
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
 
@@ -116,87 +114,6 @@ def parse_config(cls, argv: list[str] | None, prog: str, description: str | None
 def config_dict(cfg) -> dict:
     """A dataclass config as plain JSON-able data."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-# ---------------------------------------------------------------- files and sidecars
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: str | os.PathLike, what: str) -> dict:
-    """Read a JSON sidecar, turning every failure into a one-line :class:`UserError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        with open(path) as fh:
-            obj = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{what} {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})")
-    if not isinstance(obj, dict):
-        raise UserError(f"{what} {path} is not a JSON object")
-    return obj
-
-
-def read_sidecar(directory: str | os.PathLike, name: str, fmt: str, what: str) -> dict:
-    """The JSON sidecar ``name`` of a stage's output directory, checked to be of ``fmt``."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"{what} not found: {directory}")
-    meta = read_json(directory / name, f"{what} sidecar")
-    if meta.get("format") != fmt:
-        raise UserError(f"{directory / name} is not a knnlm {what} sidecar")
-    return meta
-
-
-def open_npy(path: str | os.PathLike, shape: tuple | None, dtype) -> "np.ndarray":
-    """A .npy file as a read-only memmap, checked against the shape and dtype its sidecar
-    records (``shape`` None: only the dtype)."""
-    import numpy as np
-    path = Path(path)
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is missing or truncated ({exc})")
-    if (shape is not None and arr.shape != tuple(shape)) or arr.dtype != np.dtype(dtype):
-        raise UserError(f"{path} is {arr.shape} {arr.dtype}; its sidecar says "
-                        f"{tuple(shape) if shape is not None else arr.shape} {np.dtype(dtype)}")
-    return arr
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def require_file(path: str | os.PathLike, what: str) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    return path
-
-
-def check_positive(value, name: str, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise UserError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def command_line(command: str, cfg) -> str:

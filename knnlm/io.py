@@ -1,0 +1,77 @@
+"""Files and sidecars: JSON written atomically, sidecars and .npy files read with checks,
+file fingerprints. Every failure a user can cause becomes a one-line :class:`UserError`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .util import UserError
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    """Read a JSON sidecar, turning every failure into a one-line :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path) as fh:
+            obj = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})")
+    if not isinstance(obj, dict):
+        raise UserError(f"{what} {path} is not a JSON object")
+    return obj
+
+
+def read_sidecar(directory: str | os.PathLike, name: str, fmt: str, what: str) -> dict:
+    """The JSON sidecar ``name`` of a stage's output directory, checked to be of ``fmt``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{what} not found: {directory}")
+    meta = read_json(directory / name, f"{what} sidecar")
+    if meta.get("format") != fmt:
+        raise UserError(f"{directory / name} is not a knnlm {what} sidecar")
+    return meta
+
+
+def open_npy(path: str | os.PathLike, shape: tuple | None, dtype) -> "np.ndarray":
+    """A .npy file as a read-only memmap, checked against the shape and dtype its sidecar
+    records (``shape`` None: only the dtype)."""
+    import numpy as np
+    path = Path(path)
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is missing or truncated ({exc})")
+    if (shape is not None and arr.shape != tuple(shape)) or arr.dtype != np.dtype(dtype):
+        raise UserError(f"{path} is {arr.shape} {arr.dtype}; its sidecar says "
+                        f"{tuple(shape) if shape is not None else arr.shape} {np.dtype(dtype)}")
+    return arr
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
