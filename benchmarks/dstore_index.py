@@ -31,7 +31,7 @@ from common import finish_stage, machine, run_stage, write_result  # noqa: E402
 
 def stage_bare(a) -> dict:
     import torch
-    from knnlm.checkpoint import load_checkpoint, model_from_checkpoint
+    from knnlm.lm.checkpoint import load_checkpoint, model_from_checkpoint
     from knnlm.data.blocks import batch_windows, score_windows, shifted_inputs
     from knnlm.data.preprocess import DataBin
     db = DataBin(a.data)

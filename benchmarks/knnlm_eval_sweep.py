@@ -49,9 +49,9 @@ def stage_knnlm(a) -> dict:
 def stage_bare(a) -> dict:
     import faiss
     import torch
-    from knnlm.checkpoint import load_checkpoint, model_from_checkpoint
+    from knnlm.lm.checkpoint import load_checkpoint, model_from_checkpoint
     from knnlm.data.preprocess import DataBin
-    from knnlm.evaluate import iter_scored, make_windows
+    from knnlm.lm.scoring import iter_scored, make_windows
     from knnlm.knn_eval import QUERY_CHUNK
     db = DataBin(a.data)
     tokens = db.split(a.subset)

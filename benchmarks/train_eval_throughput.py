@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from knnlm import evaluate, train  # noqa: E402
+from knnlm import evaluate  # noqa: E402
+from knnlm.lm import train  # noqa: E402
 from knnlm.data import preprocess  # noqa: E402
 from knnlm.data.blocks import batch_windows, score_windows, shifted_inputs  # noqa: E402
 from knnlm.data.preprocess import DataBin  # noqa: E402

@@ -36,17 +36,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import check_model_source, load_lm
+from .lm.checkpoint import check_model_source, load_lm
 from .util import UserError, config_dict, flag
 from .io import read_json, write_json_atomic
 from .data.preprocess import DataBin
 from .data.blocks import batch_windows
-from .distributed import setup_distributed
+from .lm.distributed import setup_distributed
 from .datastore import fingerprint as dstore_fingerprint
 from .datastore import (DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter, is_built,
                         normalize_keytype, value_dtype)
-from .device import resolve_device
-from .evaluate import iter_scored, make_windows, resolve_window
+from .lm.device import resolve_device
+from .lm.scoring import iter_scored, make_windows, resolve_window
 
 
 @dataclass

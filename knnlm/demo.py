@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import build_dstore, evaluate, index, sweep, train
+from . import build_dstore, evaluate, index, sweep
+from .lm import train
 from .util import UserError, config_dict, flag
 from .io import read_json, write_json_atomic
 from .data import corpora, preprocess

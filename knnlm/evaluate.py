@@ -16,24 +16,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import knn
-from .checkpoint import check_model_source, load_lm
-from .util import UserError, config_dict, flag
-from .io import write_json_atomic
-from .data.blocks import BREAK_MODES, Window, batch_windows, score_windows, shifted_inputs, \
-    train_blocks
+from .data.blocks import BREAK_MODES
 from .data.preprocess import DataBin
 from .data.tokenizer import word_mask
-from .device import autocast_context, resolve_device
+from .io import open_token_memmap, write_json_atomic
 from .knn_options import KnnOptions
+from .lm.checkpoint import check_model_source, load_lm
+from .lm.device import resolve_device
+from .lm.scoring import iter_scored, make_windows, resolve_window
+from .util import UserError, config_dict, flag
 
 LN2 = math.log(2)
 
@@ -109,96 +107,6 @@ class EvalConfig(KnnOptions):
             context_window=self.context_window, max_tokens=self.max_tokens,
             dstore_fp32=self.dstore_fp32, dstore_size=self.dstore_size, cpu=self.cpu,
             device=self.device, quiet=self.quiet)
-
-
-@dataclass
-class ScoredBatch:
-    """Targets ``[start, end)`` of the split, scored in one batch."""
-    start: int
-    end: int
-    targets: np.ndarray          # (M,) int64
-    prev: np.ndarray             # (M,) int64, the input token at each position
-    logprobs: torch.Tensor | None  # (M,) float32, log p_LM(target), natural log
-    hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (M, D)
-
-
-def target_logprobs(model, features: torch.Tensor, targets: torch.Tensor,
-                    softmax_batch: int) -> torch.Tensor:
-    """log p(target) for (M, D) features, the output softmax taken ``softmax_batch`` rows
-    at a time so the (M, V) logits never exist at once."""
-    out = torch.empty(len(targets), dtype=torch.float32, device=features.device)
-    for s in range(0, len(targets), softmax_batch):
-        logits = model.output_layer(features[s:s + softmax_batch]).float()
-        t = targets[s:s + softmax_batch, None]
-        out[s:s + softmax_batch] = (logits.gather(1, t) - torch.logsumexp(logits, 1, True))[:, 0]
-    return out
-
-
-def resolve_window(model, tokens_per_sample: int | None, context_window: int) -> int:
-    """The input length T (default: the model's max positions), checked against the model
-    and the context window."""
-    T = tokens_per_sample or model.cfg.max_target_positions
-    if T > model.cfg.max_target_positions:
-        raise UserError(f"--tokens-per-sample {T} exceeds the model's max positions "
-                        f"{model.cfg.max_target_positions}")
-    if context_window >= T:
-        raise UserError(f"--context-window ({context_window}) must be smaller than "
-                        f"--tokens-per-sample ({T})")
-    return T
-
-
-def make_windows(n_tokens: int, tokens: np.ndarray, eos: int, tokens_per_sample: int,
-                 context_window: int, mode: str) -> list[Window]:
-    if mode == "none":
-        return score_windows(n_tokens, tokens_per_sample, context_window)
-    blocks = train_blocks(tokens, eos, tokens_per_sample, mode)
-    return [Window(int(s), int(s), int(e)) for s, e in blocks]
-
-
-@torch.no_grad()
-def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, pad: int,
-                max_tokens: int, softmax_batch: int, device: torch.device,
-                return_hidden: tuple[str, ...] = (), amp_dtype=None,
-                logprobs: bool = True) -> Iterator[ScoredBatch]:
-    """Run the model over consecutive windows, yielding target log-probs (unless
-    ``logprobs`` is False: no output layer at all) and the ``return_hidden`` states of each
-    batch's scored positions, in order."""
-    if any(a.end != b.score_start for a, b in zip(windows, windows[1:])):
-        raise ValueError("iter_scored needs consecutive windows")
-    model.eval()
-    for batch in batch_windows(windows, max_tokens):
-        B, L = len(batch), max(w.length for w in batch)
-        inp = np.full((B, L), pad, dtype=np.int64)
-        flat_idx = []
-        for b, w in enumerate(batch):
-            inp[b, :w.length] = shifted_inputs(tokens, eos, w.ctx_start, w.end)
-            flat_idx.append(np.arange(w.score_start - w.ctx_start, w.length) + b * L)
-        start, end = batch[0].score_start, batch[-1].end
-        targets = np.asarray(tokens[start:end], dtype=np.int64)
-        prev = shifted_inputs(tokens, eos, start, end)
-        x = torch.from_numpy(inp).to(device)
-        idx = torch.from_numpy(np.concatenate(flat_idx)).to(device)
-        lp = None
-        with autocast_context(device, amp_dtype):
-            feats, hidden = model(x, return_hidden=return_hidden)
-            if logprobs:
-                lp = target_logprobs(model, feats.reshape(B * L, -1)[idx],
-                                     torch.from_numpy(targets).to(device), softmax_batch)
-        hidden = {k: v.reshape(B * L, -1)[idx] for k, v in hidden.items()}
-        yield ScoredBatch(start, end, targets, prev, lp, hidden)
-
-
-def open_token_memmap(path: str | Path, n: int, dtype, resume: bool = False) -> np.ndarray:
-    """A per-token output file: new, or (``resume``) the one a killed run left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if resume:
-        try:
-            return np.lib.format.open_memmap(path, mode="r+", dtype=dtype, shape=(n,))
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot resume: {path} is missing or damaged ({exc}); remove "
-                            "the retrieval cache to evaluate from the start")
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
 
 
 def perplexities(nll_sum: float, n_tokens: int, n_words: int) -> dict:

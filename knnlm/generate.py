@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from . import knn
-from .checkpoint import check_model_source, load_lm
+from .lm.checkpoint import check_model_source, load_lm
 from .util import UserError, config_dict, flag
 from .io import write_json_atomic
 from .data.preprocess import DataBin
-from .device import resolve_device
+from .lm.device import resolve_device
 from .knn_options import KnnOptions
 
 

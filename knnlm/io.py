@@ -1,5 +1,5 @@
 """Files and sidecars: JSON written atomically, sidecars and .npy files read with checks,
-file fingerprints. Every failure a user can cause becomes a one-line :class:`UserError`.
+per-token output memmaps, file fingerprints. Every failure a user can cause becomes a one-line :class:`UserError`.
 """
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .util import UserError
 
@@ -51,10 +53,9 @@ def read_sidecar(directory: str | os.PathLike, name: str, fmt: str, what: str) -
     return meta
 
 
-def open_npy(path: str | os.PathLike, shape: tuple | None, dtype) -> "np.ndarray":
+def open_npy(path: str | os.PathLike, shape: tuple | None, dtype) -> np.ndarray:
     """A .npy file as a read-only memmap, checked against the shape and dtype its sidecar
     records (``shape`` None: only the dtype)."""
-    import numpy as np
     path = Path(path)
     try:
         arr = np.load(path, mmap_mode="r")
@@ -75,3 +76,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def open_token_memmap(path: str | os.PathLike, n: int | tuple, dtype,
+                      resume: bool = False) -> np.ndarray:
+    """A per-token output .npy of ``n`` rows (or shape ``n``): new, or (``resume``) the one
+    a killed run left, rows already written kept."""
+    path = Path(path)
+    shape = (n,) if isinstance(n, int) else tuple(n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if resume:
+        try:
+            return np.lib.format.open_memmap(path, mode="r+", dtype=dtype, shape=shape)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot resume: {path} is missing or damaged ({exc}); remove "
+                            "the retrieval cache to evaluate from the start")
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)

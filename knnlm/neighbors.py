@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from . import knn
-from .checkpoint import check_model_source, load_lm
+from .lm.checkpoint import check_model_source, load_lm
 from .util import UserError, flag
 from .data.blocks import shifted_inputs
 from .data.preprocess import DataBin
-from .device import resolve_device
+from .lm.device import resolve_device
 from .knn_options import KnnOptions
 
 

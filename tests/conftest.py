@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from knnlm.checkpoint import CKPT_FORMAT, CKPT_VERSION, save_checkpoint
+from knnlm.lm.checkpoint import CKPT_FORMAT, CKPT_VERSION, save_checkpoint
 from knnlm.data import preprocess
 from knnlm.data.preprocess import DataBin
-from knnlm.models.transformer import build_model
+from knnlm.lm.transformer import build_model
 
 WORDS = ("the king queen lord lady good sweet night day love death heart noble "
          "speak hear come go my thy thou art what shall not be to of and in").split()
@@ -82,7 +82,7 @@ def tiny_ckpt(bpe_databin, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_ckpt(bpe_databin, tmp_path_factory) -> Path:
     """A tiny model trained for 40 updates on the synthetic corpus."""
-    from knnlm import train
+    from knnlm.lm import train
     root = tmp_path_factory.mktemp("trained")
     train.main(train.TrainConfig(data=str(bpe_databin.path), arch="tiny", save_dir=str(root),
                                  tokens_per_sample=64, max_tokens=512, lr=3e-3, max_update=40,

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from knnlm import evaluate, sweep, train
+from knnlm import evaluate, sweep
+from knnlm.lm import train
 from knnlm.analysis import analyze, stats
 from knnlm.analysis.subsample import subset_rows, write_subset
 from knnlm.cli import run as cli_run

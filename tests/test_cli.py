@@ -41,7 +41,7 @@ def test_subcommand_help_lists_every_flag(name, capsys):
 
 def test_original_flag_spellings_accepted():
     from knnlm.util import parse_config
-    from knnlm.train import TrainConfig
+    from knnlm.lm.train import TrainConfig
     cfg = parse_config(TrainConfig, ["db", "--max-sentences", "3", "--max-update", "1"], "t")
     assert cfg.batch_size == 3
 

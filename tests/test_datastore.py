@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from knnlm import build_dstore
-from knnlm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
+from knnlm.lm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
 from knnlm.util import UserError
 from knnlm.data.blocks import score_windows, shifted_inputs
 from knnlm.datastore import Datastore, normalize_keytype

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from knnlm import evaluate
-from knnlm.checkpoint import load_checkpoint, model_from_checkpoint
+from knnlm.lm.checkpoint import load_checkpoint, model_from_checkpoint
 from knnlm.data.blocks import score_windows
 from knnlm.data.tokenizer import Dictionary, count_words
 

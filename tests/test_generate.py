@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from knnlm import generate, index
-from knnlm.checkpoint import load_checkpoint, model_from_checkpoint
+from knnlm.lm.checkpoint import load_checkpoint, model_from_checkpoint
 from knnlm.cli import run as cli_run
 from knnlm.data.preprocess import DataBin
 

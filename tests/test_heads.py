@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import train
-from knnlm.checkpoint import load_checkpoint, model_from_checkpoint
-from knnlm.heads_train import allot_extra_embeddings, model_from_base
-from knnlm.models import heads
-from knnlm.models.transformer import TransformerLM
+from knnlm.lm import train
+from knnlm.lm.checkpoint import load_checkpoint, model_from_checkpoint
+from knnlm.lm.heads_train import allot_extra_embeddings, model_from_base
+from knnlm.lm import heads
+from knnlm.lm.transformer import TransformerLM
 
 from conftest import tiny_model
 

@@ -15,7 +15,7 @@ from knnlm.data import preprocess
 from knnlm.data.blocks import shifted_inputs
 from knnlm.data.preprocess import DataBin
 from knnlm.datastore import Datastore
-from knnlm.models.hf import HFCausalLM, load_hf_model, locate_modules
+from knnlm.lm.hf import HFCausalLM, load_hf_model, locate_modules
 
 FAMILIES = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=2, n_positions=128),
@@ -194,7 +194,7 @@ def test_example_script_runs_end_to_end(corpus_dir, tmp_path):
 
 
 def test_fingerprint_ignores_the_load_dtype(hf_model_dir):
-    from knnlm.models.hf import hf_fingerprint
+    from knnlm.lm.hf import hf_fingerprint
     a = load_hf_model(str(hf_model_dir))
     b = load_hf_model(str(hf_model_dir), torch.bfloat16)
     assert next(b.hf.parameters()).dtype == torch.bfloat16

@@ -8,7 +8,7 @@ import torch
 
 from knnlm import evaluate, index
 from knnlm.cache import RetrievalCache
-from knnlm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
+from knnlm.lm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
 from knnlm.data.preprocess import DataBin
 from knnlm.data.blocks import score_windows, shifted_inputs
 from knnlm.retrieval import brute_force_search, exact_distances

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from knnlm.models.transformer import ARCHS, build_model, count_parameters
+from knnlm.lm.transformer import ARCHS, build_model, count_parameters
 
 from conftest import tiny_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from knnlm import evaluate, index, sweep
-from knnlm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
+from knnlm.lm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
 from knnlm.util import UserError
 from knnlm.data.preprocess import DataBin
 

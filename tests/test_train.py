@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from knnlm import train
-from knnlm.checkpoint import load_checkpoint
-from knnlm.optim import lr_at
+from knnlm.lm import train
+from knnlm.lm.checkpoint import load_checkpoint
+from knnlm.lm.optim import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 

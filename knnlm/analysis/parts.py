@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import evaluate, index as index_mod, sweep
 from ..cache import RetrievalCache
-from ..checkpoint import load_checkpoint
+from ..lm.checkpoint import load_checkpoint
 from ..util import command_line, config_dict
 from ..io import read_json
 from ..datastore import Datastore

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .util import UserError
+from ..util import UserError
 
 OPTIMIZERS = ("adam", "nag")
 SCHEDULERS = ("fixed", "inverse_sqrt", "cosine")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .util import UserError
-from .models.transformer import ModelConfig, TransformerLM
+from ..util import UserError
+from .transformer import ModelConfig, TransformerLM
 
 CKPT_FORMAT = "knnlm-checkpoint"
 CKPT_VERSION = 1
@@ -93,7 +93,7 @@ def load_lm(path: str | None, hf_model: str | None, databin, device, hf_dtype=No
     (``--hf-model``, its weights loaded in ``hf_dtype`` when given), checked against the
     data-bin's vocabulary, on ``device``."""
     if hf_model:
-        from .models.hf import check_hf_data, hf_fingerprint, load_hf_model
+        from .hf import check_hf_data, hf_fingerprint, load_hf_model
         model = load_hf_model(hf_model, hf_dtype)
         check_hf_data(model, databin)
         return model.to(device), hf_fingerprint(model.hf)

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from .util import UserError
+from ..util import UserError
 
 
 def resolve_device(device: str | None = None, cpu: bool = False) -> torch.device:

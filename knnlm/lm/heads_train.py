@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from .checkpoint import check_data_matches, load_checkpoint, model_from_checkpoint
-from .util import UserError, flag
-from .io import write_json_atomic
-from .data.preprocess import DataBin
-from .models.transformer import ModelConfig, TransformerLM
+from ..util import UserError, flag
+from ..io import write_json_atomic
+from ..data.preprocess import DataBin
+from .transformer import ModelConfig, TransformerLM
 
 # std of the noise added to copied rows, relative to the base rows' std: identical copies
 # of a row get identical gradients forever, so the copies must differ a little

@@ -26,18 +26,18 @@ import numpy as np
 import torch
 
 from .checkpoint import CKPT_FORMAT, CKPT_VERSION, load_checkpoint, save_checkpoint
-from .util import UserError, config_dict
-from .io import write_json_atomic
-from .data.blocks import score_windows, shifted_inputs, train_blocks
-from .data.preprocess import DataBin
+from ..util import UserError, config_dict
+from ..io import write_json_atomic
+from ..data.blocks import score_windows, shifted_inputs, train_blocks
+from ..data.preprocess import DataBin
 from .distributed import DistContext, setup_distributed
-from . import knn
-from .evaluate import iter_scored
-from .models.transformer import build_model, count_parameters
+from .. import knn
+from .scoring import iter_scored
+from .transformer import build_model, count_parameters
 from .optim import build_optimizer, lr_at
 from .device import autocast_context
 from .progress import TrainProgress
-from .train_config import TrainConfig  # noqa: F401  (the command's config: knnlm.train.TrainConfig)
+from .train_config import TrainConfig  # noqa: F401  (the command's config: knnlm.lm.train.TrainConfig)
 
 SEED_MIX = 1_000_003
 

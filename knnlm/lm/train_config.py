@@ -1,12 +1,12 @@
 """The `knnlm train` configuration: fairseq's training flags and the original fork's
-output-head flags, validated (see :mod:`knnlm.train` for the loop)."""
+output-head flags, validated (see :mod:`knnlm.lm.train` for the loop)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .util import UserError, flag
-from .data.blocks import BREAK_MODES
-from .models.transformer import ARCHS
+from ..util import UserError, flag
+from ..data.blocks import BREAK_MODES
+from .transformer import ARCHS
 from .optim import OPTIMIZERS, SCHEDULERS
 
 

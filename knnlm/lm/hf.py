@@ -1,7 +1,7 @@
 """HuggingFace causal LMs behind the interface of our own Transformer (`--hf-model`).
 
 ``model(tokens, return_hidden)`` returns ``(ffn, {name: tensor})`` and
-``model.output_layer(ffn)`` the logits, as :class:`~knnlm.models.transformer.TransformerLM`
+``model.output_layer(ffn)`` the logits, as :class:`~knnlm.lm.transformer.TransformerLM`
 does, so eval-lm, build-dstore, the kNN-LM and generation use either unchanged.
 
 The representations (paper notes §2):

@@ -1,0 +1,102 @@
+"""Blocked forward passes, shared by eval-lm, build-dstore, validation during training and
+the kNN-LM: the token stream cut into fairseq windows (:mod:`knnlm.data.blocks`), batched,
+run through the model, and each batch's scored positions returned as target log-probs
+and the requested representations (``att``, ``ffn``, ``layer:N``) in split order.
+
+    for sb in iter_scored(model, tokens, make_windows(len(tokens), tokens, eos, 512, 256, "none"),
+                          eos=eos, pad=pad, max_tokens=8192, softmax_batch=4096,
+                          device=device, return_hidden=("att",)):
+        sb.logprobs   # (M,) log p(target) of tokens [sb.start, sb.end)
+        sb.hidden["att"]   # (M, D)
+
+Every token of the split is scored exactly once; the output softmax is taken in chunks so
+the (M, V) logits never exist at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..data.blocks import Window, batch_windows, score_windows, shifted_inputs, train_blocks
+from ..util import UserError
+from .device import autocast_context
+
+
+@dataclass
+class ScoredBatch:
+    """Targets ``[start, end)`` of the split, scored in one batch."""
+    start: int
+    end: int
+    targets: np.ndarray          # (M,) int64
+    prev: np.ndarray             # (M,) int64, the input token at each position
+    logprobs: torch.Tensor | None  # (M,) float32, log p_LM(target), natural log
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (M, D)
+
+
+def target_logprobs(model, features: torch.Tensor, targets: torch.Tensor,
+                    softmax_batch: int) -> torch.Tensor:
+    """log p(target) for (M, D) features, the output softmax taken ``softmax_batch`` rows
+    at a time so the (M, V) logits never exist at once."""
+    out = torch.empty(len(targets), dtype=torch.float32, device=features.device)
+    for s in range(0, len(targets), softmax_batch):
+        logits = model.output_layer(features[s:s + softmax_batch]).float()
+        t = targets[s:s + softmax_batch, None]
+        out[s:s + softmax_batch] = (logits.gather(1, t) - torch.logsumexp(logits, 1, True))[:, 0]
+    return out
+
+
+def resolve_window(model, tokens_per_sample: int | None, context_window: int) -> int:
+    """The input length T (default: the model's max positions), checked against the model
+    and the context window."""
+    T = tokens_per_sample or model.cfg.max_target_positions
+    if T > model.cfg.max_target_positions:
+        raise UserError(f"--tokens-per-sample {T} exceeds the model's max positions "
+                        f"{model.cfg.max_target_positions}")
+    if context_window >= T:
+        raise UserError(f"--context-window ({context_window}) must be smaller than "
+                        f"--tokens-per-sample ({T})")
+    return T
+
+
+def make_windows(n_tokens: int, tokens: np.ndarray, eos: int, tokens_per_sample: int,
+                 context_window: int, mode: str) -> list[Window]:
+    if mode == "none":
+        return score_windows(n_tokens, tokens_per_sample, context_window)
+    blocks = train_blocks(tokens, eos, tokens_per_sample, mode)
+    return [Window(int(s), int(s), int(e)) for s, e in blocks]
+
+
+@torch.no_grad()
+def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, pad: int,
+                max_tokens: int, softmax_batch: int, device: torch.device,
+                return_hidden: tuple[str, ...] = (), amp_dtype=None,
+                logprobs: bool = True) -> Iterator[ScoredBatch]:
+    """Run the model over consecutive windows, yielding target log-probs (unless
+    ``logprobs`` is False: no output layer at all) and the ``return_hidden`` states of each
+    batch's scored positions, in order."""
+    if any(a.end != b.score_start for a, b in zip(windows, windows[1:])):
+        raise ValueError("iter_scored needs consecutive windows")
+    model.eval()
+    for batch in batch_windows(windows, max_tokens):
+        B, L = len(batch), max(w.length for w in batch)
+        inp = np.full((B, L), pad, dtype=np.int64)
+        flat_idx = []
+        for b, w in enumerate(batch):
+            inp[b, :w.length] = shifted_inputs(tokens, eos, w.ctx_start, w.end)
+            flat_idx.append(np.arange(w.score_start - w.ctx_start, w.length) + b * L)
+        start, end = batch[0].score_start, batch[-1].end
+        targets = np.asarray(tokens[start:end], dtype=np.int64)
+        prev = shifted_inputs(tokens, eos, start, end)
+        x = torch.from_numpy(inp).to(device)
+        idx = torch.from_numpy(np.concatenate(flat_idx)).to(device)
+        lp = None
+        with autocast_context(device, amp_dtype):
+            feats, hidden = model(x, return_hidden=return_hidden)
+            if logprobs:
+                lp = target_logprobs(model, feats.reshape(B * L, -1)[idx],
+                                     torch.from_numpy(targets).to(device), softmax_batch)
+        hidden = {k: v.reshape(B * L, -1)[idx] for k, v in hidden.items()}
+        yield ScoredBatch(start, end, targets, prev, lp, hidden)
