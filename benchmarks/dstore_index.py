@@ -67,7 +67,7 @@ def stage_dump(a) -> dict:
 
 def stage_index(a) -> dict:
     import faiss  # noqa: F401  (imported before the clock starts, as in raw_faiss)
-    from knnlm import index
+    from knnlm.knn import index
     cfg = index.BuildIndexConfig(dstore_dir=a.dstore, knn_keytype="att", index_factory=a.factory,
                                  faiss_index=a.dstore + "/bench.faiss", train_size=a.train_size,
                                  gpu="no", quiet=True)
@@ -78,8 +78,8 @@ def stage_index(a) -> dict:
 
 def stage_raw_faiss(a) -> dict:
     import faiss
-    from knnlm.datastore import Datastore
-    from knnlm.index import training_sample
+    from knnlm.knn.datastore import Datastore
+    from knnlm.knn.index import training_sample
     ds = Datastore(a.dstore)
     keys = ds.keys("att")
     t0 = time.perf_counter()

@@ -52,7 +52,7 @@ def stage_bare(a) -> dict:
     from knnlm.lm.checkpoint import load_checkpoint, model_from_checkpoint
     from knnlm.data.preprocess import DataBin
     from knnlm.lm.scoring import iter_scored, make_windows
-    from knnlm.knn_eval import QUERY_CHUNK
+    from knnlm.knn.scorer import QUERY_CHUNK
     db = DataBin(a.data)
     tokens = db.split(a.subset)
     model = model_from_checkpoint(load_checkpoint(a.path))
@@ -73,7 +73,7 @@ def stage_bare(a) -> dict:
 
 def stage_synth_cache(a) -> dict:
     """A synthetic retrieval cache (N x k, sorted gamma distances) for the sweep."""
-    from knnlm.cache import CacheWriter
+    from knnlm.knn.cache import CacheWriter
     rng = np.random.default_rng(0)
     w = CacheWriter(a.cache_dir, a.sweep_tokens, a.k, False, dict(
         metric="l2", faiss_metric="l2", datastore_fingerprint="synthetic"), datastore_size=10 ** 6)
@@ -89,7 +89,7 @@ def stage_synth_cache(a) -> dict:
 
 
 def stage_sweep(a) -> dict:
-    from knnlm import sweep
+    from knnlm.knn import sweep
     t0 = time.perf_counter()
     sweep.main(sweep.SweepConfig(cache=a.cache_dir, lmbda="0:0.99:0.01", knn_temp="0.5:15:0.5",
                                  out=str(Path(a.cache_dir) / "out"), quiet=True))

@@ -42,7 +42,7 @@ def factory_for(n: int) -> str:
 
 def stage_synth(a) -> dict:
     """Write the datastore in 1M-row chunks (seeded)."""
-    from knnlm.datastore import DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter
+    from knnlm.knn.datastore import DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((CENTRES, DIM)).astype(np.float32)
     p = 1.0 / np.arange(1, CENTRES + 1) ** 0.8
@@ -65,7 +65,7 @@ def stage_synth(a) -> dict:
 
 
 def stage_index(a) -> dict:
-    from knnlm import index
+    from knnlm.knn import index
     meta = index.build_index(index.BuildIndexConfig(
         dstore_dir=a.dstore, knn_keytype="att", index_factory=factory_for(a.n),
         train_size=min(a.n, 200_000), faiss_index=a.index, shards=a.shards, workers=a.workers,
@@ -76,8 +76,8 @@ def stage_index(a) -> dict:
 
 
 def stage_search(a) -> dict:
-    from knnlm.datastore import Datastore
-    from knnlm.index import load_index
+    from knnlm.knn.datastore import Datastore
+    from knnlm.knn.index import load_index
     ds = Datastore(a.dstore)
     idx, _ = load_index(a.index, ds, "att", nprobe=a.nprobe)
     rng = np.random.default_rng(1)

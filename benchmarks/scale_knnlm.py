@@ -51,7 +51,7 @@ def tiled_meta(parent, n: int, noise: float) -> dict:
 
 def write_tiled(parent, out: Path, n: int, noise: float) -> None:
     """Rows i = parent row i mod P; repeats after the first get seeded Gaussian noise."""
-    from knnlm.datastore import DatastoreWriter
+    from knnlm.knn.datastore import DatastoreWriter
     keys, size = parent.keys("att"), parent.size
     rng = np.random.default_rng(SEED)
     sample = np.sort(rng.choice(size, min(size, 100_000), replace=False))
@@ -70,7 +70,7 @@ def write_tiled(parent, out: Path, n: int, noise: float) -> None:
 
 def stage_dstore(a) -> dict:
     from knnlm.analysis.subsample import write_subset
-    from knnlm.datastore import Datastore
+    from knnlm.knn.datastore import Datastore
     parent = Datastore(a.dstore)
     t0 = time.perf_counter()
     if a.n <= parent.size:
@@ -84,7 +84,7 @@ def stage_dstore(a) -> dict:
 
 
 def stage_index(a) -> dict:
-    from knnlm import index
+    from knnlm.knn import index
     meta = index.build_index(index.BuildIndexConfig(
         dstore_dir=a.work_dstore, knn_keytype="att", index_factory=a.factory,
         train_size=min(a.n, a.train_size), probe=a.probe, quiet=True))
@@ -129,7 +129,7 @@ def stage_exact_search(a) -> dict:
 
 
 def stage_sweep(a) -> dict:
-    from knnlm import sweep
+    from knnlm.knn import sweep
     t0 = time.perf_counter()
     sweep.main(sweep.SweepConfig(cache=a.cache, lmbda="0:0.99:0.01", knn_temp="0.5:15:0.5",
                                  out=str(Path(a.cache) / "sweep"), quiet=True))

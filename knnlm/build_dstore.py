@@ -1,7 +1,7 @@
 """`knnlm build-dstore`: one forward pass over a split, saving kNN-LM keys and values.
 
 Inputs: ``--path`` checkpoint, a data-bin (positional) and ``--gen-subset`` (the training
-split by default). Output: a datastore directory (see :mod:`knnlm.datastore`) with one key
+split by default). Output: a datastore directory (see :mod:`knnlm.knn.datastore`) with one key
 file per ``--knn-keytype`` (several in one pass), values and positions.
 
     knnlm build-dstore runs/demo/data-bin --path runs/demo/checkpoints/checkpoint_best.pt \\
@@ -36,17 +36,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .lm.checkpoint import check_model_source, load_lm
-from .util import UserError, config_dict, flag
-from .io import read_json, write_json_atomic
-from .data.preprocess import DataBin
 from .data.blocks import batch_windows
-from .lm.distributed import setup_distributed
-from .datastore import fingerprint as dstore_fingerprint
-from .datastore import (DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter, is_built,
-                        normalize_keytype, value_dtype)
+from .data.preprocess import DataBin
+from .io import read_json, write_json_atomic
+from .knn.datastore import fingerprint as dstore_fingerprint
+from .knn.datastore import (DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter, is_built,
+    normalize_keytype, value_dtype)
+from .lm.checkpoint import check_model_source, load_lm
 from .lm.device import resolve_device
+from .lm.distributed import setup_distributed
 from .lm.scoring import iter_scored, make_windows, resolve_window
+from .util import UserError, config_dict, flag
 
 
 @dataclass

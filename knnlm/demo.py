@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import build_dstore, evaluate, index, sweep
+from . import build_dstore, evaluate
+from .data import corpora, preprocess
+from .io import read_json, write_json_atomic
+from .knn import index, sweep
 from .lm import train
 from .util import UserError, config_dict, flag
-from .io import read_json, write_json_atomic
-from .data import corpora, preprocess
 
 
 @dataclass

@@ -22,12 +22,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import knn
+from .build_dstore import BuildDstoreConfig
+from .build_dstore import main as build_dstore_main
 from .data.blocks import BREAK_MODES
 from .data.preprocess import DataBin
 from .data.tokenizer import word_mask
 from .io import open_token_memmap, write_json_atomic
-from .knn_options import KnnOptions
+from .knn import math as knn_math
+from .knn.options import KnnOptions
+from .knn.scorer import KnnScorer
 from .lm.checkpoint import check_model_source, load_lm
 from .lm.device import resolve_device
 from .lm.scoring import iter_scored, make_windows, resolve_window
@@ -100,7 +103,6 @@ class EvalConfig(KnnOptions):
 
     def to_build_dstore(self):
         """The equivalent `knnlm build-dstore` config (the original --save-knnlm-dstore)."""
-        from .build_dstore import BuildDstoreConfig
         return BuildDstoreConfig(
             data=self.data, path=self.path, hf_model=self.hf_model, dstore_dir=self.dstore_mmap, gen_subset=self.gen_subset,
             knn_keytype=self.knn_keytype, tokens_per_sample=self.tokens_per_sample,
@@ -127,7 +129,6 @@ def eval_lm(model, databin: DataBin, cfg: EvalConfig, device: torch.device,
         tokens = tokens[:cfg.max_eval_tokens]
     knn_scorer = None
     if cfg.knnlm:
-        from .knn_eval import KnnScorer
         knn_scorer = KnnScorer(cfg, model_fingerprint, databin, device, len(tokens))
     return eval_tokens(model, tokens, databin, cfg, device, knn_scorer)
 
@@ -171,7 +172,7 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
                                    lp.astype(np.float32), words)
             st["knn_nll"] -= float(klp.sum())
             st["no_match"] += int(np.isinf(klp).sum())
-            mix = knn.interpolate(torch.from_numpy(lp), torch.from_numpy(klp), cfg.lmbda)
+            mix = knn_math.interpolate(torch.from_numpy(lp), torch.from_numpy(klp), cfg.lmbda)
             st["interp_nll"] -= float(mix.sum())
             for arr in (scores, saved_tokens):
                 if arr is not None:
@@ -217,8 +218,7 @@ def format_results(res: dict) -> str:
 
 def main(cfg: EvalConfig) -> dict:
     if cfg.save_knnlm_dstore:
-        from . import build_dstore
-        return build_dstore.main(cfg.to_build_dstore())
+        return build_dstore_main(cfg.to_build_dstore())
     databin = DataBin(cfg.data)
     device = resolve_device(cfg.device, cfg.cpu)
     half = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None

@@ -11,7 +11,7 @@ continuation on stdout; ``--results-path`` writes them with token ids and speed 
 
 At every step the next-token distribution over the whole vocabulary is
 log((1 − λ)·p_LM + λ·p_kNN), p_kNN scattered from the retrieved neighbours
-(:func:`knnlm.knn.knn_full_log_probs`); decoding is greedy, or sampling (``--sampling``)
+(:func:`knnlm.knn.math.knn_full_log_probs`); decoding is greedy, or sampling (``--sampling``)
 with ``--temperature``, ``--sampling-topk`` and ``--sampling-topp``. The model keeps a
 key/value cache, so each new token costs one single-token forward and one retrieval. With
 ``--lmbda 0`` the output equals plain generation token for token.
@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import knn
-from .lm.checkpoint import check_model_source, load_lm
-from .util import UserError, config_dict, flag
-from .io import write_json_atomic
 from .data.preprocess import DataBin
+from .io import write_json_atomic
+from .knn import math as knn_math
+from .knn.options import KnnOptions
+from .knn.search import KnnSearch
+from .lm.checkpoint import check_model_source, load_lm
 from .lm.device import resolve_device
-from .knn_options import KnnOptions
+from .util import UserError, config_dict, flag
 
 
 @dataclass
@@ -126,8 +127,8 @@ def next_log_probs(logits: torch.Tensor, query, search, cfg: GenerateConfig) -> 
         return lm
     r = search.search(query.cpu().numpy()[None])
     vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
-    knn_lp = knn.knn_full_log_probs(r["scores"], vals, len(lm), cfg.knn_temp, r["mask"])[0]
-    return knn.interpolate(lm, knn_lp, cfg.lmbda)
+    knn_lp = knn_math.knn_full_log_probs(r["scores"], vals, len(lm), cfg.knn_temp, r["mask"])[0]
+    return knn_math.interpolate(lm, knn_lp, cfg.lmbda)
 
 
 def generate_one(model, prompt_ids: np.ndarray, start: int, cfg: GenerateConfig, search,
@@ -156,7 +157,6 @@ def main(cfg: GenerateConfig) -> dict:
     model.eval()
     search = None
     if cfg.knnlm:
-        from .knn_eval import KnnSearch
         search = KnnSearch(cfg, fingerprint, databin, device)
     vocab, gen = databin.vocab, torch.Generator().manual_seed(cfg.seed)
     results, n_new, seconds = [], 0, 0.0

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import knn
-from .lm.checkpoint import check_model_source, load_lm
-from .util import UserError, flag
 from .data.blocks import shifted_inputs
 from .data.preprocess import DataBin
+from .knn import math as knn_math
+from .knn.options import KnnOptions
+from .knn.search import KnnSearch
+from .lm.checkpoint import check_model_source, load_lm
 from .lm.device import resolve_device
-from .knn_options import KnnOptions
+from .util import UserError, flag
 
 
 @dataclass(kw_only=True)
@@ -76,9 +77,9 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
         lm = torch.log_softmax(model.output_layer(feats[0]).double(), -1).cpu()
     q = hid[search.keytype][0].float().cpu().numpy()
     r = search.search(q)
-    weights = torch.exp(knn.log_weights(r["scores"].masked_fill(~r["mask"], -math.inf), temp))
+    weights = torch.exp(knn_math.log_weights(r["scores"].masked_fill(~r["mask"], -math.inf), temp))
     tgt = torch.from_numpy(ids.astype(np.int64))
-    p_knn = knn.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]), tgt, temp,
+    p_knn = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]), tgt, temp,
                                      r["mask"]).exp()
     out = []
     for i in range(len(ids)):
@@ -124,7 +125,6 @@ def main(cfg: NeighborsConfig) -> list[dict]:
     device = resolve_device(cfg.device, cfg.cpu)
     model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
     model.eval()
-    from .knn_eval import KnnSearch
     search = KnnSearch(cfg, fingerprint, databin, device)
     ids = cfg.token_ids(databin.vocab)
     rows = neighbours(model, ids, databin.eos, search, cfg.knn_temp, device)

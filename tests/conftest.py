@@ -94,7 +94,7 @@ def trained_ckpt(bpe_databin, tmp_path_factory) -> Path:
 def trained_dstore(bpe_databin, trained_ckpt, tmp_path_factory):
     """att and ffn keys of the trained tiny model over the training split (~13k entries)."""
     from knnlm import build_dstore
-    from knnlm.datastore import Datastore
+    from knnlm.knn.datastore import Datastore
     out = tmp_path_factory.mktemp("dstore_train") / "ds"
     build_dstore.main(build_dstore.BuildDstoreConfig(
         data=str(bpe_databin.path), path=str(trained_ckpt), dstore_dir=str(out),

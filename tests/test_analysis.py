@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from knnlm import evaluate, sweep
+from knnlm import evaluate
+from knnlm.knn import sweep
 from knnlm.lm import train
 from knnlm.analysis import analyze, stats
 from knnlm.analysis.subsample import subset_rows, write_subset
 from knnlm.cli import run as cli_run
-from knnlm.datastore import Datastore
+from knnlm.knn.datastore import Datastore
 
 from test_sweep import run as direct_run
 

@@ -11,7 +11,7 @@ from knnlm import build_dstore
 from knnlm.lm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
 from knnlm.util import UserError
 from knnlm.data.blocks import score_windows, shifted_inputs
-from knnlm.datastore import Datastore, normalize_keytype
+from knnlm.knn.datastore import Datastore, normalize_keytype
 
 from conftest import tiny_model, write_model_checkpoint
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from knnlm import build_dstore
-from knnlm.datastore import Datastore
+from knnlm.knn.datastore import Datastore
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("keys_att.npy", "keys_ffn.npy", "vals.npy", "pos.npy", "datastore.json")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import generate, index
+from knnlm import generate
+from knnlm.knn import index
 from knnlm.lm.checkpoint import load_checkpoint, model_from_checkpoint
 from knnlm.cli import run as cli_run
 from knnlm.data.preprocess import DataBin

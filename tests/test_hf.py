@@ -14,7 +14,7 @@ from knnlm.util import UserError
 from knnlm.data import preprocess
 from knnlm.data.blocks import shifted_inputs
 from knnlm.data.preprocess import DataBin
-from knnlm.datastore import Datastore
+from knnlm.knn.datastore import Datastore
 from knnlm.lm.hf import HFCausalLM, load_hf_model, locate_modules
 
 FAMILIES = {

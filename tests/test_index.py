@@ -6,9 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
-from knnlm import index
+from knnlm.knn import index
 from knnlm.util import UserError
-from knnlm.datastore import Datastore
+from knnlm.knn.datastore import Datastore
 
 
 def icfg(ds, **kw):

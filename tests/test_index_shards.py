@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-from knnlm import index
+from knnlm.knn import index
 from knnlm.cli import run as cli_run
 from knnlm.util import UserError
-from knnlm.index_shards import merge_shards, shard_path, shard_ranges
+from knnlm.knn.shards import merge_shards, shard_path, shard_ranges
 
 
 def build(ds, out, **kw):
@@ -41,7 +41,7 @@ def test_sharded_equals_unsharded(trained_dstore, tmp_path, factory, metric, wor
 
 def test_killed_sharded_build_redoes_only_unfinished_shards(trained_dstore, tmp_path, capsys,
                                                            monkeypatch):
-    from knnlm import index_shards
+    from knnlm.knn import shards
     ds, out = trained_dstore, tmp_path / "s.faiss"
     build(ds, out, index_factory="IVF32,PQ8", shards=3)
     ref = out.read_bytes()
@@ -51,7 +51,7 @@ def test_killed_sharded_build_redoes_only_unfinished_shards(trained_dstore, tmp_
 
     def killed(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(index_shards, "merge_shards", killed)     # killed before the merge
+    monkeypatch.setattr(shards, "merge_shards", killed)     # killed before the merge
     with pytest.raises(KeyboardInterrupt):
         build(ds, out, index_factory="IVF32,PQ8", shards=3)
     monkeypatch.undo()

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import evaluate, index
-from knnlm.cache import RetrievalCache
+from knnlm import evaluate
+from knnlm.knn import index
+from knnlm.knn.cache import RetrievalCache
 from knnlm.lm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
 from knnlm.data.preprocess import DataBin
 from knnlm.data.blocks import score_windows, shifted_inputs
-from knnlm.retrieval import brute_force_search, exact_distances
+from knnlm.knn.search import brute_force_search, exact_distances
 
 K = 16
 
@@ -187,7 +188,7 @@ def test_exact_distances_and_l2_search_on_a_read_only_memmap(tmp_path):
 
 
 def test_score_setup_modes():
-    from knnlm.knn_eval import score_setup
+    from knnlm.knn.search import score_setup
     assert score_setup(None, "l2", False) == ("l2", "l2", True)          # FAISS mask, real score
     assert score_setup("do_not_recomp_l2", "l2", False) == ("l2", "l2", False)
     assert score_setup("do_not_recomp_l2", "ip", False) == ("ip", "ip", False)
@@ -201,7 +202,7 @@ def test_move_dstore_to_mem_gives_the_same_result(bpe_databin, trained_ckpt, tra
     a = run_eval(kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path))
     b = run_eval(kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, move_dstore_to_mem=True))
     assert a["interpolated"]["ppl"] == b["interpolated"]["ppl"]
-    from knnlm.datastore import Datastore
+    from knnlm.knn.datastore import Datastore
     mem = Datastore(trained_dstore.path, in_memory=True)
     assert not isinstance(mem.keys("att"), np.memmap) and mem.keys("att").dtype == np.float16
 
@@ -211,7 +212,7 @@ def test_gpu_search_flags_fall_back_or_refuse(bpe_databin, trained_ckpt, trained
     """Without FAISS GPU support --knnlm-gpu searches on the CPU (same result); asking for
     more GPUs than present is refused."""
     from knnlm.cli import run as cli_run
-    from knnlm.index import gpu_available
+    from knnlm.knn.index import gpu_available
     if gpu_available():
         pytest.skip("a FAISS GPU build is present")
     cpu = run_eval(kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, knn_sim_func="do_not_recomp_l2"))
@@ -228,21 +229,21 @@ def test_gpu_search_flags_fall_back_or_refuse(bpe_databin, trained_ckpt, trained
 
 def test_killed_knnlm_eval_resumes_to_identical_outputs(bpe_databin, trained_ckpt, trained_dstore,
                                                        ivf_index, tmp_path, monkeypatch):
-    from knnlm import knn_eval
+    from knnlm.knn import scorer
 
     def cfg(d):
         return kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, max_tokens=256,
                     save_retrieval=str(d / "cache"), save_exact_dists=True,
                     save_scores=str(d / "scores.npy"), save_knn_scores=str(d / "knn.npy"))
     ref = run_eval(cfg(tmp_path / "ref"))
-    real, calls = knn_eval.KnnScorer.score, []
+    real, calls = scorer.KnnScorer.score, []
 
     def dies(self, *a, **kw):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt   # killed in the 4th batch
         return real(self, *a, **kw)
-    monkeypatch.setattr(knn_eval.KnnScorer, "score", dies)
+    monkeypatch.setattr(scorer.KnnScorer, "score", dies)
     with pytest.raises(KeyboardInterrupt):
         run_eval(cfg(tmp_path / "b"))
     monkeypatch.undo()

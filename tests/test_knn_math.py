@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import knn
+from knnlm.knn import math as knn
+from knnlm.knn.search import exact_distances
 
 
 def loop_knn_target(scores, vals, target, temp, keep=None):
@@ -60,7 +61,8 @@ def test_full_vocab_equals_target_path_and_sums_to_one():
 def test_masks_and_ignore_top():
     D, vals, targets = random_case()
     scores = knn.scores_from_distances(D, "l2")
-    mask = knn.drop_first_mask(D.shape[1], D.shape[0])
+    mask = torch.ones(D.shape, dtype=torch.bool)
+    mask[:, 0] = False                       # --ignore-top drops the nearest neighbour
     got = knn.knn_target_log_probs(scores, vals, targets, 1.0, mask)
     ref = knn.knn_target_log_probs(scores[:, 1:], vals[:, 1:], targets, 1.0)
     torch.testing.assert_close(got, ref)
@@ -96,10 +98,11 @@ def test_temperature_scaling_identity():
 
 
 def test_l2_and_ip_sign_conventions():
-    q = torch.tensor([[1.0, 0.0]])
-    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [3.0, 0.0]]])
-    l2 = knn.exact_scores(q, keys, "l2")
-    ip = knn.exact_scores(q, keys, "ip")
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    keys = np.array([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0]], dtype=np.float32)
+    ids = np.array([[0, 1, 2]])
+    l2 = knn.scores_from_distances(torch.from_numpy(exact_distances(q, keys, ids, "l2")), "l2")
+    ip = knn.scores_from_distances(torch.from_numpy(exact_distances(q, keys, ids, "ip")), "ip")
     assert l2.tolist() == [[-0.0, -2.0, -4.0]]       # nearest (itself) scores highest
     assert ip.tolist() == [[1.0, 0.0, 3.0]]          # the long vector wins under IP
     # FAISS returns squared L2 distances and raw inner products

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import build_dstore, knn, neighbors
+from knnlm import build_dstore, neighbors
+from knnlm.knn import math as knn
 from knnlm.cli import run as cli_run
-from knnlm.datastore import Datastore
+from knnlm.knn.datastore import Datastore
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from knnlm import evaluate, index, sweep
+from knnlm import evaluate
+from knnlm.knn import index, sweep
 from knnlm.lm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
 from knnlm.util import UserError
 from knnlm.data.preprocess import DataBin

@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..util import UserError, command_line, config_dict, flag
 from ..io import read_json, write_json_atomic
-from ..sweep import parse_grid
+from ..knn.sweep import parse_grid
+from ..util import UserError, command_line, config_dict, flag
 from . import parts, report
 
 PARTS = ("representation", "retrieval", "temperature", "size", "overlap", "parametric")

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import evaluate, index as index_mod, sweep
-from ..cache import RetrievalCache
+from .. import evaluate
+from ..io import read_json
+from ..knn import index as index_mod, sweep
+from ..knn.cache import RetrievalCache
+from ..knn.datastore import Datastore
+from ..knn.search import default_index_path
 from ..lm.checkpoint import load_checkpoint
 from ..util import command_line, config_dict
-from ..io import read_json
-from ..datastore import Datastore
-from ..knn_eval import default_index_path
 from . import stats
 from .subsample import write_subset
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..knn.sweep import pyplot
+
 TITLES = dict(
     representation="Representation x similarity (FAISS mask and score)",
     retrieval="Approximate vs exact retrieval (att keys, L2)",
@@ -101,7 +103,6 @@ def _default_head(value) -> bool:
 
 
 def plots(out: Path, results: dict) -> list[str]:
-    from ..sweep import pyplot
     plt = pyplot()
     if plt is None:
         return []

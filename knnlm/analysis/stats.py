@@ -17,7 +17,7 @@ def ppl(logp_sum: float, n: int) -> float:
 
 
 def sweep_summary(sums: dict, temps: list[float], lambdas: list[float], n: int) -> dict:
-    """From :func:`knnlm.sweep.sweep_sums` output: the best λ at T = 1 and the best (T, λ),
+    """From :func:`knnlm.knn.sweep.sweep_sums` output: the best λ at T = 1 and the best (T, λ),
     each with kNN-only and interpolated perplexity, and the curve best-λ ppl per T."""
     interp, knn = np.asarray(sums["interp"]), np.asarray(sums["knn"])
     out = dict(lm_ppl=ppl(sums["lm"], n), tokens=n,

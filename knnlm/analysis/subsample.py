@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..datastore import Datastore, DatastoreWriter, is_built, normalize_keytype
+from ..knn.datastore import Datastore, DatastoreWriter, is_built, normalize_keytype
 
 COPY_CHUNK = 1 << 18
 

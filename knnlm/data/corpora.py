@@ -22,8 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..util import UserError, config_dict, flag
 from ..io import sha256_file, write_json_atomic
+from ..util import UserError, config_dict, flag
 
 SPLITS = ("train", "valid", "test")
 CORPORA = ("shakespeare", "wikitext-103", "wikitext-2", "text")

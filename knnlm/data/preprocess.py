@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..util import UserError, config_dict, flag
 from ..io import open_npy, read_sidecar, sha256_file, write_json_atomic
+from ..util import UserError, config_dict, flag
 from .tokenizer import BPETokenizer, Dictionary, HFTokenizer, load_vocab, vocab_summary
 
 DATA_FORMAT = "knnlm-data-bin"

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import check_data_matches, load_checkpoint, model_from_checkpoint
-from ..util import UserError, flag
-from ..io import write_json_atomic
 from ..data.preprocess import DataBin
+from ..io import write_json_atomic
+from ..util import UserError, flag
+from .checkpoint import check_data_matches, load_checkpoint, model_from_checkpoint
 from .transformer import ModelConfig, TransformerLM
 
 # std of the noise added to copied rows, relative to the base rows' std: identical copies

@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from ..util import UserError
 from ..hub import first_line, load_hf_tokenizer, offline, transformers_module
+from ..util import UserError
 
 # model_type -> (path of the decoder layers inside the backbone, MLP-input module in a layer)
 LAYOUTS = {

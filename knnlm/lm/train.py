@@ -25,19 +25,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import CKPT_FORMAT, CKPT_VERSION, load_checkpoint, save_checkpoint
-from ..util import UserError, config_dict
-from ..io import write_json_atomic
 from ..data.blocks import score_windows, shifted_inputs, train_blocks
 from ..data.preprocess import DataBin
-from .distributed import DistContext, setup_distributed
-from .. import knn
-from .scoring import iter_scored
-from .transformer import build_model, count_parameters
-from .optim import build_optimizer, lr_at
+from ..io import write_json_atomic
+from ..knn import math as knn_math
+from ..util import UserError, config_dict
+from .checkpoint import CKPT_FORMAT, CKPT_VERSION, load_checkpoint, save_checkpoint
 from .device import autocast_context
+from .distributed import DistContext, setup_distributed
+from .optim import build_optimizer, lr_at
 from .progress import TrainProgress
+from .scoring import iter_scored
 from .train_config import TrainConfig  # noqa: F401  (the command's config: knnlm.lm.train.TrainConfig)
+from .transformer import build_model, count_parameters
 
 SEED_MIX = 1_000_003
 
@@ -95,7 +95,7 @@ class LossModule(torch.nn.Module):
                                                      reduction="sum")
         with torch.no_grad():
             base_lp = token_logprobs(self._base[0], inp, tgt)
-        mix = knn.interpolate(base_lp, token_logprobs(self.model, inp, tgt), self.train_lambda)
+        mix = knn_math.interpolate(base_lp, token_logprobs(self.model, inp, tgt), self.train_lambda)
         return -mix[keep].sum()
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..util import UserError, flag
 from ..data.blocks import BREAK_MODES
-from .transformer import ARCHS
+from ..util import UserError, flag
 from .optim import OPTIMIZERS, SCHEDULERS
+from .transformer import ARCHS
 
 
 @dataclass

@@ -46,7 +46,7 @@ class ModelConfig:
     share_decoder_input_output_embed: bool = False
     no_scale_embedding: bool = False
     padding_idx: int = 1
-    # output head (models/heads.py); the defaults are the standard softmax over ffn
+    # output head (lm/heads.py); the defaults are the standard softmax over ffn
     softmax_input: str = "ffn"
     pseudo_vocab_ratio: int = 1
     num_extra_embed: list[int] | None = None

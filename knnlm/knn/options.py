@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .util import UserError, flag
+from ..util import UserError, flag
 
 
 @dataclass(kw_only=True)

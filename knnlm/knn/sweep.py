@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import knn
+from ..io import open_npy, write_json_atomic
+from ..util import UserError, config_dict, flag
+from . import math as knn_math
 from .cache import RetrievalCache
-from .util import UserError, config_dict, flag
-from .io import open_npy, write_json_atomic
+from .datastore import Datastore
 
 ROWS_PER_CHUNK = 1024   # small chunks stay in cache: ~2x faster than 8192 here
 
@@ -100,8 +101,8 @@ def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
         tgt = torch.from_numpy(np.array(cache.targets[s:e], dtype=np.int64))
         lm = torch.from_numpy(np.array(cache.lm_logprobs[s:e], dtype=np.float64))
         lm_sum += float(lm.sum())
-        scores = knn.scores_from_distances(d, metric)
-        kls = knn.knn_target_log_probs_temps(scores, vals, tgt, temps, ids >= 0)   # (T, c)
+        scores = knn_math.scores_from_distances(d, metric)
+        kls = knn_math.knn_target_log_probs_temps(scores, vals, tgt, temps, ids >= 0)   # (T, c)
         for ti, kl in enumerate(kls):
             knn_sum[ti] += kl.sum()
             oracle[ti] += torch.maximum(kl, lm).sum()
@@ -124,7 +125,7 @@ def interpolation_sums(base: np.ndarray, other: np.ndarray, lambdas: list[float]
         b = torch.from_numpy(np.asarray(base[s:s + ROWS_PER_CHUNK * 64], dtype=np.float64))
         o = torch.from_numpy(np.asarray(other[s:s + ROWS_PER_CHUNK * 64], dtype=np.float64))
         for i, lam in enumerate(lambdas):
-            out[i] += float(knn.interpolate(b, o, lam).sum())
+            out[i] += float(knn_math.interpolate(b, o, lam).sum())
     return out
 
 
@@ -227,7 +228,6 @@ def main(cfg: SweepConfig) -> dict:
         return res
     cache = RetrievalCache(cfg.cache)
     if cfg.dstore_filename:
-        from .datastore import Datastore
         cache.check_datastore(Datastore(cfg.dstore_filename).fingerprint)
     ks = cfg.ks or [cache.k]
     if max(ks) > cache.k:

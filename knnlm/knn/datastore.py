@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .util import UserError
-from .io import open_npy, read_json, read_sidecar, write_json_atomic
+from ..io import open_npy, read_json, read_sidecar, write_json_atomic
+from ..util import UserError
 
 DSTORE_FORMAT = "knnlm-datastore"
 DSTORE_VERSION = 1

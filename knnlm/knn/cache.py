@@ -1,6 +1,6 @@
 """The retrieval cache: what `eval-lm --knnlm --save-retrieval DIR` saw for every scored
 token, enough to recompute p_kNN for any temperature, any k' <= k, any λ and FAISS vs
-exact scores without the model, the datastore or the index (see :mod:`knnlm.sweep`).
+exact scores without the model, the datastore or the index (see :mod:`knnlm.knn.sweep`).
 
 Files in DIR (row i = token i of the evaluated split):
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .util import UserError
-from .io import open_npy, read_json, read_sidecar, write_json_atomic
+from ..io import open_npy, read_json, read_sidecar, write_json_atomic
+from ..util import UserError
 
 CACHE_FORMAT = "knnlm-retrieval-cache"
 CACHE_VERSION = 1

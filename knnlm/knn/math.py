@@ -32,19 +32,6 @@ def scores_from_distances(D: torch.Tensor, metric: str) -> torch.Tensor:
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
-def exact_scores(q: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
-    """Scores of (B, D) queries against their own (B, k, D) neighbour keys, in float32+.
-
-    L2: -||q - k||², computed as a difference (not the expanded form) for accuracy.
-    """
-    q = q.to(keys.dtype)[:, None, :]
-    if metric == "l2":
-        return -((keys - q) ** 2).sum(-1)
-    if metric == "ip":
-        return (keys * q).sum(-1)
-    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-
-
 def log_weights(scores: torch.Tensor, temp: float) -> torch.Tensor:
     """(B, k) log softmax of scores / T over the neighbours."""
     if temp <= 0:
@@ -132,10 +119,3 @@ def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor,
     if lmbda == 1.0:
         return knn_log_probs.clone()
     return torch.logaddexp(lm_log_probs + math.log1p(-lmbda), knn_log_probs + math.log(lmbda))
-
-
-def drop_first_mask(k: int, batch: int, device=None) -> torch.Tensor:
-    """(B, k) mask that drops the nearest neighbour (``--ignore-top``)."""
-    mask = torch.ones(batch, k, dtype=torch.bool, device=device)
-    mask[:, 0] = False
-    return mask

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .util import UserError, config_dict, flag
-from .io import read_json, write_json_atomic
+from ..io import read_json, write_json_atomic
+from ..util import UserError, config_dict, flag
 from .datastore import Datastore, normalize_keytype
 
 INDEX_FORMAT = "knnlm-index"
@@ -205,7 +205,7 @@ def build_index(cfg: BuildIndexConfig) -> dict:
         return index
 
     if cfg.shards > 1:
-        from .index_shards import build_sharded
+        from .shards import build_sharded
         index, timings, leftovers = build_sharded(cfg, ds, out, meta, trained)
         meta["shards"] = cfg.shards
         return _finish(index, out, side_path, meta, timings, t0, leftovers)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .util import UserError
-from .io import read_json, write_json_atomic
+from ..io import read_json, write_json_atomic
+from ..util import UserError
 
 
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:

@@ -1,0 +1,88 @@
+"""The kNN-LM side of `eval-lm --knnlm`: the neighbours of each scored block's queries,
+p_kNN of its targets, and the optional per-token outputs (retrieval cache, kNN scores,
+queries), committed batch by batch so a killed evaluation resumes. Search and score modes
+are :class:`knnlm.knn.search.KnnSearch`'s; the math is :mod:`knnlm.knn.math`'s.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..io import open_token_memmap
+from ..util import config_dict
+from . import math as knn_math
+from .cache import CacheWriter
+from .search import KnnSearch
+
+QUERY_CHUNK = 256        # queries per search call (bounds the (B, k, D) neighbour keys)
+EXACT_QUERY_CHUNK = 4096  # brute force reads every key per call: larger query batches
+
+
+class KnnScorer:
+    """Retrieves neighbours for a batch of queries and scores the targets."""
+
+    def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device, n_tokens: int):
+        self.cfg = cfg
+        self.knn = KnnSearch(cfg, model_fingerprint, databin, device, cfg.save_exact_dists)
+        self.keytype, ds = self.knn.keytype, self.knn.ds
+        self.recompute = self.knn.recompute
+        self.cache = None
+        if cfg.save_retrieval:
+            meta = dict(config=config_dict(cfg), metric=self.knn.score_metric,
+                        faiss_metric=self.knn.search_metric, datastore_fingerprint=ds.fingerprint,
+                        index=self.knn.index_meta and {k: self.knn.index_meta[k] for k in
+                                                       ("factory", "metric", "nprobe",
+                                                        "datastore_fingerprint")},
+                        nprobe=cfg.probe, exact_search=cfg.exact_search, ignore_top=cfg.ignore_top)
+            self.cache = CacheWriter(cfg.save_retrieval, n_tokens, cfg.k,
+                                     cfg.save_exact_dists, meta, ds.size)
+        self.progress = self.cache.progress if self.cache is not None else None
+        resume = bool(self.progress)   # resuming: keep the rows already written
+        self.knn_scores = self.queries = None
+        if cfg.save_knn_scores:
+            self.knn_scores = open_token_memmap(cfg.save_knn_scores, n_tokens, np.float32, resume)
+        if cfg.save_queries:
+            self.queries = open_token_memmap(cfg.save_queries, (n_tokens, ds.dim), np.float32,
+                                             resume)
+
+    def commit(self, progress: dict) -> None:
+        """After a batch: flush every per-token output, then record the running state in the
+        cache sidecar (what a killed evaluation resumes from)."""
+        if self.cache is None:
+            return
+        for arr in (self.knn_scores, self.queries):
+            if arr is not None:
+                arr.flush()
+        self.cache.commit(progress)
+
+    def score(self, start: int, q: torch.Tensor, targets: np.ndarray, lm_lp: np.ndarray,
+              words: np.ndarray) -> np.ndarray:
+        """log p_kNN of each target, (M,) float64; writes the per-token outputs."""
+        q = q.float().cpu().numpy()
+        out = np.empty(len(q), dtype=np.float64)
+        step = QUERY_CHUNK if (self.recompute or self.cfg.save_exact_dists) or \
+            not self.cfg.exact_search else EXACT_QUERY_CHUNK
+        for s in range(0, len(q), step):
+            e = min(len(q), s + step)
+            out[s:e] = self._score_chunk(start + s, q[s:e], targets[s:e], lm_lp[s:e], words[s:e])
+        if self.queries is not None:
+            self.queries[start:start + len(q)] = q
+        if self.knn_scores is not None:
+            self.knn_scores[start:start + len(q)] = out
+        return out
+
+    def _score_chunk(self, start, q, targets, lm_lp, words) -> np.ndarray:
+        r = self.knn.search(q)
+        lp = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]),
+                                      torch.from_numpy(targets), self.cfg.knn_temp, r["mask"])
+        if self.cache is not None:
+            self.cache.write(start, targets=targets, words=words, lm_logprobs=lm_lp, ids=r["I"],
+                             vals=r["vals"], faiss_dists=r["D"], exact_dists=r["exact"])
+        return lp.numpy()
+
+    def close(self, summary: dict) -> None:
+        for arr in (self.knn_scores, self.queries):
+            if arr is not None:
+                arr.flush()
+        if self.cache is not None:
+            self.cache.close(summary)

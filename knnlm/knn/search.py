@@ -1,0 +1,227 @@
+"""Search over a datastore: FAISS search, exact brute-force search, exact distances
+recomputed from the stored keys (:class:`Retriever`), and the score mode the kNN flags
+describe on top of them (:class:`KnnSearch`, shared by eval-lm, generate and neighbors).
+
+Score modes (the paper's analyses), chosen by flags of the original code:
+
+- ``--knn-sim-func do_not_recomp_l2``: FAISS neighbours, FAISS (quantised) distances;
+- default: FAISS neighbours, exact L2 recomputed from the stored keys;
+- ``--knn-sim-func dot``: FAISS neighbours, exact inner products from the stored keys;
+- ``--exact-search``: exact neighbours by brute force (the paper's "real mask"), exact scores.
+
+Distances follow FAISS's conventions everywhere (:func:`knnlm.knn.math.scores_from_distances`
+turns them into scores): L2 -> squared Euclidean distance, smaller is closer; IP -> inner
+product, larger is closer. Missing neighbours (FAISS returns id -1 when the probed lists
+hold fewer than k keys) come back with id -1 and are masked out downstream.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..util import UserError
+from . import math as knn_math
+from .datastore import Datastore, normalize_keytype
+from .index import gpu_available, load_index
+
+BRUTE_FORCE_CHUNK = 1 << 17   # keys per chunk of the exact search (bounds memory)
+
+
+def brute_force_search(q: torch.Tensor, keys, k: int, metric: str,
+                       chunk: int = BRUTE_FORCE_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over all keys: chunked matmul + top-k, merged across chunks.
+
+    q: (B, D) float32 on the compute device; keys: (N, D) array or memmap (any float
+    dtype), or a tensor already on the device. Returns FAISS-style (D (B, k) float32,
+    I (B, k) int64).
+    """
+    device = q.device
+    q = q.float()
+    qn = (q * q).sum(1, keepdim=True)
+    best_s = torch.full((len(q), 0), float("-inf"), device=device)
+    best_i = torch.zeros((len(q), 0), dtype=torch.long, device=device)
+    for s in range(0, len(keys), chunk):
+        if isinstance(keys, torch.Tensor):
+            kc = keys[s:s + chunk].float()
+        else:
+            kc = torch.from_numpy(np.asarray(keys[s:s + chunk], dtype=np.float32)).to(device)
+        if metric == "l2":   # score = 2 q.k - ||k||^2 = ||q||^2 - ||q - k||^2, one GEMM
+            sc = torch.addmm((kc * kc).sum(1).neg_()[None, :], q, kc.T, alpha=2)
+        else:
+            sc = q @ kc.T
+        kk = min(k, sc.shape[1])
+        top_s, top_i = sc.topk(kk, dim=1)
+        best_s = torch.cat([best_s, top_s], 1)
+        best_i = torch.cat([best_i, top_i + s], 1)
+        if best_s.shape[1] > k:
+            best_s, order = best_s.topk(k, dim=1)
+            best_i = best_i.gather(1, order)
+    D = (qn - best_s).clamp_min(0) if metric == "l2" else best_s
+    return D.cpu().numpy().astype(np.float32), best_i.cpu().numpy()
+
+
+RECOMPUTE_CHUNK = 16   # queries per gather in exact_distances (keeps (C, k, D) in cache)
+
+
+def key_table(keys) -> torch.Tensor:
+    """A zero-copy torch view of stored keys (a read-only memmap too: it is only read)."""
+    if isinstance(keys, torch.Tensor):
+        return keys
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(keys))
+
+
+def exact_distances(q: np.ndarray, keys, ids: np.ndarray, metric: str) -> np.ndarray:
+    """FAISS-style distances of (B, D) queries to their (B, k) neighbours, recomputed in
+    float32 from the stored keys (squared L2 as a sum of squared differences)."""
+    table = key_table(keys)
+    safe = torch.from_numpy(np.where(ids >= 0, ids, 0).astype(np.int64))
+    qq = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))[:, None, :]
+    out = np.empty(ids.shape, dtype=np.float32)
+    for s in range(0, len(ids), RECOMPUTE_CHUNK):
+        e = min(len(ids), s + RECOMPUTE_CHUNK)
+        nk = table.index_select(0, safe[s:e].reshape(-1)).view(e - s, ids.shape[1], -1).float()
+        if metric == "l2":
+            d = nk.sub_(qq[s:e]).square_().sum(-1)
+        else:
+            d = nk.mul_(qq[s:e]).sum(-1)
+        out[s:e] = d.numpy()
+    return np.where(ids >= 0, out, np.inf if metric == "l2" else -np.inf).astype(np.float32)
+
+
+class Retriever:
+    """Finds the k nearest datastore entries of a batch of queries."""
+
+    def __init__(self, ds: Datastore, keytype: str, k: int, metric: str = "l2", index=None,
+                 exact_search: bool = False, load_keys: bool = True,
+                 device: torch.device | None = None):
+        if metric not in knn_math.METRICS:
+            raise UserError(f"metric must be one of {', '.join(knn_math.METRICS)}, got {metric!r}")
+        if k > ds.size:
+            raise UserError(f"--k {k} exceeds the datastore size {ds.size:,}")
+        if index is None and not exact_search:
+            raise UserError("an index is needed unless --exact-search is given")
+        self.ds, self.k, self.metric, self.index = ds, k, metric, index
+        self.exact_search = exact_search
+        self.keys = ds.keys(keytype) if (load_keys or exact_search) else None
+        self.vals = ds.vals
+        self.device = device or torch.device("cpu")
+        self._device_keys = None   # keys kept on the GPU for brute-force search
+
+    def _search_keys(self):
+        """The keys brute force scans: on a GPU, one fp16 copy made once (if it fits)."""
+        if self.device.type != "cuda":
+            return self.keys
+        if self._device_keys is None:
+            need = self.keys.shape[0] * self.keys.shape[1] * 2
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need > 0.8 * free:
+                return self.keys   # stream the chunks from host memory instead
+            host = np.array(self.keys, dtype=np.float16)  # a writable copy for torch
+            self._device_keys = torch.from_numpy(host).to(self.device)
+        return self._device_keys
+
+    def search(self, q: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, D) float32 queries -> (D (B, k), I (B, k)), FAISS conventions."""
+        k = k or self.k
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if self.exact_search:
+            return brute_force_search(torch.from_numpy(q).to(self.device), self._search_keys(),
+                                      k, self.metric)
+        D, I = self.index.search(q, k)
+        return D, I
+
+    def values(self, ids: np.ndarray) -> np.ndarray:
+        """(B, k) neighbour values; -1 where the neighbour is missing."""
+        return np.where(ids >= 0, np.asarray(self.vals[np.where(ids >= 0, ids, 0)]), -1)
+
+    def recompute(self, q: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+        if self.keys is None:
+            raise UserError("exact distances need the stored keys (drop --no-load-keys)")
+        return exact_distances(q, self.keys, ids, metric)
+
+
+def default_index_path(dstore_dir: str | Path, keytype: str, metric: str) -> Path:
+    return Path(dstore_dir) / f"index_{keytype.replace(':', '')}_{metric}.faiss"
+
+
+def score_setup(sim_func: str | None, faiss_metric: str, exact_search: bool) -> tuple[str, str, bool]:
+    """(metric neighbours are searched with, metric of the scores, recompute from keys?).
+
+    FAISS search uses the index's metric; scores are its distances with
+    ``do_not_recomp_l2``, else exact L2 (default) or inner products (``dot``) recomputed
+    from the stored keys. Exact search already yields exact distances, in the metric the
+    flags name (``dot`` -> IP, ``l2`` -> L2, default -> the ``--faiss-metric-type``).
+    """
+    if exact_search:
+        metric = {"dot": "ip", "l2": "l2"}.get(sim_func or "", faiss_metric)
+        return metric, metric, False
+    if sim_func == "do_not_recomp_l2":
+        return faiss_metric, faiss_metric, False
+    return faiss_metric, "ip" if sim_func == "dot" else "l2", True
+
+
+def index_to_gpus(index, n_gpus: int, shard: bool):
+    """The index cloned to (or sharded across) the first ``n_gpus`` GPUs (0: all) with
+    fp16 lookup tables; the CPU index, with a note, when FAISS has no GPU support."""
+    import faiss
+    have = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+    if n_gpus > max(have, torch.cuda.device_count()):
+        raise UserError(f"--knnlm-gpus {n_gpus} but {max(have, torch.cuda.device_count())} "
+                        "GPU(s) are visible")
+    if not gpu_available():
+        print("--knnlm-gpu: this FAISS build has no GPU support; searching on the CPU")
+        return index
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = shard
+    co.useFloat16 = True          # fp16 lookup tables (IVF-PQ) / storage (flat)
+    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n_gpus or have)
+
+
+class KnnSearch:
+    """The datastore, index and score mode the kNN flags describe: the neighbours of a batch
+    of queries and their scores (shared by eval-lm, generate and neighbors)."""
+
+    def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device,
+                 need_exact: bool = False):
+        self.cfg = cfg
+        self.keytype = normalize_keytype(cfg.knn_keytype)
+        ds = Datastore(cfg.dstore_filename, in_memory=cfg.move_dstore_to_mem)
+        ds.check_model(model_fingerprint, databin.tokenizer_sha256)
+        self.ds = ds
+        index, self.index_meta = None, None
+        if not cfg.exact_search:
+            path = cfg.indexfile or default_index_path(ds.path, self.keytype, cfg.faiss_metric_type)
+            index, self.index_meta = load_index(path, ds, self.keytype, cfg.faiss_metric_type,
+                                                cfg.probe)
+            if cfg.knnlm_gpu:
+                index = index_to_gpus(index, cfg.knnlm_gpus, cfg.gpu_shard)
+        self.search_metric, self.score_metric, self.recompute = score_setup(
+            cfg.knn_sim_func, cfg.faiss_metric_type, cfg.exact_search)
+        if self.recompute and not cfg.load_keys:
+            raise UserError("--no-load-keys needs --knn-sim-func do_not_recomp_l2 "
+                            "(the default recomputes distances from the keys)")
+        self.need_exact = need_exact
+        self.k_search = cfg.k + (1 if cfg.ignore_top else 0)
+        bf_device = device if cfg.knnlm_gpu else torch.device("cpu")
+        self.retriever = Retriever(ds, self.keytype, self.k_search, self.search_metric, index,
+                                   cfg.exact_search, cfg.load_keys or need_exact, bf_device)
+
+    def search(self, q: np.ndarray) -> dict:
+        """(B, D) float32 queries -> D, I (B, k) as searched (minus the self-hit with
+        --ignore-top), their values, exact distances (when recomputed or asked for), and
+        ``scores`` (B, k) float64 in the configured score mode, ``mask`` of real neighbours."""
+        D, I = self.retriever.search(q)
+        if self.cfg.ignore_top:   # scoring the datastore's own text: drop the self-hit
+            D, I = D[:, 1:], I[:, 1:]
+        vals = self.retriever.values(I)
+        exact = None
+        if self.recompute or self.need_exact:
+            exact = self.retriever.recompute(q, I, self.score_metric)
+        dist, metric = (exact, self.score_metric) if self.recompute else (D, self.search_metric)
+        scores = knn_math.scores_from_distances(torch.from_numpy(dist).double(), metric)
+        return dict(D=D, I=I, vals=vals, exact=exact, scores=scores, mask=torch.from_numpy(I >= 0))
