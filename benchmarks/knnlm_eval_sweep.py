@@ -74,9 +74,12 @@ def stage_bare(a) -> dict:
 def stage_synth_cache(a) -> dict:
     """A synthetic retrieval cache (N x k, sorted gamma distances) for the sweep."""
     from knnlm.knn.cache import CacheWriter
+    from knnlm.knn.mode import ScoreMode
     rng = np.random.default_rng(0)
+    mode = ScoreMode.from_flags("do_not_recomp_l2", "l2", False)
     w = CacheWriter(a.cache_dir, a.sweep_tokens, a.k, False, dict(
-        metric="l2", faiss_metric="l2", datastore_fingerprint="synthetic"), datastore_size=10 ** 6)
+        metric="l2", faiss_metric="l2", score_mode=mode.to_dict(),
+        datastore_fingerprint="synthetic"), datastore_size=10 ** 6)
     for s in range(0, a.sweep_tokens, 10_000):
         n = min(10_000, a.sweep_tokens - s)
         d = np.sort(rng.gamma(4.0, 10.0, (n, a.k)).astype(np.float32), axis=1)

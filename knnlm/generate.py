@@ -169,9 +169,11 @@ def main(cfg: GenerateConfig) -> dict:
                             continuation=text))
         n_new, seconds = n_new + len(new), seconds + sec
     speed = n_new / seconds if seconds > 0 else float("nan")   # after each prompt's forward
+    mode = search.mode.to_dict() if search is not None else None
     print(f"{n_new:,} tokens, {speed:,.1f} tok/s" + (f" with kNN (k {cfg.k}, λ {cfg.lmbda}, "
-                                                     f"T {cfg.knn_temp})" if cfg.knnlm else ""))
-    out = dict(results=results, tokens=n_new, tokens_per_second=speed, config=config_dict(cfg))
+                                                     f"T {cfg.knn_temp}, {mode['name']})" if cfg.knnlm else ""))
+    out = dict(results=results, tokens=n_new, tokens_per_second=speed, score_mode=mode,
+               config=config_dict(cfg))
     if cfg.results_path:
         write_json_atomic(cfg.results_path, out)
     return out

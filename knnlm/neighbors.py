@@ -5,7 +5,8 @@ Inputs: a data-bin (positional: its vocabulary encodes the text), ``--path`` or
 text (``--text`` or ``--file``). For each position: the text so far, the actual next
 token, its LM and kNN probabilities, and the k neighbours — distance, kNN weight, value
 token, and the datastore context the neighbour came from (decoded from the datastore's
-positions and its own data-bin). ``--json`` prints the same as JSON.
+positions and its own data-bin). ``--json`` prints the same as JSON: the score mode, k,
+T, and ``positions``, one object per position.
 
     knnlm neighbors runs/demo/data-bin --path runs/demo/checkpoints/checkpoint_best.pt \\
         --dstore-filename runs/demo/dstore --probe 8 --k 4 --text "To be, or not to be"
@@ -136,5 +137,11 @@ def main(cfg: NeighborsConfig) -> list[dict]:
                         "neighbour texts")
     rows = describe(rows, ids, databin.vocab, ds, ds_bin.vocab, ds_bin.split(ds.meta["split"]),
                     cfg.context_tokens)
-    print(json.dumps(rows, indent=1) if cfg.json else format_rows(rows))
+    mode = search.mode
+    if cfg.json:
+        print(json.dumps(dict(score_mode=mode.to_dict(), k=cfg.k, knn_temp=cfg.knn_temp,
+                              positions=rows), indent=1))
+    else:
+        print(f"score mode {mode.name}: {mode.describe()}; k {cfg.k}, T {cfg.knn_temp}")
+        print(format_rows(rows))
     return rows

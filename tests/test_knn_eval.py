@@ -187,16 +187,6 @@ def test_exact_distances_and_l2_search_on_a_read_only_memmap(tmp_path):
     np.testing.assert_allclose(exact_distances(xq, keys, I, "l2"), D, rtol=1e-4, atol=1e-4)
 
 
-def test_score_setup_modes():
-    from knnlm.knn.search import score_setup
-    assert score_setup(None, "l2", False) == ("l2", "l2", True)          # FAISS mask, real score
-    assert score_setup("do_not_recomp_l2", "l2", False) == ("l2", "l2", False)
-    assert score_setup("do_not_recomp_l2", "ip", False) == ("ip", "ip", False)
-    assert score_setup("dot", "l2", False) == ("l2", "ip", True)
-    assert score_setup(None, "ip", True) == ("ip", "ip", False)          # real mask, real score
-    assert score_setup("dot", "l2", True) == ("ip", "ip", False)
-
-
 def test_move_dstore_to_mem_gives_the_same_result(bpe_databin, trained_ckpt, trained_dstore,
                                                   ivf_index, tmp_path):
     a = run_eval(kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path))

@@ -42,7 +42,8 @@ def test_same_text_retrieves_its_own_positions(bpe_databin, trained_ckpt, valid_
         hit = sum(nb["weight"] for nb in row["neighbors"] if nb["value"] == row["target"])
         assert row["knn_prob"] == pytest.approx(hit, rel=1e-6)
     printed = json.loads(capsys.readouterr().out)
-    for row in printed[:20]:
+    assert printed["score_mode"]["name"] == "exact-l2" and printed["k"] == 4
+    for row in printed["positions"][:20]:
         own = [nb for nb in row["neighbors"] if nb["source_position"] == row["position"]][0]
         assert own["source_context"] == row["context"] and own["value_text"] == row["target_text"]
 

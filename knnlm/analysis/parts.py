@@ -116,6 +116,7 @@ class Runner:
             scfg = sweep.SweepConfig(cache=str(cache.path), lmbda=c.lmbda,
                                      knn_temp=",".join(f"{t:g}" for t in c.temps), score=score)
             res["command"] = command_line("sweep", scfg)
+            res["score_mode"] = cache.mode_of(score).to_dict()
             self._summaries[key] = res
         return self._summaries[key]
 
@@ -144,7 +145,7 @@ class Runner:
 
 def _row(summary: dict, **extra) -> dict:
     return dict(extra, lm_ppl=summary["lm_ppl"], t1=summary.get("t1"), best=summary["best"],
-                curve=summary["curve"], commands=extra.pop("commands", []) + [summary["command"]])
+                curve=summary["curve"], score_mode=summary["score_mode"]["name"], commands=extra.pop("commands", []) + [summary["command"]])
 
 
 # ---------------------------------------------------------------------- the parts
@@ -167,7 +168,8 @@ def retrieval(cfg, runner: Runner) -> dict:
 def temperature(cfg, runner: Runner) -> dict:
     # a list, not a dict: the JSON files sort object keys, and the column order matters
     curves = [dict(runner.summary(cache, score)["curve"], mode=label,
-                   command=runner.summary(cache, score)["command"])
+                   command=runner.summary(cache, score)["command"],
+                   score_mode=runner.summary(cache, score)["score_mode"]["name"])
               for label, cache, score, _ in runner.retrieval_modes()]
     return dict(curves=curves)
 

@@ -20,12 +20,13 @@ def _f(x, digits=2) -> str:
 
 
 def _settings_table(rows: list[dict], label_cols: list[tuple[str, str]]) -> list[str]:
+    label_cols = label_cols + [("score mode", "score_mode")]
     head = [h for h, _ in label_cols] + ["kNN-only ppl (T=1)", "kNN-LM ppl (T=1, best λ)",
                                          "λ", "best T", "kNN-LM ppl (best T, λ)", "λ"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(label_cols) + "---:|" * 6]
     for r in rows:
         t1, b = r.get("t1") or {}, r["best"]
-        cells = [str(r[k]) for _, k in label_cols] + [
+        cells = [str(r.get(k, "")) for _, k in label_cols] + [
             _f(t1.get("knn_ppl")), _f(t1.get("ppl")), f"{t1.get('lmbda', float('nan')):g}",
             f"{b['temp']:g}", _f(b["ppl"]), f"{b['lmbda']:g}"]
         lines.append("| " + " | ".join(cells) + " |")

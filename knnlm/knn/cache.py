@@ -9,9 +9,13 @@ Files in DIR (row i = token i of the evaluated split):
 - ``ids.npy`` (N, k) int32 (int64 for datastores beyond int32), ``vals.npy`` (N, k) int32:
   neighbours and their values (-1: none);
 - ``faiss_dists.npy`` (N, k) float32: the distances search returned (FAISS conventions);
-- ``exact_dists.npy`` (N, k) float32, with ``--save-exact-dists``: recomputed from the keys;
-- ``cache.json``: the eval config, metric, k, N, datastore and index fingerprints,
-  ``complete``.
+- ``exact_dists.npy`` (N, k) float32: recomputed from the keys, in the score mode's metric;
+  always there when the evaluation scored with them, else with ``--save-exact-dists``;
+- ``cache.json``: the eval config, its score mode (:mod:`knnlm.knn.mode`), k, N,
+  datastore and index fingerprints, ``complete``.
+
+So the cache always holds the distances its evaluation scored with: a sweep at the
+evaluation's λ, T and k reproduces its perplexity.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ import numpy as np
 
 from ..io import open_npy, read_json, read_sidecar, write_json_atomic
 from ..util import UserError
+from .mode import ScoreMode
 
 CACHE_FORMAT = "knnlm-retrieval-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2     # 2: the score mode recorded; version 1 caches still read
 
 
 def _columns(k: int, exact: bool, ids_dtype: str) -> dict[str, tuple]:
@@ -95,6 +100,9 @@ class RetrievalCache:
         self.meta = read_sidecar(self.path, "cache.json", CACHE_FORMAT, "retrieval cache")
         if not self.meta.get("complete"):
             raise UserError(f"{self.path} is incomplete (the eval that wrote it did not finish)")
+        if self.meta.get("version", 0) > CACHE_VERSION:
+            raise UserError(f"{self.path} was written by a newer knnlm (cache format "
+                            f"{self.meta['version']})")
         self.size, self.k, self.metric = self.meta["size"], self.meta["k"], self.meta["metric"]
         cols = _columns(self.k, self.meta["exact_dists"], self.meta["ids_dtype"])
         for name, (dt, shape) in cols.items():
@@ -103,6 +111,25 @@ class RetrievalCache:
     @property
     def has_exact(self) -> bool:
         return bool(self.meta["exact_dists"])
+
+    @property
+    def mode(self) -> ScoreMode:
+        """The score mode of the evaluation that wrote the cache."""
+        if "score_mode" in self.meta:
+            return ScoreMode.from_dict(self.meta["score_mode"])
+        # a version 1 cache: its evaluation recomputed scores unless it searched exactly or
+        # was told not to (--knn-sim-func do_not_recomp_l2)
+        exact_search = bool(self.meta.get("exact_search"))
+        sim = (self.meta.get("config") or {}).get("knn_sim_func")
+        recompute = not exact_search and sim != "do_not_recomp_l2"
+        search = self.meta.get("faiss_metric", self.metric)
+        return ScoreMode(exact_search, search, recompute, self.metric if recompute else search)
+
+    def mode_of(self, score: str) -> ScoreMode:
+        """The score mode of the cache column ``score`` (faiss | exact) for these neighbours."""
+        if score == "exact" and not self.has_exact:
+            raise UserError(f"{self.path} holds no exact distances (eval-lm --save-exact-dists)")
+        return self.mode.with_cache_score(score, self.metric)
 
     def check_datastore(self, fingerprint: str) -> None:
         if self.meta["datastore_fingerprint"] != fingerprint:

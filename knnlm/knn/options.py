@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..util import UserError, flag
+from .mode import SIM_FUNCS, ScoreMode
 
 
 @dataclass(kw_only=True)
@@ -19,10 +20,11 @@ class KnnOptions:
     lmbda: float = flag(0.25, "--knnlm: interpolation weight of p_kNN")
     knn_temp: float = flag(1.0, "--knnlm: softmax temperature over neighbour scores")
     probe: int = flag(32, "--knnlm: IVF lists probed per query (nprobe)")
-    knn_sim_func: str | None = flag(None, "--knnlm: scores of FAISS neighbours: exact L2 from "
-                                    "stored keys (default), do_not_recomp_l2 (FAISS distances), "
-                                    "dot (exact inner products)",
-                                    choices=("l2", "do_not_recomp_l2", "dot"))
+    knn_sim_func: str | None = flag(None, "--knnlm: scores of the neighbours: l2 / dot (exact "
+                                    "L2 / inner products from the stored keys), "
+                                    "do_not_recomp_l2 (the distances the search returned); "
+                                    "default: l2 for an L2 index, FAISS's scores for an IP index",
+                                    choices=SIM_FUNCS)
     faiss_metric_type: str = flag("l2", "--knnlm: metric of the index", choices=("l2", "ip"))
     exact_search: bool = flag(False, "--knnlm: exact neighbours by brute force (no index)")
     ignore_top: bool = flag(False, "--knnlm: drop the nearest neighbour (scoring the "
@@ -35,6 +37,10 @@ class KnnOptions:
     knnlm_gpus: int = flag(0, "--knnlm-gpu: GPUs the index goes to (0: all)")
     gpu_shard: bool = flag(False, "--knnlm-gpu: shard the index across the GPUs instead of "
                            "cloning it to each (fp16 lookup tables either way)")
+
+    def score_mode(self) -> ScoreMode:
+        """Which neighbours and which scores these flags select (:mod:`knnlm.knn.mode`)."""
+        return ScoreMode.from_flags(self.knn_sim_func, self.faiss_metric_type, self.exact_search)
 
     def check_knn(self) -> None:
         """Validate the kNN flags (call when --knnlm is on)."""

@@ -25,17 +25,18 @@ class KnnScorer:
         self.cfg = cfg
         self.knn = KnnSearch(cfg, model_fingerprint, databin, device, cfg.save_exact_dists)
         self.keytype, ds = self.knn.keytype, self.knn.ds
-        self.recompute = self.knn.recompute
+        self.mode = mode = self.knn.mode
         self.cache = None
         if cfg.save_retrieval:
-            meta = dict(config=config_dict(cfg), metric=self.knn.score_metric,
-                        faiss_metric=self.knn.search_metric, datastore_fingerprint=ds.fingerprint,
+            meta = dict(config=config_dict(cfg), score_mode=mode.to_dict(), metric=mode.metric,
+                        faiss_metric=mode.search_metric, datastore_fingerprint=ds.fingerprint,
                         index=self.knn.index_meta and {k: self.knn.index_meta[k] for k in
                                                        ("factory", "metric", "nprobe",
                                                         "datastore_fingerprint")},
                         nprobe=cfg.probe, exact_search=cfg.exact_search, ignore_top=cfg.ignore_top)
+            # the distances the scores come from are always kept (a sweep reproduces them)
             self.cache = CacheWriter(cfg.save_retrieval, n_tokens, cfg.k,
-                                     cfg.save_exact_dists, meta, ds.size)
+                                     cfg.save_exact_dists or mode.recompute, meta, ds.size)
         self.progress = self.cache.progress if self.cache is not None else None
         resume = bool(self.progress)   # resuming: keep the rows already written
         self.knn_scores = self.queries = None
@@ -60,7 +61,7 @@ class KnnScorer:
         """log p_kNN of each target, (M,) float64; writes the per-token outputs."""
         q = q.float().cpu().numpy()
         out = np.empty(len(q), dtype=np.float64)
-        step = QUERY_CHUNK if (self.recompute or self.cfg.save_exact_dists) or \
+        step = QUERY_CHUNK if (self.mode.recompute or self.cfg.save_exact_dists) or \
             not self.cfg.exact_search else EXACT_QUERY_CHUNK
         for s in range(0, len(q), step):
             e = min(len(q), s + step)
@@ -74,7 +75,8 @@ class KnnScorer:
     def _score_chunk(self, start, q, targets, lm_lp, words) -> np.ndarray:
         r = self.knn.search(q)
         lp = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]),
-                                      torch.from_numpy(targets), self.cfg.knn_temp, r["mask"])
+                                           torch.from_numpy(targets), self.cfg.knn_temp,
+                                           r["mask"])
         if self.cache is not None:
             self.cache.write(start, targets=targets, words=words, lm_logprobs=lm_lp, ids=r["I"],
                              vals=r["vals"], faiss_dists=r["D"], exact_dists=r["exact"])

@@ -2,12 +2,7 @@
 recomputed from the stored keys (:class:`Retriever`), and the score mode the kNN flags
 describe on top of them (:class:`KnnSearch`, shared by eval-lm, generate and neighbors).
 
-Score modes (the paper's analyses), chosen by flags of the original code:
-
-- ``--knn-sim-func do_not_recomp_l2``: FAISS neighbours, FAISS (quantised) distances;
-- default: FAISS neighbours, exact L2 recomputed from the stored keys;
-- ``--knn-sim-func dot``: FAISS neighbours, exact inner products from the stored keys;
-- ``--exact-search``: exact neighbours by brute force (the paper's "real mask"), exact scores.
+The score modes (which neighbours, which scores) are :mod:`knnlm.knn.mode`'s.
 
 Distances follow FAISS's conventions everywhere (:func:`knnlm.knn.math.scores_from_distances`
 turns them into scores): L2 -> squared Euclidean distance, smaller is closer; IP -> inner
@@ -149,22 +144,6 @@ def default_index_path(dstore_dir: str | Path, keytype: str, metric: str) -> Pat
     return Path(dstore_dir) / f"index_{keytype.replace(':', '')}_{metric}.faiss"
 
 
-def score_setup(sim_func: str | None, faiss_metric: str, exact_search: bool) -> tuple[str, str, bool]:
-    """(metric neighbours are searched with, metric of the scores, recompute from keys?).
-
-    FAISS search uses the index's metric; scores are its distances with
-    ``do_not_recomp_l2``, else exact L2 (default) or inner products (``dot``) recomputed
-    from the stored keys. Exact search already yields exact distances, in the metric the
-    flags name (``dot`` -> IP, ``l2`` -> L2, default -> the ``--faiss-metric-type``).
-    """
-    if exact_search:
-        metric = {"dot": "ip", "l2": "l2"}.get(sim_func or "", faiss_metric)
-        return metric, metric, False
-    if sim_func == "do_not_recomp_l2":
-        return faiss_metric, faiss_metric, False
-    return faiss_metric, "ip" if sim_func == "dot" else "l2", True
-
-
 def index_to_gpus(index, n_gpus: int, shard: bool):
     """The index cloned to (or sharded across) the first ``n_gpus`` GPUs (0: all) with
     fp16 lookup tables; the CPU index, with a note, when FAISS has no GPU support."""
@@ -188,6 +167,8 @@ class KnnSearch:
 
     def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device,
                  need_exact: bool = False):
+        """``cfg``: the kNN flags (:class:`knnlm.knn.options.KnnOptions`); ``need_exact``:
+        recompute exact distances (in the mode's metric) even when the mode does not."""
         self.cfg = cfg
         self.keytype = normalize_keytype(cfg.knn_keytype)
         ds = Datastore(cfg.dstore_filename, in_memory=cfg.move_dstore_to_mem)
@@ -200,15 +181,14 @@ class KnnSearch:
                                                 cfg.probe)
             if cfg.knnlm_gpu:
                 index = index_to_gpus(index, cfg.knnlm_gpus, cfg.gpu_shard)
-        self.search_metric, self.score_metric, self.recompute = score_setup(
-            cfg.knn_sim_func, cfg.faiss_metric_type, cfg.exact_search)
-        if self.recompute and not cfg.load_keys:
-            raise UserError("--no-load-keys needs --knn-sim-func do_not_recomp_l2 "
-                            "(the default recomputes distances from the keys)")
+        self.mode = cfg.score_mode()
+        if self.mode.recompute and not cfg.load_keys:
+            raise UserError(f"--no-load-keys: the score mode ({self.mode.describe()}) needs the "
+                            "keys; --knn-sim-func do_not_recomp_l2 scores with FAISS distances")
         self.need_exact = need_exact
         self.k_search = cfg.k + (1 if cfg.ignore_top else 0)
         bf_device = device if cfg.knnlm_gpu else torch.device("cpu")
-        self.retriever = Retriever(ds, self.keytype, self.k_search, self.search_metric, index,
+        self.retriever = Retriever(ds, self.keytype, self.k_search, self.mode.search_metric, index,
                                    cfg.exact_search, cfg.load_keys or need_exact, bf_device)
 
     def search(self, q: np.ndarray) -> dict:
@@ -219,9 +199,9 @@ class KnnSearch:
         if self.cfg.ignore_top:   # scoring the datastore's own text: drop the self-hit
             D, I = D[:, 1:], I[:, 1:]
         vals = self.retriever.values(I)
-        exact = None
-        if self.recompute or self.need_exact:
-            exact = self.retriever.recompute(q, I, self.score_metric)
-        dist, metric = (exact, self.score_metric) if self.recompute else (D, self.search_metric)
-        scores = knn_math.scores_from_distances(torch.from_numpy(dist).double(), metric)
+        exact, mode = None, self.mode
+        if mode.recompute or self.need_exact:
+            exact = self.retriever.recompute(q, I, mode.metric)
+        dist = exact if mode.recompute else D
+        scores = knn_math.scores_from_distances(torch.from_numpy(dist).double(), mode.metric)
         return dict(D=D, I=I, vals=vals, exact=exact, scores=scores, mask=torch.from_numpy(I >= 0))

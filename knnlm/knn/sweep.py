@@ -9,10 +9,12 @@ matplotlib is installed, ``ppl_vs_temp.png`` and ``ppl_vs_lambda.png``.
     knnlm sweep --cache runs/demo/cache_valid --lmbda 0:1:0.01 --knn-temp 0.5,1,2,4,8 \\
         --k 64,256,1024 --score faiss,exact
 
-Score modes: ``faiss`` uses the distances the search returned (quantised for IVF-PQ),
-``exact`` the distances recomputed from the stored keys (needs ``--save-exact-dists``).
-k' < k keeps the first k' neighbours in search order. The oracle picks, per token, the
-larger of p_LM and p_kNN (at the best T).
+Scores (``--score``): ``faiss`` uses the distances the search returned (quantised for
+IVF-PQ), ``exact`` the distances recomputed from the stored keys. By default the sweep
+scores as the evaluation that wrote the cache did (its score mode, :mod:`knnlm.knn.mode`),
+so the grid point at the evaluation's λ, T and k is the perplexity eval-lm printed; the
+output names the mode of every row. k' < k keeps the first k' neighbours in search order.
+The oracle picks, per token, the larger of p_LM and p_kNN (at the best T).
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ class SweepConfig:
     lmbda: str = flag("0:1:0.01", "λ values: list or start:stop:step")
     knn_temp: str = flag("1", "temperatures: list or start:stop:step")
     k: str | None = flag(None, "neighbour counts <= the cached k (default: the cached k)")
-    score: str | None = flag(None, "faiss, exact or both (default: every mode the cache holds)")
+    score: str | None = flag(None, "faiss, exact or both (default: the scores the evaluation "
+                             "used, its score mode)")
     dstore_filename: str | None = flag(None, "check the cache was made with this datastore")
     out: str | None = flag(None, "output directory (default: CACHE/sweep)")
     quiet: bool = flag(False, "no progress bar")
@@ -83,7 +86,7 @@ def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
                lambdas: list[float], quiet: bool = True) -> dict[str, np.ndarray]:
     """Summed log-probs over all tokens: ``interp`` (T, L), ``knn`` (T,), ``oracle`` (T,),
     ``lm`` scalar. One pass over the cache; every T and λ per chunk (vectorised)."""
-    metric = cache.metric if score == "exact" else cache.meta["faiss_metric"]
+    metric = cache.mode_of(score).metric
     lam = torch.tensor(lambdas, dtype=torch.float64)
     log_l, log_1ml = torch.log(lam), torch.log1p(-lam)   # -inf at the ends: exact edges
     interp = torch.zeros(len(temps), len(lambdas), dtype=torch.float64)
@@ -206,11 +209,12 @@ def _plots(out: Path, results: dict, temps, lambdas) -> list[str]:
 
 
 def markdown(results: dict) -> str:
-    rows = ["| score | k | best λ | best T | LM ppl | kNN ppl (at T) | kNN-LM ppl | oracle ppl |"
-            " kNN-LM word ppl |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| score | score mode | k | best λ | best T | LM ppl | kNN ppl (at T) | kNN-LM ppl |"
+            " oracle ppl | kNN-LM word ppl |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in results.items():
         score, k = key.split("@k=")
-        rows.append(f"| {score} | {k} | {r['best_lambda']:g} | {r['best_temp']:g} | "
+        rows.append(f"| {score} | {r['score_mode']['name']} | {k} | {r['best_lambda']:g} | "
+                    f"{r['best_temp']:g} | "
                     f"{r['lm_ppl']:.2f} | {r['knn_ppl']:.2f} | {r['interp_ppl']:.2f} | "
                     f"{r['oracle_ppl']:.2f} | {r['interp_word_ppl']:.2f} |")
     return "\n".join(rows) + "\n"
@@ -232,15 +236,21 @@ def main(cfg: SweepConfig) -> dict:
     ks = cfg.ks or [cache.k]
     if max(ks) > cache.k:
         raise UserError(f"--k {max(ks)} exceeds the cached k {cache.k}")
-    scores = cfg.scores or (["faiss", "exact"] if cache.has_exact else ["faiss"])
-    if "exact" in scores and not cache.has_exact:
-        raise UserError(f"{cache.path} holds no exact distances (eval-lm --save-exact-dists)")
+    mode = cache.mode
+    if not cfg.scores and mode.recompute and not cache.has_exact:
+        raise UserError(f"{cache.path} lacks the exact distances its evaluation scored with "
+                        "(written by an older knnlm): rerun eval-lm, or sweep --score faiss")
+    scores = cfg.scores or [mode.cache_score]
+    modes = {score: cache.mode_of(score) for score in scores}
+    print(f"score mode of the evaluation: {mode.name} ({mode.describe()})")
     n_words = int(np.asarray(cache.words).sum())
     results = {}
     for score in scores:
         for k in ks:
             sums = sweep_sums(cache, score, k, cfg.temps, cfg.lambdas, cfg.quiet)
-            results[f"{score}@k={k}"] = summarize(sums, cfg.temps, cfg.lambdas, cache.size, n_words)
+            results[f"{score}@k={k}"] = dict(
+                summarize(sums, cfg.temps, cfg.lambdas, cache.size, n_words),
+                score_mode=modes[score].to_dict())
     out = Path(cfg.out) if cfg.out else cache.path / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(results)
@@ -248,6 +258,7 @@ def main(cfg: SweepConfig) -> dict:
     plots = _plots(out, results, cfg.temps, cfg.lambdas)
     write_json_atomic(out / "sweep.json", dict(config=config_dict(cfg), temps=cfg.temps,
                                                lambdas=cfg.lambdas, tokens=cache.size,
+                                               evaluation_score_mode=mode.to_dict(),
                                                words=n_words, results=results, plots=plots))
     print(table, end="")
     print(f"wrote {out}/sweep.json, sweep.md" + (", " + ", ".join(plots) if plots else ""))
