@@ -57,7 +57,8 @@ class BuildDstoreConfig:
     hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
     gen_subset: str = flag("train", "split to store")
     knn_keytype: str = flag("att", "comma-separated keytypes: att (last_ffn_input), "
-                            "ffn (last_linear_input), layer:N")
+                            "ffn (last_linear_input), layer:N (the output of decoder layer N, "
+                            "0-based or from the end, before any final norm)")
     tokens_per_sample: int | None = flag(None, "longest model input, context included "
                                          "(default: the model's max positions)")
     context_window: int = flag(0, "tokens of extra left context before each block")

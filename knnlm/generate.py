@@ -121,11 +121,14 @@ def choose(log_probs: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator) -
 
 
 def next_log_probs(logits: torch.Tensor, query, search, cfg: GenerateConfig) -> torch.Tensor:
-    """(V,) log p of the next token: the LM's, or interpolated with p_kNN over all of V."""
+    """(V,) log p of the next token: the LM's, or interpolated with p_kNN over all of V
+    (the LM's alone when the search found no neighbour: p_kNN is then undefined)."""
     lm = torch.log_softmax(logits.double().cpu(), -1)
     if search is None:
         return lm
     r = search.search(query.cpu().numpy()[None])
+    if not r["mask"].any():
+        return lm
     vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
     knn_lp = knn_math.knn_full_log_probs(r["scores"], vals, len(lm), cfg.knn_temp, r["mask"])[0]
     return knn_math.interpolate(lm, knn_lp, cfg.lmbda)

@@ -144,3 +144,18 @@ def test_eval_lm_save_knnlm_dstore_spelling(bpe_databin, tiny_ckpt, built, tmp_p
         assert (out / f).read_bytes() == (built / f).read_bytes()
     assert run(["eval-lm", str(bpe_databin.path), "--path", str(tiny_ckpt),
                 "--save-knnlm-dstore"]) == 2
+
+
+def test_keys_that_overflow_fp16_are_refused(bpe_databin, tmp_path):
+    """An att of magnitude 1e6 is inf in fp16 (and would be every query's nearest key in
+    brute force): the dump stops with the entry named; fp32 keys take it."""
+    model = tiny_model(bpe_databin.vocab_size)
+    with torch.no_grad():
+        model.layers[-1].final_layer_norm.weight.fill_(1e6)   # att = this LayerNorm's output
+    ckpt = write_model_checkpoint(model, bpe_databin, tmp_path / "big.pt")
+    with pytest.raises(UserError, match=r"att key of datastore entry 0 is not finite.*--dstore-fp32"):
+        build_dstore.main(dstore_cfg(bpe_databin, ckpt, tmp_path / "ds", knn_keytype="att"))
+    assert json.loads((tmp_path / "ds" / "datastore.json").read_text())["rows_written"] == 0
+    build_dstore.main(dstore_cfg(bpe_databin, ckpt, tmp_path / "ds32", knn_keytype="att",
+                                 dstore_fp32=True))
+    assert np.abs(Datastore(tmp_path / "ds32").keys("att")).max() > 65504

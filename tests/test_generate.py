@@ -72,3 +72,16 @@ def test_generate_bad_input(bpe_databin, trained_ckpt, tmp_path):
     assert cli_run(base + ["--prompt", "a", "--max-new-tokens", "100000"]) == 2
     assert cli_run(base + ["--prompts-file", str(tmp_path / "none.txt")]) == 2
     assert cli_run(base + ["--prompt", "a", "--sampling-topp", "2"]) == 2
+
+
+def test_a_step_without_neighbours_uses_the_lm_alone():
+    """FAISS found no neighbour (every id -1): p_kNN is undefined, the step is p_LM's."""
+    class NoNeighbours:
+        def search(self, q):
+            I = np.full((1, 4), -1)
+            return dict(I=I, vals=np.full((1, 4), -1), scores=torch.zeros(1, 4, dtype=torch.float64),
+                        mask=torch.from_numpy(I >= 0))
+    cfg = generate.GenerateConfig(data="unused", path="x.pt", prompt="a", lmbda=0.5)
+    logits = torch.randn(11)
+    got = generate.next_log_probs(logits, torch.zeros(3), NoNeighbours(), cfg)
+    assert torch.equal(got, torch.log_softmax(logits.double(), -1))

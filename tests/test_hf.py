@@ -31,6 +31,9 @@ FAMILIES = {
             "final_layer_norm"),
 }
 
+FINAL_NORM = dict(gpt2="ln_f", llama="norm", gpt_neox="final_layer_norm",
+                  opt="decoder.final_layer_norm")      # inside the backbone
+
 
 @pytest.fixture(scope="session")
 def hf_tokenizer_dir(bpe_databin, tmp_path_factory):
@@ -75,13 +78,23 @@ def test_hooked_representations_equal_the_modules_outputs(hf_model_dir):
     model = load_hf_model(str(hf_model_dir))
     family = model.cfg.model_type
     norm = getattr(model.layers[-1], FAMILIES[family][3])
+    final = model.backbone.get_submodule(FINAL_NORM[family])
     seen = {}
     handle = norm.register_forward_hook(lambda m, a, out: seen.__setitem__("norm", out))
+    pre = final.register_forward_pre_hook(lambda m, a: seen.__setitem__("final_in", a[0]))
     tokens = torch.randint(4, 300, (2, 17))
+    hooks_before = [len(layer._forward_hooks) for layer in model.layers]
     with torch.no_grad():
-        ffn, hid = model(tokens, return_hidden=("att", "ffn", "layer:0"))
+        ffn, hid = model(tokens, return_hidden=("att", "ffn", "layer:0", "layer:-1", "layer:1"))
+        hooks_after = [len(layer._forward_hooks) for layer in model.layers]
         full = model.hf(input_ids=tokens, output_hidden_states=True)
     handle.remove()
+    pre.remove()
+    # layer:N is a layer's output before the final norm, as for our own Transformer
+    torch.testing.assert_close(hid["layer:-1"], seen["final_in"], rtol=0, atol=0)
+    torch.testing.assert_close(hid["layer:1"], hid["layer:-1"], rtol=0, atol=0)
+    assert not torch.allclose(hid["layer:-1"], hid["ffn"])
+    assert hooks_after == hooks_before                  # our layer hooks are gone
     torch.testing.assert_close(hid["att"], seen["norm"].reshape(hid["att"].shape), rtol=0, atol=0)
     torch.testing.assert_close(hid["ffn"], full.hidden_states[-1], rtol=0, atol=0)
     torch.testing.assert_close(model.output_layer(ffn), full.logits, rtol=1e-5, atol=1e-5)

@@ -124,3 +124,12 @@ def test_bad_factory_is_one_line_exit_2(trained_dstore, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "FAISS rejects" in err
     assert not (tmp_path / "x.faiss").exists()
+
+
+def test_gpu_coarse_training_clusters_in_the_index_metric():
+    """The flat index that k-means assigns with on the GPU has the quantizer's metric."""
+    for metric, flat in ((faiss.METRIC_L2, faiss.IndexFlatL2), (faiss.METRIC_INNER_PRODUCT,
+                                                                faiss.IndexFlatIP)):
+        full = faiss.index_factory(8, "IVF4,Flat", metric)
+        got = index.clustering_index(faiss.extract_index_ivf(full))
+        assert isinstance(got, flat) and got.metric_type == metric and got.d == 8

@@ -58,6 +58,16 @@ def test_full_vocab_equals_target_path_and_sums_to_one():
     torch.testing.assert_close(full.exp().sum(1), torch.ones(len(D), dtype=full.dtype))
 
 
+def test_full_vocab_with_no_neighbour_kept_is_zero_mass_not_nan():
+    D, vals, _ = random_case(B=4)
+    mask = torch.ones(D.shape, dtype=torch.bool)
+    mask[2] = False                                   # row 2: the search found nothing
+    full = knn.knn_full_log_probs(knn.scores_from_distances(D, "l2"), vals, 9, 1.0, mask)
+    assert not torch.isnan(full).any()
+    assert torch.isneginf(full[2]).all()
+    torch.testing.assert_close(full[[0, 1, 3]].exp().sum(1), torch.ones(3, dtype=full.dtype))
+
+
 def test_masks_and_ignore_top():
     D, vals, targets = random_case()
     scores = knn.scores_from_distances(D, "l2")

@@ -108,7 +108,17 @@ class DatastoreWriter:
 
     def write(self, start: int, keys: dict[str, np.ndarray], vals: np.ndarray,
               pos: np.ndarray) -> None:
+        """Rows ``[start, start + len(vals))``; a non-finite key is refused before anything
+        of the batch is written (an inf or NaN key would be every query's nearest)."""
         end = start + len(vals)
+        for kt, arr in keys.items():
+            finite = np.isfinite(arr).all(axis=1)
+            if not finite.all():
+                row = start + int(np.argmin(finite))
+                hint = (" (fp16 keys overflow beyond ±65504: rebuild with --dstore-fp32)"
+                        if arr.dtype == np.float16 else "")
+                raise UserError(f"the {kt} key of datastore entry {row:,} is not finite{hint}; "
+                                "nothing of its batch was written")
         for kt, arr in self.keys.items():
             arr[start:end] = keys[kt]
         self.vals[start:end] = vals

@@ -137,8 +137,17 @@ def train_index(index, xt: np.ndarray, use_gpu: bool) -> None:
         if sub is not None and hasattr(sub, "do_polysemous_training"):
             sub.do_polysemous_training = False
     if use_gpu and ivf is not None:
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(clustering_index(ivf))
     index.train(xt)
+
+
+def clustering_index(ivf):
+    """The flat index the coarse k-means assigns with: the quantizer's own metric (an IP
+    index clusters by inner product, as FAISS's CPU training does)."""
+    faiss = faiss_module()
+    if ivf.metric_type == faiss.METRIC_INNER_PRODUCT:
+        return faiss.IndexFlatIP(ivf.d)
+    return faiss.IndexFlatL2(ivf.d)
 
 
 def _downcast(index):

@@ -95,7 +95,8 @@ def knn_full_log_probs(scores: torch.Tensor, vals: torch.Tensor, vocab_size: int
     """(B, V) log p_kNN over the whole vocabulary (for generation).
 
     The neighbour weights are scattered into V in a numerically safe way: subtract each
-    row's maximum before exponentiating, sum per token, take the log, add it back.
+    row's maximum before exponentiating, sum per token, take the log, add it back. A row
+    whose every neighbour is masked has no distribution: all -inf (p_kNN = 0), never NaN.
     """
     s = (scores / temp).double()
     if mask is not None:
@@ -106,7 +107,10 @@ def knn_full_log_probs(scores: torch.Tensor, vals: torch.Tensor, vocab_size: int
     mass = torch.zeros(s.shape[0], vocab_size, dtype=w.dtype, device=w.device)
     mass.scatter_add_(1, vals.long(), w)
     log_z = torch.log(w.sum(-1, keepdim=True))
-    return (torch.log(mass) - log_z).to(scores.dtype)
+    out = torch.log(mass) - log_z
+    empty = ~torch.isfinite(log_z)[:, 0]            # no neighbour kept: 0 / 0
+    out[empty] = NEG_INF
+    return out.to(scores.dtype)
 
 
 def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor,

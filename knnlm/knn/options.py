@@ -14,7 +14,8 @@ class KnnOptions:
     indexfile: str | None = flag(None, "--knnlm: FAISS index (default: the datastore's "
                                  "index_<keytype>_<metric>.faiss)")
     knn_keytype: str = flag("att", "--knnlm: keytype of the queries (att/last_ffn_input, "
-                            "ffn/last_linear_input, layer:N); eval-lm --save-knnlm-dstore: "
+                            "ffn/last_linear_input, layer:N = output of layer N before any final "
+                            "norm); eval-lm --save-knnlm-dstore: "
                             "the keytypes saved, comma-separated")
     k: int = flag(1024, "--knnlm: neighbours per query")
     lmbda: float = flag(0.25, "--knnlm: interpolation weight of p_kNN")

@@ -10,7 +10,9 @@ The representations (paper notes §2):
   backbone's ``last_hidden_state`` (the head is applied separately, only where needed);
 - ``att``: the input of the last decoder layer's MLP (after its pre-MLP norm), captured by
   a forward pre-hook on that module, registered for one call and always removed;
-- ``layer:N``: the backbone's hidden state after layer N.
+- ``layer:N``: the output of decoder layer N (0-based, negative from the end), captured by a
+  forward hook on the layer: before any final norm, as for our own Transformer (the last
+  entry of HF's ``hidden_states`` has the final norm applied; ``ffn`` is that state).
 
 The model's ``forward`` is never patched or replaced. Transformers is an optional extra
 (``pip install -e .[hf]``); models load offline from a local directory or the HF cache.
@@ -66,6 +68,19 @@ def locate_modules(backbone: nn.Module, model_type: str) -> tuple[nn.ModuleList,
 
 
 @contextlib.contextmanager
+def capture_output(module: nn.Module, store: dict, name: str):
+    """Record the (first) output of ``module`` under ``store[name]`` while the context is
+    open; the hook is removed on exit, whatever happens."""
+    def hook(_mod, _args, out):
+        store[name] = out[0] if isinstance(out, (tuple, list)) else out
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def capture_input(module: nn.Module, store: dict, name: str):
     """Record the first positional input of ``module`` under ``store[name]`` while the
     context is open; the hook is removed on exit, whatever happens."""
@@ -117,14 +132,15 @@ class HFCausalLM(nn.Module):
                 layer_ids[n] = i % len(self.layers)
             elif n not in ("att", "ffn"):
                 raise ValueError(f"unknown representation {n!r} (att, ffn or layer:N)")
-        ctx = capture_input(self.att_module, store, "att") if "att" in return_hidden \
-            else contextlib.nullcontext()
-        with ctx:
+        with contextlib.ExitStack() as hooks:
+            if "att" in return_hidden:
+                hooks.enter_context(capture_input(self.att_module, store, "att"))
+            for n, i in layer_ids.items():
+                hooks.enter_context(capture_output(self.layers[i], store, n))
             kw = {self._cache_arg: past} if past is not None else {}
-            out = self.backbone(input_ids=tokens, use_cache=use_cache,
-                                output_hidden_states=bool(layer_ids), **kw)
+            out = self.backbone(input_ids=tokens, use_cache=use_cache, **kw)
         ffn = out.last_hidden_state
-        hidden = {n: out.hidden_states[i + 1] for n, i in layer_ids.items()}
+        hidden = {n: store[n] for n in layer_ids}
         if "att" in return_hidden:  # some families (OPT) flatten (B, L) before the MLP
             hidden["att"] = store["att"].reshape(*ffn.shape[:-1], -1)
         if "ffn" in return_hidden:

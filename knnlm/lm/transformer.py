@@ -10,7 +10,8 @@ with (see the paper notes, section 2):
   layer; the post-attention LayerNorm output in a post-LN layer);
 - ``ffn``: the exact tensor fed into the output projection (after the final LayerNorm when
   the model has one);
-- ``layer:N``: the output of layer N (0-based; negative counts from the end).
+- ``layer:N``: the output of layer N (0-based; negative counts from the end), before the
+  final LayerNorm (so ``layer:-1`` is ``ffn`` only for models without one).
 
 Shapes: tokens (B, L) int64 -> features (B, L, D); ``output_layer`` maps (…, D) -> (…, V).
 """
