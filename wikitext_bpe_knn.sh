@@ -129,7 +129,7 @@ for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp; do
   # shellcheck disable=SC2086
   $KNNLM train "$DATA_BIN" --restore-file "$CKPT" --save-dir "$HEADS/$name" \
     ${HEAD_FLAGS[$name]} --tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" \
-    --max-tokens "$HEAD_MAX_TOKENS" --lr "$HEAD_LR" --lr-scheduler cosine \
+    --max-tokens "$HEAD_MAX_TOKENS" --lr 0 --max-lr "$HEAD_LR" --lr-scheduler cosine \
     --warmup-updates $((HEAD_UPDATES / 10)) --max-update "$HEAD_UPDATES" --validate-interval 0 \
     --max-valid-tokens 30000 --seed "$SEED" 2>&1 | tee -a "$LOGS/head_$name.log"
   HEAD_LIST+="${HEAD_LIST:+,}$name=$HEADS/$name/checkpoint_last.pt"

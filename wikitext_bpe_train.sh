@@ -24,8 +24,12 @@ if [[ $CORPUS == shakespeare ]]; then   # small mode: sized for 2 CPU cores
   MAX_TOKENS=${MAX_TOKENS:-4096}
   UPDATE_FREQ=${UPDATE_FREQ:-1}
   OPTIMIZER=${OPTIMIZER:-adam}
-  LR=${LR:-2e-3}
-  MIN_LR=${MIN_LR:-0}
+  LR=${LR:-0}                            # fairseq's cosine: --lr is the floor,
+  MAX_LR=${MAX_LR:-2e-3}                 # --max-lr the peak
+  WARMUP_INIT_LR=${WARMUP_INIT_LR:-0}
+  T_MULT=${T_MULT:-1}
+  LR_SHRINK=${LR_SHRINK:-0.1}
+  MIN_LR=${MIN_LR:--1}                   # stop once the learning rate falls to this
   LR_PERIOD_UPDATES=${LR_PERIOD_UPDATES:--1}
   WARMUP_UPDATES=${WARMUP_UPDATES:-25}
   MAX_UPDATE=${MAX_UPDATE:-250}
@@ -41,8 +45,12 @@ else                                     # the paper's setup
   MAX_TOKENS=${MAX_TOKENS:-3072}
   UPDATE_FREQ=${UPDATE_FREQ:-3}
   OPTIMIZER=${OPTIMIZER:-nag}
-  LR=${LR:-1.0}
-  MIN_LR=${MIN_LR:-0.0001}
+  LR=${LR:-0.0001}                       # the original kNN-LM recipe's schedule
+  MAX_LR=${MAX_LR:-1.0}
+  WARMUP_INIT_LR=${WARMUP_INIT_LR:-1e-07}
+  T_MULT=${T_MULT:-2}
+  LR_SHRINK=${LR_SHRINK:-0.75}
+  MIN_LR=${MIN_LR:-1e-09}
   LR_PERIOD_UPDATES=${LR_PERIOD_UPDATES:-270000}
   WARMUP_UPDATES=${WARMUP_UPDATES:-16000}
   MAX_UPDATE=${MAX_UPDATE:-286000}
@@ -89,8 +97,9 @@ fi
 # shellcheck disable=SC2086
 "${LAUNCH[@]}" train "$DATA_BIN" --arch "$ARCH" --save-dir "$SAVE_DIR" \
   --tokens-per-sample "$TOKENS_PER_SAMPLE" --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" \
-  --optimizer "$OPTIMIZER" --lr "$LR" --min-lr "$MIN_LR" --lr-scheduler cosine \
-  --lr-period-updates "$LR_PERIOD_UPDATES" \
+  --optimizer "$OPTIMIZER" --lr "$LR" --max-lr "$MAX_LR" --min-lr "$MIN_LR" \
+  --lr-scheduler cosine --lr-period-updates "$LR_PERIOD_UPDATES" --t-mult "$T_MULT" \
+  --lr-shrink "$LR_SHRINK" --warmup-init-lr "$WARMUP_INIT_LR" \
   --warmup-updates "$WARMUP_UPDATES" --max-update "$MAX_UPDATE" --clip-norm "$CLIP_NORM" \
   --validate-interval-updates "$VALIDATE_INTERVAL_UPDATES" --save-interval-updates 1000 \
   --max-valid-tokens "$MAX_VALID_TOKENS" --seed "$SEED" $EXTRA_TRAIN_FLAGS \

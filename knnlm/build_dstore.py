@@ -136,7 +136,9 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
     for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
                           max_tokens=cfg.max_tokens, softmax_batch=4096, device=device,
                           return_hidden=tuple(cfg.keytypes), logprobs=False):
-        keys = {kt: sb.hidden[kt].float().cpu().numpy().astype(key_dtype) for kt in cfg.keytypes}
+        with np.errstate(over="ignore"):   # an overflow is refused by the writer, by row
+            keys = {kt: sb.hidden[kt].float().cpu().numpy().astype(key_dtype)
+                    for kt in cfg.keytypes}
         writer.write(sb.start, keys, sb.targets, np.arange(sb.start, sb.end))
         if progress is None:
             writer.commit(sb.end)

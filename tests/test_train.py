@@ -41,11 +41,38 @@ def test_training_lowers_validation_loss(bpe_databin, tmp_path):
 def test_lr_schedules():
     kw = dict(lr=1.0, warmup_updates=4, warmup_init_lr=0.0)
     assert [lr_at(s, scheduler="inverse_sqrt", **kw) for s in (0, 2, 4, 16)] == [0.0, 0.5, 1.0, 0.5]
-    cos = [lr_at(s, scheduler="cosine", max_update=14, min_lr=0.1, **kw) for s in (4, 9, 14, 20)]
-    assert cos[0] == pytest.approx(1.0) and cos[1] == pytest.approx(0.55)
-    assert cos[2] == pytest.approx(0.1) and cos[3] == pytest.approx(0.1)
     assert lr_at(10, scheduler="fixed", lr=0.3) == 0.3
     assert lr_at(0, scheduler="fixed", lr=0.3, warmup_updates=3) == pytest.approx(0.1)
+
+
+def test_cosine_is_fairseqs():
+    """fairseq's cosine (SGDR): --lr the floor, --max-lr the peak; warm-up from
+    --warmup-init-lr (default --lr); periods growing by --t-mult, restarts shrunk by
+    --lr-shrink. Values by hand from fairseq's formula."""
+    kw = dict(scheduler="cosine", lr=0.1, max_lr=1.0, warmup_updates=4, max_update=14)
+    assert lr_at(0, **kw) == pytest.approx(0.1)                    # starts at the floor
+    assert lr_at(2, **kw) == pytest.approx(0.55)                   # halfway up
+    assert [lr_at(s, **kw) for s in (4, 9)] == pytest.approx([1.0, 0.55])
+    assert lr_at(14, **kw) == pytest.approx(1.0 * 0.1)             # restart at the shrunk peak
+    assert lr_at(19, **kw) == pytest.approx(0.5 * (0.1 * 0.1 + 1.0 * 0.1))
+    # t_mult 2: periods of 10, 20, 40 updates after warm-up; shrink 0.75 per restart
+    sg = dict(scheduler="cosine", lr=0.0001, max_lr=1.0, warmup_updates=0, lr_period_updates=10,
+              t_mult=2.0, lr_shrink=0.75)
+    assert lr_at(5, **sg) == pytest.approx(0.0001 + 0.5 * (1.0 - 0.0001))
+    assert lr_at(10, **sg) == pytest.approx(0.75)                   # second period starts
+    assert lr_at(20, **sg) == pytest.approx(0.75 * 0.0001 + 0.5 * 0.75 * (1 - 0.0001))
+    assert lr_at(30, **sg) == pytest.approx(0.75 ** 2)              # third period starts
+    assert lr_at(3, **dict(sg, warmup_updates=4, warmup_init_lr=1e-7)) == pytest.approx(
+        1e-7 + 3 * (1.0 - 1e-7) / 4)
+
+
+def test_min_lr_stops_training(bpe_databin, tmp_path):
+    """fairseq's --min-lr: training stops once the schedule reaches it. Here the cosine
+    runs from 0.01 to 0 over 10 updates after 2 of warm-up: 0.005 (1 + cos(pi t / 10))
+    first falls to 0.001 at t = 8, i.e. before update 10."""
+    res = train.main(tiny_cfg(bpe_databin, tmp_path, max_update=30, lr_scheduler="cosine", lr=0.0,
+                              max_lr=0.01, warmup_updates=2, lr_period_updates=10, min_lr=0.001))
+    assert res["num_updates"] == 10
 
 
 class Crash(Exception):
@@ -53,7 +80,8 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(update_freq=2, lr_scheduler="cosine",
-                                                 warmup_updates=3, optimizer="nag", lr=0.05)])
+                                                 warmup_updates=3, optimizer="nag", lr=0.0,
+                                                 max_lr=0.05)])
 def test_resume_after_crash_matches_uninterrupted(bpe_databin, tmp_path, extra):
     # 30 updates over ~4 epochs of the tiny corpus (crosses epoch ends), dropout on
     kw = dict(max_update=30, save_interval_updates=4, dropout=0.1, **extra)

@@ -42,30 +42,44 @@ def build_optimizer(name: str, params, *, lr: float, weight_decay: float = 0.0,
 
 
 def lr_at(step: int, *, scheduler: str, lr: float, warmup_updates: int = 0,
-          warmup_init_lr: float = -1.0, min_lr: float = 0.0, max_update: int = 0,
-          lr_period_updates: int = -1) -> float:
-    """Learning rate for update ``step`` (0-based).
+          warmup_init_lr: float = -1.0, max_update: int = 0, lr_period_updates: int = -1,
+          max_lr: float | None = None, t_mult: float = 1.0, lr_shrink: float = 0.1) -> float:
+    """Learning rate for update ``step`` (0-based), as fairseq's schedulers give it.
 
     - ``fixed``: ``lr`` (linear warm-up from 0 over ``warmup_updates``);
-    - ``inverse_sqrt``: linear warm-up from ``warmup_init_lr`` to ``lr``, then
+    - ``inverse_sqrt``: linear warm-up from ``warmup_init_lr`` (default 0) to ``lr``, then
       ``lr * sqrt(warmup_updates / step)``;
-    - ``cosine``: linear warm-up, then one cosine from ``lr`` down to ``min_lr`` over
-      ``lr_period_updates`` (default: the updates left after warm-up), ``min_lr`` after.
+    - ``cosine`` (SGDR): ``lr`` is the floor and ``max_lr`` the peak. Linear warm-up from
+      ``warmup_init_lr`` (default: ``lr``) to ``max_lr``, then cosine periods from the peak
+      down to the floor: the first lasts ``lr_period_updates`` (default: the updates left
+      after warm-up), each next one ``t_mult`` times longer, with floor and peak scaled by
+      ``lr_shrink`` per restart.
     """
-    if warmup_init_lr < 0:
-        warmup_init_lr = 0.0 if warmup_updates > 0 else lr
     if scheduler == "fixed":
         if warmup_updates > 0 and step < warmup_updates:
             return lr * (step + 1) / warmup_updates
         return lr
-    if warmup_updates > 0 and step < warmup_updates:
-        return warmup_init_lr + step * (lr - warmup_init_lr) / warmup_updates
     if scheduler == "inverse_sqrt":
+        init = warmup_init_lr if warmup_init_lr >= 0 else (0.0 if warmup_updates > 0 else lr)
+        if warmup_updates > 0 and step < warmup_updates:
+            return init + step * (lr - init) / warmup_updates
         return lr * math.sqrt(max(1, warmup_updates) / max(1, step))
     if scheduler == "cosine":
+        if max_lr is None:
+            raise UserError("--lr-scheduler cosine needs --max-lr (its peak; --lr is its floor)")
+        init = warmup_init_lr if warmup_init_lr >= 0 else lr
+        if warmup_updates > 0 and step < warmup_updates:
+            return init + step * (max_lr - init) / warmup_updates
         period = lr_period_updates if lr_period_updates > 0 else max(1, max_update - warmup_updates)
         t = step - warmup_updates
-        if t >= period:
-            return min_lr
-        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / period))
+        if t_mult != 1:
+            i = math.floor(math.log(1 - t / period * (1 - t_mult), t_mult))
+            t_i = t_mult ** i * period
+            t_curr = t - (1 - t_mult ** i) / (1 - t_mult) * period
+        else:
+            i = t // period
+            t_i, t_curr = period, t - period * i
+        shrink = lr_shrink ** i
+        low, high = lr * shrink, max_lr * shrink
+        return low + 0.5 * (high - low) * (1 + math.cos(math.pi * t_curr / t_i))
     raise UserError(f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")

@@ -5,7 +5,7 @@ Inputs: a data-bin directory (positional). Outputs in ``--save-dir``:
 and ``train_log.jsonl`` (one JSON record per validation).
 
     knnlm train runs/demo/data-bin --arch small --tokens-per-sample 256 --max-tokens 4096 \\
-        --optimizer adam --lr 1e-3 --lr-scheduler cosine --warmup-updates 100 \\
+        --optimizer adam --lr 1e-5 --max-lr 1e-3 --lr-scheduler cosine --warmup-updates 100 \\
         --max-update 2000 --save-dir runs/demo/ckpt
     torchrun --nproc_per_node 8 -m knnlm train ...      # DDP, one process per GPU
 
@@ -206,11 +206,22 @@ class Trainer:
             save_checkpoint(ckpt, self.save_dir / "checkpoint_best.pt")
 
     # ------------------------------------------------------------------ steps
+    def lr_at(self, step: int) -> float:
+        """The learning rate of update ``step`` (fairseq's schedules, :mod:`.optim`)."""
+        c = self.cfg
+        return lr_at(step, scheduler=c.lr_scheduler, lr=c.lr, warmup_updates=c.warmup_updates,
+                     warmup_init_lr=c.warmup_init_lr, max_update=c.max_update,
+                     lr_period_updates=c.lr_period_updates, max_lr=c.max_lr, t_mult=c.t_mult,
+                     lr_shrink=c.lr_shrink)
+
     def _done(self, t_start: float) -> bool:
         c, s = self.cfg, self.state
         if c.max_update and s["num_updates"] >= c.max_update:
             return True
         if c.max_epoch and s["epoch"] > c.max_epoch:
+            return True
+        # fairseq's --min-lr: stop once the schedule (past its warm-up) reaches it
+        if s["num_updates"] >= c.warmup_updates and self.lr_at(s["num_updates"]) <= c.min_lr:
             return True
         elapsed = s["train_seconds"] + time.perf_counter() - t_start
         return bool(c.stop_time_hours and elapsed >= c.stop_time_hours * 3600)
@@ -220,9 +231,7 @@ class Trainer:
         c, d = self.cfg, self.dist
         seed = ((c.seed * SEED_MIX + d.rank) * SEED_MIX + self.state["num_updates"]) % (2 ** 63)
         torch.manual_seed(seed)
-        lr = lr_at(self.state["num_updates"], scheduler=c.lr_scheduler, lr=c.lr,
-                   warmup_updates=c.warmup_updates, warmup_init_lr=c.warmup_init_lr,
-                   min_lr=c.min_lr, max_update=c.max_update, lr_period_updates=c.lr_period_updates)
+        lr = self.lr_at(self.state["num_updates"])
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.loss_module.train()

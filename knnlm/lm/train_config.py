@@ -22,7 +22,9 @@ class TrainConfig:
                                   aliases=("--max-sentences",))
     update_freq: int = flag(1, "batches accumulated per update")
     optimizer: str = flag("adam", "adam | nag", choices=OPTIMIZERS)
-    lr: float = flag(5e-4, "peak learning rate")
+    lr: float = flag(5e-4, "learning rate (the peak of fixed and inverse_sqrt; the floor of "
+                     "cosine, as in fairseq)")
+    max_lr: float | None = flag(None, "cosine: the peak learning rate (> --lr)")
     adam_betas: str = flag("(0.9, 0.98)", "Adam betas")
     adam_eps: float = flag(1e-8, "Adam epsilon")
     momentum: float = flag(0.99, "NAG momentum")
@@ -30,9 +32,13 @@ class TrainConfig:
     clip_norm: float = flag(0.0, "clip gradients to this global norm (0: off)")
     lr_scheduler: str = flag("fixed", "fixed | inverse_sqrt | cosine", choices=SCHEDULERS)
     warmup_updates: int = flag(0, "linear warm-up updates")
-    warmup_init_lr: float = flag(-1.0, "learning rate at the start of warm-up (-1: 0)")
-    min_lr: float = flag(0.0, "cosine: final learning rate")
-    lr_period_updates: int = flag(-1, "cosine: period (default: max-update minus warm-up)")
+    warmup_init_lr: float = flag(-1.0, "learning rate at the start of warm-up (-1: 0, or "
+                                 "--lr for cosine)")
+    min_lr: float = flag(-1.0, "stop training once the learning rate falls to this value")
+    lr_period_updates: int = flag(-1, "cosine: updates of the first period (default: "
+                                  "max-update minus warm-up)")
+    t_mult: float = flag(1.0, "cosine: each period is this many times longer than the last")
+    lr_shrink: float = flag(0.1, "cosine: floor and peak are scaled by this at each restart")
     max_update: int = flag(0, "stop after this many updates (0: no limit)")
     max_epoch: int = flag(0, "stop after this many epochs (0: no limit)")
     stop_time_hours: float = flag(0.0, "stop after this much wall time (0: no limit)")
@@ -81,7 +87,16 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
         if self.batch_size is not None and self.batch_size <= 0:
             raise UserError("--batch-size must be > 0")
-        if self.lr <= 0:
+        if self.lr_scheduler == "cosine":
+            if self.max_lr is None:
+                raise UserError("--lr-scheduler cosine needs --max-lr: as in fairseq, --max-lr "
+                                "is the peak and --lr the floor of the cosine")
+            if not 0 <= self.lr < self.max_lr:
+                raise UserError(f"--lr-scheduler cosine: --lr (the floor, {self.lr}) must be "
+                                f">= 0 and below --max-lr ({self.max_lr})")
+            if self.t_mult <= 0 or not 0 < self.lr_shrink <= 1:
+                raise UserError("--t-mult must be > 0 and --lr-shrink in (0, 1]")
+        elif self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         for name in ("weight_decay", "clip_norm", "max_update", "max_epoch", "stop_time_hours",
                      "warmup_updates", "validate_interval_updates", "save_interval_updates",
