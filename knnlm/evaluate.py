@@ -67,6 +67,8 @@ class EvalConfig(KnnOptions):
                                    "split (same as `knnlm build-dstore`)")
     dstore_mmap: str | None = flag(None, "--save-knnlm-dstore: datastore directory")
     dstore_fp32: bool = flag(False, "--save-knnlm-dstore: fp32 keys (default fp16)")
+    dstore_fp16: bool = flag(False, "--save-knnlm-dstore: fp16 keys, the default (original "
+                             "flag; with --knnlm the datastore records its key dtype)")
     dstore_size: int | None = flag(None, "--save-knnlm-dstore: expected entries (checked)")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
@@ -92,6 +94,8 @@ class EvalConfig(KnnOptions):
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
         if self.fp16 and self.bf16:
             raise UserError("--fp16 and --bf16 are exclusive")
+        if self.dstore_fp16 and self.dstore_fp32:
+            raise UserError("--dstore-fp16 and --dstore-fp32 are exclusive")
         if self.save_knnlm_dstore and not self.dstore_mmap:
             raise UserError("--save-knnlm-dstore needs --dstore-mmap DIR")
         if self.knnlm and self.save_knnlm_dstore:

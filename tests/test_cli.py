@@ -145,3 +145,27 @@ def test_train_refuses_a_save_dir_of_another_model(bpe_databin, tmp_path, capsys
     capsys.readouterr()
     assert run(base + ["--decoder-embed-dim", "48"]) == 2
     assert "another configuration" in capsys.readouterr().err
+
+
+def test_the_original_flags_parse():
+    """Every flag of the original kNN-LM code (paper notes §5) is accepted by name."""
+    from knnlm.evaluate import EvalConfig
+    from knnlm.knn.index import BuildIndexConfig
+    from knnlm.lm.train import TrainConfig
+    from knnlm.util import build_parser
+    eval_lm = ("--knnlm --k 8 --lmbda 0.25 --probe 8 --dstore-filename d --indexfile i "
+               "--dstore-size 10 --knn-keytype last_ffn_input --knn-sim-func do_not_recomp_l2 "
+               "--faiss-metric-type l2 --no-load-keys --dstore-fp16 --move-dstore-to-mem "
+               "--ignore-top --knnlm-gpu --dstore-mmap m --save-scores s --save-tokens t "
+               "--save-knn-scores k --save-queries q --path p --gen-subset valid "
+               "--tokens-per-sample 8 --context-window 4 --sample-break-mode none --max-tokens 64 "
+               "--softmax-batch 8 --remove-bpe @@").split()
+    build_index = ("--dstore_mmap d --dstore_size 10 --dimension 4 --ncentroids 8 --code_size 4 "
+                   "--probe 8 --faiss_index f --num_keys_to_add_at_a_time 5 --starting_point 0 "
+                   "--seed 1 --metric l2 --dstore_fp16").split()
+    train = ("--pseudo-vocab-ratio 2 --num-extra-embed-file e --k-mos 2 --use-last-ffn-input "
+             "--additional-linear --interpolated-loss --train-lambda 0.25 --finetune-out-embed "
+             "--init-out-embed --use-l2 --norm-l2 --max-update 1").split()
+    for cls, argv in ((EvalConfig, ["db"] + eval_lm), (BuildIndexConfig, build_index),
+                      (TrainConfig, ["db"] + train)):
+        build_parser(cls, "knnlm").parse_args(argv)      # SystemExit(2) on an unknown flag

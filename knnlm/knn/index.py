@@ -78,7 +78,8 @@ class BuildIndexConfig:
     num_keys_to_add_at_a_time: int = flag(500_000, "keys added per chunk",
                                           aliases=("--num_keys_to_add_at_a_time",))
     starting_point: int | None = flag(None, "row to start adding at (original flag; a resumed "
-                                      "build must hold exactly this many rows)")
+                                      "build must hold exactly this many rows)",
+                                      aliases=("--starting_point",))
     save_interval_seconds: float = flag(300.0, "save the partial index at most this often "
                                         "(0: after every chunk)")
     gpu: str = flag("auto", "train on GPU: auto | yes | no", choices=("auto", "yes", "no"))
@@ -87,6 +88,8 @@ class BuildIndexConfig:
     dstore_size: int | None = flag(None, "accepted for compatibility; checked against the datastore",
                                    aliases=("--dstore_size",))
     dimension: int | None = flag(None, "accepted for compatibility; checked against the datastore")
+    dstore_fp16: bool = flag(False, "accepted for compatibility: the key dtype is read from the "
+                             "datastore", aliases=("--dstore_fp16",))
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
