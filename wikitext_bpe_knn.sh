@@ -118,9 +118,9 @@ log "allot-embeddings"
   $KNNLM allot-embeddings "$DATA_BIN" --total-ratio 3 --out "$HEADS/extra_embed.json"
 declare -A HEAD_FLAGS=(
   [att]="--softmax-input att --init-out-embed --finetune-out-embed"
-  [att_kv3]="--softmax-input att --pseudo-vocab-ratio 3 --init-out-embed --finetune-out-embed"
-  [ffn_extra3v]="--num-extra-embed-file $HEADS/extra_embed.json --init-out-embed --finetune-out-embed"
-  [ffn_mos3]="--k-mos 3 --init-out-embed --finetune-mos"
+  [att_kv3]="--softmax-input att --pseudo-vocab-ratio 3 --finetune-out-embed"
+  [ffn_extra3v]="--num-extra-embed-file $HEADS/extra_embed.json --finetune-out-embed"
+  [ffn_mos3]="--k-mos 3 --finetune-mos"
   [att_addlin_interp]="--additional-linear --finetune-additional-linear --interpolated-loss --train-lambda $LMBDA"
 )
 HEAD_LIST=""

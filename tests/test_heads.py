@@ -24,9 +24,30 @@ def loop_aggregate(row_lp: torch.Tensor, row_token: torch.Tensor, V: int) -> tor
     return out
 
 
+def fork_row_token(V: int, K: int, nspecial: int) -> list[int]:
+    """The original fork's pseudo-vocabulary layout (its initialize_projection_matrix):
+    specials one row each, then K consecutive rows per token."""
+    rows = {}
+    for i in range(V):
+        if i < nspecial:
+            rows[i] = i
+        else:
+            for j in range(nspecial + K * (i - nspecial), nspecial + K * (i - nspecial + 1)):
+                rows[j] = i
+    return [rows[j] for j in range(len(rows))]
+
+
+def test_pseudo_vocabulary_rows_are_laid_out_as_the_fork_does():
+    assert heads.row_token_map(9, 3, num_specials=4).tolist() == fork_row_token(9, 3, 4)
+    model = tiny_model(50, pseudo_vocab_ratio=2)           # num_special_tokens 4 by default
+    assert model.cfg.output_rows == 4 + 2 * 46 == model.output_projection.weight.shape[0]
+    assert model.row_token.tolist() == fork_row_token(50, 2, 4)
+
+
 def test_aggregate_rows_matches_loop():
     V, g = 7, torch.Generator().manual_seed(0)
-    for token_map in (heads.row_token_map(V, 3), heads.row_token_map(V, num_extra_embed=[0, 2, 1, 0, 5, 0, 1])):
+    for token_map in (heads.row_token_map(V, 3, tiled=True), heads.row_token_map(V, 3, num_specials=2),
+                      heads.row_token_map(V, 2), heads.row_token_map(V, num_extra_embed=[0, 2, 1, 0, 5, 0, 1])):
         logits = torch.randn(4, len(token_map), generator=g, dtype=torch.float64) * 5
         row_lp = torch.log_softmax(logits, -1)
         got = heads.aggregate_rows(row_lp, token_map, V)
@@ -81,14 +102,15 @@ def test_model_heads_give_normalised_distributions_matching_hand_math(head):
         c = model.cfg
         h = hid[c.softmax_input].reshape(-1, c.decoder_embed_dim)
         W = model.output_weight
-        if c.k_mos > 1:
+        if c.k_mos > 1:   # the fork's MoS: linear projections (no tanh), prior with a bias
             comps = []
             for k in range(c.k_mos):
                 Pk = model.mos_proj.weight.view(c.k_mos, c.decoder_embed_dim, -1)[k]
                 bk = model.mos_proj.bias.view(c.k_mos, -1)[k]
-                comps.append(heads.head_log_probs(torch.tanh(h @ Pk.T + bk), W, model.row_token, V,
+                comps.append(heads.head_log_probs(h @ Pk.T + bk, W, model.row_token, V,
                                                   c.use_l2, c.norm_l2))
-            want = heads.mixture_log_probs(h @ model.mos_prior.weight.T, torch.stack(comps, 1))
+            prior = h @ model.mos_prior.weight.T + model.mos_prior.bias
+            want = heads.mixture_log_probs(prior, torch.stack(comps, 1))
         else:
             want = heads.head_log_probs(h, W, model.row_token, V, c.use_l2, c.norm_l2)
         if c.additional_linear:
@@ -105,18 +127,18 @@ def _base_ckpt(V=50):
 @pytest.mark.parametrize("head", [dict(pseudo_vocab_ratio=3), dict(additional_linear=True),
                                   dict(num_extra_embed=[2] * 10 + [0] * 40)])
 def test_heads_initialised_from_the_base_reproduce_it(head):
-    """K copies of each base row (noise aside) or a zero additional head = the base model;
-    unequal copies weight token w by its row count: p(w) ∝ (1 + e_w)·exp(s_w)."""
+    """Copies of each base row (noise aside) or a zero additional head = the base model,
+    each token weighted by its row count n_w: p(w) ∝ n_w·exp(s_w)."""
     ckpt, base = _base_ckpt()
-    model = model_from_base(ckpt, head, init_out_embed=True, seed=0).eval()
+    model = model_from_base(ckpt, head, seed=0, copy_out_embed=True).eval()
     if model.cfg.output_rows > 50:  # remove the symmetry-breaking noise to compare exactly
         with torch.no_grad():
             model.output_projection.weight.copy_(base.output_weight[model.row_token])
     tokens = torch.randint(4, 50, (2, 9))
     with torch.no_grad():
         want = base.output_layer(base(tokens)[0])
-        if model.cfg.num_extra_embed:
-            want = want + torch.log1p(torch.tensor(model.cfg.num_extra_embed, dtype=torch.float32))
+        # token w has n_w copies of its row (the specials one each with K rows per token)
+        want = want + torch.log(torch.bincount(model.row_token, minlength=50).float())
         want = torch.log_softmax(want, -1)
         got = torch.log_softmax(model.output_layer(model(tokens)[0]), -1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -141,20 +163,76 @@ def test_interpolated_loss_formula():
     assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
-def test_allotment_sums_exactly_and_follows_frequency():
-    counts = np.array([0, 0, 0, 1, 5, 100, 10_000, 3, 0, 50])
-    extra = allot_extra_embeddings(counts, 3.0)
-    assert sum(extra) == 20 and len(extra) == 10
-    order = np.argsort(counts, kind="stable")
-    assert all(extra[a] <= extra[b] for a, b in zip(order, order[1:]))
-    assert extra[0] == 0
+@pytest.mark.parametrize("by", ["frequency", "loss"])
+def test_allotment_is_the_forks_log_rule(by):
+    """e_w = floor(log_b c_w) (by frequency; 0 when unseen) or floor(log_b (1 + L_w)) (by
+    loss), as the fork's analysis scripts computed them, at the base found for ~3V rows."""
+    rng = np.random.default_rng(0)
+    values = (rng.zipf(1.3, 3000).clip(0, 10 ** 6) * (rng.random(3000) > 0.05)
+              if by == "frequency" else rng.gamma(2.0, 40.0, 3000))
+    extra, base = allot_extra_embeddings(values, 3.0, by)
+    ref = [(math.floor(math.log(v, base)) if v else 0) if by == "frequency"
+           else math.floor(math.log(1 + v, base)) for v in values]
+    assert extra == ref
+    assert abs(sum(extra) - 2 * 3000) <= 0.05 * 3000     # ~3V rows (counts move in steps)
+    # one more or one fewer row of a step moves the total away from the budget
+    for other in (base * 1.02, base / 1.02):
+        alt = sum(math.floor(math.log(v, other)) if v else 0 for v in values) \
+            if by == "frequency" else sum(math.floor(math.log(1 + v, other)) for v in values)
+        assert abs(alt - 6000) >= abs(sum(extra) - 6000)
+
+
+def test_output_rows_start_as_the_fork_sets_them():
+    """Same shape: the base W_sm (also for an att-input head); more rows: random unless
+    --preserve-out-embed (first row of each token) or --copy-out-embed (every row);
+    --init-out-embed: random N(0, 1/D) whatever was loaded."""
+    ckpt, base = _base_ckpt()
+    W = base.output_weight.detach()
+    att = model_from_base(ckpt, dict(softmax_input="att"), seed=0)
+    assert torch.equal(att.output_weight, W)
+    init = model_from_base(ckpt, dict(softmax_input="att"), seed=0, init_out_embed=True)
+    assert not torch.allclose(init.output_weight, W)
+    assert init.output_weight.std().item() == pytest.approx(32 ** -0.5, rel=0.1)
+    extra = dict(num_extra_embed=[2] * 10 + [0] * 40)
+    fresh = model_from_base(ckpt, extra, seed=0)
+    assert not torch.allclose(fresh.output_weight[:50], W)
+    kept = model_from_base(ckpt, extra, seed=0, preserve_out_embed=True)
+    assert torch.equal(kept.output_weight[:50], W)
+    assert not torch.allclose(kept.output_weight[50:], W[kept.row_token[50:]], atol=0.05)
+    copied = model_from_base(ckpt, extra, seed=0, copy_out_embed=True)
+    assert torch.equal(copied.output_weight[:50], W)
+    torch.testing.assert_close(copied.output_weight[50:], W[copied.row_token[50:]],
+                               atol=0.05, rtol=0)
+
+
+def test_a_mos_checkpoint_from_before_the_fork_layout_keeps_its_tanh():
+    """Checkpoints without head_version were written with tanh projections, no prior bias
+    and tiled pseudo-vocabulary rows: they load and score as they did."""
+    from knnlm.lm.transformer import ModelConfig
+    cfg = tiny_model(50, k_mos=2).cfg.to_dict()
+    cfg.pop("head_version")
+    old = ModelConfig.from_dict(dict(cfg, pseudo_vocab_ratio=2))
+    assert old.head_version == 1 and old.output_rows == 100
+    model = TransformerLM(old).eval()
+    assert model.mos_prior.bias is None
+    h = torch.randn(3, 32)
+    with torch.no_grad():
+        got = model.output_layer(h)
+        comps = torch.stack([heads.head_log_probs(
+            torch.tanh(h @ model.mos_proj.weight.view(2, 32, 32)[k].T + model.mos_proj.bias.view(2, 32)[k]),
+            model.output_weight, torch.arange(50).repeat(2), 50) for k in range(2)], 1)
+        want = heads.mixture_log_probs(h @ model.mos_prior.weight.T, comps)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("flags,trained", [
     (dict(pseudo_vocab_ratio=2, init_out_embed=True, finetune_out_embed=True), ("output_projection.",)),
     (dict(additional_linear=True, finetune_additional_linear=True, interpolated_loss=True,
           train_lambda=0.5), ("additional_linear.",)),
-    (dict(k_mos=2, init_out_embed=True, finetune_mos=True), ("output_projection.", "mos_")),
+    (dict(k_mos=2, finetune_mos=True), ("mos_",)),                   # the fork's: MoS only
+    (dict(k_mos=2, finetune_out_embed=True), ("output_projection.",)),
+    (dict(k_mos=2, init_out_embed=True, finetune_mos=True, finetune_out_embed=True),
+     ("output_projection.", "mos_")),
 ])
 def test_finetuning_changes_only_the_head(bpe_databin, trained_ckpt, tmp_path, flags, trained):
     extra = tmp_path / "extra.json"
@@ -165,16 +243,27 @@ def test_finetuning_changes_only_the_head(bpe_databin, trained_ckpt, tmp_path, f
     assert math.isfinite(res["valid_ppl"])
     base = load_checkpoint(trained_ckpt)["model"]
     new = load_checkpoint(tmp_path / "ft" / "checkpoint_last.pt")
-    changed = set()
-    for name, t in new["model"].items():
-        if name in base and base[name].shape == t.shape:
-            if not torch.equal(base[name], t):
-                changed.add(name)
-        else:
-            changed.add(name)
-    assert changed and all(n.startswith(trained) for n in changed), changed
+    changed = {name for name, t in new["model"].items()      # of the base's parameters
+               if name in base and base[name].shape == t.shape and not torch.equal(base[name], t)}
+    assert all(n.startswith(trained) for n in changed), changed
+    assert any(n.startswith(trained) and (n in changed or n not in base
+                                          or base[n].shape != t.shape)
+               for n, t in new["model"].items())
     assert isinstance(model_from_checkpoint(new), TransformerLM)
     assert not extra.exists()
+
+
+def test_finetune_flags_train_the_forks_parameter_groups():
+    from knnlm.lm.heads_train import freeze_for_finetune
+    model = tiny_model(50, k_mos=2, additional_linear=True)
+
+    def trainable(groups):
+        freeze_for_finetune(model, groups)
+        return {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable(["out_embed"]) == {"output_projection"}
+    assert trainable(["mos"]) == {"mos_proj", "mos_prior"}
+    assert trainable(["out_embed", "mos"]) == {"output_projection", "mos_proj", "mos_prior"}
+    assert trainable(["additional_linear"]) == {"additional_linear"}
 
 
 def test_head_flags_need_a_base_model(bpe_databin, tmp_path):

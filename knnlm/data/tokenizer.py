@@ -27,6 +27,7 @@ class Dictionary:
     """fairseq's ``dict.txt`` vocabulary: one ``token count`` per line, specials implicit."""
 
     kind = "dict"
+    num_specials = len(SPECIALS)     # fairseq's nspecial: <s>, <pad>, </s>, <unk> first
     filename = "dict.txt"
 
     def __init__(self, symbols: list[str], counts: list[int]):
@@ -118,6 +119,7 @@ class BPETokenizer:
     """Byte-level BPE through HF ``tokenizers``; one line of text at a time, ``</s>`` after."""
 
     kind = "bpe"
+    num_specials = len(SPECIALS)     # trained with the specials as ids 0..3
     filename = "tokenizer.json"
 
     def __init__(self, tok, specials: dict | None = None):
@@ -216,6 +218,7 @@ class HFTokenizer(BPETokenizer):
     the token fed before the first one."""
 
     kind = "hf"
+    num_specials = 0                 # an HF vocabulary has no leading block of specials
     LINES_PER_CHUNK = 64
     WORD_MARKS = ("Ġ", "▁")          # byte-level BPE / sentencepiece word-start markers
     SPACE_PIECES = ("Ċ", "ĊĊ", "<0x0A>", "▁", "Ġ")

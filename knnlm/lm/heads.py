@@ -3,12 +3,14 @@
 The standard head is p(w) = softmax(W_sm · ffn), W_sm being V × D. The alternatives the
 paper compares the kNN-LM with change one part of that formula each:
 
-- more rows than tokens (``pseudo_vocab_ratio`` K: K·V rows, row r belongs to token r mod V;
-  or ``num_extra_embed``: token w gets 1 + e_w rows). A softmax runs over all R rows and
-  the probability of a token is the summed mass of its rows:
+- more rows than tokens, laid out as the original fork does: ``pseudo_vocab_ratio`` K gives
+  the special symbols one row each, then K consecutive rows per other token
+  (R = S + K·(V − S)); ``num_extra_embed`` gives every token its own row (rows 0..V-1) and
+  then token w's e_w extra rows, tokens in order. A softmax runs over all R rows and the
+  probability of a token is the summed mass of its rows:
   log p(w) = logsumexp_{r: token(r) = w} log_softmax(s)_r;
-- a mixture of K softmaxes (``k_mos``): h_k = tanh(P_k h), π = softmax(W_π h),
-  p(w) = Σ_k π_k softmax(W h_k)_w;
+- a mixture of K softmaxes (``k_mos``), the fork's: h_k = P_k h + b_k (no activation),
+  π = softmax(W_π h + b_π), p(w) = Σ_k π_k softmax(W h_k)_w;
 - the input: ``att`` (the last FFN's input, the kNN-LM key) instead of ``ffn``;
 - the similarity: ``use_l2`` scores a row by −‖h − w_r‖² instead of h·w_r; ``norm_l2``
   L2-normalises h first;
@@ -25,9 +27,14 @@ import torch.nn.functional as F
 
 
 def row_token_map(vocab_size: int, pseudo_vocab_ratio: int = 1,
-                  num_extra_embed: list[int] | None = None) -> torch.Tensor:
-    """(R,) int64: the token each output row belongs to. The first V rows are tokens
-    0..V-1 in order (so a base W_sm fits there); extra rows follow, grouped by token."""
+                  num_extra_embed: list[int] | None = None, num_specials: int = 0,
+                  tiled: bool = False) -> torch.Tensor:
+    """(R,) int64: the token each output row belongs to.
+
+    ``num_extra_embed``: rows 0..V-1 are tokens 0..V-1, token w's extra rows follow in
+    token order. ``pseudo_vocab_ratio`` K: the ``num_specials`` first tokens one row each,
+    then K consecutive rows per token; ``tiled`` (heads written by knnlm 0.1): K·V rows,
+    row r belongs to token r mod V."""
     base = torch.arange(vocab_size)
     if num_extra_embed is not None:
         if len(num_extra_embed) != vocab_size:
@@ -39,7 +46,10 @@ def row_token_map(vocab_size: int, pseudo_vocab_ratio: int = 1,
         return torch.cat([base, extra])
     if pseudo_vocab_ratio < 1:
         raise ValueError(f"pseudo_vocab_ratio must be >= 1, got {pseudo_vocab_ratio}")
-    return base.repeat(pseudo_vocab_ratio)
+    if tiled:
+        return base.repeat(pseudo_vocab_ratio)
+    s = min(num_specials, vocab_size)
+    return torch.cat([base[:s], torch.repeat_interleave(base[s:], pseudo_vocab_ratio)])
 
 
 def similarity_logits(h: torch.Tensor, W: torch.Tensor, use_l2: bool = False,
@@ -63,12 +73,30 @@ def aggregate_rows(row_log_probs: torch.Tensor, row_token: torch.Tensor, vocab_s
     if R % vocab_size == 0 and torch.equal(row_token, torch.arange(vocab_size, device=row_token.device)
                                            .repeat(R // vocab_size)):
         return row_log_probs.view(M, R // vocab_size, vocab_size).logsumexp(1)
+    blocks = _blocked(row_token, vocab_size)
+    if blocks is not None:            # S single rows, then K consecutive rows per token
+        s, k = blocks
+        rest = row_log_probs[:, s:].reshape(M, vocab_size - s, k).logsumexp(-1)
+        return torch.cat([row_log_probs[:, :s], rest], dim=1)
     idx = row_token[None].expand(M, R)
     mx = torch.full((M, vocab_size), float("-inf"), dtype=row_log_probs.dtype,
                     device=row_log_probs.device)
     mx = mx.scatter_reduce(1, idx, row_log_probs, "amax")
     mass = torch.zeros_like(mx).scatter_add(1, idx, torch.exp(row_log_probs - mx.gather(1, idx)))
     return mx + torch.log(mass)
+
+
+def _blocked(row_token: torch.Tensor, vocab_size: int) -> tuple[int, int] | None:
+    """(S, K) when ``row_token`` is the pseudo-vocabulary layout (S single rows, then K
+    consecutive rows per token), else None."""
+    k = int((row_token == vocab_size - 1).sum())
+    if k < 2 or (k * vocab_size - len(row_token)) % (k - 1):
+        return None
+    s = (k * vocab_size - len(row_token)) // (k - 1)
+    if not 0 <= s < vocab_size:
+        return None
+    return (s, k) if torch.equal(row_token, row_token_map(vocab_size, k, num_specials=s)
+                                 .to(row_token.device)) else None
 
 
 def mixture_log_probs(prior_logits: torch.Tensor, comp_log_probs: torch.Tensor) -> torch.Tensor:

@@ -154,7 +154,7 @@ class Trainer:
         """(model, frozen base model or None): a fresh ``--arch`` model, or with
         ``--restore-file`` the base's body under the head the flags ask for."""
         c, V = self.cfg, self.databin.vocab_size
-        head = c.head_config(V)
+        head = c.head_config(self.databin.vocab)
         overrides = {k: v for k, v in c.model_overrides().items() if v is not None}
         if not c.restore_file:
             try:
@@ -164,7 +164,9 @@ class Trainer:
         from .heads_train import freeze_for_finetune, load_base, model_from_base
         base_ckpt, base = load_base(c.restore_file, self.databin, self.device)
         overrides.pop("max_target_positions", None)
-        model = model_from_base(base_ckpt, head, c.init_out_embed, c.seed, overrides)
+        model = model_from_base(base_ckpt, head, c.seed, overrides, init_out_embed=c.init_out_embed,
+                                copy_out_embed=c.copy_out_embed,
+                                preserve_out_embed=c.preserve_out_embed)
         groups = [n[len("finetune_"):] for n in c.finetune_flags() if getattr(c, n)]
         if groups:
             freeze_for_finetune(model, groups)

@@ -72,7 +72,12 @@ class TrainConfig:
     interpolated_loss: bool = flag(False, "loss = -log((1-λ) p_base + λ p_new), p_base from "
                                    "the frozen --restore-file model")
     train_lambda: float = flag(0.25, "--interpolated-loss: weight λ of the new model")
-    init_out_embed: bool = flag(False, "initialise the output rows from the base W_sm")
+    init_out_embed: bool = flag(False, "re-initialise the output rows at random, N(0, 1/D) "
+                                "(the original's flag)")
+    copy_out_embed: bool = flag(False, "initialise every output row from its token's base row "
+                                "(extra rows with a little noise)")
+    preserve_out_embed: bool = flag(False, "more rows than tokens: each token's first row "
+                                    "starts as its base row (the original's flag)")
     finetune_out_embed: bool = flag(False, "train only the output layer (body frozen)")
     finetune_mos: bool = flag(False, "train only the mixture-of-softmaxes head")
     finetune_additional_linear: bool = flag(False, "train only the additional linear head")
@@ -121,7 +126,12 @@ class TrainConfig:
             raise UserError("--pseudo-vocab-ratio and --num-extra-embed-file are exclusive")
         if not 0 < self.train_lambda <= 1:
             raise UserError(f"--train-lambda must be in (0, 1], got {self.train_lambda}")
-        needs_base = [n for n in ("interpolated_loss", "init_out_embed", *self.finetune_flags())
+        inits = [n for n in ("init_out_embed", "copy_out_embed", "preserve_out_embed")
+                 if getattr(self, n)]
+        if len(inits) > 1:
+            raise UserError(f"--{inits[0].replace('_', '-')} and --{inits[1].replace('_', '-')} "
+                            "are exclusive")
+        needs_base = [n for n in ("interpolated_loss", *inits, *self.finetune_flags())
                       if getattr(self, n)]
         if needs_base and not self.restore_file:
             raise UserError(f"--{needs_base[0].replace('_', '-')} needs --restore-file "
@@ -131,15 +141,15 @@ class TrainConfig:
     def finetune_flags() -> tuple[str, ...]:
         return ("finetune_out_embed", "finetune_mos", "finetune_additional_linear")
 
-    def head_config(self, vocab_size: int) -> dict:
-        """The ModelConfig head fields these flags ask for."""
+    def head_config(self, vocab) -> dict:
+        """The ModelConfig head fields these flags ask for (``vocab``: the data-bin's)."""
         from .heads_train import read_extra_embed_file
-        extra = (read_extra_embed_file(self.num_extra_embed_file, vocab_size)
+        extra = (read_extra_embed_file(self.num_extra_embed_file, len(vocab))
                  if self.num_extra_embed_file else None)
         return dict(softmax_input=self.softmax_input, pseudo_vocab_ratio=self.pseudo_vocab_ratio,
                     num_extra_embed=extra, k_mos=self.k_mos,
                     additional_linear=self.additional_linear, use_l2=self.use_l2,
-                    norm_l2=self.norm_l2)
+                    norm_l2=self.norm_l2, num_special_tokens=vocab.num_specials, head_version=2)
 
     def model_overrides(self) -> dict:
         keys = ("dropout", "attention_dropout", "activation_dropout", "decoder_layers",

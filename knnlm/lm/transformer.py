@@ -55,6 +55,11 @@ class ModelConfig:
     additional_linear: bool = False
     use_l2: bool = False
     norm_l2: bool = False
+    num_special_tokens: int = 4     # fairseq's nspecial: one row each with pseudo_vocab_ratio
+    # 2: the original fork's head layouts (pseudo-vocabulary rows in blocks after the
+    # specials; MoS projections without tanh, prior with a bias); 1: knnlm 0.1's (tiled
+    # rows; tanh; no prior bias). Checkpoints without the field were written by 0.1.
+    head_version: int = 2
 
     def __post_init__(self):
         if self.decoder_embed_dim % self.decoder_attention_heads:
@@ -67,6 +72,8 @@ class ModelConfig:
             raise ValueError("pseudo_vocab_ratio and k_mos must be >= 1")
         if self.num_extra_embed is not None and self.pseudo_vocab_ratio > 1:
             raise ValueError("pseudo_vocab_ratio and num_extra_embed are exclusive")
+        if self.head_version not in (1, 2) or self.num_special_tokens < 0:
+            raise ValueError("head_version must be 1 or 2 and num_special_tokens >= 0")
         if self.share_decoder_input_output_embed and self.output_rows != self.vocab_size:
             raise ValueError("a tied output embedding has exactly one row per token")
 
@@ -75,7 +82,10 @@ class ModelConfig:
         """R, the rows of the output embedding (V for the standard head)."""
         if self.num_extra_embed is not None:
             return self.vocab_size + sum(self.num_extra_embed)
-        return self.vocab_size * self.pseudo_vocab_ratio
+        if self.head_version == 1:
+            return self.vocab_size * self.pseudo_vocab_ratio
+        s = min(self.num_special_tokens, self.vocab_size)
+        return s + self.pseudo_vocab_ratio * (self.vocab_size - s)
 
     @property
     def standard_head(self) -> bool:
@@ -90,7 +100,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        kw.setdefault("head_version", 1)     # written before the field existed
+        return cls(**kw)
 
 
 # Presets (fairseq ``--arch`` names). Values not given keep the ModelConfig defaults.
@@ -197,10 +209,11 @@ class TransformerLM(nn.Module):
         if not cfg.share_decoder_input_output_embed:
             self.output_projection = nn.Linear(d, cfg.output_rows, bias=False)
         self.register_buffer("row_token", heads.row_token_map(
-            cfg.vocab_size, cfg.pseudo_vocab_ratio, cfg.num_extra_embed), persistent=False)
+            cfg.vocab_size, cfg.pseudo_vocab_ratio, cfg.num_extra_embed, cfg.num_special_tokens,
+            tiled=cfg.head_version == 1), persistent=False)
         if cfg.k_mos > 1:
             self.mos_proj = nn.Linear(d, cfg.k_mos * d)
-            self.mos_prior = nn.Linear(d, cfg.k_mos, bias=False)
+            self.mos_prior = nn.Linear(d, cfg.k_mos, bias=cfg.head_version >= 2)
         if cfg.additional_linear:
             self.additional_linear = nn.Linear(d, cfg.vocab_size, bias=False)
         self.reset_parameters()
@@ -244,7 +257,10 @@ class TransformerLM(nn.Module):
         f = features.reshape(-1, features.shape[-1])
         h = f[:, :d]
         if c.k_mos > 1:
-            ctx = torch.tanh(self.mos_proj(h)).view(len(h) * c.k_mos, d)
+            ctx = self.mos_proj(h)
+            if c.head_version == 1:
+                ctx = torch.tanh(ctx)
+            ctx = ctx.view(len(h) * c.k_mos, d)
             comp = heads.head_log_probs(ctx, self.output_weight, self.row_token, c.vocab_size,
                                         c.use_l2, c.norm_l2).view(len(h), c.k_mos, -1)
             out = heads.mixture_log_probs(self.mos_prior(h).float(), comp)
