@@ -197,7 +197,8 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
         res["knn"] = dict(perplexities(knn_nll, n, n_words), no_match_tokens=no_match)
         res["interpolated"] = dict(perplexities(interp_nll, n, n_words), lmbda=cfg.lmbda,
                                    knn_temp=cfg.knn_temp, k=cfg.k,
-                                   score_mode=knn_scorer.mode.to_dict())
+                                   score_mode=knn_scorer.mode.to_dict(),
+                                   search_backend=knn_scorer.knn.backend)
         knn_scorer.close(dict(lm=res["ppl"], knn=res["knn"]["ppl"],
                               interpolated=res["interpolated"]["ppl"]))
     return res

@@ -176,6 +176,7 @@ def main(cfg: GenerateConfig) -> dict:
     print(f"{n_new:,} tokens, {speed:,.1f} tok/s" + (f" with kNN (k {cfg.k}, λ {cfg.lmbda}, "
                                                      f"T {cfg.knn_temp}, {mode['name']})" if cfg.knnlm else ""))
     out = dict(results=results, tokens=n_new, tokens_per_second=speed, score_mode=mode,
+               search_backend=search.backend if search is not None else None,
                config=config_dict(cfg))
     if cfg.results_path:
         write_json_atomic(cfg.results_path, out)

@@ -139,8 +139,8 @@ def main(cfg: NeighborsConfig) -> list[dict]:
                     cfg.context_tokens)
     mode = search.mode
     if cfg.json:
-        print(json.dumps(dict(score_mode=mode.to_dict(), k=cfg.k, knn_temp=cfg.knn_temp,
-                              positions=rows), indent=1))
+        print(json.dumps(dict(score_mode=mode.to_dict(), search_backend=search.backend,
+                              k=cfg.k, knn_temp=cfg.knn_temp, positions=rows), indent=1))
     else:
         print(f"score mode {mode.name}: {mode.describe()}; k {cfg.k}, T {cfg.knn_temp}")
         print(format_rows(rows))

@@ -12,7 +12,8 @@ from knnlm.knn.cache import RetrievalCache
 from knnlm.lm.checkpoint import load_checkpoint, model_fingerprint, model_from_checkpoint
 from knnlm.data.preprocess import DataBin
 from knnlm.data.blocks import score_windows, shifted_inputs
-from knnlm.knn.search import brute_force_search, exact_distances
+from knnlm.knn.exact import brute_force_search
+from knnlm.knn.search import exact_distances
 
 K = 16
 

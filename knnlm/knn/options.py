@@ -33,11 +33,15 @@ class KnnOptions:
     load_keys: bool = flag(True, "--knnlm: read the stored keys (needed to recompute "
                            "distances)", negative=("--no-load-keys",))
     move_dstore_to_mem: bool = flag(False, "--knnlm: load keys and values into RAM")
-    knnlm_gpu: bool = flag(False, "--knnlm: search on GPU (FAISS GPU build, or brute force "
-                           "with --exact-search); without GPU support, the CPU")
+    knnlm_gpu: bool = flag(False, "--knnlm: search on GPU (a FAISS GPU build, else the torch "
+                           "backend; brute force with --exact-search); without a GPU, the CPU")
     knnlm_gpus: int = flag(0, "--knnlm-gpu: GPUs the index goes to (0: all)")
     gpu_shard: bool = flag(False, "--knnlm-gpu: shard the index across the GPUs instead of "
                            "cloning it to each (fp16 lookup tables either way)")
+    knn_backend: str = flag("auto", "--knnlm: search with FAISS, or with the torch backend "
+                            "over the index's data (no faiss-gpu needed); auto: FAISS, or "
+                            "torch on the GPUs when --knnlm-gpu finds no faiss-gpu",
+                            choices=("auto", "faiss", "torch"))
 
     def score_mode(self) -> ScoreMode:
         """Which neighbours and which scores these flags select (:mod:`knnlm.knn.mode`)."""

@@ -33,7 +33,8 @@ class KnnScorer:
                         index=self.knn.index_meta and {k: self.knn.index_meta[k] for k in
                                                        ("factory", "metric", "nprobe",
                                                         "datastore_fingerprint")},
-                        nprobe=cfg.probe, exact_search=cfg.exact_search, ignore_top=cfg.ignore_top)
+                        nprobe=cfg.probe, exact_search=cfg.exact_search, ignore_top=cfg.ignore_top,
+                        search_backend=self.knn.backend)
             # the distances the scores come from are always kept (a sweep reproduces them)
             self.cache = CacheWriter(cfg.save_retrieval, n_tokens, cfg.k,
                                      cfg.save_exact_dists or mode.recompute, meta, ds.size)

@@ -1,6 +1,7 @@
-"""Search over a datastore: FAISS search, exact brute-force search, exact distances
-recomputed from the stored keys (:class:`Retriever`), and the score mode the kNN flags
-describe on top of them (:class:`KnnSearch`, shared by eval-lm, generate and neighbors).
+"""Search over a datastore: FAISS (or torch-backend) search, exact brute-force search
+(:mod:`knnlm.knn.exact`), exact distances recomputed from the stored keys
+(:class:`Retriever`), and the score mode the kNN flags describe on top of them
+(:class:`KnnSearch`, shared by eval-lm, generate and neighbors).
 
 The score modes (which neighbours, which scores) are :mod:`knnlm.knn.mode`'s.
 
@@ -20,43 +21,9 @@ import torch
 from ..util import UserError
 from . import math as knn_math
 from .datastore import Datastore, normalize_keytype
+from .exact import brute_force_search
 from .index import gpu_available, load_index
-
-BRUTE_FORCE_CHUNK = 1 << 17   # keys per chunk of the exact search (bounds memory)
-
-
-def brute_force_search(q: torch.Tensor, keys, k: int, metric: str,
-                       chunk: int = BRUTE_FORCE_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k over all keys: chunked matmul + top-k, merged across chunks.
-
-    q: (B, D) float32 on the compute device; keys: (N, D) array or memmap (any float
-    dtype), or a tensor already on the device. Returns FAISS-style (D (B, k) float32,
-    I (B, k) int64).
-    """
-    device = q.device
-    q = q.float()
-    qn = (q * q).sum(1, keepdim=True)
-    best_s = torch.full((len(q), 0), float("-inf"), device=device)
-    best_i = torch.zeros((len(q), 0), dtype=torch.long, device=device)
-    for s in range(0, len(keys), chunk):
-        if isinstance(keys, torch.Tensor):
-            kc = keys[s:s + chunk].float()
-        else:
-            kc = torch.from_numpy(np.asarray(keys[s:s + chunk], dtype=np.float32)).to(device)
-        if metric == "l2":   # score = 2 q.k - ||k||^2 = ||q||^2 - ||q - k||^2, one GEMM
-            sc = torch.addmm((kc * kc).sum(1).neg_()[None, :], q, kc.T, alpha=2)
-        else:
-            sc = q @ kc.T
-        kk = min(k, sc.shape[1])
-        top_s, top_i = sc.topk(kk, dim=1)
-        best_s = torch.cat([best_s, top_s], 1)
-        best_i = torch.cat([best_i, top_i + s], 1)
-        if best_s.shape[1] > k:
-            best_s, order = best_s.topk(k, dim=1)
-            best_i = best_i.gather(1, order)
-    D = (qn - best_s).clamp_min(0) if metric == "l2" else best_s
-    return D.cpu().numpy().astype(np.float32), best_i.cpu().numpy()
-
+from .torch_index import ShardedTorchIndex, TorchIndex
 
 RECOMPUTE_CHUNK = 16   # queries per gather in exact_distances (keeps (C, k, D) in cache)
 
@@ -144,21 +111,48 @@ def default_index_path(dstore_dir: str | Path, keytype: str, metric: str) -> Pat
     return Path(dstore_dir) / f"index_{keytype.replace(':', '')}_{metric}.faiss"
 
 
-def index_to_gpus(index, n_gpus: int, shard: bool):
-    """The index cloned to (or sharded across) the first ``n_gpus`` GPUs (0: all) with
-    fp16 lookup tables; the CPU index, with a note, when FAISS has no GPU support."""
+def place_index(index, cfg, device: torch.device) -> tuple[object, str]:
+    """The index where the kNN flags want it searched, and which backend that is.
+
+    ``--knn-backend faiss``: FAISS; with ``--knnlm-gpu`` cloned to (or, ``--gpu-shard``,
+    sharded across) the GPUs with fp16 lookup tables when FAISS has GPU support, else on
+    the CPU. ``--knn-backend torch``: the torch backend over the index's data
+    (:mod:`knnlm.knn.torch_index`), its inverted lists split over the GPUs with
+    ``--knnlm-gpu``, on the CPU otherwise. ``auto``: FAISS, except that ``--knnlm-gpu``
+    without faiss-gpu uses the torch backend on the GPUs when there are any.
+    """
     import faiss
-    have = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
-    if n_gpus > max(have, torch.cuda.device_count()):
-        raise UserError(f"--knnlm-gpus {n_gpus} but {max(have, torch.cuda.device_count())} "
-                        "GPU(s) are visible")
-    if not gpu_available():
-        print("--knnlm-gpu: this FAISS build has no GPU support; searching on the CPU")
-        return index
-    co = faiss.GpuMultipleClonerOptions()
-    co.shard = shard
-    co.useFloat16 = True          # fp16 lookup tables (IVF-PQ) / storage (flat)
-    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n_gpus or have)
+    visible = max(faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0,
+                  torch.cuda.device_count())
+    if cfg.knnlm_gpus > visible and cfg.knnlm_gpu:
+        raise UserError(f"--knnlm-gpus {cfg.knnlm_gpus} but {visible} GPU(s) are visible")
+    backend = cfg.knn_backend
+    if backend == "auto":
+        backend = "torch" if cfg.knnlm_gpu and not gpu_available() and \
+            torch.cuda.is_available() else "faiss"
+    if backend == "faiss":
+        if not cfg.knnlm_gpu:
+            return index, "faiss-cpu"
+        if not gpu_available():
+            print("--knnlm-gpu: no FAISS GPU support and no CUDA device; searching on the CPU "
+                  "with FAISS")
+            return index, "faiss-cpu"
+        n = cfg.knnlm_gpus or faiss.get_num_gpus()
+        co = faiss.GpuMultipleClonerOptions()
+        co.shard = cfg.gpu_shard
+        co.useFloat16 = True          # fp16 lookup tables (IVF-PQ) / storage (flat)
+        how = "sharded across" if cfg.gpu_shard else "cloned to"
+        return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n), f"faiss-gpu ({how} {n} GPU(s))"
+    if not cfg.knnlm_gpu:
+        return TorchIndex.from_faiss(index, "cpu"), "torch (cpu)"
+    if not torch.cuda.is_available():
+        raise UserError("--knn-backend torch --knnlm-gpu: no CUDA device is visible")
+    n = cfg.knnlm_gpus or torch.cuda.device_count()
+    devices = [torch.device("cuda", i) for i in range(n)] if device.type != "cuda" or n > 1 \
+        else [device]
+    if len(devices) == 1 or faiss.try_extract_index_ivf(index) is None:
+        return TorchIndex.from_faiss(index, devices[0]), f"torch ({devices[0]})"
+    return ShardedTorchIndex(index, devices), f"torch (lists sharded across {n} GPUs)"
 
 
 class KnnSearch:
@@ -175,12 +169,13 @@ class KnnSearch:
         ds.check_model(model_fingerprint, databin.tokenizer_sha256)
         self.ds = ds
         index, self.index_meta = None, None
+        self.backend = f"brute force ({device if cfg.knnlm_gpu else 'cpu'})"
         if not cfg.exact_search:
             path = cfg.indexfile or default_index_path(ds.path, self.keytype, cfg.faiss_metric_type)
             index, self.index_meta = load_index(path, ds, self.keytype, cfg.faiss_metric_type,
                                                 cfg.probe)
-            if cfg.knnlm_gpu:
-                index = index_to_gpus(index, cfg.knnlm_gpus, cfg.gpu_shard)
+            index, self.backend = place_index(index, cfg, device)
+            print(f"kNN search: {self.backend}")
         self.mode = cfg.score_mode()
         if self.mode.recompute and not cfg.load_keys:
             raise UserError(f"--no-load-keys: the score mode ({self.mode.describe()}) needs the "
