@@ -133,3 +133,59 @@ def test_gpu_coarse_training_clusters_in_the_index_metric():
         full = faiss.index_factory(8, "IVF4,Flat", metric)
         got = index.clustering_index(faiss.extract_index_ivf(full))
         assert isinstance(got, flat) and got.metric_type == metric and got.d == 8
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
+def test_torch_kmeans_training_matches_faiss_recall(metric):
+    """IVF-Flat and IVF-PQ trained by the torch k-means (what GPU training without faiss-gpu
+    runs) reach FAISS CPU training's recall@10 on held-out queries, within 1% (two seeds)."""
+    from knnlm.knn.kmeans import train_ivf
+    rng = np.random.default_rng(0)
+    d = 32
+    centres = rng.standard_normal((200, d)).astype(np.float32) * 2
+
+    def sample(n):
+        return (centres[rng.integers(0, 200, n)] + rng.standard_normal((n, d))).astype(np.float32)
+    xb, xq = sample(40000), sample(1000)
+    exact = faiss.IndexFlat(d, metric)
+    exact.add(xb)
+    truth = exact.search(xq, 10)[1]
+    for factory in ("IVF64,Flat", "IVF64,PQ8"):
+        recall = {}
+        for how in ("faiss", "torch"):
+            got = []
+            for seed in (1, 2):
+                idx = faiss.index_factory(d, factory, metric)
+                if how == "faiss":
+                    ivf = faiss.downcast_index(faiss.extract_index_ivf(idx))
+                    ivf.cp.seed = seed
+                    if hasattr(ivf, "pq"):
+                        ivf.pq.cp.seed = seed
+                    index.train_index(idx, xb[:15000], use_gpu=False)
+                else:
+                    train_ivf(idx, xb[:15000], "cpu", seed=seed)
+                assert idx.is_trained
+                idx.add(xb)
+                faiss.extract_index_ivf(idx).nprobe = 4
+                I = idx.search(xq, 10)[1]
+                got.append(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, truth)]))
+            recall[how] = np.mean(got)
+        assert recall["torch"] >= recall["faiss"] - 0.01, (factory, recall)
+
+
+def test_build_index_with_torch_training_writes_a_faiss_index(trained_dstore, tmp_path):
+    out = tmp_path / "t.faiss"
+    meta = index.build_index(index.BuildIndexConfig(
+        dstore_dir=str(trained_dstore.path), knn_keytype="att", index_factory="IVF16,PQ8",
+        train_size=4000, faiss_index=str(out), train_backend="torch", gpu="no", quiet=True))
+    assert meta["train_backend"] == "torch (cpu)"
+    loaded, _ = index.load_index(out, trained_dstore, "att", "l2", 16)
+    assert loaded.ntotal == trained_dstore.size and loaded.is_trained
+    xq = np.asarray(trained_dstore.keys("att")[:50], dtype=np.float32)
+    I = loaded.search(xq, 5)[1]
+    assert np.mean(I[:, 0] == np.arange(50)) > 0.8        # a key finds itself (duplicates aside)
+    with pytest.raises(UserError, match="pre-transforms"):
+        index.build_index(index.BuildIndexConfig(
+            dstore_dir=str(trained_dstore.path), knn_keytype="att", index_factory="OPQ8,IVF16,PQ8",
+            train_size=4000, faiss_index=str(tmp_path / "o.faiss"), train_backend="torch",
+            gpu="no", quiet=True))

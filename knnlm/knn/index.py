@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..io import read_json, write_json_atomic
 from ..util import UserError, config_dict, flag
 from .datastore import Datastore, normalize_keytype
+from .kmeans import train_ivf
 
 INDEX_FORMAT = "knnlm-index"
 INDEX_VERSION = 1
@@ -83,6 +84,9 @@ class BuildIndexConfig:
     save_interval_seconds: float = flag(300.0, "save the partial index at most this often "
                                         "(0: after every chunk)")
     gpu: str = flag("auto", "train on GPU: auto | yes | no", choices=("auto", "yes", "no"))
+    train_backend: str = flag("auto", "k-means of FAISS, or in torch (knnlm/knn/kmeans.py: "
+                              "GPU training without faiss-gpu); auto: FAISS, or torch on the "
+                              "GPU when FAISS has no GPU support", choices=("auto", "faiss", "torch"))
     shards: int = flag(1, "add the keys in S contiguous shards, then merge (same index)")
     workers: int = flag(1, "--shards: shards added in parallel processes")
     dstore_size: int | None = flag(None, "accepted for compatibility; checked against the datastore",
@@ -122,6 +126,26 @@ class BuildIndexConfig:
 def gpu_available() -> bool:
     faiss = faiss_module()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def training_backend(cfg: BuildIndexConfig) -> str:
+    """Who trains the index: ``faiss-cpu``, ``faiss-gpu`` or ``torch (<device>)``."""
+    import torch
+    has_cuda = torch.cuda.is_available()
+    want_gpu = cfg.gpu == "yes" or (cfg.gpu == "auto" and (gpu_available() or has_cuda))
+    if cfg.gpu == "yes" and not (gpu_available() or has_cuda):
+        raise UserError("--gpu yes: no GPU is visible")
+    backend = cfg.train_backend
+    if backend == "auto":
+        backend = "faiss" if (gpu_available() or not want_gpu) else "torch"
+    if backend == "faiss":
+        if want_gpu and not gpu_available():
+            if cfg.gpu == "yes":
+                raise UserError("--gpu yes --train-backend faiss: this FAISS build has no GPU "
+                                "support (--train-backend torch trains on the GPU without it)")
+            return "faiss-cpu"
+        return "faiss-gpu" if want_gpu else "faiss-cpu"
+    return f"torch ({'cuda' if want_gpu else 'cpu'})"
 
 
 def train_index(index, xt: np.ndarray, use_gpu: bool) -> None:
@@ -189,13 +213,11 @@ def build_index(cfg: BuildIndexConfig) -> dict:
         raise UserError(f"--dstore_size {cfg.dstore_size} but the datastore holds {n:,} keys")
     if cfg.dimension is not None and cfg.dimension != d:
         raise UserError(f"--dimension {cfg.dimension} but the keys have {d} dimensions")
-    use_gpu = cfg.gpu == "yes" or (cfg.gpu == "auto" and gpu_available())
-    if cfg.gpu == "yes" and not gpu_available():
-        raise UserError("--gpu yes: this FAISS build has no GPU support or no GPU is visible")
+    trainer = training_backend(cfg)
     factory = cfg.factory(n, d)
     out = cfg.index_path()
     partial, side_path = Path(str(out) + ".partial"), Path(str(out) + ".json")
-    meta = sidecar_for(cfg, ds, factory, min(cfg.train_size, n))
+    meta = dict(sidecar_for(cfg, ds, factory, min(cfg.train_size, n)), train_backend=trainer)
     old = read_json(side_path, "index sidecar") if side_path.is_file() else {}
     if out.is_file() and old.get("complete") and _same(old, meta):
         print(f"{out}: this index is already built")
@@ -213,7 +235,11 @@ def build_index(cfg: BuildIndexConfig) -> dict:
     def trained():
         if not index.is_trained:
             _, xt = training_sample(keys, cfg.train_size, cfg.seed)
-            train_index(index, xt, use_gpu)
+            print(f"training on {len(xt):,} keys with {trainer}")
+            if trainer.startswith("torch"):
+                train_ivf(index, xt, trainer[len("torch ("):-1], seed=cfg.seed)
+            else:
+                train_index(index, xt, trainer == "faiss-gpu")
         return index
 
     if cfg.shards > 1:
