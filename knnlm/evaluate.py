@@ -15,11 +15,15 @@ memmaps.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from tqdm import tqdm
 
 from .build_dstore import BuildDstoreConfig
@@ -27,16 +31,31 @@ from .build_dstore import main as build_dstore_main
 from .data.blocks import BREAK_MODES
 from .data.preprocess import DataBin
 from .data.tokenizer import word_mask
-from .io import open_token_memmap, write_json_atomic
+from .io import open_npy, open_token_memmap, read_json, write_json_atomic
 from .knn import math as knn_math
 from .knn.options import KnnOptions
+from .knn.exact import merge_topk
 from .knn.scorer import KnnScorer
+from .knn.search import KnnSearch
 from .lm.checkpoint import check_model_source, load_lm
 from .lm.device import resolve_device
+from .lm.distributed import setup_distributed
 from .lm.scoring import iter_scored, make_windows, resolve_window
 from .util import UserError, config_dict, flag
 
 LN2 = math.log(2)
+
+
+@dataclass
+class Batch:
+    """Targets ``[start, end)`` of the split, scored: what the accumulation loop consumes."""
+    start: int
+    end: int
+    targets: np.ndarray           # (M,) int64
+    logprobs: np.ndarray          # (M,) float64, log p_LM(target)
+    words: np.ndarray             # (M,) bool: the token ends a word
+    query: torch.Tensor | None    # (M, D) kNN queries (with --knnlm)
+    found: tuple | None = None    # their (D, I), when already searched (--exact-search)
 
 
 @dataclass
@@ -125,26 +144,112 @@ def perplexities(nll_sum: float, n_tokens: int, n_words: int) -> dict:
 
 
 def eval_lm(model, databin: DataBin, cfg: EvalConfig, device: torch.device,
-            model_fingerprint: str | None = None) -> dict:
+            model_fingerprint: str | None = None, dist=None) -> dict | None:
     """Score the split ``cfg.gen_subset`` of ``databin`` (with ``--knnlm``, also p_kNN and
-    the interpolation; ``model_fingerprint`` binds the datastore to the model)."""
+    the interpolation; ``model_fingerprint`` binds the datastore to the model). ``dist``:
+    torchrun ranks sharing the exact search; only rank 0 returns results."""
     tokens = databin.split(cfg.gen_subset)
     if cfg.max_eval_tokens:  # a prefix: its tokens score exactly as in the full run
         tokens = tokens[:cfg.max_eval_tokens]
+    if dist is not None and not dist.is_main:
+        search_rank(cfg, model_fingerprint, databin, device, dist)
+        return None
     knn_scorer = None
     if cfg.knnlm:
         knn_scorer = KnnScorer(cfg, model_fingerprint, databin, device, len(tokens))
-    return eval_tokens(model, tokens, databin, cfg, device, knn_scorer)
+    return eval_tokens(model, tokens, databin, cfg, device, knn_scorer, dist)
+
+
+def lm_batches(model, tokens: np.ndarray, windows: list, databin: DataBin, cfg: EvalConfig,
+               device: torch.device, keytype: str | None, flags) -> Iterator[Batch]:
+    """The LM's scores of ``windows`` batch by batch (with ``keytype``, the kNN queries)."""
+    amp = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
+    hidden = (keytype,) if keytype else ()
+    for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
+                          max_tokens=cfg.max_tokens, softmax_batch=cfg.softmax_batch,
+                          device=device, amp_dtype=amp, return_hidden=hidden):
+        yield Batch(sb.start, sb.end, sb.targets, sb.logprobs.double().cpu().numpy(),
+                    word_mask(sb.targets, sb.prev, databin.vocab, flags),
+                    sb.hidden[keytype] if keytype else None)
+
+
+EXACT_BLOCK = 4096   # tokens scored at once after the exact-search pass
+
+
+def exact_neighbours(knn, queries, work: Path, dist, quiet: bool):
+    """(D, I) of every query: this process's share of the keys, merged with the other
+    ranks' shares under torchrun (on rank 0; the others get None)."""
+    r, w = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    part = work / "search" / f"rank{r}"
+    D, I = knn.search_all(queries, part, quiet, part=(r, w))
+    if w == 1:
+        return D, I
+    for name, a in (("D", D), ("I", I)):
+        np.save(part / f"{name}.tmp.npy", a)
+        os.replace(part / f"{name}.tmp.npy", part / f"{name}.npy")
+    tdist.barrier()                             # every share is on disk
+    if r != 0:
+        return None
+    parts = [tuple(np.load(work / "search" / f"rank{i}" / f"{x}.npy") for x in ("D", "I"))
+             for i in range(w)]
+    return merge_topk(parts, knn.k_search, knn.mode.search_metric)
+
+
+def search_rank(cfg: EvalConfig, fingerprint: str, databin: DataBin, device, dist) -> None:
+    """A torchrun rank other than 0 in eval-lm --exact-search: once rank 0 has the
+    split's queries, search this rank's share of the keys."""
+    knn = KnnSearch(cfg, fingerprint, databin, device)
+    work = Path(cfg.save_retrieval) / "exact_search"
+    tdist.barrier()
+    exact_neighbours(knn, open_npy(work / "queries.npy", None, np.float32), work, dist, cfg.quiet)
+
+
+def exact_batches(model, tokens: np.ndarray, windows: list, done: int, databin: DataBin,
+                  cfg: EvalConfig, device: torch.device, knn_scorer, flags,
+                  dist=None) -> Iterator[Batch]:
+    """eval-lm --exact-search in three passes, so the datastore is read once per split:
+
+    1. the LM over the split, its queries, scores and word flags kept on disk;
+    2. every query against every key in one streaming pass (:meth:`KnnSearch.search_all`);
+    3. the tokens from ``done`` on, with their neighbours found.
+
+    Each pass resumes after a kill (in the retrieval cache's work directory). Under
+    torchrun the ranks split the keys of pass 2 (:func:`search_rank`)."""
+    n, work = len(tokens), knn_scorer.work_dir
+    cols = dict(queries=(np.float32, (n, knn_scorer.knn.ds.dim)), lm=(np.float32, (n,)),
+                targets=(np.int64, (n,)), words=(np.bool_, (n,)))
+    side = work / "lm_pass.json"
+    old = read_json(side, "LM pass progress") if side.is_file() else {}
+    lm_done = int(old.get("done", 0)) if old.get("n") == n else 0
+    arr = {name: open_token_memmap(work / f"{name}.npy", shape, dt, resume=lm_done > 0)
+           for name, (dt, shape) in cols.items()}
+    if lm_done < n:
+        rest = [w for w in windows if w.score_start >= lm_done]
+        for b in lm_batches(model, tokens, rest, databin, cfg, device, knn_scorer.keytype, flags):
+            arr["queries"][b.start:b.end] = b.query.float().cpu().numpy()
+            arr["lm"][b.start:b.end] = b.logprobs
+            arr["targets"][b.start:b.end] = b.targets
+            arr["words"][b.start:b.end] = b.words
+            for a in arr.values():
+                a.flush()
+            write_json_atomic(side, dict(n=n, done=b.end))
+    if dist is not None:
+        tdist.barrier()                         # the other ranks wait for the queries
+    D, I = exact_neighbours(knn_scorer.knn, arr["queries"], work, dist, cfg.quiet)
+    for s in range(done, n, EXACT_BLOCK):
+        e = min(n, s + EXACT_BLOCK)
+        yield Batch(s, e, np.asarray(arr["targets"][s:e]), arr["lm"][s:e].astype(np.float64),
+                    np.asarray(arr["words"][s:e]), torch.from_numpy(np.array(arr["queries"][s:e])),
+                    (D[s:e], I[s:e]))
 
 
 def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
-                device: torch.device, knn_scorer=None) -> dict:
+                device: torch.device, knn_scorer=None, dist=None) -> dict:
     """Score a token stream with the vocabulary and specials of ``databin``."""
     n = len(tokens)
     T = resolve_window(model, cfg.tokens_per_sample, cfg.context_window)
     windows = make_windows(n, tokens, databin.eos, T, cfg.context_window, cfg.sample_break_mode)
-    vocab = databin.vocab
-    flags = vocab.word_flags(cfg.remove_bpe.rstrip() if cfg.remove_bpe else None)
+    flags = databin.vocab.word_flags(cfg.remove_bpe.rstrip() if cfg.remove_bpe else None)
     # running sums; with a retrieval cache they are committed after every batch, and an
     # evaluation killed and rerun resumes from the last commit (same batches, same sums)
     st = dict(done=0, nll_sum=0.0, n_words=0, knn_nll=0.0, interp_nll=0.0, no_match=0)
@@ -155,25 +260,26 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
         windows = [w for w in windows if w.score_start >= st["done"]]
     scores = open_token_memmap(cfg.save_scores, n, np.float32, resume) if cfg.save_scores else None
     saved_tokens = open_token_memmap(cfg.save_tokens, n, np.int32, resume) if cfg.save_tokens else None
-    amp = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
     t0 = time.perf_counter()
-    hidden = (knn_scorer.keytype,) if knn_scorer is not None else ()
+    if knn_scorer is not None and cfg.exact_search:   # one pass over the keys for the split
+        batches = exact_batches(model, tokens, windows, st["done"], databin, cfg, device,
+                                knn_scorer, flags, dist)
+    else:
+        batches = lm_batches(model, tokens, windows, databin, cfg, device,
+                             knn_scorer.keytype if knn_scorer is not None else None, flags)
     bar = tqdm(total=n, initial=st["done"], unit="tok", desc=f"eval {cfg.gen_subset}",
                disable=True if cfg.quiet else None)
-    for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
-                          max_tokens=cfg.max_tokens, softmax_batch=cfg.softmax_batch,
-                          device=device, amp_dtype=amp, return_hidden=hidden):
-        lp = sb.logprobs.double().cpu().numpy()
+    for b in batches:
+        lp = b.logprobs
         st["nll_sum"] -= float(lp.sum())
-        words = word_mask(sb.targets, sb.prev, vocab, flags)
-        st["n_words"] += int(words.sum())
+        st["n_words"] += int(b.words.sum())
         if scores is not None:
-            scores[sb.start:sb.end] = lp
+            scores[b.start:b.end] = lp
         if saved_tokens is not None:
-            saved_tokens[sb.start:sb.end] = sb.targets
+            saved_tokens[b.start:b.end] = b.targets
         if knn_scorer is not None:
-            klp = knn_scorer.score(sb.start, sb.hidden[knn_scorer.keytype], sb.targets,
-                                   lp.astype(np.float32), words)
+            klp = knn_scorer.score(b.start, b.query, b.targets, lp.astype(np.float32), b.words,
+                                   b.found)
             st["knn_nll"] -= float(klp.sum())
             st["no_match"] += int(np.isinf(klp).sum())
             mix = knn_math.interpolate(torch.from_numpy(lp), torch.from_numpy(klp), cfg.lmbda)
@@ -181,8 +287,8 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
             for arr in (scores, saved_tokens):
                 if arr is not None:
                     arr.flush()
-            knn_scorer.commit(dict(st, done=sb.end))
-        bar.update(sb.end - sb.start)
+            knn_scorer.commit(dict(st, done=b.end))
+        bar.update(b.end - b.start)
     bar.close()
     for arr in (scores, saved_tokens):
         if arr is not None:
@@ -223,16 +329,29 @@ def format_results(res: dict) -> str:
         f"  score mode     {m['score_mode']['name']}: {m['score_mode']['description']}"])
 
 
-def main(cfg: EvalConfig) -> dict:
+def main(cfg: EvalConfig) -> dict | None:
     if cfg.save_knnlm_dstore:
         return build_dstore_main(cfg.to_build_dstore())
+    dist = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not (cfg.knnlm and cfg.exact_search and cfg.save_retrieval):
+            raise UserError("under torchrun eval-lm shares out the exact search only: give "
+                            "--knnlm --exact-search --save-retrieval DIR (a directory every "
+                            "rank sees)")
+        dist = setup_distributed(cfg.cpu)
     databin = DataBin(cfg.data)
-    device = resolve_device(cfg.device, cfg.cpu)
+    device = dist.device if dist is not None else resolve_device(cfg.device, cfg.cpu)
     half = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
     # HF weights load directly in half precision on a GPU (a 7B model needs no fp32 copy)
     model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device,
                                  half if device.type == "cuda" else None)
-    res = eval_lm(model, databin, cfg, device, fingerprint)
+    try:
+        res = eval_lm(model, databin, cfg, device, fingerprint, dist)
+    finally:
+        if dist is not None:
+            dist.close()
+    if res is None:
+        return None
     print(format_results(res))
     if cfg.results_path:
         write_json_atomic(cfg.results_path, dict(results=res, config=config_dict(cfg)))

@@ -5,6 +5,10 @@ are :class:`knnlm.knn.search.KnnSearch`'s; the math is :mod:`knnlm.knn.math`'s.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -47,6 +51,17 @@ class KnnScorer:
             self.queries = open_token_memmap(cfg.save_queries, (n_tokens, ds.dim), np.float32,
                                              resume)
 
+    @property
+    def work_dir(self) -> Path:
+        """Where eval-lm --exact-search keeps its passes (queries, LM scores, the running
+        top-k): inside the retrieval cache (so a killed evaluation resumes), else a
+        temporary directory; removed once the evaluation is complete."""
+        if getattr(self, "_work", None) is None:
+            self._work = (Path(self.cfg.save_retrieval) / "exact_search" if self.cfg.save_retrieval
+                          else Path(tempfile.mkdtemp(prefix="knnlm-exact-")))
+            self._work.mkdir(parents=True, exist_ok=True)
+        return self._work
+
     def commit(self, progress: dict) -> None:
         """After a batch: flush every per-token output, then record the running state in the
         cache sidecar (what a killed evaluation resumes from)."""
@@ -58,23 +73,26 @@ class KnnScorer:
         self.cache.commit(progress)
 
     def score(self, start: int, q: torch.Tensor, targets: np.ndarray, lm_lp: np.ndarray,
-              words: np.ndarray) -> np.ndarray:
-        """log p_kNN of each target, (M,) float64; writes the per-token outputs."""
+              words: np.ndarray, found: tuple | None = None) -> np.ndarray:
+        """log p_kNN of each target, (M,) float64; writes the per-token outputs.
+        ``found``: these queries' (D, I), already searched (eval-lm --exact-search)."""
         q = q.float().cpu().numpy()
         out = np.empty(len(q), dtype=np.float64)
         step = QUERY_CHUNK if (self.mode.recompute or self.cfg.save_exact_dists) or \
             not self.cfg.exact_search else EXACT_QUERY_CHUNK
         for s in range(0, len(q), step):
             e = min(len(q), s + step)
-            out[s:e] = self._score_chunk(start + s, q[s:e], targets[s:e], lm_lp[s:e], words[s:e])
+            part = None if found is None else (found[0][s:e], found[1][s:e])
+            out[s:e] = self._score_chunk(start + s, q[s:e], targets[s:e], lm_lp[s:e], words[s:e],
+                                         part)
         if self.queries is not None:
             self.queries[start:start + len(q)] = q
         if self.knn_scores is not None:
             self.knn_scores[start:start + len(q)] = out
         return out
 
-    def _score_chunk(self, start, q, targets, lm_lp, words) -> np.ndarray:
-        r = self.knn.search(q)
+    def _score_chunk(self, start, q, targets, lm_lp, words, found=None) -> np.ndarray:
+        r = self.knn.search(q, found)
         lp = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]),
                                            torch.from_numpy(targets), self.cfg.knn_temp,
                                            r["mask"])
@@ -89,3 +107,5 @@ class KnnScorer:
                 arr.flush()
         if self.cache is not None:
             self.cache.close(summary)
+        if getattr(self, "_work", None) is not None:
+            shutil.rmtree(self._work, ignore_errors=True)

@@ -21,7 +21,7 @@ import torch
 from ..util import UserError
 from . import math as knn_math
 from .datastore import Datastore, normalize_keytype
-from .exact import brute_force_search
+from .exact import brute_force_search, stream_search
 from .index import gpu_available, load_index
 from .torch_index import ShardedTorchIndex, TorchIndex
 
@@ -186,11 +186,12 @@ class KnnSearch:
         self.retriever = Retriever(ds, self.keytype, self.k_search, self.mode.search_metric, index,
                                    cfg.exact_search, cfg.load_keys or need_exact, bf_device)
 
-    def search(self, q: np.ndarray) -> dict:
+    def search(self, q: np.ndarray, found: tuple | None = None) -> dict:
         """(B, D) float32 queries -> D, I (B, k) as searched (minus the self-hit with
         --ignore-top), their values, exact distances (when recomputed or asked for), and
-        ``scores`` (B, k) float64 in the configured score mode, ``mask`` of real neighbours."""
-        D, I = self.retriever.search(q)
+        ``scores`` (B, k) float64 in the configured score mode, ``mask`` of real neighbours.
+        ``found``: the (D, I) of these queries, already searched (:meth:`search_all`)."""
+        D, I = found if found is not None else self.retriever.search(q)
         if self.cfg.ignore_top:   # scoring the datastore's own text: drop the self-hit
             D, I = D[:, 1:], I[:, 1:]
         vals = self.retriever.values(I)
@@ -200,3 +201,18 @@ class KnnSearch:
         dist = exact if mode.recompute else D
         scores = knn_math.scores_from_distances(torch.from_numpy(dist).double(), mode.metric)
         return dict(D=D, I=I, vals=vals, exact=exact, scores=scores, mask=torch.from_numpy(I >= 0))
+
+    def search_all(self, queries, state_dir=None, quiet: bool = True,
+                   part: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search of every query in ONE pass over the keys (:func:`stream_search`),
+        resumable in ``state_dir``: what eval-lm --exact-search runs on a whole split.
+        ``part`` (r, w): only the r-th of w contiguous shares of the keys (torchrun)."""
+        if not self.cfg.exact_search:
+            raise ValueError("search_all is the exact search; this mode searches an index")
+        r, w = part
+        n = self.ds.size
+        ident = dict(datastore=self.ds.fingerprint, keytype=self.keytype)
+        return stream_search(queries, self.retriever._search_keys(), self.k_search,
+                             self.mode.search_metric, device=self.retriever.device,
+                             key_range=(n * r // w, n * (r + 1) // w), state_dir=state_dir,
+                             identity=ident, quiet=quiet)

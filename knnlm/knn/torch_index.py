@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..util import UserError
-from .exact import brute_force_search
+from .exact import brute_force_search, merge_topk
 
 QUERY_BATCH = 8192         # queries per scan (bounds the (B, nprobe, longest list) buffer)
 DECODE_CHUNK = 1 << 16     # codes decoded at once when the norms are precomputed
@@ -266,8 +266,4 @@ class ShardedTorchIndex:
             s.nprobe = value
 
     def search(self, xq, k: int) -> tuple[np.ndarray, np.ndarray]:
-        parts = [s.search(xq, k) for s in self.shards]
-        D = np.concatenate([p[0] for p in parts], 1)
-        I = np.concatenate([p[1] for p in parts], 1)
-        order = np.argsort(D if self.metric == "l2" else -D, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+        return merge_topk([s.search(xq, k) for s in self.shards], k, self.metric)
