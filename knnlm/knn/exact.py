@@ -28,7 +28,7 @@ from ..util import UserError
 
 BRUTE_FORCE_CHUNK = 1 << 17   # keys per chunk of the exact search (bounds memory)
 # stream_search's default blocks: (query block x key chunk) float32 scores at once
-STREAM_BLOCKS = dict(cpu=(1024, 1 << 16), cuda=(8192, 1 << 18))
+STREAM_BLOCKS = dict(cpu=(512, 1 << 18), cuda=(8192, 1 << 18))
 
 
 def chunk_scores(q: torch.Tensor, kc: torch.Tensor, metric: str) -> torch.Tensor:
