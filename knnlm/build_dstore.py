@@ -38,13 +38,13 @@ from tqdm import tqdm
 
 from .data.blocks import batch_windows
 from .data.preprocess import DataBin
+from .distributed import setup_distributed
 from .io import read_json, write_json_atomic
 from .knn.datastore import fingerprint as dstore_fingerprint
 from .knn.datastore import (DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter, is_built,
     normalize_keytype, value_dtype)
 from .lm.checkpoint import check_model_source, load_lm
 from .lm.device import resolve_device
-from .lm.distributed import setup_distributed
 from .lm.scoring import iter_scored, make_windows, resolve_window
 from .util import UserError, config_dict, flag
 

@@ -31,15 +31,15 @@ from .build_dstore import main as build_dstore_main
 from .data.blocks import BREAK_MODES
 from .data.preprocess import DataBin
 from .data.tokenizer import word_mask
+from .distributed import setup_distributed
 from .io import open_npy, open_token_memmap, read_json, write_json_atomic
 from .knn import math as knn_math
-from .knn.options import KnnOptions
 from .knn.exact import merge_topk
+from .knn.options import KnnOptions
 from .knn.scorer import KnnScorer
 from .knn.search import KnnSearch
 from .lm.checkpoint import check_model_source, load_lm
 from .lm.device import resolve_device
-from .lm.distributed import setup_distributed
 from .lm.scoring import iter_scored, make_windows, resolve_window
 from .util import UserError, config_dict, flag
 

@@ -73,3 +73,31 @@ def test_missing_shard_at_merge_and_bad_flags(trained_dstore, tmp_path):
             str(tmp_path / "x.faiss")]
     assert cli_run(base + ["--shards", "0"]) == 2
     assert cli_run(base + ["--shards", "2", "--starting-point", "0"]) == 2
+
+
+def test_torchrun_ranks_add_the_shards_to_the_same_index(trained_dstore, tmp_path):
+    """2 processes (gloo): rank 0 trains, each rank adds every other shard, rank 0 merges;
+    the index file is the single-process sharded build's, byte for byte."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    one, two = tmp_path / "one.faiss", tmp_path / "two.faiss"
+    argv = ["build-index", "--dstore-dir", str(trained_dstore.path), "--index-factory",
+            "IVF32,PQ8", "--train-size", "4000", "--shards", "4", "--quiet"]
+    assert cli_run(argv + ["--faiss-index", str(one)]) == 0
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29549", "-m", "knnlm", *argv, "--faiss-index", str(two)],
+                       env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert one.read_bytes() == two.read_bytes()
+    assert not list(tmp_path.glob("two.faiss.shard*")) and not (tmp_path / "two.faiss.trained").exists()
+
+
+def test_torchrun_build_index_needs_shards(trained_dstore, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_run(["build-index", "--dstore-dir", str(trained_dstore.path),
+                    "--faiss-index", str(tmp_path / "x.faiss")]) == 2
+    assert "--shards" in capsys.readouterr().err

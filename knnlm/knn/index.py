@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..distributed import setup_distributed
 from ..io import read_json, write_json_atomic
 from ..util import UserError, config_dict, flag
 from .datastore import Datastore, normalize_keytype
@@ -204,7 +205,7 @@ def _same(old: dict, new: dict) -> bool:
     return all(old.get(k) == new.get(k) for k in keys)
 
 
-def build_index(cfg: BuildIndexConfig) -> dict:
+def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
     faiss = faiss_module()
     ds = Datastore(cfg.dstore_dir)
     keys = ds.keys(cfg.knn_keytype)
@@ -227,9 +228,10 @@ def build_index(cfg: BuildIndexConfig) -> dict:
     except RuntimeError as exc:
         raise UserError(f"FAISS rejects --index-factory {factory!r} for d={d} "
                         f"({str(exc).strip().splitlines()[-1][:160]})")
-    print(f"index {factory} ({cfg.metric}) over {n:,} x {d} {cfg.knn_keytype} keys"
-          + ("" if cfg.index_factory or cfg.ncentroids or cfg.code_size else " (chosen from N and D)")
-          + (f" in {cfg.shards} shards" if cfg.shards > 1 else ""))
+    if dist is None or dist.is_main:
+        chosen = "" if cfg.index_factory or cfg.ncentroids or cfg.code_size else " (chosen from N and D)"
+        print(f"index {factory} ({cfg.metric}) over {n:,} x {d} {cfg.knn_keytype} keys{chosen}"
+              + (f" in {cfg.shards} shards" if cfg.shards > 1 else ""))
     t0 = time.perf_counter()
 
     def trained():
@@ -244,7 +246,10 @@ def build_index(cfg: BuildIndexConfig) -> dict:
 
     if cfg.shards > 1:
         from .shards import build_sharded
-        index, timings, leftovers = build_sharded(cfg, ds, out, meta, trained)
+        built = build_sharded(cfg, ds, out, meta, trained, dist)
+        if built is None:                       # a torchrun rank other than 0: done
+            return dict(meta, rank_only=True)
+        index, timings, leftovers = built
         meta["shards"] = cfg.shards
         return _finish(index, out, side_path, meta, timings, t0, leftovers)
     start = 0
@@ -336,4 +341,14 @@ def set_nprobe(index, nprobe: int) -> None:
 
 
 def main(cfg: BuildIndexConfig) -> dict:
-    return build_index(cfg)
+    dist = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun: the ranks add the shards
+        if cfg.shards < 2:
+            raise UserError("under torchrun build-index adds shards in the ranks: give "
+                            "--shards S (S >= the number of ranks)")
+        dist = setup_distributed(cpu=True)
+    try:
+        return build_index(cfg, dist)
+    finally:
+        if dist is not None:
+            dist.close()

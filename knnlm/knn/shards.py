@@ -96,27 +96,43 @@ def _merge(index, part, offset: int) -> None:
     index.ntotal = ivf.ntotal   # a wrapper (pre-transform) counts its inner index's rows
 
 
-def build_sharded(cfg, ds, out: Path, meta: dict, train_fn) -> tuple:
-    """(merged index, timings): train once (``train_fn`` returns a trained empty index),
-    add the shards in parallel processes, merge."""
+def _barrier() -> None:
+    import torch.distributed as tdist
+    tdist.barrier()
+
+
+def build_sharded(cfg, ds, out: Path, meta: dict, train_fn, dist=None) -> tuple | None:
+    """(merged index, timings, files to remove): train once (``train_fn`` returns a trained
+    empty index), add the shards in parallel processes, merge. Under torchrun (``dist``)
+    rank 0 trains, every rank adds its share of the shards (rank r: shards r, r + W, ...),
+    and rank 0 merges (the other ranks return None); the output directory must be on a
+    filesystem every rank sees."""
     import faiss
     ident = _identity(meta)
     trained = Path(f"{out}.trained")
     t0 = time.perf_counter()
     marker = Path(str(trained) + ".json")
-    if not (trained.is_file() and marker.is_file()
-            and read_json(marker, "trained index marker").get("identity") == ident):
+    main = dist is None or dist.is_main
+    if main and not (trained.is_file() and marker.is_file()
+                     and read_json(marker, "trained index marker").get("identity") == ident):
         out.parent.mkdir(parents=True, exist_ok=True)
         index = train_fn()
         faiss.write_index(index, str(trained) + ".tmp")
         os.replace(str(trained) + ".tmp", trained)
         write_json_atomic(marker, dict(identity=ident))
+    if dist is not None:
+        _barrier()
+        if not (marker.is_file() and read_json(marker, "trained index marker").get("identity") == ident):
+            raise UserError(f"rank {dist.rank} does not see {trained}: under torchrun the index "
+                            "must be written to a filesystem every rank mounts")
     timings = dict(train_s=time.perf_counter() - t0)
     ranges = shard_ranges(ds.size, cfg.shards)
     paths = [shard_path(out, s, cfg.shards) for s in range(cfg.shards)]
     todo = [s for s, (a, b) in enumerate(ranges) if not _done(paths[s], ident, a, b)]
-    if len(todo) < cfg.shards:
+    if len(todo) < cfg.shards and main:
         print(f"{cfg.shards - len(todo)} of {cfg.shards} shards already built")
+    if dist is not None:
+        todo = todo[dist.rank::dist.world_size]
     workers = max(1, min(cfg.workers, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     jobs = [(str(ds.path), cfg.knn_keytype, str(trained), str(paths[s]), *ranges[s],
@@ -130,6 +146,10 @@ def build_sharded(cfg, ds, out: Path, meta: dict, train_fn) -> tuple:
         for s, job in zip(todo, jobs):
             print(f"shard {s + 1}/{cfg.shards}: {add_shard(*job):,} keys")
     timings["add_s"] = time.perf_counter() - t1
+    if dist is not None:
+        _barrier()                              # every shard is on disk
+        if not main:
+            return None
     t2 = time.perf_counter()
     index = merge_shards(paths, ranges)
     timings["merge_s"] = time.perf_counter() - t2

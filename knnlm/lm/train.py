@@ -27,12 +27,12 @@ import torch
 
 from ..data.blocks import score_windows, shifted_inputs, train_blocks
 from ..data.preprocess import DataBin
+from ..distributed import DistContext, setup_distributed
 from ..io import write_json_atomic
 from ..knn import math as knn_math
 from ..util import UserError, config_dict
 from .checkpoint import CKPT_FORMAT, CKPT_VERSION, load_checkpoint, save_checkpoint
 from .device import autocast_context
-from .distributed import DistContext, setup_distributed
 from .optim import build_optimizer, lr_at
 from .progress import TrainProgress
 from .scoring import iter_scored

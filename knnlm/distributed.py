@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from ..util import UserError
+from .util import UserError
 
 
 @dataclass
