@@ -6,6 +6,7 @@
     knnlm eval-lm DATA_BIN --path CKPT ...      perplexity (fairseq eval-lm semantics)
     knnlm build-dstore DATA_BIN --path CKPT ... datastore of keys and values
     knnlm build-index --dstore-dir DIR ...      FAISS index over one keytype
+    knnlm plan --dstore-size N --dimension D    disk, RAM and time of a datastore and index
     knnlm sweep --cache DIR ...                 offline sweeps over a retrieval cache
     knnlm analyze DATA_BIN --path CKPT ...      the paper's analyses in one results directory
     knnlm allot-embeddings DATA_BIN --out F     extra output rows per token (for train)
@@ -33,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "build-dstore": ("knnlm.build_dstore", "BuildDstoreConfig",
                      "save kNN-LM keys (att/ffn/layer:N) and values of a split"),
     "build-index": ("knnlm.knn.index", "BuildIndexConfig", "build a FAISS index over datastore keys"),
+    "plan": ("knnlm.knn.plan", "PlanConfig",
+             "disk, RAM and time a datastore and its index will need, before building"),
     "sweep": ("knnlm.knn.sweep", "SweepConfig", "λ / temperature / k / score-mode sweeps over a retrieval cache"),
     "analyze": ("knnlm.analysis.analyze", "AnalyzeConfig",
                 "the paper's analyses: representation, retrieval, temperature, size, heads"),

@@ -189,3 +189,16 @@ def test_build_index_with_torch_training_writes_a_faiss_index(trained_dstore, tm
             dstore_dir=str(trained_dstore.path), knn_keytype="att", index_factory="OPQ8,IVF16,PQ8",
             train_size=4000, faiss_index=str(tmp_path / "o.faiss"), train_backend="torch",
             gpu="no", quiet=True))
+
+
+@pytest.mark.parametrize("factory", ["IVF32,PQ8", "Flat"])
+def test_a_memory_mapped_index_searches_like_the_loaded_one(trained_dstore, tmp_path, factory):
+    out = tmp_path / "m.faiss"
+    index.build_index(index.BuildIndexConfig(
+        dstore_dir=str(trained_dstore.path), knn_keytype="att", index_factory=factory,
+        train_size=4000, faiss_index=str(out), quiet=True))
+    xq = np.asarray(trained_dstore.keys("att")[100:150], dtype=np.float32)
+    ram, _ = index.load_index(out, trained_dstore, "att", "l2", 8)
+    mapped, _ = index.load_index(out, trained_dstore, "att", "l2", 8, mmap=True)
+    for a, b in zip(ram.search(xq, 10), mapped.search(xq, 10)):
+        np.testing.assert_array_equal(a, b)

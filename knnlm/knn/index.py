@@ -307,8 +307,10 @@ def _save_partial(index, partial: Path, side_path: Path, meta: dict, rows: int) 
 
 
 def load_index(path: str | Path, ds: Datastore, keytype: str, metric: str | None = None,
-               nprobe: int | None = None):
-    """Read an index, check it was built on ``ds``'s ``keytype`` keys, set nprobe."""
+               nprobe: int | None = None, mmap: bool = False):
+    """Read an index, check it was built on ``ds``'s ``keytype`` keys, set nprobe.
+    ``mmap``: map its codes from the file (FAISS's mmap I/O) instead of reading them into
+    RAM, so an index larger than the memory can be searched (pages come in as probed)."""
     faiss = faiss_module()
     path = Path(path)
     meta = read_json(Path(str(path) + ".json"), "index sidecar")
@@ -323,7 +325,10 @@ def load_index(path: str | Path, ds: Datastore, keytype: str, metric: str | None
     if not path.is_file():
         raise UserError(f"index not found: {path}")
     try:
-        index = faiss.read_index(str(path))
+        # IVF indexes map their inverted lists; flat ones their code array
+        flags = 0 if not mmap else faiss.IO_FLAG_MMAP if "IVF" in meta["factory"] \
+            else faiss.IO_FLAG_MMAP_IFC
+        index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise UserError(f"cannot read {path} ({str(exc).strip().splitlines()[-1][:160]})")
     if index.ntotal != ds.size:

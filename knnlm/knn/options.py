@@ -33,6 +33,8 @@ class KnnOptions:
     load_keys: bool = flag(True, "--knnlm: read the stored keys (needed to recompute "
                            "distances)", negative=("--no-load-keys",))
     move_dstore_to_mem: bool = flag(False, "--knnlm: load keys and values into RAM")
+    index_mmap: bool = flag(False, "--knnlm: memory-map the index's codes from its file "
+                            "instead of reading them into RAM (indexes larger than the memory)")
     knnlm_gpu: bool = flag(False, "--knnlm: search on GPU (a FAISS GPU build, else the torch "
                            "backend; brute force with --exact-search); without a GPU, the CPU")
     knnlm_gpus: int = flag(0, "--knnlm-gpu: GPUs the index goes to (0: all)")

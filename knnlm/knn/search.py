@@ -173,7 +173,7 @@ class KnnSearch:
         if not cfg.exact_search:
             path = cfg.indexfile or default_index_path(ds.path, self.keytype, cfg.faiss_metric_type)
             index, self.index_meta = load_index(path, ds, self.keytype, cfg.faiss_metric_type,
-                                                cfg.probe)
+                                                cfg.probe, mmap=cfg.index_mmap)
             index, self.backend = place_index(index, cfg, device)
             print(f"kNN search: {self.backend}")
         self.mode = cfg.score_mode()

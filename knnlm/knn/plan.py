@@ -1,0 +1,133 @@
+"""`knnlm plan`: the disk, memory and time a datastore and its index will need, before
+anything is built.
+
+Inputs: the datastore's size and dimension (``--dstore-size``, ``--dimension``; or an
+existing ``--dstore-dir``), the keytypes, the index factory (default: the one build-index
+would choose), nprobe and k. Sizes are exact byte counts of knnlm's formats; times are
+projected from per-key costs measured by ``benchmarks/scale.py`` (one CPU process; pass
+its JSON with ``--costs`` to use this machine's, else the costs measured on a 2-core
+machine are used) and this machine's GEMM rate.
+
+    knnlm plan --dstore-size 103225485 --dimension 1024 --index-factory IVF4096,PQ64
+    knnlm plan --dstore-dir runs/demo/dstore --probe 8
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..util import UserError, flag
+from .datastore import Datastore
+from .index import auto_factory
+
+GIB = 2 ** 30
+# per-key costs measured by benchmarks/scale.py at 256 dims, IVF1024,PQ32, 2 CPU cores
+# (10M keys: add 211.4 s; search 5.4 / 47.7 ms per query at 1M / 10M, nprobe 32, k 1024;
+# training 29.2 s on 200k keys)
+MEASURED = dict(dim=256, nlist=1024, m=32, add_s_per_key=211.4 / 10_000_000,
+                search_ms_fixed=0.7, search_ms_per_probed_code=(47.7 - 5.4) / (312_500 - 31_250),
+                train_s=29.2, train_keys=200_000)
+KMEANS_ITERS = (10, 25)       # FAISS's coarse and PQ k-means rounds
+
+
+@dataclass
+class PlanConfig:
+    dstore_size: int | None = flag(None, "datastore entries N (or --dstore-dir)")
+    dimension: int | None = flag(None, "key dimension D (or --dstore-dir)")
+    dstore_dir: str | None = flag(None, "an existing datastore: N and D from its sidecar")
+    keytypes: int = flag(1, "keytypes stored (att, ffn, ...: one key file each)")
+    dstore_fp32: bool = flag(False, "fp32 keys (default fp16)")
+    index_factory: str | None = flag(None, "FAISS factory (default: build-index's choice)")
+    train_size: int = flag(1_000_000, "keys sampled to train the index")
+    probe: int = flag(32, "IVF lists probed per query")
+    k: int = flag(1024, "neighbours per query")
+    queries: int = flag(250_000, "queries of the split (exact search cost)")
+    costs: str | None = flag(None, "benchmarks/scale.py JSON with this machine's per-key costs")
+
+    def __post_init__(self):
+        if self.dstore_dir is None and (self.dstore_size is None or self.dimension is None):
+            raise UserError("give --dstore-size and --dimension, or --dstore-dir")
+        for name in ("keytypes", "train_size", "probe", "k", "queries"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0")
+
+
+def parse_factory(factory: str, d: int) -> tuple[int, int]:
+    """(nlist, code bytes per key) of 'IVF<n>,PQ<m>', 'IVF<n>,Flat' or 'Flat' (nlist 0)."""
+    m = re.fullmatch(r"(?:OPQ\d+(?:_\d+)?,)?(?:IVF(\d+),)?(PQ(\d+)(?:x8)?|Flat)", factory)
+    if not m:
+        raise UserError(f"plan reads IVF<n>,PQ<m>, IVF<n>,Flat and Flat factories, not {factory!r}")
+    nlist = int(m.group(1) or 0)
+    return nlist, int(m.group(3)) if m.group(3) else 4 * d
+
+
+def gemm_gflops() -> float:
+    """This machine's float32 GEMM rate (a short measurement)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 4096)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 1024 * 1024 * 4096 / (time.perf_counter() - t0) / 1e9
+
+
+def plan(n: int, d: int, factory: str, cfg: PlanConfig, costs: dict, gflops: float) -> dict:
+    nlist, code = parse_factory(factory, d)
+    key_bytes = 4 if cfg.dstore_fp32 else 2
+    out = dict(keys=n, dim=d, factory=factory,
+               keys_gib=n * d * key_bytes * cfg.keytypes / GIB,
+               vals_pos_gib=n * (4 + (4 if n < 2 ** 31 else 8)) / GIB,
+               index_gib=(n * (code + (8 if nlist else 0)) + nlist * d * 4
+                          + (256 * d * 4 if code < 4 * d else 0)) / GIB)
+    out["build_ram_gib"] = min(cfg.train_size, n) * d * 4 / GIB + out["index_gib"]
+    ref = costs["dim"] * (costs["nlist"] + 256)
+    # adding a key: its coarse assignment (nlist x d) and PQ encoding (256 x d)
+    out["add_hours"] = costs["add_s_per_key"] * n * (max(nlist, 1) + 256) * d / ref / 3600
+    train = min(cfg.train_size, n)
+    work = KMEANS_ITERS[0] * train * nlist * d + KMEANS_ITERS[1] * min(train, 65536) * 256 * d
+    ref_work = (KMEANS_ITERS[0] * costs["train_keys"] * costs["nlist"] * costs["dim"]
+                + KMEANS_ITERS[1] * 65536 * 256 * costs["dim"])
+    out["train_hours"] = costs["train_s"] * work / ref_work / 3600
+    if nlist:
+        probed = cfg.probe * n / nlist
+        out["search_ms_per_query"] = (costs["search_ms_fixed"] + 2e3 * nlist * d / (gflops * 1e9)
+                                      + costs["search_ms_per_probed_code"] * probed * code / costs["m"])
+    # exact search: every query against every key, 2 flops per multiply-add
+    out["exact_search_hours"] = 2 * cfg.queries * n * d / (gflops * 1e9) / 3600
+    out["gemm_gflops"] = gflops
+    return out
+
+
+def main(cfg: PlanConfig) -> dict:
+    n, d = cfg.dstore_size, cfg.dimension
+    if cfg.dstore_dir:
+        ds = Datastore(cfg.dstore_dir)
+        n, d = ds.size, ds.dim
+    costs = dict(MEASURED)
+    if cfg.costs:
+        try:
+            measured = json.loads(Path(cfg.costs).read_text())
+            costs.update(measured["per_key"], dim=measured["dim"],
+                         train_s=measured["runs"][str(measured["per_key_at"])]["index"].get(
+                             "train_s", costs["train_s"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"--costs {cfg.costs} is not a benchmarks/scale.py result ({exc})")
+    factory = cfg.index_factory or auto_factory(n, d)
+    out = plan(n, d, factory, cfg, costs, gemm_gflops())
+    print(f"datastore {n:,} x {d} ({cfg.keytypes} keytype(s), "
+          f"{'fp32' if cfg.dstore_fp32 else 'fp16'}): keys {out['keys_gib']:,.1f} GiB + values "
+          f"and positions {out['vals_pos_gib']:,.1f} GiB on disk")
+    print(f"index {factory}: {out['index_gib']:,.2f} GiB (in RAM when searched; --index-mmap "
+          f"maps it); building needs ~{out['build_ram_gib']:,.1f} GiB of RAM")
+    print(f"one CPU process: train ~{out['train_hours']:,.2f} h, add ~{out['add_hours']:,.2f} h "
+          "(build-index --shards S --workers W, or torchrun, divides the adding)")
+    if "search_ms_per_query" in out:
+        print(f"search ~{out['search_ms_per_query']:,.1f} ms/query at nprobe {cfg.probe}, k {cfg.k}")
+    print(f"exact search of {cfg.queries:,} queries: ~{out['exact_search_hours']:,.2f} h at this "
+          f"machine's {out['gemm_gflops']:,.0f} GFLOP/s (one pass over the keys)")
+    return out
