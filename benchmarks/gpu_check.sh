@@ -8,7 +8,11 @@
 #   5. build-index (FAISS trains on GPU when it has GPU support), and CPU-trained unsharded
 #      vs 4-shard 2-worker builds: the kNN-LM perplexities with the two must be equal;
 #   6. eval-lm --knnlm on the test split, CPU vs GPU (--knnlm-gpu), with the FAISS index and
-#      with --exact-search (brute force on the GPU): kNN-LM perplexities must agree.
+#      with --exact-search (brute force on the GPU): kNN-LM perplexities must agree;
+#   7. without faiss-gpu: the torch search backend on the GPU (--knn-backend torch) against
+#      FAISS CPU (same perplexity; kNN-LM eval time over LM-only eval time), an index trained
+#      by the torch k-means on the GPU (recall@10 within 1% of FAISS CPU training), and the
+#      streaming exact search over EXACT_N synthetic keys for EXACT_Q queries (keys/s).
 # Prints GPU vs CPU timings and a JSON summary; exits non-zero on a mismatch.
 #
 #   bash benchmarks/gpu_check.sh DATA_BIN [OUT_DIR]
@@ -19,6 +23,8 @@ TPS=${TPS:-256}
 CTX=${CTX:-128}
 DCTX=${DCTX:-64}
 UPDATES=${UPDATES:-60}
+EXACT_N=${EXACT_N:-10000000}
+EXACT_Q=${EXACT_Q:-100000}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -96,6 +102,44 @@ for s in 1 4; do
   kn "shards${s}_cpu" --cpu --knn-sim-func do_not_recomp_l2 --indexfile "$OUT/index_shards$s.faiss"
 done
 
+log "without faiss-gpu: torch search backend, torch k-means training, streaming exact search"
+timed "eval_test_$DEVICE" $PY -m knnlm eval-lm "$DATA" --path "$CKPT" --gen-subset test \
+    --tokens-per-sample "$TPS" --context-window "$CTX" --quiet "${GPU[@]}" \
+    --results-path "$OUT/eval_test_lm.json" > /dev/null
+on_gpu=(--knnlm-gpu); [ "$DEVICE" = cpu ] && on_gpu=()
+kn torch_backend "${GPU[@]}" "${on_gpu[@]}" --knn-backend torch --knn-sim-func do_not_recomp_l2
+gpu_train=(--gpu yes); [ "$DEVICE" = cpu ] && gpu_train=(--gpu no)
+timed index_torch_train $PY -m knnlm build-index --dstore-dir "$OUT/dstore_gpu" \
+    --index-factory IVF256,PQ32 --train-size 60000 --train-backend torch "${gpu_train[@]}" \
+    --faiss-index "$OUT/index_torch_train.faiss" --quiet > /dev/null
+$PY - "$OUT" "$DEVICE" "$EXACT_N" "$EXACT_Q" > "$OUT/torch_paths.json" <<'PY'
+import json, sys, time
+import faiss, numpy as np, torch
+from knnlm.knn.exact import stream_search
+out, device, n, q = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+keys = np.load(f"{out}/dstore_gpu/keys_att.npy").astype(np.float32)
+rng = np.random.default_rng(0)
+xq = keys[rng.choice(len(keys), 2000, replace=False)] + 0.05 * rng.standard_normal((2000, keys.shape[1])).astype(np.float32)
+flat = faiss.IndexFlatL2(keys.shape[1]); flat.add(keys)
+truth = flat.search(xq, 10)[1]
+rec = {}
+for name, path in (("faiss_cpu", "index_shards1.faiss"), ("torch", "index_torch_train.faiss")):
+    idx = faiss.read_index(f"{out}/{path}"); faiss.extract_index_ivf(idx).nprobe = 16
+    I = idx.search(xq, 10)[1]
+    rec[name] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, truth)]))
+dev = torch.device(device)
+g = torch.Generator(device=dev).manual_seed(0)
+big = torch.randn(n, 256, generator=g, device=dev, dtype=torch.float16)
+queries = torch.randn(q, 256, generator=g, device=dev).cpu().numpy()
+if device != "cpu":
+    torch.cuda.synchronize()
+t0 = time.perf_counter()
+stream_search(queries, big, 1024, "l2", device=dev)
+sec = time.perf_counter() - t0
+print(json.dumps(dict(recall_at_10=rec, exact=dict(keys=n, queries=q, dim=256, seconds=sec,
+                                                   keys_per_s=n / sec, query_keys_per_s=n * q / sec))))
+PY
+
 $PY - "$OUT" <<'PY'
 import json, pathlib, sys
 import numpy as np
@@ -137,6 +181,16 @@ for prec in ("fp32", "bf16", "fp16"):
     p = out / f"train_{prec}" / "train_log.jsonl"
     if p.exists():
         s[f"train_{prec}_valid_ppl"] = json.loads(p.read_text().splitlines()[-1])["valid_ppl"]
+lm_test, tb = res("eval_test_lm"), res("knnlm_torch_backend")
+fc = res("knnlm_faiss_cpu")
+s["torch_backend"] = dict(ppl=tb["interpolated"]["ppl"], faiss_cpu_ppl=fc["interpolated"]["ppl"],
+                          backend=tb["interpolated"]["search_backend"],
+                          knnlm_over_lm_time=s["times_s"]["knnlm_torch_backend"]
+                          / s["times_s"][[k for k in s["times_s"] if k.startswith("eval_test_")][0]])
+checks["torch backend ppl"] = rel(tb["interpolated"]["ppl"], fc["interpolated"]["ppl"]) < 1e-3
+paths = json.loads((out / "torch_paths.json").read_text())
+s.update(torch_training_recall_at_10=paths["recall_at_10"], streaming_exact=paths["exact"])
+checks["torch training recall"] = paths["recall_at_10"]["torch"] >= paths["recall_at_10"]["faiss_cpu"] - 0.01
 s["checks"] = checks
 s["ok"] = all(checks.values())
 print(json.dumps(s, indent=2))
