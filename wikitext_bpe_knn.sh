@@ -20,6 +20,7 @@ KNNLM=${KNNLM:-knnlm}
 SEED=${SEED:-1}
 if [[ $CORPUS == shakespeare ]]; then   # small mode
   ARCH=${ARCH:-small}
+  BPE=${BPE:-bytelevel}
   EVAL_TOKENS_PER_SAMPLE=${EVAL_TOKENS_PER_SAMPLE:-256}
   EVAL_CONTEXT_WINDOW=${EVAL_CONTEXT_WINDOW:-128}
   DSTORE_TOKENS_PER_SAMPLE=${DSTORE_TOKENS_PER_SAMPLE:-256}
@@ -35,6 +36,7 @@ if [[ $CORPUS == shakespeare ]]; then   # small mode
   EXTRA_EVAL_FLAGS=${EXTRA_EVAL_FLAGS:-}
 else
   ARCH=${ARCH:-transformer_lm_wikibpe}
+  BPE=${BPE:-subword}
   EVAL_TOKENS_PER_SAMPLE=${EVAL_TOKENS_PER_SAMPLE:-3072}
   EVAL_CONTEXT_WINDOW=${EVAL_CONTEXT_WINDOW:-2560}
   DSTORE_TOKENS_PER_SAMPLE=${DSTORE_TOKENS_PER_SAMPLE:-3072}
@@ -59,6 +61,8 @@ RESULTS=$RUN/results
 HEADS=$RUN/heads
 LOGS=$RUN/logs
 WINDOW=(--tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" --context-window "$EVAL_CONTEXT_WINDOW")
+# word-level perplexity as the paper reports it: '@@' pieces joined back into words
+WORDS=(); [[ $BPE == subword ]] && WORDS=(--remove-bpe "@@ ")
 
 mkdir -p "$LOGS" "$RESULTS" "$HEADS"
 log() { echo "[$(date '+%F %T')] $*" | tee -a "$LOGS/pipeline.log"; }
@@ -70,7 +74,7 @@ for split in valid test; do
   if [[ -f $RESULTS/lm_$split.json ]]; then log "eval-lm $split: done"; continue; fi
   log "eval-lm $split"
   # shellcheck disable=SC2086
-  $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset "$split" "${WINDOW[@]}" \
+  $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset "$split" "${WINDOW[@]}" "${WORDS[@]}" \
     --results-path "$RESULTS/lm_$split.json" $EXTRA_EVAL_FLAGS 2>&1 | tee "$LOGS/eval_lm_$split.log"
 done
 
@@ -101,7 +105,7 @@ for split in valid test; do
   fi
   log "eval-lm --knnlm $split"
   # shellcheck disable=SC2086
-  $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset "$split" "${WINDOW[@]}" \
+  $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset "$split" "${WINDOW[@]}" "${WORDS[@]}" \
     --knnlm --dstore-filename "$DSTORE" --k "$K" --probe "$PROBE" --lmbda "$LMBDA" --knn-temp 1 \
     --knn-sim-func do_not_recomp_l2 --save-retrieval "$RESULTS/cache_$split" \
     --results-path "$RESULTS/knnlm_$split.json" $EXTRA_EVAL_FLAGS 2>&1 | tee "$LOGS/knnlm_$split.log"

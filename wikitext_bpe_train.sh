@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Train the LM of "Why do Nearest Neighbor Language Models Work?": fetch WikiText-103,
-# byte-level BPE, binarize, train transformer_lm_wikibpe with the paper's schedule
-# (NAG, cosine, 286k updates, 3072 tokens per sample) on every GPU through torchrun.
+# subword-nmt style BPE ('@@ ' markers) into a fairseq dict.txt as the original data was
+# (BPE=bytelevel: byte-level BPE instead), binarize, train transformer_lm_wikibpe with the
+# paper's schedule (NAG, cosine, 286k updates, 3072 tokens per sample) on every GPU
+# through torchrun.
 #
 #   bash wikitext_bpe_train.sh                                # WikiText-103, all GPUs
 #   CORPUS=shakespeare ARCH=small bash wikitext_bpe_train.sh  # small mode: 2 CPU cores, ~7 min
@@ -19,6 +21,7 @@ SEED=${SEED:-1}
 
 if [[ $CORPUS == shakespeare ]]; then   # small mode: sized for 2 CPU cores
   ARCH=${ARCH:-small}
+  BPE=${BPE:-bytelevel}                  # bytelevel | subword
   VOCAB_SIZE=${VOCAB_SIZE:-8000}
   TOKENS_PER_SAMPLE=${TOKENS_PER_SAMPLE:-256}
   MAX_TOKENS=${MAX_TOKENS:-4096}
@@ -40,6 +43,7 @@ if [[ $CORPUS == shakespeare ]]; then   # small mode: sized for 2 CPU cores
   EXTRA_TRAIN_FLAGS=${EXTRA_TRAIN_FLAGS:-}
 else                                     # the paper's setup
   ARCH=${ARCH:-transformer_lm_wikibpe}
+  BPE=${BPE:-subword}                    # the original's '@@' BPE; or bytelevel
   VOCAB_SIZE=${VOCAB_SIZE:-32768}
   TOKENS_PER_SAMPLE=${TOKENS_PER_SAMPLE:-3072}
   MAX_TOKENS=${MAX_TOKENS:-3072}
@@ -78,12 +82,18 @@ else
     2>&1 | tee "$LOGS/fetch.log"
 fi
 
-# 2. byte-level BPE + binarize
+# 2. BPE + binarize: subword-nmt style pieces in a dict.txt (word perplexity with
+#    --remove-bpe '@@ '), or byte-level BPE
 if [[ -f $DATA_BIN/data.json ]]; then
   log "preprocess: $DATA_BIN already there"
 else
-  log "preprocess: BPE $VOCAB_SIZE"
-  $KNNLM preprocess --srcdir "$CORPUS_DIR" --destdir "$DATA_BIN" --vocab-size "$VOCAB_SIZE" \
+  log "preprocess: $BPE BPE $VOCAB_SIZE"
+  if [[ $BPE == subword ]]; then
+    VOCAB_FLAGS=(--only-source --subword-bpe "$VOCAB_SIZE")
+  else
+    VOCAB_FLAGS=(--vocab-size "$VOCAB_SIZE")
+  fi
+  $KNNLM preprocess --srcdir "$CORPUS_DIR" --destdir "$DATA_BIN" "${VOCAB_FLAGS[@]}" \
     2>&1 | tee "$LOGS/preprocess.log"
 fi
 

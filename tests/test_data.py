@@ -153,3 +153,29 @@ def test_preprocess_reuses_a_tokenizer_json(bpe_databin, corpus_dir, tmp_path):
     again = DataBin(tmp_path / "db")
     assert again.tokenizer_sha256 == bpe_databin.tokenizer_sha256
     assert np.array_equal(np.asarray(again.split("test")), np.asarray(bpe_databin.split("test")))
+
+
+def test_subword_bpe_data_bin_keeps_the_words(corpus_dir, tmp_path):
+    """--only-source --subword-bpe: words split into '@@' pieces that rejoin to the text;
+    the dict holds the pieces; eval-lm's --remove-bpe '@@ ' counts the original words."""
+    from knnlm.data.blocks import shifted_inputs
+    from knnlm.data.tokenizer import count_words
+    dest = tmp_path / "bin"
+    preprocess.main(preprocess.PreprocessConfig(destdir=str(dest), srcdir=str(corpus_dir),
+                                                only_source=True, subword_bpe=120, quiet=True))
+    db = DataBin(dest)
+    assert db.meta["tokenizer"]["bpe_codes"] == "bpe_codes.json"
+    vocab = db.vocab
+    assert any(s.endswith("@@") for s in vocab.symbols)
+    text = (corpus_dir / "valid.txt").read_text()
+    ids = np.asarray(db.split("valid"))
+    assert vocab.decode(ids) == "\n".join(" ".join(l.split()) for l in text.splitlines()) + "\n"
+    flags = vocab.word_flags("@@")
+    words = sum(len(l.split()) + 1 for l in text.splitlines())        # + each line's </s>
+    assert count_words(ids, shifted_inputs(ids, db.eos, 0, len(ids)), vocab, flags) == words
+    # new text (a prompt) is split with the same codes
+    prompt = vocab.encode_text("Enter the king")
+    assert len(prompt) >= 3 and vocab.decode(prompt).strip() == "Enter the king"
+    with pytest.raises(UserError, match="--only-source"):
+        preprocess.PreprocessConfig(destdir=str(tmp_path / "x"), srcdir=str(corpus_dir),
+                                    subword_bpe=100)

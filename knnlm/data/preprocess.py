@@ -19,9 +19,11 @@ from tqdm import tqdm
 
 from ..io import open_npy, read_sidecar, sha256_file, write_json_atomic
 from ..util import UserError, config_dict, flag
+from .subword import SubwordBPE
 from .tokenizer import BPETokenizer, Dictionary, HFTokenizer, load_vocab, vocab_summary
 
 DATA_FORMAT = "knnlm-data-bin"
+BPE_CODES = "bpe_codes.json"     # the subword BPE a dict.txt data-bin was split with
 DATA_VERSION = 1
 LINES_PER_BATCH = 10_000
 UINT16_LIMIT = 1 << 16
@@ -41,6 +43,11 @@ class PreprocessConfig:
     thresholdsrc: int = flag(0, "--only-source: map words seen fewer times to <unk>")
     nwordssrc: int = flag(-1, "--only-source: keep at most this many words (-1: all)")
     padding_factor: int = flag(8, "--only-source: pad the dictionary to a multiple of this")
+    subword_bpe: int = flag(0, "--only-source: first learn a subword-nmt style BPE of this many "
+                            "pieces on the training text and split every split's words with "
+                            "it ('@@ ' markers; word perplexity with eval-lm --remove-bpe '@@ ')")
+    bpe_codes: str | None = flag(None, "--only-source: split words with these learned BPE codes "
+                                 "(a data-bin's bpe_codes.json) instead of learning them")
     vocab_size: int = flag(8000, "byte-level BPE: vocabulary size to train")
     tokenizer: str | None = flag(None, "byte-level BPE: use this tokenizer.json instead of training")
     gpt2_encoder_json: str | None = flag(None, "byte-level BPE: GPT-2 vocab.json",
@@ -72,6 +79,11 @@ class PreprocessConfig:
             raise UserError(f"--vocab-size must be >= 300 (256 bytes + specials), got {self.vocab_size}")
         if self.padding_factor < 1:
             raise UserError(f"--padding-factor must be >= 1, got {self.padding_factor}")
+        if (self.subword_bpe or self.bpe_codes) and not self.only_source:
+            raise UserError("--subword-bpe and --bpe-codes make '@@' pieces for a dict.txt: "
+                            "add --only-source")
+        if self.subword_bpe < 0 or (self.subword_bpe and self.bpe_codes):
+            raise UserError("--subword-bpe takes a size > 0, and not with --bpe-codes")
 
 
 def _split_files(cfg: PreprocessConfig) -> dict[str, list[Path]]:
@@ -94,11 +106,13 @@ def _read_lines(path: Path) -> list[str]:
         return [line.rstrip("\r\n") for line in fh]
 
 
-def build_vocab(cfg: PreprocessConfig, files: dict[str, list[Path]]):
+def build_vocab(cfg: PreprocessConfig, files: dict[str, list[Path]],
+                train_lines: list[str] | None = None):
     if cfg.only_source:
         if cfg.srcdict:
             return Dictionary.load(cfg.srcdict)
-        return Dictionary.build(_read_lines(files["train"][0]), cfg.thresholdsrc,
+        return Dictionary.build(train_lines if train_lines is not None
+                                else _read_lines(files["train"][0]), cfg.thresholdsrc,
                                 cfg.nwordssrc, cfg.padding_factor)
     if cfg.hf_tokenizer:
         from ..hub import load_hf_tokenizer
@@ -126,14 +140,27 @@ def main(cfg: PreprocessConfig) -> dict:
     files = _split_files(cfg)
     dest = Path(cfg.destdir)
     dest.mkdir(parents=True, exist_ok=True)
-    vocab = build_vocab(cfg, files)
+    bpe, texts = None, {}
+    if cfg.subword_bpe or cfg.bpe_codes:      # split the words into '@@' pieces first
+        texts = {split: _read_lines(paths[0]) for split, paths in files.items()}
+        if cfg.bpe_codes:
+            bpe = SubwordBPE.load(cfg.bpe_codes)
+        elif "train" not in texts:
+            raise UserError("--subword-bpe learns on the training text: give --trainpref")
+        else:
+            bpe = SubwordBPE.learn(texts["train"], cfg.subword_bpe)
+        bpe.save(dest / BPE_CODES)
+        texts = {split: bpe.apply(lines) for split, lines in texts.items()}
+    vocab = build_vocab(cfg, files, texts.get("train"))
     vocab_path = dest / vocab.filename
     vocab.save(vocab_path)
     meta = dict(format=DATA_FORMAT, version=DATA_VERSION, config=config_dict(cfg),
                 tokenizer=dict(vocab_summary(vocab), sha256=sha256_file(vocab_path),
                                hf_name=cfg.hf_tokenizer), splits={})
+    if bpe is not None:
+        meta["tokenizer"].update(bpe_codes=BPE_CODES, bpe_codes_sha256=sha256_file(dest / BPE_CODES))
     for split, paths in files.items():
-        lines = _read_lines(paths[0])
+        lines = texts[split] if bpe is not None else _read_lines(paths[0])
         ids, unk = binarize(lines, vocab, quiet=cfg.quiet)
         out = dest / f"{split}.npy"
         tmp = dest / f"{split}.tmp.npy"

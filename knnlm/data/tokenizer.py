@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from ..util import UserError
+from .subword import SubwordBPE
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 BOS, PAD, EOS, UNK = range(4)
@@ -30,7 +31,8 @@ class Dictionary:
     num_specials = len(SPECIALS)     # fairseq's nspecial: <s>, <pad>, </s>, <unk> first
     filename = "dict.txt"
 
-    def __init__(self, symbols: list[str], counts: list[int]):
+    def __init__(self, symbols: list[str], counts: list[int], bpe=None):
+        self.bpe = bpe            # a SubwordBPE that splits new text into this dict's pieces
         self.symbols = list(symbols)
         self.counts = list(counts)
         self.indices = {s: i for i, s in enumerate(self.symbols)}
@@ -85,12 +87,17 @@ class Dictionary:
                 fh.write(f"{s} {c}\n")
 
     def encode_lines(self, lines: list[str]) -> list[np.ndarray]:
+        """Ids of whitespace-tokenized lines (pieces already, when the data-bin has BPE
+        codes: preprocess splits them; prompts go through :meth:`encode_text`)."""
         get = self.indices.get
         return [np.array([get(w, UNK) for w in line.split()] + [EOS], dtype=np.int64)
                 for line in lines]
 
     def encode_text(self, text: str) -> np.ndarray:
-        """Ids of a text without the line-end ``</s>`` (a prompt)."""
+        """Ids of a text without the line-end ``</s>`` (a prompt), its words split into the
+        data-bin's BPE pieces when it has codes."""
+        if self.bpe is not None:
+            text = self.bpe.apply([text])[0]
         return np.array([self.indices.get(w, UNK) for w in text.split()], dtype=np.int64)
 
     def piece(self, i: int) -> str:
@@ -288,7 +295,10 @@ def load_vocab(data_dir: str | Path, meta: dict):
     if not path.is_file():
         raise UserError(f"{path} missing from the data-bin")
     if tok["kind"] == "dict":
-        return Dictionary.load(path)
+        vocab = Dictionary.load(path)
+        if tok.get("bpe_codes"):
+            vocab.bpe = SubwordBPE.load(Path(data_dir) / tok["bpe_codes"])
+        return vocab
     if tok["kind"] == "hf":
         return HFTokenizer.load(path, tok)
     return BPETokenizer.load(path)
