@@ -56,6 +56,14 @@ def dict_databin(corpus_dir, tmp_path_factory) -> DataBin:
     return DataBin(dest)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (torchrun's rendezvous; a fixed one can be taken)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_model(vocab_size: int, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     overrides.setdefault("dropout", 0.0)

@@ -11,6 +11,7 @@ from knnlm.lm import train
 from knnlm.analysis import analyze, stats
 from knnlm.analysis.subsample import subset_rows, write_subset
 from knnlm.cli import run as cli_run
+from knnlm.knn.cache import RetrievalCache
 from knnlm.knn.datastore import Datastore
 
 from test_sweep import run as direct_run
@@ -150,3 +151,31 @@ def test_bad_analyze_flags(tmp_path):
                  ["--parts", "parametric"]):
         assert cli_run(["analyze", "db", "--path", "p", "--dstore-filename", "d",
                         "--results-dir", str(tmp_path), *argv]) == 2
+
+
+def test_tokens_part_splits_the_gain_by_training_frequency(analysis, bpe_databin):
+    """The per-token log-probs behind the part reproduce the sweep's best point; buckets
+    cover every token; totals per type equal a loop over the tokens."""
+    cfg, res = analysis
+    part = res["tokens"]
+    cache = RetrievalCache(f"{cfg.results_dir}/caches/att_l2")
+    lm, _, mix = sweep.token_log_probs(cache, "faiss", cache.k, part["temp"], part["lmbda"])
+    assert np.exp(-mix.mean()) == pytest.approx(part["knnlm_ppl"], rel=1e-6)
+    assert np.exp(-lm.mean()) == pytest.approx(part["lm_ppl"], rel=1e-6)
+    assert sum(r["tokens"] for r in part["buckets"]) == cache.size
+    assert sum(r["gain_share"] for r in part["buckets"]) == pytest.approx(1.0)
+    targets = np.asarray(cache.targets)
+    counts = np.bincount(np.asarray(bpe_databin.split("train")), minlength=bpe_databin.vocab_size)
+    for r in part["buckets"]:
+        lo = int(r["counts"].replace(",", "").replace("≥", "").split("–")[0])
+        hi = int(r["counts"].replace(",", "").split("–")[1]) + 1 if "–" in r["counts"] else \
+            (1 if lo == 0 else 10 ** 12)
+        m = (counts[targets] >= lo) & (counts[targets] < hi)
+        assert m.sum() == r["tokens"]
+        assert r["knnlm_ppl"] == pytest.approx(np.exp(-mix[m].mean()), rel=1e-6)
+    best = part["top"]["gain"][0]
+    loop = sum(mix[i] - lm[i] for i in range(len(targets)) if targets[i] == best["token"])
+    assert best["gain"] == pytest.approx(loop, rel=1e-9)
+    assert all(r["gain"] <= best["gain"] for r in part["top"]["gain"])
+    assert all(r["gain"] < 0 for r in part["top"]["loss"])
+    assert "Where retrieval helps" in open(f"{cfg.results_dir}/report.md").read()

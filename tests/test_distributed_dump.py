@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import free_port
 from knnlm import build_dstore
 from knnlm.knn.datastore import Datastore
 
@@ -34,7 +35,7 @@ def test_two_processes_write_the_single_process_bytes_and_resume(bpe_databin, tr
         data=str(bpe_databin.path), path=str(trained_ckpt), dstore_dir=str(one),
         knn_keytype="att,ffn", tokens_per_sample=64, context_window=16, max_tokens=512,
         quiet=True, cpu=True))
-    p = torchrun(args(bpe_databin, trained_ckpt, two), 29541)
+    p = torchrun(args(bpe_databin, trained_ckpt, two), free_port())
     assert p.returncode == 0, p.stderr[-3000:]
     for f in FILES:
         assert (one / f).read_bytes() == (two / f).read_bytes(), f
@@ -58,7 +59,7 @@ def test_two_processes_write_the_single_process_bytes_and_resume(bpe_databin, tr
     keys.flush()
     del keys
     (two / "datastore.json").write_text(json.dumps(dict(meta, rows_written=0, complete=False)))
-    p = torchrun(args(bpe_databin, trained_ckpt, two), 29542)
+    p = torchrun(args(bpe_databin, trained_ckpt, two), free_port())
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = np.load(one / "keys_att.npy"), np.load(two / "keys_att.npy")
     assert np.all(b[0] == 7.0)                       # rank 0 did not redo its range
@@ -81,7 +82,7 @@ def two_ranks(argv_of, cwd_of, port):
 
 def test_ranks_that_disagree_are_refused(bpe_databin, trained_ckpt, tmp_path):
     out = two_ranks(lambda r: args(bpe_databin, trained_ckpt, tmp_path / f"ds{r}"),
-                    lambda r: tmp_path, 29543)
+                    lambda r: tmp_path, free_port())
     for rc, err in out:
         assert rc == 2 and "disagree" in err and "Traceback" not in err, err
     assert not (tmp_path / "ds1").exists()
@@ -93,7 +94,7 @@ def test_a_dstore_dir_the_ranks_do_not_share_is_refused(bpe_databin, trained_ckp
     for d in ("node0", "node1"):
         (tmp_path / d).mkdir()
     out = two_ranks(lambda r: args(bpe_databin, trained_ckpt, "ds"),
-                    lambda r: tmp_path / f"node{r}", 29544)
+                    lambda r: tmp_path / f"node{r}", free_port())
     for rc, err in out:
         assert rc == 2 and "not one directory for all ranks" in err, err
         assert "1 on" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -102,10 +103,10 @@ def test_a_dstore_dir_the_ranks_do_not_share_is_refused(bpe_databin, trained_ckp
     assert not json.loads((tmp_path / "node0" / "ds" / "datastore.json").read_text())["complete"]
 
     # the same state seen differently: node 0 already holds the complete datastore
-    p = torchrun(args(bpe_databin, trained_ckpt, tmp_path / "node0" / "ds"), 29545)
+    p = torchrun(args(bpe_databin, trained_ckpt, tmp_path / "node0" / "ds"), free_port())
     assert p.returncode == 0, p.stderr[-3000:]
     out = two_ranks(lambda r: args(bpe_databin, trained_ckpt, "ds"),
-                    lambda r: tmp_path / f"node{r}", 29546)
+                    lambda r: tmp_path / f"node{r}", free_port())
     for rc, err in out:
         assert rc == 2 and "in another state" in err and "Traceback" not in err, err
     assert not (tmp_path / "node1" / "ds").exists()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
 from knnlm.knn import exact
 from knnlm.knn.exact import brute_force_search, merge_topk, stream_search
 
@@ -150,7 +151,7 @@ def test_torchrun_ranks_share_the_keys_of_the_exact_pass(bpe_databin, trained_ck
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29547", "-m", "knnlm", *argv,
+                        "--master_port", str(free_port()), "-m", "knnlm", *argv,
                         "--save-retrieval", str(tmp_path / "two"),
                         "--results-path", str(tmp_path / "two.json")],
                        env=env, capture_output=True, text=True, timeout=300)

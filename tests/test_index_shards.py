@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import free_port
 from knnlm.knn import index
 from knnlm.cli import run as cli_run
 from knnlm.util import UserError
@@ -88,7 +89,7 @@ def test_torchrun_ranks_add_the_shards_to_the_same_index(trained_dstore, tmp_pat
     assert cli_run(argv + ["--faiss-index", str(one)]) == 0
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29549", "-m", "knnlm", *argv, "--faiss-index", str(two)],
+                        "--master_port", str(free_port()), "-m", "knnlm", *argv, "--faiss-index", str(two)],
                        env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -81,3 +81,33 @@ def test_sweep_bad_inputs(setup, tmp_path, trained_dstore):
 def test_parse_grid():
     assert sweep.parse_grid("0:1:0.25", "x") == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert sweep.parse_grid("1,2.5", "x") == [1.0, 2.5]
+
+
+def test_three_models_interpolated_with_the_best_simplex_weights(tmp_path):
+    """sweep --score-files A,B,C: EM's weights beat every point of a fine simplex grid, and
+    with two models EM lands on the λ grid's best point."""
+    import itertools
+    import math
+    rng = np.random.default_rng(0)
+    n = 3000
+    probs = rng.dirichlet([0.5, 0.5, 0.5], size=n).T                 # (3, n)
+    lp = np.log(probs * rng.uniform(0.05, 1.0, (3, n))).astype(np.float32)
+    paths = []
+    for i in range(3):
+        np.save(tmp_path / f"m{i}.npy", lp[i])
+        paths.append(str(tmp_path / f"m{i}.npy"))
+    res = sweep.main(sweep.SweepConfig(score_files=",".join(paths), out=str(tmp_path / "o")))
+    w = np.array(res["weights"])
+    assert abs(w.sum() - 1) < 1e-9 and (w >= 0).all()
+
+    def loglik(weights):
+        return float(np.logaddexp.reduce(lp.astype(np.float64) + np.log(np.maximum(weights, 1e-300))[:, None], 0).sum())
+    best_grid = max(loglik(np.array([a, b, 1 - a - b]))
+                    for a, b in itertools.product(np.arange(0, 1.001, 0.02), repeat=2) if a + b <= 1)
+    assert loglik(w) >= best_grid - 1e-6
+    assert res["interp_ppl"] == pytest.approx(math.exp(-loglik(w) / n), rel=1e-9)
+    assert res["interp_ppl"] < min(res["model_ppl"])
+    two = sweep.sweep_scores(paths[0], paths[1], [round(x, 4) for x in np.arange(0, 1.0001, 0.001)])
+    from knnlm.knn.math import mixture_weights
+    w2 = mixture_weights(torch.from_numpy(lp[:2].astype(np.float64)))
+    assert float(w2[1]) == pytest.approx(two["best_lambda"], abs=1e-3)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from knnlm.lm import train
 from knnlm.lm.checkpoint import load_checkpoint
 from knnlm.lm.optim import lr_at
@@ -142,7 +143,7 @@ def test_ddp_two_processes_equal_one_process_with_update_freq_2(bpe_databin, tmp
                   capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "-m", "knnlm",
+                          "--master_port", str(free_port()), "-m", "knnlm",
                           *_cli_args(bpe_databin, tmp_path / "two", *common)],
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]

@@ -18,7 +18,9 @@ used as it is.
 
 Parts (``--parts``, default all): representation (att/ffn × L2/IP), retrieval (FAISS vs
 real mask and score, large nprobe), temperature (curves per retrieval mode), size
-(seeded datastore subsets), overlap (approximate vs exact neighbour sets), parametric
+(seeded datastore subsets), overlap (approximate vs exact neighbour sets), tokens (where
+retrieval helps: by training frequency of the target, and the types that gain and lose
+most, as text), parametric
 (heads alone and interpolated with the base, next to the kNN-LM). Every eval writes a
 retrieval cache once; all λ and T optima come from sweeps over the caches. Re-running
 skips every finished part, index and eval whose recorded configuration matches.
@@ -34,7 +36,7 @@ from ..knn.sweep import parse_grid
 from ..util import UserError, command_line, config_dict, flag
 from . import parts, report
 
-PARTS = ("representation", "retrieval", "temperature", "size", "overlap", "parametric")
+PARTS = ("representation", "retrieval", "temperature", "size", "overlap", "tokens", "parametric")
 
 
 @dataclass

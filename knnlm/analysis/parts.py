@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import evaluate
+from ..data.preprocess import DataBin
 from ..io import read_json
 from ..knn import index as index_mod, sweep
 from ..knn.cache import RetrievalCache
@@ -203,6 +204,26 @@ def overlap(cfg, runner: Runner) -> dict:
             gaps = stats.distance_gaps(cache.exact_dists, cache.faiss_dists, exact.faiss_dists, k)
             rows.append(dict(search=label.split("(")[-1].rstrip(")"), k=k, overlap=ov, **gaps))
     return dict(rows=rows, commands=[modes[i][3][-1] for i in (0, 2, 3)])
+
+
+def tokens(cfg, runner: Runner) -> dict:
+    """Where retrieval helps: the main kNN-LM (att, L2, FAISS, best T and λ) against the LM
+    per training-frequency bucket of the target, and the token types that gain and lose
+    most (paper notes §3)."""
+    cache, cmds = runner.main_eval("att", "l2")
+    summ = runner.summary(cache, "faiss")
+    best = summ["best"]
+    lm, _, mix = sweep.token_log_probs(cache, "faiss", cache.k, best["temp"], best["lmbda"])
+    targets = np.asarray(cache.targets, dtype=np.int64)
+    databin = DataBin(cfg.data)
+    counts = np.bincount(np.asarray(databin.split("train")), minlength=databin.vocab_size)
+    top = stats.top_types(targets, lm, mix)
+    for rows in top.values():
+        for r in rows:
+            r.update(text=databin.vocab.decode([r["token"]]), train_count=int(counts[r["token"]]))
+    return dict(temp=best["temp"], lmbda=best["lmbda"], lm_ppl=summ["lm_ppl"],
+                knnlm_ppl=best["ppl"], buckets=stats.frequency_buckets(targets, lm, mix, counts),
+                top=top, commands=cmds + [summ["command"]])
 
 
 def parametric(cfg, runner: Runner) -> dict:

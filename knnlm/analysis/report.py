@@ -11,6 +11,7 @@ TITLES = dict(
     temperature="Temperature: best-λ perplexity per T and retrieval mode",
     size="Datastore size (seeded random subsets, att keys, L2)",
     overlap="Approximate vs exact neighbour sets (att keys, L2)",
+    tokens="Where retrieval helps: by the target's training frequency, and by token",
     parametric="Parametric alternatives vs the kNN-LM",
 )
 
@@ -78,6 +79,21 @@ def part_markdown(name: str, res: dict) -> str:
                          f"{_f(r['abs_faiss_error'])} |")
         lines += ["", "Commands (the evals whose caches are compared):", ""]
         lines += [f"- `{c}`" for c in res["commands"]]
+    elif name == "tokens":
+        lines += [f"kNN-LM: att keys, L2, FAISS scores, T {res['temp']:g}, λ {res['lmbda']:g} "
+                  f"(ppl {_f(res['lm_ppl'])} → {_f(res['knnlm_ppl'])}).", "",
+                  "| target's count in the training data | tokens | share | LM ppl | kNN-LM ppl "
+                  "| share of the gain |", "|---|---:|---:|---:|---:|---:|"]
+        for r in res["buckets"]:
+            lines.append(f"| {r['counts']} | {r['tokens']:,} | {r['share']:.3f} | {_f(r['lm_ppl'])} | "
+                         f"{_f(r['knnlm_ppl'])} | {r['gain_share']:.3f} |")
+        for key, title in (("gain", "largest total gain"), ("loss", "largest total loss")):
+            lines += ["", f"Token types with the {title} (log-probability, summed over occurrences):",
+                      "", "| token | occurrences | training count | total | per occurrence |",
+                      "|---|---:|---:|---:|---:|"]
+            lines += [f"| {r['text']!r} | {r['occurrences']:,} | {r['train_count']:,} | "
+                      f"{r['gain']:+.2f} | {r['mean_gain']:+.3f} |" for r in res["top"][key]]
+        lines += ["", "Commands:", ""] + [f"- `{c}`" for c in res["commands"]]
     elif name == "parametric":
         k = res["knnlm"]
         lines += ["| model | head | alone ppl | + base LM: ppl | λ | share of the kNN-LM gain |",

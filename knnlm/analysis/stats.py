@@ -77,3 +77,44 @@ def gain_recovered(base_ppl: float, other_ppl: float, knn_ppl: float) -> float:
     """Share of the kNN-LM's perplexity reduction that ``other`` achieves (log scale)."""
     full = math.log(base_ppl) - math.log(knn_ppl)
     return (math.log(base_ppl) - math.log(other_ppl)) / full if full > 0 else float("nan")
+
+
+FREQ_EDGES = (0, 1, 10, 100, 1_000, 10_000, 100_000)   # training counts of the target
+
+
+def frequency_buckets(targets: np.ndarray, lm: np.ndarray, mix: np.ndarray,
+                      train_counts: np.ndarray) -> list[dict]:
+    """Where the kNN-LM helps, by how often the target occurs in the training data: per
+    bucket of counts, its tokens, LM and kNN-LM perplexity, and share of the total gain in
+    log-probability."""
+    count = train_counts[targets]
+    gain = mix - lm
+    total = float(gain.sum())
+    rows = []
+    edges = list(FREQ_EDGES) + [np.inf]
+    for lo, hi in zip(edges, edges[1:]):
+        m = (count >= lo) & (count < hi)
+        if lo == 0:
+            m = count == 0
+        if not m.any():
+            continue
+        n = int(m.sum())
+        rows.append(dict(counts=f"{lo:,}" if lo == 0 else f"{lo:,}–{hi - 1:,}" if np.isfinite(hi)
+                         else f"≥{lo:,}", tokens=n, share=n / len(targets),
+                         lm_ppl=ppl(float(lm[m].sum()), n), knnlm_ppl=ppl(float(mix[m].sum()), n),
+                         gain_share=float(gain[m].sum()) / total if total else float("nan")))
+    return rows
+
+
+def top_types(targets: np.ndarray, lm: np.ndarray, mix: np.ndarray, n: int = 15) -> dict:
+    """The target types with the largest total gain and the largest total loss (kNN-LM vs
+    LM log-probability, summed over their occurrences)."""
+    types, inv = np.unique(targets, return_inverse=True)
+    total = np.bincount(inv, weights=mix - lm)
+    occ = np.bincount(inv)
+    order = np.argsort(total)
+
+    def rows(idx):
+        return [dict(token=int(types[i]), occurrences=int(occ[i]), gain=float(total[i]),
+                     mean_gain=float(total[i] / occ[i])) for i in idx]
+    return dict(gain=rows(order[::-1][:n]), loss=rows(order[:n][total[order[:n]] < 0]))

@@ -113,6 +113,27 @@ def knn_full_log_probs(scores: torch.Tensor, vals: torch.Tensor, vocab_size: int
     return out.to(scores.dtype)
 
 
+EM_MAX_ITERS = 2000
+EM_TOL = 1e-10        # stop when no weight moves more than this
+
+
+def mixture_weights(log_probs: torch.Tensor) -> torch.Tensor:
+    """(M,) weights on the simplex that maximise Σ_i log Σ_j w_j p_j(i) for (M, N) per-token
+    log-probs of M models (the best linear interpolation of M models, as the λ grid is for
+    two). EM, in log space: the objective is concave, EM climbs it monotonically."""
+    lp = log_probs.double()
+    M = lp.shape[0]
+    w = torch.full((M,), 1.0 / M, dtype=torch.float64)
+    for _ in range(EM_MAX_ITERS):
+        joint = lp + torch.log(w)[:, None]                      # (M, N) log w_j p_j(i)
+        resp = torch.exp(joint - torch.logsumexp(joint, 0, keepdim=True))
+        new = resp.mean(1)
+        if (new - w).abs().max() < EM_TOL:
+            return new
+        w = new
+    return w
+
+
 def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor,
                 lmbda: float) -> torch.Tensor:
     """log((1-λ) p_LM + λ p_kNN), elementwise; λ = 0 and λ = 1 are exact."""

@@ -52,8 +52,9 @@ def parse_grid(text: str, name: str) -> list[float]:
 @dataclass
 class SweepConfig:
     cache: str | None = flag(None, "retrieval cache directory (eval-lm --save-retrieval)")
-    score_files: str | None = flag(None, "instead of a cache: BASE.npy,OTHER.npy, per-token "
-                              "log-probs of two models (eval-lm --save-scores) to interpolate")
+    score_files: str | None = flag(None, "instead of a cache: BASE.npy,OTHER.npy[,...], per-token "
+                              "log-probs of models (eval-lm --save-scores) to interpolate: the "
+                              "λ grid for two, the best weights (EM) for three or more")
     lmbda: str = flag("0:1:0.01", "λ values: list or start:stop:step")
     knn_temp: str = flag("1", "temperatures: list or start:stop:step")
     k: str | None = flag(None, "neighbour counts <= the cached k (default: the cached k)")
@@ -66,8 +67,8 @@ class SweepConfig:
     def __post_init__(self):
         if bool(self.cache) == bool(self.score_files):
             raise UserError("give exactly one of --cache DIR and --score-files BASE.npy,OTHER.npy")
-        if self.score_files and (len(self.score_files.split(",")) != 2 or not self.out):
-            raise UserError("--score-files takes BASE.npy,OTHER.npy and needs --out DIR")
+        if self.score_files and (len(self.score_files.split(",")) < 2 or not self.out):
+            raise UserError("--score-files takes BASE.npy,OTHER.npy[,MORE.npy...] and needs --out DIR")
         self.lambdas = parse_grid(self.lmbda, "--lmbda")
         self.temps = parse_grid(self.knn_temp, "--knn-temp")
         if not self.lambdas or any(not 0 <= x <= 1 for x in self.lambdas):
@@ -120,6 +121,26 @@ def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
     return dict(interp=interp.numpy(), knn=knn_sum.numpy(), oracle=oracle.numpy(), lm=lm_sum)
 
 
+def token_log_probs(cache: RetrievalCache, score: str, k: int, temp: float, lmbda: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token of the cache: (log p_LM, log p_kNN at ``temp``, log of the interpolation
+    at ``lmbda``), float64 (N,) each — the numbers a sweep point sums."""
+    metric = cache.mode_of(score).metric
+    dists = cache.exact_dists if score == "exact" else cache.faiss_dists
+    lm = np.asarray(cache.lm_logprobs, dtype=np.float64)
+    knn = np.empty(cache.size)
+    for s in range(0, cache.size, ROWS_PER_CHUNK):
+        e = min(cache.size, s + ROWS_PER_CHUNK)
+        d = torch.from_numpy(np.array(dists[s:e, :k], dtype=np.float64))
+        ids = torch.from_numpy(np.array(cache.ids[s:e, :k], dtype=np.int64))
+        vals = torch.from_numpy(np.array(cache.vals[s:e, :k], dtype=np.int64))
+        tgt = torch.from_numpy(np.array(cache.targets[s:e], dtype=np.int64))
+        knn[s:e] = knn_math.knn_target_log_probs(knn_math.scores_from_distances(d, metric), vals,
+                                                 tgt, temp, ids >= 0).numpy()
+    mix = knn_math.interpolate(torch.from_numpy(lm), torch.from_numpy(knn), lmbda).numpy()
+    return lm, knn, mix
+
+
 def interpolation_sums(base: np.ndarray, other: np.ndarray, lambdas: list[float]) -> np.ndarray:
     """(L,) summed log((1-λ) p_base + λ p_other) over tokens, for per-token log-probs of two
     models on the same tokens (a parametric head vs the base LM)."""
@@ -130,6 +151,21 @@ def interpolation_sums(base: np.ndarray, other: np.ndarray, lambdas: list[float]
         for i, lam in enumerate(lambdas):
             out[i] += float(knn_math.interpolate(b, o, lam).sum())
     return out
+
+
+def sweep_many(paths: list[str]) -> dict:
+    """The best interpolation weights of three or more models' per-token log-probs (EM on
+    the simplex), with each model's and the mixture's perplexity."""
+    arrays = [open_npy(p, None, np.float32) for p in paths]
+    if any(a.shape != arrays[0].shape or a.ndim != 1 for a in arrays):
+        raise UserError("--score-files: the files do not score the same tokens ("
+                        + ", ".join(f"{p} {a.shape}" for p, a in zip(paths, arrays)) + ")")
+    lp = torch.from_numpy(np.stack([np.asarray(a, dtype=np.float64) for a in arrays]))
+    w = knn_math.mixture_weights(lp)
+    mix = torch.logsumexp(lp + torch.log(w)[:, None], 0)
+    n = lp.shape[1]
+    return dict(weights=[float(x) for x in w], tokens=n, interp_ppl=_ppl(float(mix.sum()), n),
+                model_ppl=[_ppl(float(row.sum()), n) for row in lp], files=list(paths))
 
 
 def sweep_scores(base_path: str, other_path: str, lambdas: list[float]) -> dict:
@@ -221,6 +257,14 @@ def markdown(results: dict) -> str:
 
 
 def main(cfg: SweepConfig) -> dict:
+    if cfg.score_files and len(cfg.score_files.split(",")) > 2:
+        res = sweep_many(cfg.score_files.split(","))
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(cfg.out) / "sweep.json", dict(config=config_dict(cfg), results=res))
+        print(" | ".join(f"{Path(p).name} ppl {x:.2f}" for p, x in zip(res["files"], res["model_ppl"]))
+              + f" | interpolated ppl {res['interp_ppl']:.2f} with weights "
+              + ", ".join(f"{w:.3f}" for w in res["weights"]) + f" ({res['tokens']:,} tokens)")
+        return res
     if cfg.score_files:
         res = sweep_scores(*cfg.score_files.split(","), cfg.lambdas)
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
