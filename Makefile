@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_eval_throughput.py --data $(DEMO_DIR)/data-bin --out benchmarks/results/train_eval.json
 	$(BIN)/python benchmarks/dstore_index.py --data $(DEMO_DIR)/data-bin --path $(DEMO_DIR)/checkpoints/checkpoint_best.pt --out benchmarks/results/dstore_index.json
 	$(BIN)/python benchmarks/knnlm_eval_sweep.py --data $(DEMO_DIR)/data-bin --path $(DEMO_DIR)/checkpoints/checkpoint_best.pt --dstore $(DEMO_DIR)/dstore --out benchmarks/results/knnlm_eval_sweep.json
+	$(BIN)/python benchmarks/torch_backend.py --index $(DEMO_DIR)/dstore/index_att_l2.faiss --keys $(DEMO_DIR)/dstore/keys_att.npy --train-factory IVF2048,PQ32 --out benchmarks/results/torch_backend.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
