@@ -1,3 +1,4 @@
-"""The retrieval side: the kNN-LM math (:mod:`.math`), datastores, FAISS indexes and their
-sharded builds, search and score modes, eval-lm's per-token kNN scoring, retrieval caches
-and offline sweeps."""
+"""The retrieval side: the kNN-LM math (:mod:`.math`), datastores, FAISS indexes (built in
+shards, trained by FAISS or by torch k-means, planned with `knnlm plan`), search — FAISS,
+the torch backend over an index's data, exact search in one pass over the keys — and score
+modes, eval-lm's per-token kNN scoring, retrieval caches and offline sweeps."""
