@@ -94,38 +94,19 @@ def stage_search(a) -> dict:
 STAGES = dict(synth=stage_synth, index=stage_index, search=stage_search)
 
 
-def matmul_gflops() -> float:
-    """fp32 GEMM rate of this machine (the coarse quantizer of a search is a GEMM)."""
-    a = np.random.default_rng(0).standard_normal((256, 1024), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((1024, 4096), dtype=np.float32)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 5 * 2 * 256 * 1024 * 4096 / (time.perf_counter() - t0) / 1e9
-
-
 def project(per_key: dict, n: int, d: int, nlist: int, m: int, gflops: float) -> dict:
-    """Linear projection from the measured per-key costs at 256 dims."""
-    disk = n * (d * 2 + 4 + 4)
-    index_bytes = n * (m + 8)
-    # adding a key = its coarse assignment (nlist x d) + its PQ encoding (256 x d)
-    measured = per_key.get("nlist", 1024)
-    add_s = per_key["add_s_per_key"] * n * (nlist + 256) * d / ((measured + 256) * DIM)
-    # search, per query: the measured fixed cost (k = 1024 results), the coarse quantizer
-    # (nlist x d GEMM at this machine's rate) and the probed codes (nprobe 32) at the
-    # measured cost per code, scaled by the code size
-    codes = 32 * n / nlist
-    coarse_ms = 2 * nlist * d / (gflops * 1e9) * 1e3
-    search_ms = (per_key["search_ms_fixed"] + coarse_ms
-                 + per_key["search_ms_per_probed_code"] * codes * (m / 32))
-    return dict(keys=n, dim=d, factory=f"IVF{nlist},PQ{m}", disk_gib=disk / 2**30,
-                index_ram_gib=index_bytes / 2**30, add_hours_one_process=add_s / 3600,
-                search_ms_per_query_nprobe32_one_process=search_ms)
+    """Linear projection from the measured per-key costs at 256 dims: `knnlm plan`'s model
+    (:func:`knnlm.knn.plan.plan`) fed with this run's costs."""
+    from knnlm.knn.plan import MEASURED, PlanConfig, plan
+    costs = dict(MEASURED, dim=DIM, m=32, **{k: per_key[k] for k in (
+        "add_s_per_key", "nlist", "search_ms_fixed", "search_ms_per_probed_code") if k in per_key})
+    cfg = PlanConfig(dstore_size=n, dimension=d, probe=32)
+    return plan(n, d, f"IVF{nlist},PQ{m}", cfg, costs, gflops)
 
 
 def projections(per_key: dict) -> dict:
-    g = matmul_gflops()
+    from knnlm.knn.plan import gemm_gflops
+    g = gemm_gflops()
     return dict(gemm_gflops=g,
                 wikitext103=project(per_key, 103_225_485, 1024, 4096, 64, g),
                 one_billion_4096d=project(per_key, 1_000_000_000, 4096, 65536, 64, g))
