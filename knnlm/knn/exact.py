@@ -6,7 +6,7 @@
   of 10^8 keys (211 GB for WikiText-103) is read once per split, not once per batch.
   Resumable per key chunk (the running top-k is saved with the number of keys done); a
   ``key_range`` lets torchrun ranks take contiguous shares of the keys, whose top-k lists
-  :func:`merge_topk` joins (`knnlm exact-search`, :mod:`knnlm.knn.exact_cmd`).
+  :func:`merge_topk` joins (`torchrun ... knnlm eval-lm --exact-search`).
 
 Scores are "higher is nearer" (2 q·k − ||k||² for L2, q·k for IP); results come back in
 FAISS's conventions (squared L2 distances or inner products; id -1 where a query has

@@ -83,30 +83,38 @@ class SweepConfig:
             raise UserError(f"--score must be faiss, exact or both, got {self.score}")
 
 
+def cache_chunks(cache: RetrievalCache, score: str, k: int, dtype=np.float32):
+    """The cache ``ROWS_PER_CHUNK`` rows at a time: (start, end, scores (c, k) in the
+    score mode of column ``score``, values, targets, mask of real neighbours)."""
+    metric = cache.mode_of(score).metric
+    dists = cache.exact_dists if score == "exact" else cache.faiss_dists
+    for s in range(0, cache.size, ROWS_PER_CHUNK):
+        e = min(cache.size, s + ROWS_PER_CHUNK)
+        # copies (np.array): the memmaps are read-only, torch wants writable memory
+        d = torch.from_numpy(np.array(dists[s:e, :k], dtype=dtype))
+        ids = torch.from_numpy(np.array(cache.ids[s:e, :k], dtype=np.int64))
+        vals = torch.from_numpy(np.array(cache.vals[s:e, :k], dtype=np.int64))
+        tgt = torch.from_numpy(np.array(cache.targets[s:e], dtype=np.int64))
+        yield s, e, knn_math.scores_from_distances(d, metric), vals, tgt, ids >= 0
+
+
 def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
                lambdas: list[float], quiet: bool = True) -> dict[str, np.ndarray]:
     """Summed log-probs over all tokens: ``interp`` (T, L), ``knn`` (T,), ``oracle`` (T,),
     ``lm`` scalar. One pass over the cache; every T and λ per chunk (vectorised)."""
-    metric = cache.mode_of(score).metric
     lam = torch.tensor(lambdas, dtype=torch.float64)
     log_l, log_1ml = torch.log(lam), torch.log1p(-lam)   # -inf at the ends: exact edges
     interp = torch.zeros(len(temps), len(lambdas), dtype=torch.float64)
     knn_sum = torch.zeros(len(temps), dtype=torch.float64)
     oracle = torch.zeros(len(temps), dtype=torch.float64)
     lm_sum = 0.0
-    dists = cache.exact_dists if score == "exact" else cache.faiss_dists
-    for s in tqdm(range(0, cache.size, ROWS_PER_CHUNK), disable=True if quiet else None,
-                  desc=f"sweep {score} k={k}", unit="chunk"):
-        e = min(cache.size, s + ROWS_PER_CHUNK)
-        # copies (np.array): the memmaps are read-only, torch wants writable memory
-        d = torch.from_numpy(np.array(dists[s:e, :k], dtype=np.float32))
-        ids = torch.from_numpy(np.array(cache.ids[s:e, :k], dtype=np.int64))
-        vals = torch.from_numpy(np.array(cache.vals[s:e, :k], dtype=np.int64))
-        tgt = torch.from_numpy(np.array(cache.targets[s:e], dtype=np.int64))
+    chunks = cache_chunks(cache, score, k)
+    for s, e, scores, vals, tgt, mask in tqdm(chunks, total=-(-cache.size // ROWS_PER_CHUNK),
+                                              disable=True if quiet else None,
+                                              desc=f"sweep {score} k={k}", unit="chunk"):
         lm = torch.from_numpy(np.array(cache.lm_logprobs[s:e], dtype=np.float64))
         lm_sum += float(lm.sum())
-        scores = knn_math.scores_from_distances(d, metric)
-        kls = knn_math.knn_target_log_probs_temps(scores, vals, tgt, temps, ids >= 0)   # (T, c)
+        kls = knn_math.knn_target_log_probs_temps(scores, vals, tgt, temps, mask)   # (T, c)
         for ti, kl in enumerate(kls):
             knn_sum[ti] += kl.sum()
             oracle[ti] += torch.maximum(kl, lm).sum()
@@ -125,18 +133,10 @@ def token_log_probs(cache: RetrievalCache, score: str, k: int, temp: float, lmbd
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per token of the cache: (log p_LM, log p_kNN at ``temp``, log of the interpolation
     at ``lmbda``), float64 (N,) each — the numbers a sweep point sums."""
-    metric = cache.mode_of(score).metric
-    dists = cache.exact_dists if score == "exact" else cache.faiss_dists
     lm = np.asarray(cache.lm_logprobs, dtype=np.float64)
     knn = np.empty(cache.size)
-    for s in range(0, cache.size, ROWS_PER_CHUNK):
-        e = min(cache.size, s + ROWS_PER_CHUNK)
-        d = torch.from_numpy(np.array(dists[s:e, :k], dtype=np.float64))
-        ids = torch.from_numpy(np.array(cache.ids[s:e, :k], dtype=np.int64))
-        vals = torch.from_numpy(np.array(cache.vals[s:e, :k], dtype=np.int64))
-        tgt = torch.from_numpy(np.array(cache.targets[s:e], dtype=np.int64))
-        knn[s:e] = knn_math.knn_target_log_probs(knn_math.scores_from_distances(d, metric), vals,
-                                                 tgt, temp, ids >= 0).numpy()
+    for s, e, scores, vals, tgt, mask in cache_chunks(cache, score, k, np.float64):
+        knn[s:e] = knn_math.knn_target_log_probs(scores, vals, tgt, temp, mask).numpy()
     mix = knn_math.interpolate(torch.from_numpy(lm), torch.from_numpy(knn), lmbda).numpy()
     return lm, knn, mix
 

@@ -32,7 +32,7 @@ from ..util import UserError
 from .exact import brute_force_search, merge_topk
 
 QUERY_BATCH = 8192         # queries per scan (bounds the (B, nprobe, longest list) buffer)
-DECODE_CHUNK = 1 << 16     # codes decoded at once when the norms are precomputed
+DECODE_CHUNK = 1 << 16     # codes decoded at once when the whole table is built
 CPU_DECODE_BUDGET = 4 << 30   # PQ vectors kept reconstructed (fp32) up to this many bytes
 
 
