@@ -39,7 +39,7 @@ def _eval_cfg(a, **kw):
 def stage_knnlm(a) -> dict:
     from knnlm import evaluate
     cfg = _eval_cfg(a, knnlm=True, dstore_filename=a.dstore, k=a.k, probe=a.probe,
-                    knn_sim_func="do_not_recomp_l2")
+                    lmbda=0.25, knn_temp=1.0, knn_sim_func="do_not_recomp_l2")
     t0 = time.perf_counter()
     res = evaluate.main(cfg)
     return dict(seconds=time.perf_counter() - t0, tokens=res["tokens"], lm_ppl=res["ppl"],

@@ -21,8 +21,6 @@ CONTEXT=${CONTEXT:-512}         # left context of each scored block
 FACTORY=${FACTORY:-}            # FAISS factory (default: chosen from the datastore size)
 K=${K:-1024}
 PROBE=${PROBE:-32}
-LMBDA=${LMBDA:-0.25}
-TEMP=${TEMP:-1}
 PROMPT=${PROMPT:-The}
 
 # 1. tokenize with the model's own tokenizer
@@ -42,16 +40,19 @@ $KNNLM build-dstore "$RUN/data-bin" --hf-model "$MODEL" --gen-subset train \
 $KNNLM build-index --dstore-dir "$RUN/dstore" --knn-keytype att --metric l2 \
   ${FACTORY:+--index-factory "$FACTORY"}
 
-# 5. kNN-LM perplexity, with a retrieval cache, then λ / temperature tuned offline
-$KNNLM eval-lm "$RUN/data-bin" --hf-model "$MODEL" --gen-subset valid \
+# 5. tune λ, T, k and the score mode on valid: writes $RUN/dstore/index_att_l2.faiss.tuned.json
+$KNNLM tune "$RUN/data-bin" --hf-model "$MODEL" --gen-subset valid \
   --tokens-per-sample "$WINDOW" --context-window "$CONTEXT" \
-  --knnlm --dstore-filename "$RUN/dstore" --k "$K" --probe "$PROBE" --lmbda "$LMBDA" \
-  --knn-temp "$TEMP" --save-retrieval "$RUN/cache_valid"
-$KNNLM sweep --cache "$RUN/cache_valid" --lmbda 0:1:0.02 --knn-temp 0.5,1,2,4,8,16
+  --dstore-filename "$RUN/dstore" --k "$K,$((K / 4)),$((K / 16))" --probe "$PROBE" \
+  --save-retrieval "$RUN/cache_valid"
 
-# 6. generation with the kNN-LM, and what it retrieves for a text
+# 6. kNN-LM perplexity on test: no --lmbda / --knn-temp, so the tuned settings are used
+$KNNLM eval-lm "$RUN/data-bin" --hf-model "$MODEL" --gen-subset test \
+  --tokens-per-sample "$WINDOW" --context-window "$CONTEXT" \
+  --knnlm --dstore-filename "$RUN/dstore" --probe "$PROBE"
+
+# 7. generation with the (tuned) kNN-LM, and what it retrieves for a text
 $KNNLM generate "$RUN/data-bin" --hf-model "$MODEL" --prompt "$PROMPT" --max-new-tokens 30 \
-  --knnlm --dstore-filename "$RUN/dstore" --k "$K" --probe "$PROBE" --lmbda "$LMBDA" \
-  --knn-temp "$TEMP"
+  --knnlm --dstore-filename "$RUN/dstore" --probe "$PROBE"
 $KNNLM neighbors "$RUN/data-bin" --hf-model "$MODEL" --dstore-filename "$RUN/dstore" \
   --probe "$PROBE" --k 4 --text "$PROMPT"

@@ -8,6 +8,7 @@
     knnlm build-index --dstore-dir DIR ...      FAISS index over one keytype
     knnlm plan --dstore-size N --dimension D    disk, RAM and time of a datastore and index
     knnlm sweep --cache DIR ...                 offline sweeps over a retrieval cache
+    knnlm tune DATA_BIN --path CKPT ...         best λ, T, k, score mode of an index -> tuned.json
     knnlm analyze DATA_BIN --path CKPT ...      the paper's analyses in one results directory
     knnlm allot-embeddings DATA_BIN --out F     extra output rows per token (for train)
     knnlm generate DATA_BIN --path CKPT ...     continue prompts (greedy or sampling), kNN-LM too
@@ -37,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("knnlm.knn.plan", "PlanConfig",
              "disk, RAM and time a datastore and its index will need, before building"),
     "sweep": ("knnlm.knn.sweep", "SweepConfig", "λ / temperature / k / score-mode sweeps over a retrieval cache"),
+    "tune": ("knnlm.tune", "TuneConfig",
+             "best λ, T, k and score mode on a held-out split, used by every kNN command"),
     "analyze": ("knnlm.analysis.analyze", "AnalyzeConfig",
                 "the paper's analyses: representation, retrieval, temperature, size, heads"),
     "allot-embeddings": ("knnlm.lm.heads_train", "AllotConfig",

@@ -3,11 +3,13 @@ corpus, sized for a 2-core CPU.
 
 Stages: fetch the corpus -> byte-level BPE (8k) data-bin -> train the ``small`` model ->
 datastore of the training split (att and ffn keys) -> FAISS index over the att keys ->
-kNN-LM evaluation of valid and test (LM-only, kNN-only and interpolated perplexity, with
-a retrieval cache each) -> a λ/temperature sweep on valid, applied to test. Each stage is
-skipped when its output already exists, so an interrupted demo picks up where it
-stopped. Ends with a results table and each stage's
-wall time; everything lands under ``--workdir`` (results in ``results.json``).
+`knnlm tune` on valid (a kNN-LM evaluation with a retrieval cache, then a sweep of λ, T,
+k and score mode; the best point goes to the index's ``tuned.json``) -> `eval-lm --knnlm`
+on test at the original defaults (λ 0.25, T 1), and with no λ/T flags, which uses the
+tuned settings (a new user's path). Each stage is skipped when its output already
+exists, so an interrupted demo picks up where it stopped. Ends with a results table and
+each stage's wall time; everything lands under ``--workdir`` (results in
+``results.json``).
 
     knnlm demo --workdir runs/demo
 """
@@ -17,10 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import build_dstore, evaluate
+from . import build_dstore, evaluate, tune
 from .data import corpora, preprocess
 from .io import read_json, write_json_atomic
-from .knn import index, sweep
+from .knn import index
+from .knn.tuned import tuned_path
 from .lm import train
 from .util import UserError, config_dict, flag
 
@@ -41,11 +44,10 @@ class DemoConfig:
     dstore_context_window: int = flag(64, "datastore left context per block")
     index_factory: str = flag("IVF2048,PQ32", "FAISS index over the att keys")
     index_train_size: int = flag(100_000, "keys sampled to train the index")
-    k: int = flag(1024, "neighbours per query")
+    k: int = flag(1024, "neighbours per query (tune also tries k/4 and k/16)")
     probe: int = flag(8, "IVF lists probed (8 of 2048 lists: the paper's 32 of 4096 share)")
-    lmbda: float = flag(0.25, "interpolation weight of the untuned kNN-LM")
-    sweep_lmbda: str = flag("0:1:0.02", "λ grid of the sweep on valid")
-    sweep_temp: str = flag("0.5,1,2,4,8,16,32", "temperature grid of the sweep on valid")
+    sweep_lmbda: str = flag("0:1:0.01", "λ grid of `knnlm tune` on valid")
+    sweep_temp: str = flag("0.5,1,1.5,2,3,4,6,8,12,16,32", "temperature grid of `knnlm tune`")
     quiet: bool = flag(False, "no progress bars")
 
     def __post_init__(self):
@@ -64,13 +66,19 @@ def _stage(name: str, timings: dict, fn, *args):
     return out
 
 
-def _knnlm_eval(ecfg: evaluate.EvalConfig) -> dict:
-    """eval-lm --knnlm, skipped when its results and complete cache are already there."""
+def _eval(ecfg: evaluate.EvalConfig) -> dict:
+    """eval-lm --knnlm, skipped when its results are there: the same flags, and the same
+    tuned settings when it used them."""
     res_path = Path(ecfg.results_path)
-    if res_path.is_file() and (Path(ecfg.save_retrieval) / "cache.json").is_file():
-        if read_json(Path(ecfg.save_retrieval) / "cache.json", "cache").get("complete"):
+    if res_path.is_file():
+        saved = read_json(res_path, "results")
+        given = {k: v for k, v in config_dict(ecfg).items() if v is not None}
+        used = saved["results"]["interpolated"]["settings"]
+        tuned = used["tuned_file"] and read_json(Path(used["tuned_file"]), "tuned settings")
+        if all(saved["config"].get(k) == v for k, v in given.items()) and \
+                (not tuned or tuned["heldout"] == used["tuned_heldout"]):
             print(f"{res_path}: already evaluated")
-            return read_json(res_path, "results")["results"]
+            return saved["results"]
     return evaluate.main(ecfg)
 
 
@@ -105,41 +113,41 @@ def main(cfg: DemoConfig) -> dict:
                                   train_size=cfg.index_train_size, quiet=cfg.quiet)
     index_res = _stage("build-index", timings, index.main, icfg)
 
-    results = {}
-    for split in ("valid", "test"):
-        ecfg = evaluate.EvalConfig(
-            data=str(data_dir), path=ckpt, gen_subset=split, tokens_per_sample=cfg.tokens_per_sample,
-            context_window=cfg.context_window, knnlm=True, dstore_filename=str(dstore_dir),
-            k=cfg.k, probe=cfg.probe, lmbda=cfg.lmbda, knn_sim_func="do_not_recomp_l2",
-            save_retrieval=str(work / f"cache_{split}"),
-            results_path=str(work / f"knnlm_{split}.json"), quiet=cfg.quiet)
-        results[split] = _stage(f"eval-lm --knnlm {split}", timings, _knnlm_eval, ecfg)
-
-    tuned = _stage("sweep valid", timings, sweep.main, sweep.SweepConfig(
-        cache=str(work / "cache_valid"), lmbda=cfg.sweep_lmbda, knn_temp=cfg.sweep_temp,
-        quiet=cfg.quiet))[f"faiss@k={cfg.k}"]
-    on_test = _stage("sweep test at the tuned point", timings, sweep.main, sweep.SweepConfig(
-        cache=str(work / "cache_test"), lmbda=str(tuned["best_lambda"]),
-        knn_temp=str(tuned["best_temp"]), quiet=cfg.quiet))[f"faiss@k={cfg.k}"]
-    tuned_ppl = dict(valid=tuned, test=on_test)
-
+    common = dict(data=str(data_dir), path=ckpt, tokens_per_sample=cfg.tokens_per_sample,
+                  context_window=cfg.context_window, dstore_filename=str(dstore_dir),
+                  probe=cfg.probe, quiet=cfg.quiet)
+    tcfg = tune.TuneConfig(**common, gen_subset="valid", lmbda=cfg.sweep_lmbda,
+                           knn_temp=cfg.sweep_temp,
+                           k=",".join(str(k) for k in sorted({max(1, cfg.k // 16),
+                                                               max(1, cfg.k // 4), cfg.k})))
+    tuned = _stage("tune on valid", timings, tune.main, tcfg)
+    held = tuned["heldout"]
+    # test: the original defaults, then eval-lm with no λ/T flags (the tuned settings)
+    untuned = _stage("eval-lm --knnlm test, λ 0.25, T 1", timings, _eval, evaluate.EvalConfig(
+        **common, gen_subset="test", knnlm=True, k=cfg.k, lmbda=0.25, knn_temp=1.0,
+        results_path=str(work / "knnlm_test_untuned.json")))
+    on_test = _stage("eval-lm --knnlm test, tuned", timings, _eval, evaluate.EvalConfig(
+        **common, gen_subset="test", knnlm=True, results_path=str(work / "knnlm_test.json")))
+    st = tuned["settings"]
     print(f"\n== results: Shakespeare, byte-level BPE {cfg.vocab_size}, model {cfg.arch} "
           f"({train_res['num_updates']} updates); datastore = training split "
-          f"({dstore_res['size']:,} att keys, {index_res['factory']}, k {cfg.k}, nprobe {cfg.probe})")
-    print(f"| split | LM ppl | kNN-LM ppl (λ {cfg.lmbda}, T 1) | kNN-LM ppl (λ "
-          f"{tuned['best_lambda']:g}, T {tuned['best_temp']:g}, tuned on valid) | "
+          f"({dstore_res['size']:,} att keys, {index_res['factory']}, nprobe {cfg.probe})")
+    print(f"| split | LM ppl | kNN-LM ppl (λ 0.25, T 1, k {cfg.k}) | kNN-LM ppl (tuned on valid: "
+          f"λ {st['lmbda']:g}, T {st['knn_temp']:g}, k {st['k']}, {tuned['score_mode']['name']}) | "
           f"LM word ppl | tuned kNN-LM word ppl |\n|---|---:|---:|---:|---:|---:|")
-    for split, r in results.items():
-        t = tuned_ppl[split]
-        print(f"| {split} | {r['ppl']:.2f} | {r['interpolated']['ppl']:.2f} | "
-              f"{t['interp_ppl']:.2f} | {r['word_ppl']:.2f} | {t['interp_word_ppl']:.2f} |")
+    print(f"| valid | {held['lm_ppl']:.2f} | {held['untuned_ppl']:.2f} | {held['ppl']:.2f} | "
+          f"{held['lm_word_ppl']:.2f} | {held['word_ppl']:.2f} |")
+    print(f"| test | {on_test['ppl']:.2f} | {untuned['interpolated']['ppl']:.2f} | "
+          f"{on_test['interpolated']['ppl']:.2f} | {on_test['word_ppl']:.2f} | "
+          f"{on_test['interpolated']['word_ppl']:.2f} |")
     print("\n| stage | wall time (s) |\n|---|---:|")
     for name, sec in timings.items():
         print(f"| {name} | {sec:.1f} |")
     print(f"| total | {sum(timings.values()):.1f} |")
-    out = dict(config=config_dict(cfg), train=train_res, knnlm=results, timings=timings,
-               tuned=dict(best_lambda=tuned["best_lambda"], best_temp=tuned["best_temp"],
-                          valid=tuned["interp_ppl"], test=on_test["interp_ppl"]),
+    out = dict(config=config_dict(cfg), train=train_res, timings=timings,
+               tuned=dict(settings=st, score_mode=tuned["score_mode"]["name"], valid=held,
+                          file=str(tuned_path(dstore_dir, 'att', 'l2', icfg.index_path()))),
+               knnlm=dict(test_untuned=untuned, test=on_test),
                datastore=dict(size=dstore_res["size"], dim=dstore_res["dim"]),
                index=dict(factory=index_res["factory"], path=str(icfg.index_path())))
     write_json_atomic(work / "results.json", out)

@@ -304,7 +304,8 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
         res["interpolated"] = dict(perplexities(interp_nll, n, n_words), lmbda=cfg.lmbda,
                                    knn_temp=cfg.knn_temp, k=cfg.k,
                                    score_mode=knn_scorer.mode.to_dict(),
-                                   search_backend=knn_scorer.knn.backend)
+                                   search_backend=knn_scorer.knn.backend,
+                                   settings=knn_scorer.knn.settings)
         knn_scorer.close(dict(lm=res["ppl"], knn=res["knn"]["ppl"],
                               interpolated=res["interpolated"]["ppl"]))
     return res
@@ -325,7 +326,8 @@ def format_results(res: dict) -> str:
         + (f"  ({k['no_match_tokens']:,} tokens without a matching neighbour)"
            if k["no_match_tokens"] else ""),
         f"  kNN-LM         ppl {m['ppl']:10.2f} per token {m['word_ppl']:12.2f} per word"
-        f"  (lambda {m['lmbda']}, T {m['knn_temp']}, k {m['k']})",
+        f"  (lambda {m['lmbda']}, T {m['knn_temp']}, k {m['k']}"
+        + (", tuned" if (m.get("settings") or {}).get("tuned_file") else "") + ")",
         f"  score mode     {m['score_mode']['name']}: {m['score_mode']['description']}"])
 
 

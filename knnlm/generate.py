@@ -177,6 +177,7 @@ def main(cfg: GenerateConfig) -> dict:
                                                      f"T {cfg.knn_temp}, {mode['name']})" if cfg.knnlm else ""))
     out = dict(results=results, tokens=n_new, tokens_per_second=speed, score_mode=mode,
                search_backend=search.backend if search is not None else None,
+               knn_settings=search.settings if search is not None else None,
                config=config_dict(cfg))
     if cfg.results_path:
         write_json_atomic(cfg.results_path, out)

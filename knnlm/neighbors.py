@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,7 +127,9 @@ def main(cfg: NeighborsConfig) -> list[dict]:
     device = resolve_device(cfg.device, cfg.cpu)
     model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
     model.eval()
-    search = KnnSearch(cfg, fingerprint, databin, device)
+    # with --json, stdout is the JSON alone: the search's reports go to stderr
+    search = KnnSearch(cfg, fingerprint, databin, device,
+                       log=(lambda msg: print(msg, file=sys.stderr)) if cfg.json else print)
     ids = cfg.token_ids(databin.vocab)
     rows = neighbours(model, ids, databin.eos, search, cfg.knn_temp, device)
     ds = search.ds
@@ -140,7 +143,8 @@ def main(cfg: NeighborsConfig) -> list[dict]:
     mode = search.mode
     if cfg.json:
         print(json.dumps(dict(score_mode=mode.to_dict(), search_backend=search.backend,
-                              k=cfg.k, knn_temp=cfg.knn_temp, positions=rows), indent=1))
+                              k=cfg.k, knn_temp=cfg.knn_temp, settings=search.settings,
+                              positions=rows), indent=1))
     else:
         print(f"score mode {mode.name}: {mode.describe()}; k {cfg.k}, T {cfg.knn_temp}")
         print(format_rows(rows))

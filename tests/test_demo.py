@@ -19,10 +19,17 @@ def test_demo_end_to_end_and_rerun_skips(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| test |" in printed and "| total |" in printed
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    for split in ("valid", "test"):
-        r = saved["knnlm"][split]
-        assert r["tokens"] > 1000 and r["interpolated"]["ppl"] < r["ppl"]   # kNN-LM helps here
-    assert saved["tuned"]["test"] <= saved["knnlm"]["test"]["ppl"]
+    valid, untuned, tuned = (saved["tuned"]["valid"], saved["knnlm"]["test_untuned"],
+                             saved["knnlm"]["test"])
+    assert valid["tokens"] > 1000 and valid["untuned_ppl"] < valid["lm_ppl"]  # kNN-LM helps
+    assert valid["ppl"] <= valid["untuned_ppl"]         # tuning picks at least as good a point
+    assert untuned["tokens"] > 1000 and untuned["interpolated"]["ppl"] < untuned["ppl"]
+    # the tuned test evaluation took the tuned settings from tuned.json, not from flags
+    st = tuned["interpolated"]["settings"]
+    assert st["tuned_file"] == saved["tuned"]["file"]
+    assert set(st["source"].values()) == {"tuned"}
+    assert tuned["interpolated"]["lmbda"] == saved["tuned"]["settings"]["lmbda"]
+    assert tuned["interpolated"]["ppl"] < tuned["ppl"]
     assert out["datastore"]["size"] > 10_000
     # a second run finds every stage done
     demo.main(cfg)

@@ -204,6 +204,8 @@ def test_example_script_runs_end_to_end(corpus_dir, tmp_path):
                        text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "kNN-LM" in p.stdout and "p_kNN" in p.stdout and "tok/s" in p.stdout
+    # eval-lm, generate and neighbors took λ and T from the tuned file `knnlm tune` wrote
+    assert p.stdout.count("index_att_l2.faiss.tuned.json (tuned on valid") == 3
 
 
 def test_fingerprint_ignores_the_load_dtype(hf_model_dir):

@@ -77,6 +77,7 @@ class Runner:
             tokens_per_sample=c.tokens_per_sample, context_window=c.context_window,
             max_tokens=c.max_tokens, knnlm=True, dstore_filename=str(ds.path),
             indexfile=None if exact_search else str(indexfile), k=c.k, probe=probe or c.probe,
+            lmbda=0.25, knn_temp=1.0,   # explicit: never an index's tuned settings
             knn_keytype=keytype, faiss_metric_type=metric, knn_sim_func="do_not_recomp_l2",
             exact_search=exact_search, save_retrieval=str(self.out / "caches" / name),
             save_exact_dists=not exact_search, results_path=str(self.out / "evals" / f"{name}.json"),

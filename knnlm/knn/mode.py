@@ -97,6 +97,14 @@ class ScoreMode:
         return "exact" if self.recompute else "faiss"
 
     @property
+    def sim_func(self) -> str:
+        """The ``--knn-sim-func`` that selects this mode (with its search metric and
+        ``--exact-search``): :meth:`from_flags` inverted."""
+        if self.exact_search or self.recompute:
+            return "dot" if self.metric == "ip" else "l2"
+        return "do_not_recomp_l2"
+
+    @property
     def needs_keys(self) -> bool:
         return self.recompute or self.exact_search
 

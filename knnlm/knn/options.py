@@ -17,14 +17,18 @@ class KnnOptions:
                             "ffn/last_linear_input, layer:N = output of layer N before any final "
                             "norm); eval-lm --save-knnlm-dstore: "
                             "the keytypes saved, comma-separated")
-    k: int = flag(1024, "--knnlm: neighbours per query")
-    lmbda: float = flag(0.25, "--knnlm: interpolation weight of p_kNN")
-    knn_temp: float = flag(1.0, "--knnlm: softmax temperature over neighbour scores")
+    k: int | None = flag(None, "--knnlm: neighbours per query (default: the index's tuned "
+                         "settings, else 1024)")
+    lmbda: float | None = flag(None, "--knnlm: interpolation weight of p_kNN (default: the "
+                               "index's tuned settings (knnlm tune), else 0.25)")
+    knn_temp: float | None = flag(None, "--knnlm: softmax temperature over neighbour scores "
+                                  "(default: the index's tuned settings, else 1)")
     probe: int = flag(32, "--knnlm: IVF lists probed per query (nprobe)")
     knn_sim_func: str | None = flag(None, "--knnlm: scores of the neighbours: l2 / dot (exact "
                                     "L2 / inner products from the stored keys), "
                                     "do_not_recomp_l2 (the distances the search returned); "
-                                    "default: l2 for an L2 index, FAISS's scores for an IP index",
+                                    "default: the index's tuned settings, else l2 for an L2 "
+                                    "index, FAISS's scores for an IP index",
                                     choices=SIM_FUNCS)
     faiss_metric_type: str = flag("l2", "--knnlm: metric of the index", choices=("l2", "ip"))
     exact_search: bool = flag(False, "--knnlm: exact neighbours by brute force (no index)")
@@ -50,14 +54,15 @@ class KnnOptions:
         return ScoreMode.from_flags(self.knn_sim_func, self.faiss_metric_type, self.exact_search)
 
     def check_knn(self) -> None:
-        """Validate the kNN flags (call when --knnlm is on)."""
+        """Validate the kNN flags (call when --knnlm is on). λ, T and k may be None until
+        :func:`knnlm.knn.tuned.resolve_settings` fills them."""
         if not self.dstore_filename:
             raise UserError("--knnlm needs --dstore-filename DIR")
-        if self.k <= 0 or self.probe <= 0:
+        if (self.k is not None and self.k <= 0) or self.probe <= 0:
             raise UserError("--k and --probe must be > 0")
-        if not 0.0 <= self.lmbda <= 1.0:
+        if self.lmbda is not None and not 0.0 <= self.lmbda <= 1.0:
             raise UserError(f"--lmbda must be in [0, 1], got {self.lmbda}")
-        if not self.knn_temp > 0:
+        if self.knn_temp is not None and not self.knn_temp > 0:
             raise UserError(f"--knn-temp must be > 0, got {self.knn_temp}")
         if self.knnlm_gpus < 0:
             raise UserError(f"--knnlm-gpus must be >= 0, got {self.knnlm_gpus}")

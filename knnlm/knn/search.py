@@ -24,6 +24,7 @@ from .datastore import Datastore, normalize_keytype
 from .exact import brute_force_search, stream_search
 from .index import gpu_available, load_index
 from .torch_index import ShardedTorchIndex, TorchIndex
+from .tuned import identity, resolve_settings, tuned_path
 
 RECOMPUTE_CHUNK = 16   # queries per gather in exact_distances (keeps (C, k, D) in cache)
 
@@ -160,22 +161,28 @@ class KnnSearch:
     of queries and their scores (shared by eval-lm, generate and neighbors)."""
 
     def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device,
-                 need_exact: bool = False):
+                 need_exact: bool = False, log=print):
         """``cfg``: the kNN flags (:class:`knnlm.knn.options.KnnOptions`); ``need_exact``:
-        recompute exact distances (in the mode's metric) even when the mode does not."""
+        recompute exact distances (in the mode's metric) even when the mode does not;
+        ``log``: where the backend and the settings used are reported."""
         self.cfg = cfg
         self.keytype = normalize_keytype(cfg.knn_keytype)
         ds = Datastore(cfg.dstore_filename, in_memory=cfg.move_dstore_to_mem)
         ds.check_model(model_fingerprint, databin.tokenizer_sha256)
         self.ds = ds
-        index, self.index_meta = None, None
+        index, self.index_meta, path = None, None, None
         self.backend = f"brute force ({device if cfg.knnlm_gpu else 'cpu'})"
         if not cfg.exact_search:
             path = cfg.indexfile or default_index_path(ds.path, self.keytype, cfg.faiss_metric_type)
             index, self.index_meta = load_index(path, ds, self.keytype, cfg.faiss_metric_type,
                                                 cfg.probe, mmap=cfg.index_mmap)
             index, self.backend = place_index(index, cfg, device)
-            print(f"kNN search: {self.backend}")
+            log(f"kNN search: {self.backend}")
+        # λ, T, k and the score mode: flags, else the index's tuned settings, else defaults
+        self.settings = resolve_settings(
+            cfg, tuned_path(ds.path, self.keytype, cfg.faiss_metric_type, path),
+            identity(ds, self.keytype, self.index_meta, model_fingerprint, cfg.exact_search,
+                     cfg.faiss_metric_type), log)
         self.mode = cfg.score_mode()
         if self.mode.recompute and not cfg.load_keys:
             raise UserError(f"--no-load-keys: the score mode ({self.mode.describe()}) needs the "

@@ -1,0 +1,116 @@
+"""Tuned settings: the best λ, T, k and score mode of one index, found by `knnlm tune` on a
+held-out split, and read back by every kNN command that is not told them.
+
+The file sits next to what it tunes: ``<index>.tuned.json`` for a FAISS index (for the
+default index, ``<dstore>/index_att_l2.faiss.tuned.json``), and
+``<dstore>/exact_<keytype>_<metric>.tuned.json`` for exact search. It names the index,
+datastore and model fingerprints it belongs to; a file of another index, datastore or
+model is ignored with a message.
+
+Resolution (:func:`resolve_settings`), for ``eval-lm --knnlm``, ``generate`` and
+``neighbors``:
+
+- flags given explicitly always win;
+- with neither ``--lmbda`` nor ``--knn-temp`` given, a matching tuned file supplies λ and
+  T, and k and the score mode (``--knn-sim-func``) unless those flags are given;
+- otherwise the original code's defaults: λ 0.25, T 1, k 1024, the metric's default score
+  mode; a run at T 1 without a tuned file prints a one-line hint to run `knnlm tune`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..io import read_json
+from ..util import UserError
+
+TUNED_FORMAT = "knnlm-tuned"
+TUNED_VERSION = 1
+DEFAULTS = dict(lmbda=0.25, knn_temp=1.0, k=1024)   # the original code's
+
+
+def index_fingerprint(index_meta: dict | None) -> str | None:
+    """Identity of a built index: a hash of its complete sidecar (None: exact search)."""
+    if index_meta is None:
+        return None
+    return hashlib.sha256(json.dumps(index_meta, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tuned_path(dstore_dir: str | Path, keytype: str, metric: str, index_path: str | Path | None
+               ) -> Path:
+    """Where the tuned settings of this index (``index_path`` None: exact search) live."""
+    if index_path is not None:
+        return Path(str(index_path) + ".tuned.json")
+    return Path(dstore_dir) / f"exact_{keytype.replace(':', '')}_{metric}.tuned.json"
+
+
+def identity(ds, keytype: str, index_meta: dict | None, model_fingerprint: str,
+             exact_search: bool, metric: str) -> dict:
+    """What a tuned file belongs to: checked field by field before it is used."""
+    return dict(datastore_fingerprint=ds.fingerprint, keytype=keytype,
+                index_fingerprint=index_fingerprint(index_meta),
+                model_fingerprint=model_fingerprint, exact_search=exact_search,
+                faiss_metric_type=metric)
+
+
+def read_tuned(path: Path, ident: dict) -> tuple[dict | None, str]:
+    """(the tuned file's settings or None, why not). Never raises for a foreign or broken
+    file: a run without tuned settings is still a valid run."""
+    if not path.is_file():
+        return None, f"no {path.name}"
+    try:
+        data = read_json(path, "tuned settings")
+    except UserError as exc:
+        return None, f"ignoring {path}: {exc}"
+    if data.get("format") != TUNED_FORMAT or data.get("version", 0) > TUNED_VERSION:
+        return None, f"ignoring {path}: not a knnlm tuned-settings file of a known version"
+    names = dict(index_fingerprint="index", datastore_fingerprint="datastore",
+                 model_fingerprint="model", keytype="keytype", exact_search="search kind",
+                 faiss_metric_type="metric")
+    for key, what in names.items():
+        if data.get("identity", {}).get(key) != ident[key]:
+            return None, f"ignoring {path}: it was tuned for another {what}"
+    return data, ""
+
+
+def resolve_settings(cfg, path: Path, ident: dict, log=None) -> dict:
+    """Fill the kNN flags left unset (None) in ``cfg`` (:class:`KnnOptions`) from the tuned
+    file at ``path`` or the defaults; print what was used and where it came from. Returns
+    the provenance recorded with the results."""
+    log = log or print
+    given = {name: getattr(cfg, name) is not None for name in ("lmbda", "knn_temp", "k",
+                                                                "knn_sim_func")}
+    tuned, why = None, ""
+    if not (given["lmbda"] or given["knn_temp"]):
+        tuned, why = read_tuned(path, ident)
+        if tuned is None and why.startswith("ignoring"):
+            log(why)
+    source = {}
+    for name in ("lmbda", "knn_temp", "k", "knn_sim_func"):
+        if given[name]:
+            source[name] = "flag"
+        elif tuned is not None:
+            setattr(cfg, name, tuned["settings"][name])
+            source[name] = "tuned"
+        elif name in DEFAULTS:
+            setattr(cfg, name, DEFAULTS[name])
+            source[name] = "default"
+        else:
+            source[name] = "default"
+    cfg.check_knn()
+    mode = cfg.score_mode()
+    used = f"k {cfg.k}, λ {cfg.lmbda:g}, T {cfg.knn_temp:g}, score mode {mode.name}"
+    if tuned is not None:
+        h = tuned["heldout"]
+        flags = [n for n, s in source.items() if s == "flag"]
+        log(f"kNN settings {used}: from {path} (tuned on {h['subset']}: ppl {h['ppl']:.2f}, "
+            f"LM {h['lm_ppl']:.2f})" + (f"; {', '.join(flags)} from flags" if flags else ""))
+    else:
+        log(f"kNN settings {used}: " + ("flags" if all(given.values()) else
+                                        "flags and the original defaults"))
+        if source["knn_temp"] == "default" and not path.is_file():
+            log(f"hint: T 1 is rarely the best temperature; `knnlm tune` finds λ, T and k on a "
+                f"held-out split and writes {path.name}, which this command then uses")
+    return dict(source=source, tuned_file=str(path) if tuned is not None else None,
+                tuned_heldout=tuned["heldout"] if tuned is not None else None)
