@@ -61,7 +61,9 @@ class BuildDstoreConfig:
                             "0-based or from the end, before any final norm)")
     tokens_per_sample: int | None = flag(None, "longest model input, context included "
                                          "(default: the model's max positions)")
-    context_window: int = flag(0, "tokens of extra left context before each block")
+    context_window: int | None = flag(None, "tokens of extra left context before each block "
+                                      "(default 0; HF models given no --tokens-per-sample: "
+                                      "half the window)")
     max_tokens: int = flag(8192, "padded tokens per batch")
     dstore_fp32: bool = flag(False, "store keys in fp32 (default fp16)")
     dstore_size: int | None = flag(None, "expected number of entries (checked; computed anyway)")
@@ -76,22 +78,23 @@ class BuildDstoreConfig:
             raise UserError("--knn-keytype is empty")
         if len(set(self.keytypes)) != len(self.keytypes):
             raise UserError(f"--knn-keytype lists a keytype twice: {self.knn_keytype}")
-        if self.context_window < 0 or self.max_tokens <= 0:
+        if (self.context_window is not None and self.context_window < 0) or self.max_tokens <= 0:
             raise UserError("--context-window must be >= 0 and --max-tokens > 0")
-        if self.tokens_per_sample is not None and not 0 <= self.context_window < self.tokens_per_sample:
+        if None not in (self.tokens_per_sample, self.context_window) and \
+                not self.context_window < self.tokens_per_sample:
             raise UserError(f"--context-window ({self.context_window}) must be smaller than "
                             f"--tokens-per-sample ({self.tokens_per_sample})")
 
 
 def datastore_meta(cfg: BuildDstoreConfig, model, databin: DataBin, fingerprint: str,
-                   n: int, T: int) -> dict:
+                   n: int, T: int, C: int) -> dict:
     return dict(
         format=DSTORE_FORMAT, version=DSTORE_VERSION, size=n, dim=model.cfg.decoder_embed_dim,
         keytypes=cfg.keytypes, key_dtype="float32" if cfg.dstore_fp32 else "float16",
         val_dtype=np.dtype(value_dtype(databin.vocab_size)).name,
         pos_dtype="int32" if n < np.iinfo(np.int32).max else "int64",
         split=cfg.gen_subset, data_dir=str(Path(databin.path).resolve()),
-        blocking=dict(tokens_per_sample=T, context_window=cfg.context_window),
+        blocking=dict(tokens_per_sample=T, context_window=C),
         model_fingerprint=fingerprint, tokenizer_sha256=databin.tokenizer_sha256,
         vocab_size=databin.vocab_size, rows_written=0, complete=False)
 
@@ -104,13 +107,13 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
     if cfg.dstore_size is not None and cfg.dstore_size != n:
         raise UserError(f"--dstore-size {cfg.dstore_size} but the {cfg.gen_subset} split gives "
                         f"{n} entries (the size is computed; the flag can be dropped)")
-    T = resolve_window(model, cfg.tokens_per_sample, cfg.context_window)
+    T, C = resolve_window(model, cfg.tokens_per_sample, cfg.context_window)
     for kt in cfg.keytypes:
         if kt.startswith("layer:"):
             i = int(kt[6:])
             if not -model.cfg.decoder_layers <= i < model.cfg.decoder_layers:
                 raise UserError(f"--knn-keytype {kt}: the model has {model.cfg.decoder_layers} layers")
-    meta = datastore_meta(cfg, model, databin, fingerprint, n, T)
+    meta = datastore_meta(cfg, model, databin, fingerprint, n, T, C)
     built = is_built(cfg.dstore_dir, meta)
     if dist is not None and dist.enabled:
         _agree(cfg, meta, dist, built)
@@ -118,7 +121,7 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
         print(f"{cfg.dstore_dir}: this datastore is already built")
         return dict(size=n, dim=meta["dim"], keytypes=cfg.keytypes, seconds=0.0,
                     path=str(cfg.dstore_dir))
-    windows = make_windows(n, tokens, databin.eos, T, cfg.context_window, "none")
+    windows = make_windows(n, tokens, databin.eos, T, C, "none")
     if dist is not None and dist.enabled:
         writer, progress, windows = _open_rank(cfg, meta, windows, dist)
         done = progress["done"]

@@ -66,7 +66,9 @@ class EvalConfig(KnnOptions):
     gen_subset: str = flag("test", "split to score (train, valid, test)")
     tokens_per_sample: int | None = flag(None, "longest model input, context included "
                                          "(default: the model's max positions)")
-    context_window: int = flag(0, "tokens of extra left context before each scored block")
+    context_window: int | None = flag(None, "tokens of extra left context before each scored "
+                                      "block (default 0; HF models given no "
+                                      "--tokens-per-sample: half the window)")
     max_eval_tokens: int = flag(0, "score only the first N tokens of the split (0: all)")
     sample_break_mode: str = flag("none", "blocks ignore lines (none), hold whole lines "
                                   "(complete) or one line each (eos)", choices=BREAK_MODES)
@@ -101,9 +103,10 @@ class EvalConfig(KnnOptions):
             raise UserError(f"--tokens-per-sample must be > 0, got {self.tokens_per_sample}")
         if self.max_eval_tokens < 0:
             raise UserError(f"--max-eval-tokens must be >= 0, got {self.max_eval_tokens}")
-        if self.context_window < 0:
+        if self.context_window is not None and self.context_window < 0:
             raise UserError(f"--context-window must be >= 0, got {self.context_window}")
-        if self.tokens_per_sample is not None and self.context_window >= self.tokens_per_sample:
+        if None not in (self.tokens_per_sample, self.context_window) and \
+                self.context_window >= self.tokens_per_sample:
             raise UserError(f"--context-window ({self.context_window}) must be smaller than "
                             f"--tokens-per-sample ({self.tokens_per_sample})")
         if self.context_window and self.sample_break_mode != "none":
@@ -247,8 +250,8 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
                 device: torch.device, knn_scorer=None, dist=None) -> dict:
     """Score a token stream with the vocabulary and specials of ``databin``."""
     n = len(tokens)
-    T = resolve_window(model, cfg.tokens_per_sample, cfg.context_window)
-    windows = make_windows(n, tokens, databin.eos, T, cfg.context_window, cfg.sample_break_mode)
+    T, C = resolve_window(model, cfg.tokens_per_sample, cfg.context_window)
+    windows = make_windows(n, tokens, databin.eos, T, C, cfg.sample_break_mode)
     flags = databin.vocab.word_flags(cfg.remove_bpe.rstrip() if cfg.remove_bpe else None)
     # running sums; with a retrieval cache they are committed after every batch, and an
     # evaluation killed and rerun resumes from the last commit (same batches, same sums)
@@ -297,7 +300,7 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
     interp_nll, no_match = st["interp_nll"], st["no_match"]
     res = perplexities(nll_sum, n, n_words)
     res.update(seconds=time.perf_counter() - t0, subset=cfg.gen_subset, tokens_per_sample=T,
-               context_window=cfg.context_window)
+               context_window=C)
     res["tokens_per_second"] = n / max(res["seconds"], 1e-9)
     if knn_scorer is not None:
         res["knn"] = dict(perplexities(knn_nll, n, n_words), no_match_tokens=no_match)

@@ -6,6 +6,8 @@ extra (``pip install -e '.[hf]'``); its absence is a one-line :class:`UserError`
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import os
 
 from .util import UserError
@@ -29,8 +31,17 @@ def first_line(exc: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
+                   "vocab.txt", "spiece.model")
+
+
 def load_hf_tokenizer(name: str):
     tf = transformers_module()
+    # transformers builds an EMPTY tokenizer for some model types (Gemma, Qwen2, ...) from a
+    # directory that holds no tokenizer files: refuse instead of tokenizing with it
+    local = Path(name)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{name} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     try:
         tok = tf.AutoTokenizer.from_pretrained(name, local_files_only=offline(name))
     except (OSError, ValueError) as exc:

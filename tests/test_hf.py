@@ -1,5 +1,7 @@
-"""HF causal LMs through forward hooks: tiny random GPT-2, Llama, GPT-NeoX and OPT built
-offline; representations, perplexity and datastore keys against the models' own outputs."""
+"""HF causal LMs through forward hooks: tiny random models of 16 families built offline
+(GPT-2, Llama, GPT-NeoX, OPT, Gemma 2, Granite, Cohere, Phi-3, Qwen2/3, Mistral, Falcon,
+BLOOM, GPT-J, GPT-BigCode, MPT); representations, perplexity and datastore keys against
+the models' own outputs."""
 import math
 
 import numpy as np
@@ -30,9 +32,36 @@ FAMILIES = {
             num_attention_heads=2, max_position_embeddings=128, word_embed_proj_dim=32),
             "final_layer_norm"),
 }
+WITH_TOKENIZER = set(FAMILIES)      # the four above: the model directory holds the tokenizer
+_DEC = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=128)
+# families that post-process their logits (soft-capping, scaling), and the other layouts:
+# the att norm is the module whose output the last MLP reads (parallel blocks: the input norm)
+FAMILIES.update({
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_DEC, head_dim=16,
+               final_logit_softcapping=3.0), "pre_feedforward_layernorm"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_DEC, logits_scaling=4.0),
+                "post_attention_layernorm"),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(_DEC, logit_scale=0.5), "input_layernorm"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", _DEC, "post_attention_layernorm"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _DEC, "post_attention_layernorm"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DEC, head_dim=16), "post_attention_layernorm"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", _DEC, "post_attention_layernorm"),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(num_hidden_layers=2, hidden_size=32,
+               num_attention_heads=2), "input_layernorm"),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(n_layer=2, hidden_size=32, n_head=2),
+              "post_attention_layernorm"),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_layer=2, n_embd=32, n_head=2, n_positions=128,
+             rotary_dim=8), "ln_1"),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_layer=2, n_embd=32,
+                    n_head=2, n_positions=128), "ln_2"),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(n_layers=2, d_model=32, n_heads=2, max_seq_len=128),
+            "norm_2"),
+})
 
 FINAL_NORM = dict(gpt2="ln_f", llama="norm", gpt_neox="final_layer_norm",
-                  opt="decoder.final_layer_norm")      # inside the backbone
+                  opt="decoder.final_layer_norm", falcon="ln_f", bloom="ln_f", gptj="ln_f",
+                  gpt_bigcode="ln_f", mpt="norm_f")      # inside the backbone; else "norm"
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +85,10 @@ def hf_model_dir(request, hf_tokenizer_dir, bpe_databin, tmp_path_factory):
     model = getattr(transformers, model_cls)(config).eval()
     d = tmp_path_factory.mktemp(f"hf_{request.param}")
     model.save_pretrained(d)
-    transformers.AutoTokenizer.from_pretrained(hf_tokenizer_dir).save_pretrained(d)
+    if request.param in WITH_TOKENIZER:
+        # transformers maps some model types to their own tokenizer class, which would
+        # re-tokenize differently from the test data-bin (and be refused, rightly)
+        transformers.AutoTokenizer.from_pretrained(hf_tokenizer_dir).save_pretrained(d)
     return d
 
 
@@ -78,7 +110,7 @@ def test_hooked_representations_equal_the_modules_outputs(hf_model_dir):
     model = load_hf_model(str(hf_model_dir))
     family = model.cfg.model_type
     norm = getattr(model.layers[-1], FAMILIES[family][3])
-    final = model.backbone.get_submodule(FINAL_NORM[family])
+    final = model.backbone.get_submodule(FINAL_NORM.get(family, "norm"))
     seen = {}
     handle = norm.register_forward_hook(lambda m, a, out: seen.__setitem__("norm", out))
     pre = final.register_forward_pre_hook(lambda m, a: seen.__setitem__("final_in", a[0]))
@@ -146,11 +178,50 @@ def test_bad_hf_inputs(hf_model_dir, hf_databin, bpe_databin, tmp_path):
     base = ["eval-lm", str(hf_databin.path), "--gen-subset", "valid", "--quiet"]
     assert cli_run(base + ["--hf-model", str(tmp_path / "absent")]) == 2
     assert cli_run(base + ["--hf-model", "no-such-org/no-such-model"]) == 2
-    # a data-bin made with another tokenizer than the model's
+    # a data-bin made with another tokenizer than the model's (when it has one)
+    has_tokenizer = (hf_model_dir / "tokenizer.json").is_file()
     assert cli_run(["eval-lm", str(bpe_databin.path), "--hf-model", str(hf_model_dir),
-                    "--quiet"]) == 2
+                    "--quiet", "--max-eval-tokens", "64"]) == (2 if has_tokenizer else 0)
+    if not has_tokenizer:    # never an empty tokenizer made up from the model type
+        from knnlm.hub import load_hf_tokenizer
+        with pytest.raises(UserError, match="holds no tokenizer files"):
+            load_hf_tokenizer(str(hf_model_dir))
     with pytest.raises(UserError, match="expected one of"):
         locate_modules(torch.nn.Linear(2, 2), "some_new_family")
+
+
+def test_unknown_logit_postprocessing_is_refused(hf_model_dir):
+    """A family whose own logits are not the LM head over the final state (here: a model
+    whose known post-processing is switched off) is refused at load, not scored wrongly."""
+    model = load_hf_model(str(hf_model_dir))
+    model.check_logits()
+    if model._transform is None:        # add one the model does not do
+        model._transform = lambda x: x * 2
+    else:                               # drop the one it does
+        model._transform = None
+    with pytest.raises(UserError, match="differs from the model's own logits"):
+        model.check_logits()
+
+
+def test_default_window_of_a_long_context_model(hf_tokenizer_dir, hf_databin, tmp_path, capsys):
+    """Max positions 131,072 (Llama 3.1): the default input is 2,048 tokens, half of them
+    left context, and that is printed; flags override either."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=hf_databin.vocab_size, bos_token_id=0,
+                                      eos_token_id=2, pad_token_id=1,
+                                      **dict(_DEC, max_position_embeddings=131_072))
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    transformers.AutoTokenizer.from_pretrained(hf_tokenizer_dir).save_pretrained(tmp_path / "m")
+    base = dict(data=str(hf_databin.path), hf_model=str(tmp_path / "m"), gen_subset="valid",
+                max_eval_tokens=300, quiet=True)
+    res = evaluate.main(evaluate.EvalConfig(**base))
+    assert (res["tokens_per_sample"], res["context_window"]) == (2048, 1024)
+    assert "window: 2,048 tokens per input (default; the model has 131,072 positions), " \
+        "1,024 of them left context (default)" in capsys.readouterr().out
+    res = evaluate.main(evaluate.EvalConfig(**base, tokens_per_sample=64))
+    assert (res["tokens_per_sample"], res["context_window"]) == (64, 0)
+    res = evaluate.main(evaluate.EvalConfig(**base, context_window=100))
+    assert (res["tokens_per_sample"], res["context_window"]) == (2048, 100)
 
 
 

@@ -37,8 +37,13 @@ LAYOUTS = {
     "opt": ("decoder.layers", "fc1"),
     "llama": ("layers", "mlp"), "mistral": ("layers", "mlp"), "mixtral": ("layers", "mlp"),
     "qwen2": ("layers", "mlp"), "qwen3": ("layers", "mlp"), "gemma": ("layers", "mlp"),
-    "gemma2": ("layers", "mlp"), "phi3": ("layers", "mlp"), "olmo": ("layers", "mlp"),
+    "gemma2": ("layers", "mlp"), "gemma3_text": ("layers", "mlp"), "phi3": ("layers", "mlp"),
+    "olmo": ("layers", "mlp"), "olmo2": ("layers", "mlp"), "granite": ("layers", "mlp"),
+    "cohere": ("layers", "mlp"), "cohere2": ("layers", "mlp"), "falcon": ("h", "mlp"),
+    "bloom": ("h", "mlp"), "gptj": ("h", "mlp"), "gpt_bigcode": ("h", "mlp"),
+    "mpt": ("blocks", "ffn"),
 }
+DEFAULT_WINDOW = 2048    # the longest default input: max positions can be 131,072
 FALLBACK_LAYERS = ("layers", "h", "decoder.layers", "blocks")
 FALLBACK_MLP = ("mlp", "feed_forward", "ffn", "fc1")
 
@@ -94,6 +99,22 @@ def capture_input(module: nn.Module, store: dict, name: str):
         handle.remove()
 
 
+def logit_transform(config) -> tuple[object, str]:
+    """(function, description) of what the family does to ``lm_head(ffn)`` before its
+    logits: Gemma 2/3 soft-capping, Granite's division, Cohere's scale; (None, "") when
+    nothing. :meth:`HFCausalLM.check_logits` proves the result equals the model's own."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        return (lambda x: torch.tanh(x / cap) * cap), f"tanh soft-capping at {cap:g}"
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling and scaling != 1:
+        return (lambda x: x / scaling), f"divided by logits_scaling {scaling:g}"
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        return (lambda x: x * scale), f"times logit_scale {scale:g}"
+    return None, ""
+
+
 class HFCausalLM(nn.Module):
     """An HF ``*ForCausalLM`` model seen as a knnlm LM."""
 
@@ -107,15 +128,18 @@ class HFCausalLM(nn.Module):
             raise UserError(f"{name} has no LM head (get_output_embeddings() is None)")
         c = hf_model.config
         self.layers, self.att_module = locate_modules(self.backbone, c.model_type)
+        self._transform, self.logit_note = logit_transform(c)
         max_pos = next((getattr(c, k) for k in ("max_position_embeddings", "n_positions",
-                                                "max_sequence_length") if getattr(c, k, None)), 2048)
+                                                "max_sequence_length", "max_seq_len") if getattr(c, k, None)),
+                       DEFAULT_WINDOW)
         params = inspect.signature(self.backbone.forward).parameters
         # the KV-cache argument was renamed from past_key_values to cache in transformers 5
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.cfg = SimpleNamespace(max_target_positions=int(max_pos),
                                    decoder_embed_dim=int(self.lm_head.weight.shape[1]),
                                    vocab_size=int(self.lm_head.weight.shape[0]),
-                                   decoder_layers=len(self.layers), model_type=c.model_type)
+                                   decoder_layers=len(self.layers), model_type=c.model_type,
+                                   default_window=min(int(max_pos), DEFAULT_WINDOW))
 
     def forward(self, tokens: torch.Tensor, return_hidden: tuple[str, ...] = (),
                 past=None, use_cache: bool = False):
@@ -150,7 +174,28 @@ class HFCausalLM(nn.Module):
         return ffn, hidden
 
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(features)
+        """The model's logits of final hidden states: its LM head, then whatever its family
+        does to them (:func:`logit_transform`)."""
+        logits = self.lm_head(features)
+        return self._transform(logits) if self._transform is not None else logits
+
+    @torch.no_grad()
+    def check_logits(self, n_tokens: int = 12) -> None:
+        """Refuse a model whose own forward computes logits that ``output_layer(ffn)``
+        does not reproduce (a family post-processing them in a way not known here):
+        one short forward both ways, compared to float rounding."""
+        p = next(self.hf.parameters())
+        ids = (torch.arange(n_tokens, device=p.device) * 7 + 3) % self.cfg.vocab_size
+        ffn, _ = self(ids[None])
+        ours = self.output_layer(ffn).float()
+        theirs = self.hf(input_ids=ids[None]).logits.float()
+        tol = (1e-4 if p.dtype == torch.float32 else 3e-2) * (1 + float(theirs.abs().max()))
+        err = float((ours - theirs).abs().max())
+        if not err <= tol:
+            raise UserError(f"{self.name} ({self.cfg.model_type}): the LM head over the final "
+                            f"hidden state differs from the model's own logits by {err:.3g}; "
+                            "this family post-processes its logits in a way knnlm does not "
+                            "reproduce")
 
 
 def hf_fingerprint(model: nn.Module) -> str:
@@ -194,4 +239,6 @@ def load_hf_model(name: str, dtype: torch.dtype | None = None) -> HFCausalLM:
         model = tf.AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load HF model {name!r} offline ({first_line(exc)})")
-    return HFCausalLM(model.eval(), name)
+    lm = HFCausalLM(model.eval(), name)
+    lm.check_logits()
+    return lm

@@ -48,17 +48,31 @@ def target_logprobs(model, features: torch.Tensor, targets: torch.Tensor,
     return out
 
 
-def resolve_window(model, tokens_per_sample: int | None, context_window: int) -> int:
-    """The input length T (default: the model's max positions), checked against the model
-    and the context window."""
-    T = tokens_per_sample or model.cfg.max_target_positions
-    if T > model.cfg.max_target_positions:
-        raise UserError(f"--tokens-per-sample {T} exceeds the model's max positions "
-                        f"{model.cfg.max_target_positions}")
-    if context_window >= T:
-        raise UserError(f"--context-window ({context_window}) must be smaller than "
-                        f"--tokens-per-sample ({T})")
-    return T
+def resolve_window(model, tokens_per_sample: int | None, context_window: int | None
+                   ) -> tuple[int, int]:
+    """The input length T and left context C, checked against the model.
+
+    Defaults: T = the model's max positions (fairseq's), but at most 2,048 for an HF model
+    (``cfg.default_window``: Llama 3.1 has 131,072 positions), and C = 0, or T / 2 when T
+    is that HF default, so every scored token sees at least T / 2 tokens of context. The
+    defaults an HF model gets are printed."""
+    limit = model.cfg.max_target_positions
+    hf = hasattr(model.cfg, "default_window")
+    T = tokens_per_sample or (model.cfg.default_window if hf else limit)
+    if T > limit:
+        raise UserError(f"--tokens-per-sample {T} exceeds the model's max positions {limit}")
+    if context_window is not None:
+        C = context_window
+    else:
+        C = T // 2 if hf and tokens_per_sample is None else 0
+    if C >= T:
+        raise UserError(f"--context-window ({C}) must be smaller than --tokens-per-sample ({T})")
+    if hf and (tokens_per_sample is None or context_window is None):
+        how = lambda flag: "default" if flag is None else "flag"  # noqa: E731
+        print(f"window: {T:,} tokens per input ({how(tokens_per_sample)}; the model has "
+              f"{limit:,} positions), {C:,} of them left context ({how(context_window)}); "
+              "--tokens-per-sample and --context-window set them")
+    return T, C
 
 
 def make_windows(n_tokens: int, tokens: np.ndarray, eos: int, tokens_per_sample: int,
