@@ -2,3 +2,11 @@
 "Why do Nearest Neighbor Language Models Work?" (Xu, Alon, Neubig, ICML 2023)."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # the HF generate() integration imports transformers: loaded on first use only
+    if name == "KNNLogitsProcessor":
+        from .hf_generate import KNNLogitsProcessor
+        return KNNLogitsProcessor
+    raise AttributeError(f"module 'knnlm' has no attribute {name!r}")

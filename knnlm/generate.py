@@ -15,6 +15,11 @@ log((1 − λ)·p_LM + λ·p_kNN), p_kNN scattered from the retrieved neighbours
 with ``--temperature``, ``--sampling-topk`` and ``--sampling-topp``. The model keeps a
 key/value cache, so each new token costs one single-token forward and one retrieval. With
 ``--lmbda 0`` the output equals plain generation token for token.
+
+With ``--hf-model`` decoding is HF's ``model.generate()`` with the kNN-LM as a logits
+processor (:class:`knnlm.hf_generate.KNNLogitsProcessor`): prompts go in left-padded
+batches of ``--batch-size``, ``--beam N`` runs beam search, and generation stops at the
+model's end-of-sequence token.
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ class GenerateConfig(KnnOptions):
     sampling_topk: int = flag(-1, "--sampling: sample among the k most likely tokens (-1: all)")
     sampling_topp: float = flag(-1.0, "--sampling: sample within top-p probability mass (-1: off)")
     seed: int = flag(1, "random seed of the sampling")
+    batch_size: int = flag(8, "--hf-model: prompts per model.generate() call (left-padded)")
+    beam: int = flag(1, "--hf-model: beam search with this many beams (1: greedy or sampling)")
     results_path: str | None = flag(None, "write prompts, continuations and speed as JSON")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
@@ -66,6 +73,10 @@ class GenerateConfig(KnnOptions):
             raise UserError(f"--sampling-topp must be in (0, 1], got {self.sampling_topp}")
         if self.sampling_topk == 0 or self.sampling_topk < -1:
             raise UserError(f"--sampling-topk must be > 0 (or -1), got {self.sampling_topk}")
+        if self.batch_size <= 0 or self.beam <= 0:
+            raise UserError("--batch-size and --beam must be > 0")
+        if self.beam > 1 and not self.hf_model:
+            raise UserError("--beam needs --hf-model (beam search is HF's model.generate())")
         if self.knnlm:
             self.check_knn()
 
@@ -153,31 +164,85 @@ def generate_one(model, prompt_ids: np.ndarray, start: int, cfg: GenerateConfig,
     return out, time.perf_counter() - t0
 
 
+def generate_hf(model, prompts: list[np.ndarray], start: int, pad: int, cfg: GenerateConfig,
+                processor, device) -> tuple[list[list[int]], float]:
+    """HF ``model.generate()`` over batches of left-padded prompts, with the kNN-LM as a
+    logits processor (:class:`knnlm.hf_generate.KNNLogitsProcessor`); it stops at the
+    model's end-of-sequence token, as HF does. (new ids per prompt, seconds)."""
+    torch.manual_seed(cfg.seed)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.sampling, num_beams=cfg.beam,
+              pad_token_id=pad, logits_processor=[processor] if processor is not None else None)
+    if cfg.sampling:
+        kw.update(temperature=cfg.temperature, top_k=max(cfg.sampling_topk, 0),
+                  top_p=cfg.sampling_topp if cfg.sampling_topp > 0 else 1.0)
+    out, t0 = [], time.perf_counter()
+    for b in range(0, len(prompts), cfg.batch_size):
+        batch = [[start, *map(int, p)] for p in prompts[b:b + cfg.batch_size]]
+        width = max(map(len, batch))
+        if width + cfg.max_new_tokens > model.cfg.max_target_positions:
+            raise UserError(f"a prompt ({width - 1} tokens) + --max-new-tokens "
+                            f"{cfg.max_new_tokens} exceed the model's "
+                            f"{model.cfg.max_target_positions} positions")
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
+        with torch.no_grad():
+            seq = model.hf.generate(input_ids=ids, attention_mask=mask, **kw)
+        eos = model.hf.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos]) - {None}
+        for row in seq[:, width:].tolist():
+            ends = [i for i, t in enumerate(row) if t in stops]
+            out.append(row[:ends[0] + 1] if ends else row)   # up to the first EOS (kept)
+    return out, time.perf_counter() - t0
+
+
 def main(cfg: GenerateConfig) -> dict:
     databin = DataBin(cfg.data)
     device = resolve_device(cfg.device, cfg.cpu)
     model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
     model.eval()
-    search = None
-    if cfg.knnlm:
+    search = processor = None
+    if cfg.knnlm and cfg.hf_model:
+        from .hf_generate import KNNLogitsProcessor
+        processor = KNNLogitsProcessor(
+            model.hf, cfg.dstore_filename, indexfile=cfg.indexfile, k=cfg.k, lmbda=cfg.lmbda,
+            knn_temp=cfg.knn_temp, probe=cfg.probe, knn_keytype=cfg.knn_keytype,
+            knn_sim_func=cfg.knn_sim_func, faiss_metric_type=cfg.faiss_metric_type,
+            exact_search=cfg.exact_search, fingerprint=fingerprint)
+        search, o = processor.search, processor.opts
+        cfg.k, cfg.lmbda, cfg.knn_temp, cfg.knn_sim_func = o.k, o.lmbda, o.knn_temp, o.knn_sim_func
+    elif cfg.knnlm:
         search = KnnSearch(cfg, fingerprint, databin, device)
     vocab, gen = databin.vocab, torch.Generator().manual_seed(cfg.seed)
-    results, n_new, seconds = [], 0, 0.0
-    for prompt in cfg.prompts():
-        ids = vocab.encode_text(prompt)
-        new, sec = generate_one(model, ids, databin.eos, cfg, search, gen, device)
+    prompts = cfg.prompts()
+    encoded = [vocab.encode_text(p) for p in prompts]
+    if cfg.hf_model:
+        try:
+            news, seconds = generate_hf(model, encoded, databin.eos, databin.pad, cfg, processor,
+                                        device)
+        finally:
+            if processor is not None:
+                processor.close()
+    else:
+        news, seconds = [], 0.0
+        for ids in encoded:
+            new, sec = generate_one(model, ids, databin.eos, cfg, search, gen, device)
+            news.append(new)
+            seconds += sec
+    results = []
+    for prompt, ids, new in zip(prompts, encoded, news):
         text = vocab.decode(new)
         print(f"{prompt}{text if text.startswith((' ', chr(10))) else ' ' + text}")
         results.append(dict(prompt=prompt, prompt_ids=[int(i) for i in ids], ids=new,
                             continuation=text))
-        n_new, seconds = n_new + len(new), seconds + sec
-    speed = n_new / seconds if seconds > 0 else float("nan")   # after each prompt's forward
+    n_new = sum(map(len, news))
+    speed = n_new / seconds if seconds > 0 else float("nan")
     mode = search.mode.to_dict() if search is not None else None
     print(f"{n_new:,} tokens, {speed:,.1f} tok/s" + (f" with kNN (k {cfg.k}, λ {cfg.lmbda}, "
                                                      f"T {cfg.knn_temp}, {mode['name']})" if cfg.knnlm else ""))
     out = dict(results=results, tokens=n_new, tokens_per_second=speed, score_mode=mode,
                search_backend=search.backend if search is not None else None,
                knn_settings=search.settings if search is not None else None,
+               knn_searches=processor.searches if processor is not None else None,
                config=config_dict(cfg))
     if cfg.results_path:
         write_json_atomic(cfg.results_path, out)

@@ -239,8 +239,7 @@ def test_greedy_generation_equals_model_generate(hf_model_dir, hf_databin, tmp_p
                                                  exact_search=True, k=8, lmbda=0.0))
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_model_dir).eval()
     ids = [hf_databin.eos] + list(hf_databin.vocab.encode_text(prompt))
-    model.generation_config.eos_token_id = None   # ours never stops early either
-    with torch.no_grad():
+    with torch.no_grad():       # knnlm generate --hf-model stops at EOS, as HF does
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert ours == out[0, len(ids):].tolist() == zero["results"][0]["ids"]
 

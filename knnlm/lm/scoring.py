@@ -67,7 +67,7 @@ def resolve_window(model, tokens_per_sample: int | None, context_window: int | N
         C = T // 2 if hf and tokens_per_sample is None else 0
     if C >= T:
         raise UserError(f"--context-window ({C}) must be smaller than --tokens-per-sample ({T})")
-    if hf and (tokens_per_sample is None or context_window is None):
+    if hf and tokens_per_sample is None:
         how = lambda flag: "default" if flag is None else "flag"  # noqa: E731
         print(f"window: {T:,} tokens per input ({how(tokens_per_sample)}; the model has "
               f"{limit:,} positions), {C:,} of them left context ({how(context_window)}); "
