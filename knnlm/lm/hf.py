@@ -22,12 +22,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import os
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
-from ..hub import first_line, load_hf_tokenizer, offline, transformers_module
+from ..hub import first_line, load_hf_tokenizer, pretrained_args, transformers_module
 from ..util import UserError
 
 # model_type -> (path of the decoder layers inside the backbone, MLP-input module in a layer)
@@ -232,13 +235,46 @@ def check_hf_data(model: HFCausalLM, databin) -> None:
 def load_hf_model(name: str, dtype: torch.dtype | None = None) -> HFCausalLM:
     """From a local directory or the HF cache; offline unless downloads are allowed."""
     tf = transformers_module()
-    kwargs = dict(local_files_only=offline(name))
+    where, kwargs = pretrained_args(name)
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as exc:
+        model = tf.AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
         raise UserError(f"cannot load HF model {name!r} offline ({first_line(exc)})")
     lm = HFCausalLM(model.eval(), name)
     lm.check_logits()
     return lm
+
+
+def save_hf_model(name: str, out_dir: str | Path) -> dict:
+    """A local copy of an HF model and its tokenizer (safetensors), e.g. a GGUF file
+    dequantized once so that every later stage loads it fast. Skipped when ``out_dir``
+    holds one already; written to a temporary directory first, then renamed."""
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        print(f"{out}: the model is already saved")
+        return dict(path=str(out))
+    tf = transformers_module()
+    where, kwargs = pretrained_args(name)
+    tok = load_hf_tokenizer(name)
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UserError(f"cannot load HF model {name!r} offline ({first_line(exc)})")
+    if "gguf_file" in kwargs:
+        # transformers dequantizes GGUF weights to fp32 at load but keeps the quantizer,
+        # which refuses to save: the fp32 tensors are what gets saved, so drop it
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"saved {name} ({model.config.model_type}, {n / 1e6:,.1f}M parameters) to {out}")
+    return dict(path=str(out), parameters=n, source=name)
