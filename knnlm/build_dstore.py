@@ -23,6 +23,7 @@ the files rank 0 allocated is refused before anything is written.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -39,6 +40,7 @@ from tqdm import tqdm
 from .data.blocks import batch_windows
 from .data.preprocess import DataBin
 from .distributed import setup_distributed
+from .guard import check_output, output_lock
 from .io import read_json, write_json_atomic
 from .knn.datastore import fingerprint as dstore_fingerprint
 from .knn.datastore import (DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter, is_built,
@@ -75,11 +77,14 @@ class BuildDstoreConfig:
 
     def __post_init__(self):
         check_model_source(self.path, self.hf_model)
+        check_output(self.dstore_dir, "dir", "--dstore-dir")
         self.keytypes = [normalize_keytype(k) for k in self.knn_keytype.split(",") if k.strip()]
         if not self.keytypes:
             raise UserError("--knn-keytype is empty")
         if len(set(self.keytypes)) != len(self.keytypes):
             raise UserError(f"--knn-keytype lists a keytype twice: {self.knn_keytype}")
+        if self.tokens_per_sample is not None and self.tokens_per_sample <= 0:
+            raise UserError(f"--tokens-per-sample must be > 0, got {self.tokens_per_sample}")
         if self.max_dstore_tokens < 0:
             raise UserError(f"--max-dstore-tokens must be >= 0, got {self.max_dstore_tokens}")
         if (self.context_window is not None and self.context_window < 0) or self.max_tokens <= 0:
@@ -111,6 +116,8 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
     if cfg.max_dstore_tokens:   # a prefix: its entries equal the full dump's first ones
         tokens = tokens[:cfg.max_dstore_tokens]
     n = len(tokens)
+    if n == 0:
+        raise UserError(f"the {cfg.gen_subset} split of {databin.path} is empty: no datastore")
     if cfg.dstore_size is not None and cfg.dstore_size != n:
         raise UserError(f"--dstore-size {cfg.dstore_size} but the {cfg.gen_subset} split gives "
                         f"{n} entries (the size is computed; the flag can be dropped)")
@@ -128,6 +135,18 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
         print(f"{cfg.dstore_dir}: this datastore is already built")
         return dict(size=n, dim=meta["dim"], keytypes=cfg.keytypes, seconds=0.0,
                     path=str(cfg.dstore_dir))
+    check_output(cfg.dstore_dir, "dir", "--dstore-dir", need_bytes=_bytes_to_write(meta, cfg))
+    # one writer per datastore (under torchrun, rank 0 holds the lock for the ranks)
+    lock = output_lock(cfg.dstore_dir, "dir", "datastore") if dist is None or dist.is_main \
+        else contextlib.nullcontext()
+    with lock:
+        return _dump(model, databin, cfg, device, tokens, meta, T, C, on_batch, dist)
+
+
+def _dump(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.device,
+          tokens: np.ndarray, meta: dict, T: int, C: int, on_batch, dist) -> dict:
+    """The forward passes and writes of :func:`build_dstore` (resumable, rank-aware)."""
+    n = len(tokens)
     windows = make_windows(n, tokens, databin.eos, T, C, "none")
     if dist is not None and dist.enabled:
         writer, progress, windows = _open_rank(cfg, meta, windows, dist)
@@ -165,6 +184,16 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
         writer.commit(n)
     return dict(size=n, dim=writer.meta["dim"], keytypes=cfg.keytypes,
                 seconds=time.perf_counter() - t0, path=str(cfg.dstore_dir))
+
+
+def _bytes_to_write(meta: dict, cfg: BuildDstoreConfig) -> int:
+    """Disk the dump still needs: every key, value and position, less what the files
+    already there occupy (a resumed dump)."""
+    n, d = meta["size"], meta["dim"]
+    total = n * d * np.dtype(meta["key_dtype"]).itemsize * len(meta["keytypes"]) + \
+        n * (np.dtype(meta["val_dtype"]).itemsize + np.dtype(meta["pos_dtype"]).itemsize)
+    have = sum(f.stat().st_blocks * 512 for f in Path(cfg.dstore_dir).glob("*.npy"))
+    return max(0, total - have)
 
 
 def _progress_path(cfg: BuildDstoreConfig, rank: int) -> Path:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .guard import describe_os_error
 from .util import UserError, parse_config
 
 # name -> (module, config class, one-line description)
@@ -75,6 +76,9 @@ def run(argv: list[str]) -> int:
         module.main(cfg)
     except UserError as exc:
         sys.stderr.write(f"knnlm {name}: error: {exc}\n")
+        return 2
+    except OSError as exc:   # disk full, read-only, name too long, ...: one line, the path
+        sys.stderr.write(f"knnlm {name}: error: {describe_os_error(exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"knnlm {name}: interrupted\n")

@@ -24,6 +24,7 @@ from .data import corpora, preprocess
 from .io import read_json, write_json_atomic
 from .knn import index
 from .knn.tuned import tuned_path
+from .guard import check_output
 from .hub import smollm2_gguf
 from .lm import train
 from .lm.hf import save_hf_model
@@ -64,6 +65,7 @@ class DemoConfig:
             raise UserError("--dstore-tokens and --eval-tokens must be > 0")
         if self.hf and self.workdir == "runs/demo":    # never mixed with the default demo
             self.workdir = "runs/demo-smollm2" if self.hf == "smollm2" else "runs/demo-hf"
+        check_output(self.workdir, "dir", "--workdir")
         for name in ("context_window", "dstore_context_window"):
             if not 0 <= getattr(self, name) < self.tokens_per_sample:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, --tokens-per-sample)")

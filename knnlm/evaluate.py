@@ -14,6 +14,7 @@ memmaps.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -32,6 +33,7 @@ from .data.blocks import BREAK_MODES
 from .data.preprocess import DataBin
 from .data.tokenizer import word_mask
 from .distributed import setup_distributed
+from .guard import check_output, output_lock, temp_path
 from .io import open_npy, open_token_memmap, read_json, write_json_atomic
 from .knn import math as knn_math
 from .knn.exact import merge_topk
@@ -126,6 +128,10 @@ class EvalConfig(KnnOptions):
             self.check_knn()
             if self.sample_break_mode != "none":
                 raise UserError("--knnlm needs --sample-break-mode none")
+        for name in ("results_path", "save_scores", "save_tokens", "save_knn_scores",
+                     "save_queries"):
+            check_output(getattr(self, name), "file", "--" + name.replace("_", "-"))
+        check_output(self.save_retrieval, "dir", "--save-retrieval")
 
     def to_build_dstore(self):
         """The equivalent `knnlm build-dstore` config (the original --save-knnlm-dstore)."""
@@ -155,6 +161,8 @@ def eval_lm(model, databin: DataBin, cfg: EvalConfig, device: torch.device,
     tokens = databin.split(cfg.gen_subset)
     if cfg.max_eval_tokens:  # a prefix: its tokens score exactly as in the full run
         tokens = tokens[:cfg.max_eval_tokens]
+    if not len(tokens):
+        raise UserError(f"the {cfg.gen_subset} split of {databin.path} is empty: nothing to score")
     if dist is not None and not dist.is_main:
         search_rank(cfg, model_fingerprint, databin, device, dist)
         return None
@@ -189,8 +197,9 @@ def exact_neighbours(knn, queries, work: Path, dist, quiet: bool):
     if w == 1:
         return D, I
     for name, a in (("D", D), ("I", I)):
-        np.save(part / f"{name}.tmp.npy", a)
-        os.replace(part / f"{name}.tmp.npy", part / f"{name}.npy")
+        tmp = temp_path(part / f"{name}.npy", ".npy")
+        np.save(tmp, a)
+        os.replace(tmp, part / f"{name}.npy")
     tdist.barrier()                             # every share is on disk
     if r != 0:
         return None
@@ -351,8 +360,12 @@ def main(cfg: EvalConfig) -> dict | None:
     # HF weights load directly in half precision on a GPU (a 7B model needs no fp32 copy)
     model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device,
                                  half if device.type == "cuda" else None)
+    # one writer per retrieval cache (under torchrun, rank 0 holds it for the ranks)
+    lock = output_lock(cfg.save_retrieval, "dir", "retrieval cache") \
+        if cfg.save_retrieval and (dist is None or dist.is_main) else contextlib.nullcontext()
     try:
-        res = eval_lm(model, databin, cfg, device, fingerprint, dist)
+        with lock:
+            res = eval_lm(model, databin, cfg, device, fingerprint, dist)
     finally:
         if dist is not None:
             dist.close()

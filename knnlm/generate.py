@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from .data.preprocess import DataBin
-from .io import write_json_atomic
+from .guard import check_output
+from .io import ENCODING_ERRORS, read_text, write_json_atomic
 from .knn import math as knn_math
 from .knn.options import KnnOptions
 from .knn.search import KnnSearch
@@ -55,6 +56,9 @@ class GenerateConfig(KnnOptions):
     sampling_topk: int = flag(-1, "--sampling: sample among the k most likely tokens (-1: all)")
     sampling_topp: float = flag(-1.0, "--sampling: sample within top-p probability mass (-1: off)")
     seed: int = flag(1, "random seed of the sampling")
+    encoding: str = flag("utf-8", "--prompts-file: its encoding")
+    errors: str = flag("strict", "--prompts-file: undecodable bytes are refused (strict) or "
+                       "replaced / dropped", choices=ENCODING_ERRORS)
     batch_size: int = flag(8, "--hf-model: prompts per model.generate() call (left-padded)")
     beam: int = flag(1, "--hf-model: beam search with this many beams (1: greedy or sampling)")
     results_path: str | None = flag(None, "write prompts, continuations and speed as JSON")
@@ -63,6 +67,7 @@ class GenerateConfig(KnnOptions):
 
     def __post_init__(self):
         check_model_source(self.path, self.hf_model)
+        check_output(self.results_path, "file", "--results-path")
         if bool(self.prompt is not None) == bool(self.prompts_file):
             raise UserError("give exactly one of --prompt TEXT and --prompts-file FILE")
         if self.max_new_tokens <= 0:
@@ -86,7 +91,7 @@ class GenerateConfig(KnnOptions):
         p = Path(self.prompts_file)
         if not p.is_file():
             raise UserError(f"--prompts-file not found: {p}")
-        lines = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines()]
+        lines = read_text(p, "--prompts-file", self.encoding, self.errors).splitlines()
         if not any(lines):
             raise UserError(f"{p} holds no prompt")
         return [line for line in lines if line]

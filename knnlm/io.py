@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .guard import temp_path
 from .util import UserError
 
 
@@ -18,7 +19,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")
@@ -92,3 +93,29 @@ def open_token_memmap(path: str | os.PathLike, n: int | tuple, dtype,
             raise UserError(f"cannot resume: {path} is missing or damaged ({exc}); remove "
                             "the retrieval cache to evaluate from the start")
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+ENCODING_ERRORS = ("strict", "replace", "ignore")
+
+
+def read_text(path: str | os.PathLike, what: str, encoding: str = "utf-8",
+              errors: str = "strict") -> str:
+    """A text file, decoded. Binary garbage (NUL bytes) and, with ``errors`` strict, bytes
+    that are not ``encoding`` are refused naming the file and the byte offset; ``errors``
+    replace / ignore opt in to lossy decoding."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path} ({exc.strerror})")
+    nul = data.find(b"\0")
+    if errors == "strict" and nul >= 0:
+        raise UserError(f"{what} {path} is binary, not text (a NUL byte at offset {nul:,})")
+    try:
+        return data.decode(encoding, errors)
+    except LookupError:
+        raise UserError(f"unknown --encoding {encoding!r}")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not {encoding} text (byte offset {exc.start:,}: "
+                        f"{data[exc.start:exc.start + 4]!r}); give its --encoding, or "
+                        "--errors replace to decode it lossily")

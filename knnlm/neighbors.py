@@ -24,6 +24,7 @@ import torch
 
 from .data.blocks import shifted_inputs
 from .data.preprocess import DataBin
+from .io import ENCODING_ERRORS, read_text
 from .knn import math as knn_math
 from .knn.options import KnnOptions
 from .knn.search import KnnSearch
@@ -41,6 +42,9 @@ class NeighborsConfig(KnnOptions):
     file: str | None = flag(None, "a text file to inspect (lines end with the line token)")
     context_tokens: int = flag(12, "datastore tokens shown before each neighbour's value")
     json: bool = flag(False, "print JSON instead of text")
+    encoding: str = flag("utf-8", "--file: its encoding")
+    errors: str = flag("strict", "--file: undecodable bytes are refused (strict) or replaced / "
+                       "dropped", choices=ENCODING_ERRORS)
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
 
@@ -60,7 +64,7 @@ class NeighborsConfig(KnnOptions):
             p = Path(self.file)
             if not p.is_file():
                 raise UserError(f"--file not found: {p}")
-            lines = p.read_text(encoding="utf-8").splitlines()
+            lines = read_text(p, "--file", self.encoding, self.errors).splitlines()
             ids = np.concatenate(vocab.encode_lines(lines)) if lines else np.zeros(0, np.int64)
         if len(ids) == 0:
             raise UserError("the text encodes to no tokens")

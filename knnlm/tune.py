@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import evaluate
 from .data.preprocess import DataBin
+from .guard import check_output, output_lock
 from .io import read_json, write_json_atomic
 from .knn import sweep
 from .knn.cache import RetrievalCache
@@ -56,6 +57,7 @@ class TuneConfig(evaluate.EvalConfig):
                                       "<index>.tune-<split>, kept for `knnlm sweep`)")
 
     def __post_init__(self):
+        check_output(self.results_path, "file", "--results-path")
         if self.save_knnlm_dstore:
             raise UserError("knnlm tune evaluates a kNN-LM; build datastores with build-dstore")
         if not self.dstore_filename:
@@ -101,11 +103,16 @@ def best_point(results: dict) -> tuple[str, dict]:
 
 
 def main(cfg: TuneConfig) -> dict:
-    t0 = time.perf_counter()
     ecfg = cfg.eval_cfg
     databin = DataBin(cfg.data)
     device = resolve_device(cfg.device, cfg.cpu)
     model, model_fp = load_lm(cfg.path, cfg.hf_model, databin, device)
+    with output_lock(cfg.cache_dir, "dir", "retrieval cache"):
+        return _tune(cfg, ecfg, databin, device, model, model_fp)
+
+
+def _tune(cfg: TuneConfig, ecfg, databin, device, model, model_fp) -> dict:
+    t0 = time.perf_counter()
     ds = Datastore(cfg.dstore_filename)
     keytype = normalize_keytype(cfg.knn_keytype)
     if _reusable(cfg.cache_dir, ecfg):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -41,6 +42,17 @@ def flag(default: Any = dataclasses.MISSING, help: str = "", *, aliases: tuple =
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: a number, never NaN or infinity."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _flag_name(name: str) -> str:
@@ -97,7 +109,7 @@ def build_parser(cls, prog: str, description: str | None = None,
             kw["nargs"] = "+"
             kw["type"] = typing.get_args(tp)[0]
         else:
-            kw["type"] = tp
+            kw["type"] = finite_float if tp is float else tp
             if meta["choices"]:
                 kw["choices"] = meta["choices"]
             if meta["metavar"]:

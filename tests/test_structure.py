@@ -12,6 +12,7 @@ ROOT = Path(knnlm.__file__).parent
 # lower layers never import higher ones; lm and knn are peers that keep apart, except
 # that the pure kNN math is a leaf anything may use (training's interpolated loss)
 LAYERS = {"knnlm.util": 0, "knnlm.io": 0, "knnlm.hub": 0, "knnlm.distributed": 0,
+          "knnlm.guard": 0,
           "knnlm.data": 1, "knnlm.lm": 2,
           "knnlm.knn": 2, "knnlm.analysis": 4, "knnlm.cli": 5, "knnlm.__main__": 5}
 COMMAND_LAYER = 3          # evaluate, build_dstore, generate, neighbors, demo

@@ -31,8 +31,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..data.preprocess import DataBin
+from ..guard import check_output, output_lock
 from ..io import read_json, write_json_atomic
+from ..knn.datastore import Datastore
 from ..knn.sweep import parse_grid
+from ..lm.checkpoint import check_data_matches, load_checkpoint, model_fingerprint
 from ..util import UserError, command_line, config_dict, flag
 from . import parts, report
 
@@ -55,7 +59,8 @@ class AnalyzeConfig:
     large_probe: int = flag(0, "nprobe of the 'large nprobe' setting (0: 8 x --probe)")
     index_factory: str | None = flag(None, "FAISS factory (default: chosen from N and D)")
     index_dir: str | None = flag(None, "where the indexes of the full datastore are read or "
-                                 "built (default: the datastore directory)")
+                                 "built (default: RESULTS_DIR/indexes; the datastore's own "
+                                 "directory is never written)")
     train_size: int = flag(1_000_000, "keys sampled to train each index")
     lmbda: str = flag("0:1:0.01", "λ grid of every sweep")
     knn_temp: str = flag("0.1,0.25,0.5,0.75,1,1.5,2,3,4,6,8,12,16", "temperature grid (1 is "
@@ -94,6 +99,8 @@ class AnalyzeConfig:
                 self.heads[name.strip()] = ckpt.strip()
         if "parametric" in self.part_list and self.parts != "all" and not self.heads:
             raise UserError("--parts parametric needs --head NAME=CKPT")
+        check_output(self.results_dir, "dir", "--results-dir")
+        check_output(self.index_dir, "dir", "--index-dir")
 
     @property
     def nprobe_large(self) -> int:
@@ -120,7 +127,25 @@ def run_part(name: str, cfg: AnalyzeConfig, runner: "parts.Runner", timings: dic
     return res
 
 
+def check_inputs(cfg: AnalyzeConfig) -> None:
+    """Every input, before anything is written: the model, its datastore, and each head
+    (a checkpoint of the same vocabulary)."""
+    databin = DataBin(cfg.data)
+    base = load_checkpoint(cfg.path)
+    check_data_matches(base, databin, cfg.path)
+    Datastore(cfg.dstore_filename).check_model(model_fingerprint(base["model"]),
+                                               databin.tokenizer_sha256)
+    for name, ckpt in cfg.heads.items():
+        check_data_matches(load_checkpoint(ckpt), databin, ckpt)
+
+
 def main(cfg: AnalyzeConfig) -> dict:
+    check_inputs(cfg)
+    with output_lock(cfg.results_dir, "dir", "results directory"):
+        return _analyze(cfg)
+
+
+def _analyze(cfg: AnalyzeConfig) -> dict:
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     runner = parts.Runner(cfg)

@@ -44,7 +44,7 @@ class Runner:
         self.timings: dict[str, float] = {}
         self._summaries: dict[tuple, dict] = {}
         self.ds = Datastore(cfg.dstore_filename)
-        self.index_dir = Path(cfg.index_dir) if cfg.index_dir else self.ds.path
+        self.index_dir = Path(cfg.index_dir) if cfg.index_dir else self.out / "indexes"
 
     def index_path(self, keytype: str, metric: str) -> Path:
         return default_index_path(self.index_dir, keytype, metric)

@@ -22,7 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import sha256_file, write_json_atomic
+from ..guard import check_output, temp_path
+from ..io import ENCODING_ERRORS, read_text, sha256_file, write_json_atomic
 from ..util import UserError, config_dict, flag
 
 SPLITS = ("train", "valid", "test")
@@ -45,12 +46,16 @@ class FetchConfig:
     valid: str | None = flag(None, "'text' corpus: validation file or directory")
     test: str | None = flag(None, "'text' corpus: test file or directory")
     force: bool = flag(False, "rewrite the corpus even when DIR already holds it")
+    encoding: str = flag("utf-8", "'text' corpus: encoding of the files")
+    errors: str = flag("strict", "'text' corpus: undecodable bytes are refused (strict) or "
+                       "replaced / dropped", choices=ENCODING_ERRORS)
 
     def __post_init__(self):
         if self.name not in CORPORA:
             raise UserError(f"unknown corpus {self.name!r}; choose one of {', '.join(CORPORA)}")
         if self.name == "text" and not all((self.train, self.valid, self.test)):
             raise UserError("corpus 'text' needs --train, --valid and --test")
+        check_output(self.dest, "dir", "--dest")
 
 
 # ------------------------------------------------------------------ Shakespeare
@@ -186,20 +191,24 @@ def fetch_wikitext(cfg: FetchConfig) -> dict:
 
 # ------------------------------------------------------------------ plain text
 
-def _read_text_source(path_str: str, flagname: str) -> str:
+def _read_text_source(path_str: str, flagname: str, cfg: FetchConfig) -> str:
     path = Path(path_str)
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise UserError(f"{flagname} {path}: directory holds no .txt files")
-        return "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    if not path.is_file():
+        text = "\n".join(read_text(f, flagname, cfg.encoding, cfg.errors) for f in files)
+    elif not path.is_file():
         raise UserError(f"{flagname} {path}: no such file or directory")
-    return path.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = read_text(path, flagname, cfg.encoding, cfg.errors)
+    if not text.strip():
+        raise UserError(f"{flagname} {path} holds no text")
+    return text
 
 
 def fetch_text(cfg: FetchConfig) -> dict:
-    texts = {s: _read_text_source(getattr(cfg, s), f"--{s}") for s in SPLITS}
+    texts = {s: _read_text_source(getattr(cfg, s), f"--{s}", cfg) for s in SPLITS}
     return dict(texts=texts, source={s: str(Path(getattr(cfg, s)).resolve()) for s in SPLITS})
 
 
@@ -222,7 +231,7 @@ def main(cfg: FetchConfig) -> dict:
         if not text.endswith("\n"):
             text += "\n"
         path = dest / f"{split}.txt"
-        tmp = path.with_suffix(".txt.tmp")
+        tmp = temp_path(path)
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
         meta["splits"][split] = dict(file=path.name, chars=len(text), lines=text.count("\n"),

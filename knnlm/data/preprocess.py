@@ -11,13 +11,15 @@ fairseq ``dict.txt``) and ``data.json`` (vocabulary, token counts, source hashes
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from ..io import open_npy, read_sidecar, sha256_file, write_json_atomic
+from ..guard import check_output, output_lock, temp_path
+from ..io import ENCODING_ERRORS, open_npy, read_sidecar, read_text, sha256_file, write_json_atomic
 from ..util import UserError, config_dict, flag
 from .subword import SubwordBPE
 from .tokenizer import BPETokenizer, Dictionary, HFTokenizer, load_vocab, vocab_summary
@@ -56,6 +58,9 @@ class PreprocessConfig:
                                       aliases=("--vocab-bpe",))
     hf_tokenizer: str | None = flag(None, "the tokenizer of an HF model (name or local "
                                     "directory, offline): text keeps its newlines")
+    encoding: str = flag("utf-8", "encoding of the text files")
+    errors: str = flag("strict", "undecodable bytes are refused (strict, naming the byte "
+                       "offset) or replaced / dropped", choices=ENCODING_ERRORS)
     quiet: bool = flag(False, "no progress bars")
 
     def __post_init__(self):
@@ -101,9 +106,9 @@ def _split_files(cfg: PreprocessConfig) -> dict[str, list[Path]]:
     return out
 
 
-def _read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return [line.rstrip("\r\n") for line in fh]
+def _read_lines(path: Path, cfg: "PreprocessConfig") -> list[str]:
+    text = read_text(path, "input", cfg.encoding, cfg.errors)
+    return [line.rstrip("\r\n") for line in io.StringIO(text, newline=None)]
 
 
 def build_vocab(cfg: PreprocessConfig, files: dict[str, list[Path]],
@@ -112,7 +117,7 @@ def build_vocab(cfg: PreprocessConfig, files: dict[str, list[Path]],
         if cfg.srcdict:
             return Dictionary.load(cfg.srcdict)
         return Dictionary.build(train_lines if train_lines is not None
-                                else _read_lines(files["train"][0]), cfg.thresholdsrc,
+                                else _read_lines(files["train"][0], cfg), cfg.thresholdsrc,
                                 cfg.nwordssrc, cfg.padding_factor)
     if cfg.hf_tokenizer:
         from ..hub import load_hf_tokenizer
@@ -121,7 +126,7 @@ def build_vocab(cfg: PreprocessConfig, files: dict[str, list[Path]],
         return BPETokenizer.load(cfg.tokenizer)
     if cfg.gpt2_encoder_json:
         return BPETokenizer.from_gpt2(cfg.gpt2_encoder_json, cfg.gpt2_vocab_bpe)
-    return BPETokenizer.train(_read_lines(files["train"][0]), cfg.vocab_size)
+    return BPETokenizer.train(_read_lines(files["train"][0], cfg), cfg.vocab_size)
 
 
 def binarize(lines: list[str], vocab, quiet: bool = True) -> tuple[np.ndarray, int]:
@@ -136,13 +141,27 @@ def binarize(lines: list[str], vocab, quiet: bool = True) -> tuple[np.ndarray, i
     return ids.astype(dtype), unk
 
 
+def check_inputs(files: dict[str, list[Path]], cfg: PreprocessConfig) -> None:
+    """Every input decodes and holds text, before anything in the data-bin is written."""
+    for split, paths in files.items():
+        if not read_text(paths[0], f"--{split}pref", cfg.encoding, cfg.errors).strip():
+            raise UserError(f"{paths[0]} (the {split} split) holds no text")
+
+
 def main(cfg: PreprocessConfig) -> dict:
     files = _split_files(cfg)
+    check_output(cfg.destdir, "dir", "--destdir")
+    check_inputs(files, cfg)
+    with output_lock(cfg.destdir, "dir", "data-bin"):
+        return _preprocess(cfg, files)
+
+
+def _preprocess(cfg: PreprocessConfig, files: dict[str, list[Path]]) -> dict:
     dest = Path(cfg.destdir)
     dest.mkdir(parents=True, exist_ok=True)
     bpe, texts = None, {}
     if cfg.subword_bpe or cfg.bpe_codes:      # split the words into '@@' pieces first
-        texts = {split: _read_lines(paths[0]) for split, paths in files.items()}
+        texts = {split: _read_lines(paths[0], cfg) for split, paths in files.items()}
         if cfg.bpe_codes:
             bpe = SubwordBPE.load(cfg.bpe_codes)
         elif "train" not in texts:
@@ -160,10 +179,10 @@ def main(cfg: PreprocessConfig) -> dict:
     if bpe is not None:
         meta["tokenizer"].update(bpe_codes=BPE_CODES, bpe_codes_sha256=sha256_file(dest / BPE_CODES))
     for split, paths in files.items():
-        lines = texts[split] if bpe is not None else _read_lines(paths[0])
+        lines = texts[split] if bpe is not None else _read_lines(paths[0], cfg)
         ids, unk = binarize(lines, vocab, quiet=cfg.quiet)
         out = dest / f"{split}.npy"
-        tmp = dest / f"{split}.tmp.npy"
+        tmp = temp_path(out, ".npy")
         np.save(tmp, ids)
         tmp.replace(out)
         meta["splits"][split] = dict(file=out.name, tokens=int(len(ids)), lines=len(lines),

@@ -61,6 +61,11 @@ class CacheWriter:
                 {a: b for a, b in self.meta.items() if a not in PROGRESS_KEYS}
             if same and not old.get("complete") and old.get("progress"):
                 self.progress = old["progress"]
+            elif not old.get("complete") and old.get("progress"):
+                raise UserError(f"{self.path} holds the unfinished cache of another evaluation "
+                                f"(k {old.get('k')}, {old.get('size')} tokens, score mode "
+                                f"{(old.get('score_mode') or {}).get('name')}): rerun that one "
+                                "to resume it, or remove the directory")
         mode = "r+" if self.progress else "w+"
         if mode == "w+":
             write_json_atomic(side, self.meta)
@@ -103,6 +108,8 @@ class RetrievalCache:
         if self.meta.get("version", 0) > CACHE_VERSION:
             raise UserError(f"{self.path} was written by a newer knnlm (cache format "
                             f"{self.meta['version']})")
+        if not self.meta.get("size"):
+            raise UserError(f"{self.path} holds no tokens")
         self.size, self.k, self.metric = self.meta["size"], self.meta["k"], self.meta["metric"]
         cols = _columns(self.k, self.meta["exact_dists"], self.meta["ids_dtype"])
         for name, (dt, shape) in cols.items():

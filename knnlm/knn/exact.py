@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..guard import temp_path
 from ..io import read_json, write_json_atomic
 from ..util import UserError
 
@@ -153,7 +154,7 @@ def _pad(D: np.ndarray, I: np.ndarray, k: int, metric: str) -> tuple[np.ndarray,
 def _save(state_dir: Path, ident: dict, best_s: torch.Tensor, best_i: torch.Tensor, done: int):
     """The running top-k, then the progress record that names it (atomic, in this order)."""
     for name, t in (("scores", best_s), ("ids", best_i)):
-        tmp = state_dir / f"{name}.npy.tmp"
+        tmp = temp_path(state_dir / f"{name}.npy")
         with open(tmp, "wb") as fh:
             np.save(fh, t.cpu().numpy())
             fh.flush()

@@ -15,8 +15,10 @@ N and D. Training runs on GPU when FAISS has GPU support and a GPU is present.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..distributed import setup_distributed
+from ..guard import check_output, output_lock, temp_path
 from ..io import read_json, write_json_atomic
 from ..util import UserError, config_dict, flag
 from .datastore import Datastore, normalize_keytype
@@ -110,6 +113,7 @@ class BuildIndexConfig:
             raise UserError("--shards and --workers must be >= 1")
         if self.shards > 1 and self.starting_point is not None:
             raise UserError("--starting_point does not apply to a sharded build")
+        check_output(self.index_path(), "file", "--faiss-index")
 
     def factory(self, n: int, d: int) -> str:
         if self.index_factory:
@@ -122,6 +126,22 @@ class BuildIndexConfig:
         if self.faiss_index:
             return Path(self.faiss_index)
         return Path(self.dstore_dir) / f"index_{self.knn_keytype.replace(':', '')}_{self.metric}.faiss"
+
+
+def check_factory(factory: str, n: int, d: int, n_train: int) -> None:
+    """Refuse, before training, a factory the keys cannot train: more IVF lists or PQ
+    centroids than training keys (FAISS would fail after loading everything)."""
+    ivf = re.search(r"IVF(\d+)", factory)
+    pq = re.search(r"(?<!O)PQ(\d+)(?:x(\d+))?", factory)
+    need = max(int(ivf.group(1)) if ivf else 0, 2 ** int(pq.group(2) or 8) if pq else 0)
+    if need > n_train:
+        hint = auto_factory(n, d)
+        raise UserError(f"--index-factory {factory} needs at least {need:,} training keys; "
+                        f"{n_train:,} are used (--train-size, datastore of {n:,}): try "
+                        f"--index-factory {hint}")
+    if pq and d % int(pq.group(1)):
+        raise UserError(f"--index-factory {factory}: PQ{pq.group(1)} does not divide the "
+                        f"{d} dimensions of the keys")
 
 
 def gpu_available() -> bool:
@@ -210,12 +230,15 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
     ds = Datastore(cfg.dstore_dir)
     keys = ds.keys(cfg.knn_keytype)
     n, d = ds.size, ds.dim
+    if n == 0:
+        raise UserError(f"{ds.path} holds no entries: nothing to index")
     if cfg.dstore_size is not None and cfg.dstore_size != n:
         raise UserError(f"--dstore_size {cfg.dstore_size} but the datastore holds {n:,} keys")
     if cfg.dimension is not None and cfg.dimension != d:
         raise UserError(f"--dimension {cfg.dimension} but the keys have {d} dimensions")
     trainer = training_backend(cfg)
     factory = cfg.factory(n, d)
+    check_factory(factory, n, d, min(cfg.train_size, n))
     out = cfg.index_path()
     partial, side_path = Path(str(out) + ".partial"), Path(str(out) + ".json")
     meta = dict(sidecar_for(cfg, ds, factory, min(cfg.train_size, n)), train_backend=trainer)
@@ -286,7 +309,7 @@ def _finish(index, out: Path, side_path: Path, meta: dict, timings: dict, t0: fl
             leftovers: list[Path]) -> dict:
     """Write the index and its complete sidecar, then remove the intermediate files."""
     faiss = faiss_module()
-    tmp = Path(str(out) + ".tmp")
+    tmp = temp_path(out)
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out)
     meta.update(rows_added=int(index.ntotal), complete=True, ntotal=int(index.ntotal), **timings)
@@ -300,7 +323,7 @@ def _finish(index, out: Path, side_path: Path, meta: dict, timings: dict, t0: fl
 
 def _save_partial(index, partial: Path, side_path: Path, meta: dict, rows: int) -> None:
     faiss = faiss_module()
-    tmp = Path(str(partial) + ".tmp")
+    tmp = temp_path(partial)
     faiss.write_index(index, str(tmp))
     os.replace(tmp, partial)
     write_json_atomic(side_path, dict(meta, rows_added=rows, complete=False))
@@ -352,8 +375,11 @@ def main(cfg: BuildIndexConfig) -> dict:
             raise UserError("under torchrun build-index adds shards in the ranks: give "
                             "--shards S (S >= the number of ranks)")
         dist = setup_distributed(cpu=True)
+    lock = output_lock(cfg.index_path(), "file", "index") if dist is None or dist.is_main \
+        else contextlib.nullcontext()
     try:
-        return build_index(cfg, dist)
+        with lock:
+            return build_index(cfg, dist)
     finally:
         if dist is not None:
             dist.close()

@@ -52,8 +52,9 @@ class PlanConfig:
     def __post_init__(self):
         if self.dstore_dir is None and (self.dstore_size is None or self.dimension is None):
             raise UserError("give --dstore-size and --dimension, or --dstore-dir")
-        for name in ("keytypes", "train_size", "probe", "k", "queries"):
-            if getattr(self, name) <= 0:
+        for name in ("keytypes", "train_size", "probe", "k", "queries", "dstore_size",
+                     "dimension"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..guard import temp_path
 from ..io import read_json, write_json_atomic
 from ..util import UserError
 
@@ -57,7 +58,7 @@ def add_shard(dstore_dir: str, keytype: str, trained: str, out: str, start: int,
     index = faiss.read_index(trained)
     for s in range(start, end, chunk):
         index.add(np.ascontiguousarray(keys[s:min(end, s + chunk)], dtype=np.float32))
-    tmp = out + ".tmp"
+    tmp = str(temp_path(out))
     faiss.write_index(index, tmp)
     os.replace(tmp, out)
     write_json_atomic(out + ".json", dict(identity=ident, start=start, end=end,
@@ -117,8 +118,9 @@ def build_sharded(cfg, ds, out: Path, meta: dict, train_fn, dist=None) -> tuple 
                      and read_json(marker, "trained index marker").get("identity") == ident):
         out.parent.mkdir(parents=True, exist_ok=True)
         index = train_fn()
-        faiss.write_index(index, str(trained) + ".tmp")
-        os.replace(str(trained) + ".tmp", trained)
+        tmp = str(temp_path(trained))
+        faiss.write_index(index, tmp)
+        os.replace(tmp, trained)
         write_json_atomic(marker, dict(identity=ident))
     if dist is not None:
         _barrier()

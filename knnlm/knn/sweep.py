@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..guard import check_output
 from ..io import open_npy, write_json_atomic
 from ..util import UserError, config_dict, flag
 from . import math as knn_math
@@ -35,18 +36,27 @@ from .datastore import Datastore
 ROWS_PER_CHUNK = 1024   # small chunks stay in cache: ~2x faster than 8192 here
 
 
+MAX_GRID = 10_000        # values per grid axis: bounded before anything is allocated
+
+
 def parse_grid(text: str, name: str) -> list[float]:
-    """'a,b,c' or 'start:stop:step' (stop included)."""
+    """'a,b,c' or 'start:stop:step' (stop included); finite numbers, at most MAX_GRID."""
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0 or stop < start:
+            if not all(map(math.isfinite, (start, stop, step))) or step <= 0 or stop < start:
                 raise ValueError
             n = int(round((stop - start) / step)) + 1
+            if n > MAX_GRID:
+                raise UserError(f"{name} {text} has {n:,} values; at most {MAX_GRID:,}")
             return [round(start + i * step, 10) for i in range(n)]
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
+        if not all(map(math.isfinite, values)) or len(values) > MAX_GRID:
+            raise ValueError
+        return values
     except ValueError:
-        raise UserError(f"{name} must be a comma list or start:stop:step, got {text!r}")
+        raise UserError(f"{name} must be finite numbers, a comma list or start:stop:step "
+                        f"(at most {MAX_GRID:,} values), got {text!r}")
 
 
 @dataclass
@@ -81,6 +91,7 @@ class SweepConfig:
         self.scores = [s.strip() for s in self.score.split(",")] if self.score else []
         if any(s not in ("faiss", "exact") for s in self.scores):
             raise UserError(f"--score must be faiss, exact or both, got {self.score}")
+        check_output(self.out, "dir", "--out")
 
 
 def cache_chunks(cache: RetrievalCache, score: str, k: int, dtype=np.float32):

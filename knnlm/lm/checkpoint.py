@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
-import zipfile
+import warnings
 from pathlib import Path
 
 import torch
 
+from ..guard import temp_path
 from ..util import UserError
 from .transformer import ModelConfig, TransformerLM
 
@@ -25,7 +25,7 @@ CKPT_VERSION = 1
 def save_checkpoint(obj: dict, path: str | Path) -> None:
     """Write to a temporary file, fsync, then rename: a kill never leaves half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     with open(tmp, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
@@ -38,9 +38,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
-            ValueError, OSError) as exc:
+        with warnings.catch_warnings():   # torch warns before refusing a raw pickle
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:   # weights_only: nothing runs; any failure means "unreadable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint (truncated or not a "
                         f"torch file: {first[:200]})")

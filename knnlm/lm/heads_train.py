@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from ..data.preprocess import DataBin
-from ..io import open_npy, write_json_atomic
+from ..guard import check_output
+from ..io import open_npy, read_text, write_json_atomic
 from ..util import UserError, flag
 from .checkpoint import check_data_matches, load_checkpoint, model_from_checkpoint
 from .transformer import ModelConfig, TransformerLM
@@ -90,7 +91,7 @@ def read_extra_embed_file(path: str, vocab_size: int) -> list[int]:
     if not p.is_file():
         raise UserError(f"--num-extra-embed-file not found: {p}")
     try:
-        counts = json.loads(p.read_text())
+        counts = json.loads(read_text(p, "--num-extra-embed-file"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{p} is not valid JSON ({exc.msg})")
     if not (isinstance(counts, list) and all(isinstance(c, int) and c >= 0 for c in counts)):
@@ -197,6 +198,7 @@ class AllotConfig:
     def __post_init__(self):
         if not self.total_ratio >= 1:
             raise UserError(f"--total-ratio must be >= 1, got {self.total_ratio}")
+        check_output(self.out, "file", "--out")
         if (self.by == "loss") != bool(self.scores):
             raise UserError("--by loss takes --scores FILE (and --scores only goes with it)")
 

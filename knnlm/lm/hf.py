@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
+from ..guard import temp_path
 from ..hub import first_line, load_hf_tokenizer, pretrained_args, transformers_module
 from ..util import UserError
 
@@ -269,7 +270,7 @@ def save_hf_model(name: str, out_dir: str | Path) -> dict:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

@@ -16,8 +16,12 @@ update, so the checkpoint needs no RNG state.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,6 +32,7 @@ import torch
 from ..data.blocks import score_windows, shifted_inputs, train_blocks
 from ..data.preprocess import DataBin
 from ..distributed import DistContext, setup_distributed
+from ..guard import output_lock
 from ..io import write_json_atomic
 from ..knn import math as knn_math
 from ..util import UserError, config_dict
@@ -124,6 +129,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, on_update: Callable[[int], None] | None = None):
         self.cfg = cfg
         self.on_update = on_update
+        self._interrupted = False       # set by the first Ctrl-C (see main)
         self.dist = setup_distributed(cfg.cpu)
         self.device = self.dist.device
         if (cfg.fp16 or cfg.bf16) and self.device.type != "cuda":
@@ -131,7 +137,11 @@ class Trainer:
         self.amp = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
         self.databin = DataBin(cfg.data)
         self.tokens = self.databin.split("train")
-        self.databin.split(cfg.valid_subset)  # fail early when it is missing
+        if len(self.tokens) < 2:
+            raise UserError(f"the train split of {cfg.data} is empty: nothing to train on")
+        if not len(self.databin.split(cfg.valid_subset)):  # fail early when missing or empty
+            raise UserError(f"the {cfg.valid_subset} split of {cfg.data} is empty: nothing to "
+                            "validate on")
         self.blocks = train_blocks(self.tokens, self.databin.eos, cfg.tokens_per_sample,
                                    cfg.sample_break_mode)
         self.save_dir = Path(cfg.save_dir)
@@ -199,7 +209,15 @@ class Trainer:
             print(f"resuming from {last} at update {self.state['num_updates']} "
                   f"(epoch {self.state['epoch']})")
 
+    def _tick(self) -> None:
+        """Add the wall time since the last tick to ``train_seconds`` (kept in every
+        checkpoint, so a killed run resumes with its time and --stop-time-hours holds)."""
+        now = time.perf_counter()
+        self.state["train_seconds"] += now - getattr(self, "_clock", now)
+        self._clock = now
+
     def save(self, best: bool = False) -> None:
+        self._tick()
         if not self.dist.is_main:
             return
         ckpt = self._checkpoint()
@@ -225,7 +243,7 @@ class Trainer:
         # fairseq's --min-lr: stop once the schedule (past its warm-up) reaches it
         if s["num_updates"] >= c.warmup_updates and self.lr_at(s["num_updates"]) <= c.min_lr:
             return True
-        elapsed = s["train_seconds"] + time.perf_counter() - t_start
+        elapsed = s["train_seconds"] + time.perf_counter() - getattr(self, "_clock", t_start)
         return bool(c.stop_time_hours and elapsed >= c.stop_time_hours * 3600)
 
     def train_step(self, batches: list[np.ndarray]) -> tuple[float, int]:
@@ -297,7 +315,7 @@ class Trainer:
                   f"{len(self.blocks):,} training blocks | {d.world_size} process(es) on "
                   f"{self.device.type}")
         group = d.world_size * c.update_freq
-        t_start = time.perf_counter()
+        t_start = self._clock = time.perf_counter()
         if self._done(t_start) and s["last_valid_loss"] is not None:
             if d.is_main:
                 print(f"{self.save_dir}: already trained ({s['num_updates']} updates)")
@@ -320,6 +338,9 @@ class Trainer:
                     self.save()
                 if self.on_update is not None:
                     self.on_update(s["num_updates"])
+                if self._interrupted:     # Ctrl-C: keep the last whole update, then stop
+                    self.save()
+                    raise KeyboardInterrupt
             if s["update_in_epoch"] >= n_updates:  # epoch finished
                 s["epoch"] += 1
                 s["update_in_epoch"] = 0
@@ -327,7 +348,7 @@ class Trainer:
                     progress.valid(self.validate())
                 else:
                     self.save()
-        s["train_seconds"] += time.perf_counter() - t_start
+        self._tick()
         if s["last_valid_update"] != s["num_updates"]:
             self.validate()
         else:
@@ -343,11 +364,31 @@ class Trainer:
                     seconds=s["train_seconds"])
 
 
+def _on_sigint(trainer: "Trainer"):
+    """The first Ctrl-C asks the loop to save checkpoint_last after the update in flight
+    and stop; a second one interrupts at once."""
+    def handler(signum, frame):
+        if trainer._interrupted:
+            raise KeyboardInterrupt
+        trainer._interrupted = True
+        if trainer.dist.is_main:
+            print("\ninterrupted: saving checkpoint_last after this update (Ctrl-C again to "
+                  "stop at once)", file=sys.stderr)
+    return handler
+
+
 def main(cfg: TrainConfig, on_update: Callable[[int], None] | None = None) -> dict:
     trainer = Trainer(cfg, on_update)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, _on_sigint(trainer)) if main_thread else None
+    lock = output_lock(cfg.save_dir, "dir", "checkpoint directory") if trainer.dist.is_main \
+        else contextlib.nullcontext()
     try:
-        res = trainer.train()
+        with lock:
+            res = trainer.train()
     finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, old)
         trainer.dist.close()
     if trainer.dist.is_main:
         print(f"done: {res['num_updates']} updates, valid ppl {res['valid_ppl']:.2f} "

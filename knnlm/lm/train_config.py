@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..data.blocks import BREAK_MODES
+from ..guard import check_output
 from ..util import UserError, flag
 from .optim import OPTIMIZERS, SCHEDULERS
 from .transformer import ARCHS
@@ -114,6 +115,16 @@ class TrainConfig:
             raise UserError("give a stopping point: --max-update, --max-epoch or --stop-time-hours")
         if self.fp16 and self.bf16:
             raise UserError("--fp16 and --bf16 are exclusive")
+        for name in ("decoder_layers", "decoder_embed_dim", "decoder_ffn_embed_dim",
+                     "decoder_attention_heads"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+        if None not in (self.decoder_embed_dim, self.decoder_attention_heads) and \
+                self.decoder_embed_dim % self.decoder_attention_heads:
+            raise UserError(f"--decoder-embed-dim {self.decoder_embed_dim} is not a multiple of "
+                            f"--decoder-attention-heads {self.decoder_attention_heads}")
+        check_output(self.save_dir, "dir", "--save-dir")
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             v = getattr(self, name)
             if v is not None and not 0 <= v < 1:
