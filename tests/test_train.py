@@ -150,3 +150,32 @@ def test_ddp_two_processes_equal_one_process_with_update_freq_2(bpe_databin, tmp
     pa, pb = params(tmp_path / "one" / "checkpoint_last.pt"), params(tmp_path / "two" / "checkpoint_last.pt")
     for name in pa:
         torch.testing.assert_close(pa[name], pb[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ctrl_c_saves_the_last_update_and_exits_130(bpe_databin, tmp_path):
+    """SIGINT mid-training: checkpoint_last holds the last whole update and its wall time,
+    the command exits 130, and a rerun resumes to the same weights as an uninterrupted
+    run."""
+    import signal
+    extra = ["--max-update", "400"]
+    ref = _cli(_cli_args(bpe_databin, tmp_path / "ref", *extra), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "knnlm", *_cli_args(bpe_databin, tmp_path / "int", *extra,
+                                                    "--save-interval-updates", "5")],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "int" / "checkpoint_last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "saving checkpoint_last" in err and "Traceback" not in err
+    state = load_checkpoint(ckpt)["train_state"]
+    assert 0 < state["num_updates"] < 400 and state["train_seconds"] > 0
+    again = _cli(_cli_args(bpe_databin, tmp_path / "int", *extra), capture_output=True, text=True)
+    assert again.returncode == 0 and f"at update {state['num_updates']}" in again.stdout
+    pa, pb = params(tmp_path / "ref" / "checkpoint_last.pt"), params(ckpt)
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
