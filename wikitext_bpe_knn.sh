@@ -33,6 +33,7 @@ if [[ $CORPUS == shakespeare ]]; then   # small mode
   HEAD_UPDATES=${HEAD_UPDATES:-60}
   HEAD_MAX_TOKENS=${HEAD_MAX_TOKENS:-4096}
   HEAD_LR=${HEAD_LR:-2e-3}
+  WEIGHT_TOKENS=${WEIGHT_TOKENS:-300000}   # training tokens scored for the loss weights
   EXTRA_EVAL_FLAGS=${EXTRA_EVAL_FLAGS:-}
 else
   ARCH=${ARCH:-transformer_lm_wikibpe}
@@ -49,6 +50,7 @@ else
   HEAD_UPDATES=${HEAD_UPDATES:-20000}
   HEAD_MAX_TOKENS=${HEAD_MAX_TOKENS:-3072}
   HEAD_LR=${HEAD_LR:-5e-4}
+  WEIGHT_TOKENS=${WEIGHT_TOKENS:-0}        # 0: the whole training split
   EXTRA_EVAL_FLAGS=${EXTRA_EVAL_FLAGS:---fp16}
 fi
 RUN=${RUN:-runs/${CORPUS}_${ARCH}}
@@ -126,9 +128,24 @@ declare -A HEAD_FLAGS=(
   [ffn_extra3v]="--num-extra-embed-file $HEADS/extra_embed.json --finetune-out-embed"
   [ffn_mos3]="--k-mos 3 --finetune-mos"
   [att_addlin_interp]="--additional-linear --finetune-additional-linear --interpolated-loss --train-lambda $LMBDA"
+  [ffn_kv1]="--init-out-embed --finetune-out-embed"
+  [ffn_kv1_weighted]="--init-out-embed --finetune-out-embed --weighted-loss $HEADS/knn_helped.json"
 )
+# the loss weights of the original's --weighted-loss: on the training text (each token's own
+# datastore entry dropped by --ignore-top), the share of each token type where kNN beats the LM
+if [[ ! -f $HEADS/knn_helped.json ]]; then
+  log "loss weights"
+  $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset train "${WINDOW[@]}" \
+    --max-eval-tokens "$WEIGHT_TOKENS" --knnlm --dstore-filename "$DSTORE" --k "$K" \
+    --probe "$PROBE" --lmbda "$LMBDA" --knn-temp 1 --ignore-top \
+    --save-scores "$RESULTS/train_lm_scores.npy" --save-knn-scores "$RESULTS/train_knn_scores.npy" \
+    2>&1 | tee "$LOGS/loss_weights.log"
+  $KNNLM loss-weights "$DATA_BIN" --scores "$RESULTS/train_lm_scores.npy" \
+    --knn-scores "$RESULTS/train_knn_scores.npy" --out "$HEADS/knn_helped.json" \
+    2>&1 | tee -a "$LOGS/loss_weights.log"
+fi
 HEAD_LIST=""
-for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp; do
+for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp ffn_kv1 ffn_kv1_weighted; do
   log "head $name"
   # shellcheck disable=SC2086
   $KNNLM train "$DATA_BIN" --restore-file "$CKPT" --save-dir "$HEADS/$name" \

@@ -11,6 +11,7 @@
     knnlm tune DATA_BIN --path CKPT ...         best λ, T, k, score mode of an index -> tuned.json
     knnlm analyze DATA_BIN --path CKPT ...      the paper's analyses in one results directory
     knnlm allot-embeddings DATA_BIN --out F     extra output rows per token (for train)
+    knnlm loss-weights DATA_BIN ... --out F     per-token loss weights (train --weighted-loss)
     knnlm generate DATA_BIN --path CKPT ...     continue prompts (greedy or sampling), kNN-LM too
     knnlm neighbors DATA_BIN --path CKPT ...    the neighbours of each position of a text
     knnlm demo                                  the whole pipeline on Shakespeare
@@ -45,6 +46,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "the paper's analyses: representation, retrieval, temperature, size, heads"),
     "allot-embeddings": ("knnlm.lm.heads_train", "AllotConfig",
                          "extra output embeddings per token by log-frequency (for train)"),
+    "loss-weights": ("knnlm.lm.loss_weights", "LossWeightsConfig",
+                     "per-token loss weights from where kNN beats the LM (train --weighted-loss)"),
     "generate": ("knnlm.generate", "GenerateConfig", "continue prompts with the LM or the kNN-LM"),
     "neighbors": ("knnlm.neighbors", "NeighborsConfig",
                   "show the retrieved neighbours of each position of a text, as text"),

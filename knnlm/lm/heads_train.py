@@ -224,3 +224,4 @@ def main(cfg: AllotConfig) -> list[int]:
     print(f"wrote {cfg.out}: {sum(extra):,} extra rows for {len(extra):,} tokens by {cfg.by} "
           f"({(len(extra) + sum(extra)) / len(extra):.2f} rows per token, log base {base:.4g})")
     return extra
+

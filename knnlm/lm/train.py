@@ -81,11 +81,13 @@ class LossModule(torch.nn.Module):
     With a ``base`` model and ``train_lambda`` λ, the loss is the interpolated loss
     −log((1−λ)·p_base + λ·p_model), p_base from the frozen base."""
 
-    def __init__(self, model, pad: int, base=None, train_lambda: float = 1.0):
+    def __init__(self, model, pad: int, base=None, train_lambda: float = 1.0,
+                 weights: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.pad = pad
         self.train_lambda = train_lambda
+        self.register_buffer("weights", weights, persistent=False)   # (V,) per-target
         # kept out of the module tree: DDP must not sync it and train() must not touch it
         self._base = [base] if base is not None else []
 
@@ -96,11 +98,13 @@ class LossModule(torch.nn.Module):
             feats, _ = self.model(inp)
             logits = self.model.output_layer(feats).float()
             return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)),
-                                                     tgt.view(-1), ignore_index=self.pad,
-                                                     reduction="sum")
+                                                     tgt.view(-1), weight=self.weights,
+                                                     ignore_index=self.pad, reduction="sum")
         with torch.no_grad():
             base_lp = token_logprobs(self._base[0], inp, tgt)
         mix = knn_math.interpolate(base_lp, token_logprobs(self.model, inp, tgt), self.train_lambda)
+        if self.weights is not None:
+            mix = mix * self.weights[tgt]
         return -mix[keep].sum()
 
 
@@ -156,9 +160,13 @@ class Trainer:
                           last_valid_loss=None, last_valid_update=-1, train_seconds=0.0,
                           tokens_seen=0)
         self._resume()
+        weights = None
+        if cfg.weighted_loss:    # the original's class weights: 1 + the kNN-helped share
+            from .loss_weights import read_loss_weights
+            weights = 1.0 + read_loss_weights(cfg.weighted_loss, self.databin.vocab_size)
         self.loss_module = self.dist.wrap(LossModule(
             self.model, self.databin.pad, base if cfg.interpolated_loss else None,
-            cfg.train_lambda))
+            cfg.train_lambda, weights.to(self.device) if weights is not None else None))
 
     def _build_model(self):
         """(model, frozen base model or None): a fresh ``--arch`` model, or with

@@ -73,6 +73,9 @@ class TrainConfig:
     interpolated_loss: bool = flag(False, "loss = -log((1-λ) p_base + λ p_new), p_base from "
                                    "the frozen --restore-file model")
     train_lambda: float = flag(0.25, "--interpolated-loss: weight λ of the new model")
+    weighted_loss: str | None = flag(None, "weight each target's loss by 1 + its entry in this "
+                                     "JSON list (knnlm loss-weights: the share of the token's "
+                                     "training occurrences where kNN beat the LM)")
     init_out_embed: bool = flag(False, "re-initialise the output rows at random, N(0, 1/D) "
                                 "(the original's flag)")
     copy_out_embed: bool = flag(False, "initialise every output row from its token's base row "
