@@ -159,7 +159,7 @@ done
 # 6. every analysis of the paper in $RESULTS/analysis (report.md, JSON, PNG)
 log "analyze"
 $KNNLM analyze "$DATA_BIN" --path "$CKPT" --dstore-filename "$DSTORE" \
-  --results-dir "$RESULTS/analysis" --gen-subset valid "${WINDOW[@]}" \
+  --results-dir "$RESULTS/analysis" --index-dir "$DSTORE" --gen-subset valid "${WINDOW[@]}" \
   --max-eval-tokens "$ANALYZE_MAX_EVAL_TOKENS" --k "$K" --probe "$PROBE" \
   --large-probe "$LARGE_PROBE" --index-factory "$INDEX_FACTORY" \
   --train-size "$INDEX_TRAIN_SIZE" --seed "$SEED" --head "$HEAD_LIST" \
