@@ -8,6 +8,7 @@
     knnlm build-index --dstore-dir DIR ...      FAISS index over one keytype
     knnlm plan --dstore-size N --dimension D    disk, RAM and time of a datastore and index
     knnlm sweep --cache DIR ...                 offline sweeps over a retrieval cache
+    knnlm centroids --dstore-dir DIR --out D    centroids of datastore keys (eval-lm --load-centroids)
     knnlm tune DATA_BIN --path CKPT ...         best λ, T, k, score mode of an index -> tuned.json
     knnlm analyze DATA_BIN --path CKPT ...      the paper's analyses in one results directory
     knnlm allot-embeddings DATA_BIN --out F     extra output rows per token (for train)
@@ -39,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "build-index": ("knnlm.knn.index", "BuildIndexConfig", "build a FAISS index over datastore keys"),
     "plan": ("knnlm.knn.plan", "PlanConfig",
              "disk, RAM and time a datastore and its index will need, before building"),
+    "centroids": ("knnlm.knn.centroids", "CentroidsConfig",
+                  "k-means or per-token centroids of datastore keys, as an output layer"),
     "sweep": ("knnlm.knn.sweep", "SweepConfig", "λ / temperature / k / score-mode sweeps over a retrieval cache"),
     "tune": ("knnlm.tune", "TuneConfig",
              "best λ, T, k and score mode on a held-out split, used by every kNN command"),

@@ -36,11 +36,13 @@ from .distributed import setup_distributed
 from .guard import check_output, output_lock, temp_path
 from .io import open_npy, open_token_memmap, read_json, write_json_atomic
 from .knn import math as knn_math
+from .knn.centroids import load_centroids
 from .knn.exact import merge_topk
 from .knn.options import KnnOptions
 from .knn.scorer import KnnScorer
 from .knn.search import KnnSearch
 from .lm.checkpoint import check_model_source, load_lm
+from .lm.heads import CentroidOutput
 from .lm.device import resolve_device
 from .lm.scoring import iter_scored, make_windows, resolve_window
 from .util import UserError, config_dict, flag
@@ -93,6 +95,12 @@ class EvalConfig(KnnOptions):
     dstore_fp16: bool = flag(False, "--save-knnlm-dstore: fp16 keys, the default (original "
                              "flag; with --knnlm the datastore records its key dtype)")
     dstore_size: int | None = flag(None, "--save-knnlm-dstore: expected entries (checked)")
+    load_centroids: str | None = flag(None, "score with centroids of datastore keys as the "
+                                      "output layer (knnlm centroids: centroids.npy)")
+    load_centroid_distribution: str | None = flag(None, "--load-centroids: P(w | centroid), "
+                                                  "a C x V sparse .npz (default: one token "
+                                                  "per centroid, C = V)")
+    centroid_scale: float = flag(1.0, "--load-centroids: logits = scale x h.centroid")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
     fp16: bool = flag(False, "half-precision forward (GPU)")
@@ -118,6 +126,10 @@ class EvalConfig(KnnOptions):
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
         if self.fp16 and self.bf16:
             raise UserError("--fp16 and --bf16 are exclusive")
+        if self.load_centroid_distribution and not self.load_centroids:
+            raise UserError("--load-centroid-distribution goes with --load-centroids")
+        if self.centroid_scale <= 0:
+            raise UserError(f"--centroid-scale must be > 0, got {self.centroid_scale}")
         if self.dstore_fp16 and self.dstore_fp32:
             raise UserError("--dstore-fp16 and --dstore-fp32 are exclusive")
         if self.save_knnlm_dstore and not self.dstore_mmap:
@@ -142,6 +154,25 @@ class EvalConfig(KnnOptions):
             dstore_fp32=self.dstore_fp32, dstore_size=self.dstore_size, cpu=self.cpu,
             max_dstore_tokens=self.max_eval_tokens,
             device=self.device, quiet=self.quiet)
+
+
+def centroid_model(model, cfg: EvalConfig, databin: DataBin, device: torch.device):
+    """``model`` with the centroid output layer of ``--load-centroids`` (its sidecar names
+    the keytype clustered; a bare .npy is taken as ``ffn`` centroids, as the original)."""
+    keytype = "ffn"
+    side = Path(cfg.load_centroids).parent / "centroids.json"
+    if side.is_file():
+        keytype = read_json(side, "centroids sidecar").get("keytype", "ffn")
+    cent, (data, indices, indptr, shape), _ = load_centroids(
+        cfg.load_centroids, cfg.load_centroid_distribution, databin.vocab_size,
+        model.cfg.decoder_embed_dim)
+    rows = np.repeat(np.arange(shape[0]), np.diff(indptr))
+    dist = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, indices])),
+                                   torch.from_numpy(data), size=shape, check_invariants=True)
+    print(f"output layer: {len(cent):,} {keytype} centroids from {cfg.load_centroids}, "
+          f"scale {cfg.centroid_scale:g}")
+    return CentroidOutput(model, torch.from_numpy(cent), dist, cfg.centroid_scale,
+                          keytype).to(device)
 
 
 def perplexities(nll_sum: float, n_tokens: int, n_words: int) -> dict:
@@ -360,6 +391,8 @@ def main(cfg: EvalConfig) -> dict | None:
     # HF weights load directly in half precision on a GPU (a 7B model needs no fp32 copy)
     model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device,
                                  half if device.type == "cuda" else None)
+    if cfg.load_centroids:
+        model = centroid_model(model, cfg, databin, device)
     # one writer per retrieval cache (under torchrun, rank 0 holds it for the ranks)
     lock = output_lock(cfg.save_retrieval, "dir", "retrieval cache") \
         if cfg.save_retrieval and (dist is None or dist.is_main) else contextlib.nullcontext()

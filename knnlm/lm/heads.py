@@ -111,3 +111,34 @@ def head_log_probs(h: torch.Tensor, W: torch.Tensor, row_token: torch.Tensor, vo
     """(M, D) inputs -> (M, V) token log-probs of one (possibly multi-row) softmax."""
     row_lp = torch.log_softmax(similarity_logits(h, W, use_l2, norm_l2).float(), dim=-1)
     return aggregate_rows(row_lp, row_token, vocab_size)
+
+
+class CentroidOutput(torch.nn.Module):
+    """An LM whose output layer is a softmax over centroids of datastore keys, mapped to
+    tokens by a distribution P(w | c) (the original's ``--load-centroids``,
+    ``--load-centroid-distribution``, ``--centroid-scale``; :mod:`knnlm.knn.centroids`):
+
+        p(w | h) = Σ_c P(w | c) · softmax_c(scale · h·μ_c)
+
+    ``h`` is the ``keytype`` representation the centroids were made of (``ffn``: the
+    model's own output-layer input). ``output_layer`` returns log p, floored at 1e-9 as the
+    original did and renormalised, so the scorer's log-softmax leaves it as it is."""
+
+    def __init__(self, base, centroids: torch.Tensor, dist: torch.Tensor, scale: float,
+                 keytype: str = "ffn"):
+        super().__init__()
+        self.base, self.keytype, self.scale = base, keytype, float(scale)
+        self.cfg = base.cfg
+        self.register_buffer("centroids", centroids.float())        # (C, D)
+        self.register_buffer("dist_t", dist.t().coalesce().float())  # (V, C) sparse
+
+    def forward(self, tokens, return_hidden: tuple[str, ...] = (), **kw):
+        want = tuple(dict.fromkeys((*return_hidden, self.keytype)))
+        feats, hidden = self.base(tokens, return_hidden=want, **kw)
+        return hidden[self.keytype], {k: v for k, v in hidden.items() if k in return_hidden}
+
+    def output_layer(self, h: torch.Tensor) -> torch.Tensor:
+        lead = h.shape[:-1]
+        p_c = torch.softmax(self.scale * h.reshape(-1, h.shape[-1]).float() @ self.centroids.t(), -1)
+        p_w = torch.sparse.mm(self.dist_t, p_c.t()).t()                # (N, V)
+        return torch.log(p_w.clamp_min(1e-9)).reshape(*lead, -1)

@@ -1,0 +1,141 @@
+"""Centroids of datastore keys as an output layer: the head against a loop, the model's own
+output rows as centroids reproduce the LM, k-means and per-word centroids against brute
+force, and the sparse file round trip."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from knnlm import evaluate
+from knnlm.cli import run
+from knnlm.knn import centroids as cmod
+from knnlm.knn.datastore import Datastore
+from knnlm.lm.checkpoint import load_checkpoint, model_from_checkpoint
+from knnlm.lm.heads import CentroidOutput
+
+
+def test_head_equals_a_loop():
+    torch.manual_seed(0)
+    C, V, D = 6, 9, 4
+    cent = torch.randn(C, D)
+    dense = torch.rand(C, V) * (torch.rand(C, V) < 0.4)
+    dense[:, 0] += 0.01                               # every centroid maps somewhere
+    dense = dense / dense.sum(1, keepdim=True)
+    base = torch.nn.Module()
+    base.cfg = None
+    head = CentroidOutput(base, cent, dense.to_sparse(), 2.0)
+    h = torch.randn(3, D)
+    got = head.output_layer(h)
+    for i in range(3):
+        pc = torch.softmax(2.0 * (cent @ h[i]), 0)
+        for w in range(V):
+            p = sum(float(dense[c, w]) * float(pc[c]) for c in range(C))
+            assert float(got[i, w]) == pytest.approx(np.log(max(p, 1e-9)), rel=1e-5, abs=1e-6)
+
+
+def test_output_rows_as_centroids_reproduce_the_lm(bpe_databin, trained_ckpt, tmp_path):
+    """One centroid per token, its output-embedding row, scale 1: the LM itself."""
+    weight = model_from_checkpoint(load_checkpoint(trained_ckpt)).output_weight.detach().numpy()
+    np.save(tmp_path / "rows.npy", weight)
+    base = dict(data=str(bpe_databin.path), path=str(trained_ckpt), gen_subset="valid",
+                tokens_per_sample=64, quiet=True)
+    lm = evaluate.main(evaluate.EvalConfig(**base))
+    cen = evaluate.main(evaluate.EvalConfig(**base, load_centroids=str(tmp_path / "rows.npy")))
+    assert cen["ppl"] == pytest.approx(lm["ppl"], rel=1e-5)
+    half = evaluate.main(evaluate.EvalConfig(**base, load_centroids=str(tmp_path / "rows.npy"),
+                                             centroid_scale=0.5))
+    assert half["ppl"] > lm["ppl"]                     # a flatter softmax
+
+
+@pytest.fixture(scope="module")
+def kmeans_dir(trained_dstore, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cent") / "km"
+    cmod.main(cmod.CentroidsConfig(dstore_dir=str(trained_dstore.path), out=str(out),
+                                   knn_keytype="ffn", mode="kmeans", ratio=2, niter=5,
+                                   quiet=True))
+    return out
+
+
+def test_kmeans_distribution_is_the_assignment_counts(trained_dstore, bpe_databin, kmeans_dir):
+    ds = Datastore(trained_dstore.path)
+    cent = np.load(kmeans_dir / "centroids.npy")
+    V, nspec = ds.meta["vocab_size"], bpe_databin.vocab.num_specials
+    assert cent.shape == (nspec + 2 * (V - nspec), ds.dim)
+    keys = np.asarray(ds.keys("ffn"), dtype=np.float32)[:3000]
+    vals = np.asarray(ds.vals)[:3000]
+    ids = cmod.assign(keys, cent)
+    d2 = ((keys[:, None, :] - cent[None]) ** 2).sum(-1)        # brute force, 3000 keys
+    assert (d2[np.arange(len(ids)), ids] <= d2.min(1) + 1e-3).all()
+    data, indices, indptr, shape = cmod.load_csr(kmeans_dir / "centroid_dist.npz")
+    assert shape == (len(cent), V)
+    dense = np.zeros(shape)
+    for r in range(shape[0]):
+        dense[r, indices[indptr[r]:indptr[r + 1]]] = data[indptr[r]:indptr[r + 1]]
+    all_ids = cmod.assign(np.asarray(ds.keys("ffn"), dtype=np.float32), cent)
+    c = int(all_ids[0])
+    mine = np.asarray(ds.vals)[all_ids == c]
+    for w in np.unique(mine):
+        assert dense[c, w] == pytest.approx((mine == w).mean(), rel=1e-6)
+    used = np.unique(all_ids)
+    assert np.allclose(dense[used].sum(1), 1, atol=1e-5)
+    side = json.loads((kmeans_dir / "centroids.json").read_text())
+    assert side["datastore_fingerprint"] == ds.fingerprint and side["keytype"] == "ffn"
+    del vals
+
+
+def test_kmeans_centroids_score_and_interpolate(bpe_databin, trained_ckpt, kmeans_dir):
+    base = dict(data=str(bpe_databin.path), path=str(trained_ckpt), gen_subset="valid",
+                tokens_per_sample=64, quiet=True)
+    res = evaluate.main(evaluate.EvalConfig(
+        **base, load_centroids=str(kmeans_dir / "centroids.npy"),
+        load_centroid_distribution=str(kmeans_dir / "centroid_dist.npz")))
+    assert np.isfinite(res["ppl"]) and res["ppl"] > 1
+
+
+def test_per_word_centroids_belong_to_their_token(trained_dstore, tmp_path):
+    out = tmp_path / "pw"
+    cmod.main(cmod.CentroidsConfig(dstore_dir=str(trained_dstore.path), out=str(out),
+                                   knn_keytype="att", mode="per-word", ratio=2, niter=5,
+                                   quiet=True))
+    cent = np.load(out / "centroids.npy")
+    data, indices, indptr, shape = cmod.load_csr(out / "centroid_dist.npz")
+    assert (np.diff(indptr) == 1).all() and np.allclose(data, 1)
+    ds = Datastore(trained_dstore.path)
+    vals = np.asarray(ds.vals)
+    counts = np.bincount(vals, minlength=shape[1])
+    owners = indices
+    assert (np.bincount(owners, minlength=shape[1]) == np.minimum(counts, 2)).all()
+    rare = int(np.flatnonzero(counts == 1)[0]) if (counts == 1).any() else None
+    if rare is not None:           # a token with a single key: that key is its centroid
+        key = np.asarray(ds.keys("att"), dtype=np.float32)[vals == rare][0]
+        assert np.allclose(cent[owners == rare][0], key)
+
+
+def test_csr_file_reads_back_and_bad_inputs(tmp_path, bpe_databin, trained_ckpt, kmeans_dir,
+                                            capsys):
+    rows, cols = np.array([0, 0, 2]), np.array([1, 3, 0])
+    cmod.save_csr(tmp_path / "m.npz", rows, cols, np.array([0.5, 0.5, 1.0]), (3, 4))
+    data, indices, indptr, shape = cmod.load_csr(tmp_path / "m.npz")
+    assert shape == (3, 4) and indptr.tolist() == [0, 2, 2, 3] and indices.tolist() == [1, 3, 0]
+    try:
+        from scipy import sparse
+    except ImportError:
+        pass
+    else:
+        assert sparse.load_npz(tmp_path / "m.npz").toarray()[0, 3] == 0.5
+    ev = ["eval-lm", str(bpe_databin.path), "--path", str(trained_ckpt), "--gen-subset",
+          "valid", "--tokens-per-sample", "64", "--quiet"]
+    np.save(tmp_path / "wrongdim.npy", np.zeros((5, 7), np.float32))
+    shutil.copy(kmeans_dir / "centroid_dist.npz", tmp_path / "dist.npz")
+    for extra in (["--load-centroids", str(tmp_path / "wrongdim.npy")],
+                  ["--load-centroids", str(kmeans_dir / "centroids.npy"),
+                   "--load-centroid-distribution", str(tmp_path / "m.npz")],
+                  ["--load-centroid-distribution", str(tmp_path / "dist.npz")],
+                  ["--load-centroids", str(kmeans_dir / "centroids.npy"), "--centroid-scale",
+                   "0"],
+                  ["--load-centroids", str(tmp_path / "nope.npy")]):
+        capsys.readouterr()
+        assert run(ev + extra) == 2, extra
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
