@@ -156,6 +156,30 @@ for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp ffn_kv1 ffn_kv1_w
   HEAD_LIST+="${HEAD_LIST:+,}$name=$HEADS/$name/checkpoint_last.pt"
 done
 
+# 5b. centroids of the datastore's ffn keys as the output layer (the original's cluster/):
+#     k-means into nspecial + 2(V - nspecial) centroids, and 2 centroids per token; each
+#     alone and interpolated with the LM (sweep --score-files), on valid
+if [[ ! -f $RESULTS/lm_valid_scores.npy ]]; then
+  $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset valid "${WINDOW[@]}" "${WORDS[@]}" \
+    --max-eval-tokens "$ANALYZE_MAX_EVAL_TOKENS" --save-scores "$RESULTS/lm_valid_scores.npy"
+fi
+for mode in kmeans per-word; do
+  dir=$RUN/centroids/$mode
+  if [[ ! -f $dir/centroids.json ]]; then
+    log "centroids $mode"
+    $KNNLM centroids --dstore-dir "$DSTORE" --knn-keytype ffn --mode "$mode" --ratio 2 \
+      --seed "$SEED" --out "$dir" 2>&1 | tee -a "$LOGS/centroids.log"
+  fi
+  if [[ ! -f $RESULTS/centroids_$mode/sweep.json ]]; then
+    $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset valid "${WINDOW[@]}" "${WORDS[@]}" \
+      --max-eval-tokens "$ANALYZE_MAX_EVAL_TOKENS" --load-centroids "$dir/centroids.npy" \
+      --load-centroid-distribution "$dir/centroid_dist.npz" \
+      --save-scores "$RESULTS/centroids_${mode}_scores.npy" 2>&1 | tee -a "$LOGS/centroids.log"
+    $KNNLM sweep --score-files "$RESULTS/lm_valid_scores.npy,$RESULTS/centroids_${mode}_scores.npy" \
+      --lmbda 0:1:0.01 --out "$RESULTS/centroids_$mode" 2>&1 | tee -a "$LOGS/centroids.log"
+  fi
+done
+
 # 6. every analysis of the paper in $RESULTS/analysis (report.md, JSON, PNG)
 log "analyze"
 $KNNLM analyze "$DATA_BIN" --path "$CKPT" --dstore-filename "$DSTORE" \
