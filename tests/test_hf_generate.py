@@ -129,3 +129,36 @@ def test_processor_reads_the_tuned_settings(hf_setup, hf_databin, tmp_path, caps
     assert len(res["results"]) == 3 and res["knn_settings"]["tuned_file"] is not None
     assert res["config"]["lmbda"] == tuned["settings"]["lmbda"]
     assert all(1 <= len(r["ids"]) <= 6 for r in res["results"])
+
+
+def test_streamers_and_stopping_criteria_are_hfs_own(hf_setup, hf_databin):  # noqa: F811
+    """A streamer sees the kNN-LM's tokens as they come; a stopping criterion ends it."""
+    model, root = hf_setup
+
+    class Collect(transformers.generation.streamers.BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    class StopAfter(transformers.StoppingCriteria):
+        def __init__(self, n):
+            self.n = n
+
+        def __call__(self, input_ids, scores, **kw):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.n,
+                              dtype=torch.bool)
+    inputs, w = batch(hf_databin, PROMPTS[:1])
+    streamer = Collect()
+    with KNNLogitsProcessor(model, root / "ds", exact_search=True, k=16, lmbda=0.6,
+                            knn_temp=2.0) as proc:
+        out = run(model, inputs, proc, streamer=streamer,
+                  stopping_criteria=transformers.StoppingCriteriaList([StopAfter(w + 3)]))
+        full = run(model, inputs, proc)
+    assert out.shape[1] == w + 3 and torch.equal(out, full[:, :w + 3])
+    assert streamer.chunks[-1] == "end"
+    assert [c[0] for c in streamer.chunks[1:-1]] == out[0, w:].tolist()
