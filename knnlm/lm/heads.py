@@ -22,6 +22,8 @@ parameters. Shapes: M positions, R rows, V vocabulary, D dimensions, K component
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -130,7 +132,10 @@ class CentroidOutput(torch.nn.Module):
         self.base, self.keytype, self.scale = base, keytype, float(scale)
         self.cfg = base.cfg
         self.register_buffer("centroids", centroids.float())        # (C, D)
-        self.register_buffer("dist_t", dist.t().coalesce().float())  # (V, C) sparse
+        # (V, C) CSR: its product with dense matrices is ~50x faster than COO's on CPU
+        with warnings.catch_warnings():   # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self.register_buffer("dist_t", dist.t().coalesce().float().to_sparse_csr())
 
     def forward(self, tokens, return_hidden: tuple[str, ...] = (), **kw):
         want = tuple(dict.fromkeys((*return_hidden, self.keytype)))
@@ -140,5 +145,5 @@ class CentroidOutput(torch.nn.Module):
     def output_layer(self, h: torch.Tensor) -> torch.Tensor:
         lead = h.shape[:-1]
         p_c = torch.softmax(self.scale * h.reshape(-1, h.shape[-1]).float() @ self.centroids.t(), -1)
-        p_w = torch.sparse.mm(self.dist_t, p_c.t()).t()                # (N, V)
+        p_w = (self.dist_t @ p_c.t().contiguous()).t()                 # (N, V)
         return torch.log(p_w.clamp_min(1e-9)).reshape(*lead, -1)
