@@ -34,6 +34,9 @@ if [[ $CORPUS == shakespeare ]]; then   # small mode
   HEAD_MAX_TOKENS=${HEAD_MAX_TOKENS:-4096}
   HEAD_LR=${HEAD_LR:-2e-3}
   WEIGHT_TOKENS=${WEIGHT_TOKENS:-300000}   # training tokens scored for the loss weights
+  OVERFIT_EPOCHS=${OVERFIT_EPOCHS:-5}      # the base LM trained on, dropout 0 (~6 min/epoch)
+  OVERFIT_LR=${OVERFIT_LR:-1e-3}
+  OVERFIT_MAX_TOKENS=${OVERFIT_MAX_TOKENS:-4096}
   EXTRA_EVAL_FLAGS=${EXTRA_EVAL_FLAGS:-}
 else
   ARCH=${ARCH:-transformer_lm_wikibpe}
@@ -51,6 +54,9 @@ else
   HEAD_MAX_TOKENS=${HEAD_MAX_TOKENS:-3072}
   HEAD_LR=${HEAD_LR:-5e-4}
   WEIGHT_TOKENS=${WEIGHT_TOKENS:-0}        # 0: the whole training split
+  OVERFIT_EPOCHS=${OVERFIT_EPOCHS:-5}
+  OVERFIT_LR=${OVERFIT_LR:-1e-4}
+  OVERFIT_MAX_TOKENS=${OVERFIT_MAX_TOKENS:-3072}
   EXTRA_EVAL_FLAGS=${EXTRA_EVAL_FLAGS:---fp16}
 fi
 RUN=${RUN:-runs/${CORPUS}_${ARCH}}
@@ -180,12 +186,26 @@ for mode in kmeans per-word; do
   fi
 done
 
+# 5c. overfitting (paper: ruled out): the base LM trained on past convergence, dropout 0,
+#     a fixed learning rate, each epoch's checkpoint kept; analyze's overfit part scores
+#     each on the training text and on valid, alone and with the base LM (0 epochs: skip)
+OVERFIT_FLAGS=()
+if (( OVERFIT_EPOCHS > 0 )); then
+  log "overfit: $OVERFIT_EPOCHS epochs"
+  $KNNLM train "$DATA_BIN" --restore-file "$CKPT" --save-dir "$RUN/overfit" \
+    --dropout 0 --attention-dropout 0 --activation-dropout 0 \
+    --tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" --max-tokens "$OVERFIT_MAX_TOKENS" \
+    --lr "$OVERFIT_LR" --max-epoch "$OVERFIT_EPOCHS" --save-interval 1 --validate-interval 1 \
+    --max-valid-tokens 30000 --clip-norm 1 --seed "$SEED" 2>&1 | tee -a "$LOGS/overfit.log"
+  OVERFIT_FLAGS=(--overfit-dir "$RUN/overfit")
+fi
+
 # 6. every analysis of the paper in $RESULTS/analysis (report.md, JSON, PNG)
 log "analyze"
 $KNNLM analyze "$DATA_BIN" --path "$CKPT" --dstore-filename "$DSTORE" \
   --results-dir "$RESULTS/analysis" --index-dir "$DSTORE" --gen-subset valid "${WINDOW[@]}" \
   --max-eval-tokens "$ANALYZE_MAX_EVAL_TOKENS" --k "$K" --probe "$PROBE" \
   --large-probe "$LARGE_PROBE" --index-factory "$INDEX_FACTORY" \
-  --train-size "$INDEX_TRAIN_SIZE" --seed "$SEED" --head "$HEAD_LIST" \
+  --train-size "$INDEX_TRAIN_SIZE" --seed "$SEED" --head "$HEAD_LIST" "${OVERFIT_FLAGS[@]}" \
   2>&1 | tee "$LOGS/analyze.log"
 log "done: $RESULTS/analysis/report.md"

@@ -31,14 +31,26 @@ def head_ckpt(bpe_databin, trained_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def analysis(bpe_databin, trained_ckpt, trained_dstore, head_ckpt, tmp_path_factory):
+def overfit_dir(bpe_databin, trained_ckpt, tmp_path_factory):
+    """The base LM trained on, dropout 0, keeping each epoch's checkpoint (4 updates an epoch)."""
+    out = tmp_path_factory.mktemp("overfit")
+    train.main(train.TrainConfig(
+        data=str(bpe_databin.path), restore_file=str(trained_ckpt), save_dir=str(out),
+        dropout=0.0, tokens_per_sample=64, max_tokens=8192, lr=3e-3, max_epoch=2,
+        save_interval=1, validate_interval=0, max_valid_tokens=256, quiet=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def analysis(bpe_databin, trained_ckpt, trained_dstore, head_ckpt, overfit_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
     # its own --index-dir: the session's datastore is shared with other tests
     cfg = analyze.AnalyzeConfig(index_dir=str(out / "indexes"),
         data=str(bpe_databin.path), path=str(trained_ckpt), dstore_filename=str(trained_dstore.path),
         results_dir=str(out), k=32, probe=2, large_probe=16, index_factory="IVF32,PQ8",
         train_size=4000, lmbda="0:1:0.05", knn_temp="0.5,2", subsample="0.5,1",
-        head=f"att={head_ckpt}", quiet=True, **EVAL)
+        head=f"att={head_ckpt}", overfit_dir=str(overfit_dir), overfit_train_tokens=1000,
+        quiet=True, **EVAL)
     return cfg, analyze.main(cfg)
 
 
@@ -89,6 +101,26 @@ def test_parametric_row_equals_direct_interpolation(analysis, head_ckpt):
             for x in np.arange(0.05, 1.0, 0.05)]
     assert row["interp_ppl"] <= min(grid) + 1e-9
     assert row["alone_ppl"] == pytest.approx(np.exp(-head.mean()), rel=1e-6)
+
+
+def test_overfit_rows_equal_direct_evals(analysis, overfit_dir):
+    cfg, res = analysis
+    part = res["overfit"]
+    assert [r["epoch"] for r in part["rows"]] == [1, 2]
+    def lm_ppl(ckpt, subset, n):
+        return evaluate.main(evaluate.EvalConfig(data=cfg.data, path=ckpt, gen_subset=subset,
+                                                 quiet=True, **dict(EVAL, max_eval_tokens=n)))["ppl"]
+    assert part["base_ppl"] == pytest.approx(lm_ppl(cfg.path, "valid", 1200), rel=1e-6)
+    assert part["base_train_ppl"] == pytest.approx(lm_ppl(cfg.path, "train", 1000), rel=1e-6)
+    for r in part["rows"]:
+        train_ppl = lm_ppl(str(overfit_dir / f"checkpoint{r['epoch']}.pt"), "train", 1000)
+        assert r["train_ppl"] == pytest.approx(train_ppl, rel=1e-6)
+        scores = np.load(f"{cfg.results_dir}/evals/overfit{r['epoch']}_scores.npy")
+        assert r["alone_ppl"] == pytest.approx(np.exp(-scores.astype(np.float64).mean()), rel=1e-6)
+        assert r["updates"] == 4 * r["epoch"]
+    # training on lowers the training perplexity below the base's
+    assert part["rows"][-1]["train_ppl"] < part["base_train_ppl"]
+    assert "Overfitting" in open(f"{cfg.results_dir}/report.md").read()
 
 
 def test_rerun_skips_everything_and_reports(analysis, capsys):

@@ -25,6 +25,7 @@ def test_small_mode_scripts_end_to_end_and_rerun(tmp_path):
                EVAL_CONTEXT_WINDOW="32", DSTORE_TOKENS_PER_SAMPLE="64", DSTORE_CONTEXT_WINDOW="16",
                INDEX_FACTORY="IVF32,PQ8", INDEX_TRAIN_SIZE="4000", PROBE="4", LARGE_PROBE="16",
                K="64", ANALYZE_MAX_EVAL_TOKENS="1500", HEAD_UPDATES="4", HEAD_MAX_TOKENS="512",
+               WEIGHT_TOKENS="2000", OVERFIT_EPOCHS="2", OVERFIT_MAX_TOKENS="4096",
                PYTHONPATH=str(ROOT))
 
     def pipeline() -> str:
@@ -40,13 +41,15 @@ def test_small_mode_scripts_end_to_end_and_rerun(tmp_path):
     results = tmp_path / "run" / "results"
     report = (results / "analysis" / "report.md").read_text()
     for title in ("Representation", "Approximate vs exact retrieval", "Temperature",
-                  "Datastore size", "neighbour sets", "Parametric"):
+                  "Datastore size", "neighbour sets", "Parametric", "Overfitting"):
         assert title in report
     param = json.loads((results / "analysis" / "parametric.json").read_text())
-    assert len(param["rows"]) == 5
+    assert len(param["rows"]) == 7
+    overfit = json.loads((results / "analysis" / "overfit.json").read_text())
+    assert [r["epoch"] for r in overfit["rows"]] == [1, 2]
     knn = json.loads((results / "knnlm_valid.json").read_text())["results"]
     assert knn["interpolated"]["ppl"] < knn["ppl"]
     assert (results / "cache_valid" / "sweep" / "sweep.json").is_file()
     again = pipeline()
     assert "eval-lm --knnlm valid: done" in again and "already trained" in again
-    assert again.count("already done") == 6 and "-- eval-lm" not in again
+    assert again.count("already done") == 8 and "-- eval-lm" not in again

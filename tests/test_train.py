@@ -39,6 +39,19 @@ def test_training_lowers_validation_loss(bpe_databin, tmp_path):
     assert (tmp_path / "checkpoint_best.pt").is_file()
 
 
+def test_epoch_checkpoints_hold_the_state_at_each_epochs_end(bpe_databin, tmp_path):
+    # 128 blocks a batch: 7 updates an epoch, so 30 updates end epochs 1..4
+    train.main(tiny_cfg(bpe_databin, tmp_path, max_tokens=4096, save_interval=2,
+                        validate_interval=1))
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint[0-9]*.pt"))
+    assert kept == ["checkpoint2.pt", "checkpoint4.pt"]
+    for epoch in (2, 4):
+        st = load_checkpoint(tmp_path / f"checkpoint{epoch}.pt")["train_state"]
+        assert (st["epoch"], st["update_in_epoch"], st["num_updates"]) == (epoch + 1, 0, 7 * epoch)
+    log = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["num_updates"] for r in log] == [7, 14, 21, 28, 30]   # each epoch's end, the last
+
+
 def test_lr_schedules():
     kw = dict(lr=1.0, warmup_updates=4, warmup_init_lr=0.0)
     assert [lr_at(s, scheduler="inverse_sqrt", **kw) for s in (0, 2, 4, 16)] == [0.0, 0.5, 1.0, 0.5]

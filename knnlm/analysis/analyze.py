@@ -21,7 +21,9 @@ real mask and score, large nprobe), temperature (curves per retrieval mode), siz
 (seeded datastore subsets), overlap (approximate vs exact neighbour sets), tokens (where
 retrieval helps: by training frequency of the target, and the types that gain and lose
 most, as text), parametric
-(heads alone and interpolated with the base, next to the kNN-LM). Every eval writes a
+(heads alone and interpolated with the base, next to the kNN-LM), overfit (the base LM
+trained past convergence, ``--overfit-dir``: train and eval perplexity per epoch, alone
+and with the base LM). Every eval writes a
 retrieval cache once; all λ and T optima come from sweeps over the caches. Re-running
 skips every finished part, index and eval whose recorded configuration matches.
 """
@@ -40,7 +42,8 @@ from ..lm.checkpoint import check_data_matches, load_checkpoint, model_fingerpri
 from ..util import UserError, command_line, config_dict, flag
 from . import parts, report
 
-PARTS = ("representation", "retrieval", "temperature", "size", "overlap", "tokens", "parametric")
+PARTS = ("representation", "retrieval", "temperature", "size", "overlap", "tokens", "parametric",
+         "overfit")
 
 
 @dataclass
@@ -67,6 +70,10 @@ class AnalyzeConfig:
                          "always included)")
     subsample: str = flag("0.05,0.1,0.25,0.5,1", "datastore fractions of the size part")
     head: str | None = flag(None, "parametric heads: NAME=CKPT[,NAME=CKPT...]")
+    overfit_dir: str | None = flag(None, "save dir of the base LM trained past convergence "
+                                   "(its checkpoint<EPOCH>.pt files: knnlm train --restore-file "
+                                   "BASE --save-interval 1)")
+    overfit_train_tokens: int = flag(50_000, "training tokens scored per epoch checkpoint")
     parts: str = flag("all", f"comma list of: {', '.join(PARTS)}")
     seed: int = flag(1, "seed of index training samples and datastore subsets")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
@@ -99,6 +106,10 @@ class AnalyzeConfig:
                 self.heads[name.strip()] = ckpt.strip()
         if "parametric" in self.part_list and self.parts != "all" and not self.heads:
             raise UserError("--parts parametric needs --head NAME=CKPT")
+        if "overfit" in self.part_list and self.parts != "all" and not self.overfit_dir:
+            raise UserError("--parts overfit needs --overfit-dir")
+        if self.overfit_train_tokens <= 0:
+            raise UserError("--overfit-train-tokens must be > 0")
         check_output(self.results_dir, "dir", "--results-dir")
         check_output(self.index_dir, "dir", "--index-dir")
 
@@ -137,6 +148,13 @@ def check_inputs(cfg: AnalyzeConfig) -> None:
                                                databin.tokenizer_sha256)
     for name, ckpt in cfg.heads.items():
         check_data_matches(load_checkpoint(ckpt), databin, ckpt)
+    if cfg.overfit_dir:
+        found = parts.epoch_checkpoints(cfg.overfit_dir)
+        if not found:
+            raise UserError(f"--overfit-dir {cfg.overfit_dir}: no checkpoint<EPOCH>.pt files "
+                            "(train with --save-interval 1)")
+        for _, ckpt in found:
+            check_data_matches(load_checkpoint(ckpt), databin, str(ckpt))
 
 
 def main(cfg: AnalyzeConfig) -> dict:
@@ -154,6 +172,9 @@ def _analyze(cfg: AnalyzeConfig) -> dict:
     for name in cfg.part_list:
         if name == "parametric" and not cfg.heads:
             print("== parametric: skipped (no --head given)")
+            continue
+        if name == "overfit" and not cfg.overfit_dir:
+            print("== overfit: skipped (no --overfit-dir given)")
             continue
         results[name] = run_part(name, cfg, runner, timings)
     timings.update({f"stage:{k}": v for k, v in runner.timings.items()})

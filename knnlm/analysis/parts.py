@@ -28,7 +28,8 @@ HEAD_FIELDS = ("softmax_input", "pseudo_vocab_ratio", "num_extra_embed", "k_mos"
                "additional_linear", "use_l2", "norm_l2")
 # configuration fields that only some parts depend on
 PART_FIELDS = dict(retrieval=("large_probe",), temperature=("large_probe",),
-                   overlap=("large_probe",), size=("subsample",), parametric=("head",))
+                   overlap=("large_probe",), size=("subsample",), parametric=("head",),
+                   overfit=("overfit_dir", "overfit_train_tokens"))
 NEVER = ("parts", "quiet", "cpu", "index_dir")
 
 
@@ -87,10 +88,13 @@ class Runner:
             self._timed("eval-lm --knnlm", evaluate.main, ecfg)
         return RetrievalCache(ecfg.save_retrieval), command_line("eval-lm", ecfg)
 
-    def lm_scores(self, name: str, ckpt: str) -> tuple[Path, str]:
+    def lm_scores(self, name: str, ckpt: str, subset: str | None = None,
+                  max_eval_tokens: int | None = None) -> tuple[Path, str]:
+        """Per-token log-probs of a checkpoint on the eval split (or ``subset``)."""
         c = self.cfg
         ecfg = evaluate.EvalConfig(
-            data=c.data, path=ckpt, gen_subset=c.gen_subset, max_eval_tokens=c.max_eval_tokens,
+            data=c.data, path=ckpt, gen_subset=subset or c.gen_subset,
+            max_eval_tokens=c.max_eval_tokens if max_eval_tokens is None else max_eval_tokens,
             tokens_per_sample=c.tokens_per_sample, context_window=c.context_window,
             max_tokens=c.max_tokens, save_scores=str(self.out / "evals" / f"{name}_scores.npy"),
             results_path=str(self.out / "evals" / f"{name}.json"), cpu=c.cpu, quiet=c.quiet)
@@ -248,3 +252,47 @@ def parametric(cfg, runner: Runner) -> dict:
                          commands=[base_cmd, cmd, command_line("sweep", scfg)]))
     return dict(base_ppl=base_ppl, knnlm=dict(t1=knn_summary["t1"], best=knn_summary["best"],
                                               command=knn_summary["command"]), rows=rows)
+
+
+def epoch_checkpoints(save_dir: str) -> list[tuple[int, Path]]:
+    """(epoch, path) of the ``checkpoint<EPOCH>.pt`` files `knnlm train --save-interval`
+    keeps, in epoch order."""
+    found = []
+    for p in Path(save_dir).glob("checkpoint*.pt"):
+        tail = p.stem[len("checkpoint"):]
+        if tail.isdigit():
+            found.append((int(tail), p))
+    return sorted(found)
+
+
+def overfit(cfg, runner: Runner) -> dict:
+    """Does memorising the training set recover the kNN-LM's gain (paper notes §3, 'ruled
+    out')? The base LM trained further, past convergence (the epoch checkpoints of `knnlm
+    train --restore-file BASE --save-interval 1`, typically with dropout 0): per epoch its
+    perplexity on the first training tokens and on the eval split, alone and interpolated
+    with the base LM, next to the kNN-LM."""
+    base_scores, base_cmd = runner.lm_scores("base", cfg.path)
+    base_train, base_train_cmd = runner.lm_scores("base_train", cfg.path, "train",
+                                                  cfg.overfit_train_tokens)
+    knn_summary = runner.summary(runner.main_eval("att", "l2")[0], "faiss")
+    base_ppl, knn_ppl = knn_summary["lm_ppl"], knn_summary["best"]["ppl"]
+    rows = []
+    for epoch, ckpt in epoch_checkpoints(cfg.overfit_dir):
+        scores, cmd = runner.lm_scores(f"overfit{epoch}", str(ckpt))
+        train_scores, tcmd = runner.lm_scores(f"overfit{epoch}_train", str(ckpt), "train",
+                                              cfg.overfit_train_tokens)
+        res = sweep.sweep_scores(str(base_scores), str(scores), cfg.lambdas)
+        train = sweep.sweep_scores(str(base_train), str(train_scores), [0.0])
+        state = load_checkpoint(ckpt)["train_state"]
+        scfg = sweep.SweepConfig(score_files=f"{base_scores},{scores}", lmbda=cfg.lmbda,
+                                 out=str(runner.out / "evals" / f"sweep_overfit{epoch}"))
+        rows.append(dict(epoch=epoch, checkpoint=str(ckpt), updates=state["num_updates"],
+                         train_ppl=train["other_ppl"], alone_ppl=res["other_ppl"],
+                         lmbda=res["best_lambda"], interp_ppl=res["interp_ppl"],
+                         gain_recovered=stats.gain_recovered(base_ppl, res["interp_ppl"], knn_ppl),
+                         commands=[cmd, tcmd, command_line("sweep", scfg)]))
+    base_train_ppl = sweep.sweep_scores(str(base_train), str(base_train), [0.0])["base_ppl"]
+    return dict(base_ppl=base_ppl, base_train_ppl=base_train_ppl,
+                train_tokens=cfg.overfit_train_tokens, rows=rows,
+                knnlm=dict(best=knn_summary["best"], command=knn_summary["command"]),
+                commands=[base_cmd, base_train_cmd])

@@ -13,6 +13,7 @@ TITLES = dict(
     overlap="Approximate vs exact neighbour sets (att keys, L2)",
     tokens="Where retrieval helps: by the target's training frequency, and by token",
     parametric="Parametric alternatives vs the kNN-LM",
+    overfit="Overfitting: the base LM trained past convergence vs the kNN-LM",
 )
 
 
@@ -109,6 +110,22 @@ def part_markdown(name: str, res: dict) -> str:
                          f"{_f(r['interp_ppl'])} | {r['lmbda']:g} | {r['gain_recovered']:.2f} |")
         lines += _commands(res["rows"], "name")
         lines.append(f"- kNN-LM: `{k['command']}`")
+    elif name == "overfit":
+        k = res["knnlm"]["best"]
+        lines += [f"Training perplexity over the first {res['train_tokens']:,} training tokens.", "",
+                  "| model | updates | train ppl | eval ppl | + base LM: ppl | λ | "
+                  "share of the kNN-LM gain |", "|---|---:|---:|---:|---:|---:|---:|",
+                  f"| base LM | — | {_f(res['base_train_ppl'])} | {_f(res['base_ppl'])} | — | — | 0 |",
+                  f"| kNN-LM (att, L2, T={k['temp']:g}) | — | — | — | {_f(k['ppl'])} | "
+                  f"{k['lmbda']:g} | 1 |"]
+        for r in res["rows"]:
+            r["name"] = f"epoch {r['epoch']}"
+            lines.append(f"| {r['name']} | {r['updates']:,} | {_f(r['train_ppl'])} | "
+                         f"{_f(r['alone_ppl'])} | {_f(r['interp_ppl'])} | {r['lmbda']:g} | "
+                         f"{r['gain_recovered']:.2f} |")
+        lines += _commands(res["rows"], "name")
+        lines += [f"- base LM: `{c}`" for c in res["commands"]]
+        lines.append(f"- kNN-LM: `{res['knnlm']['command']}`")
     lines += ["", f"This part alone: `{res.get('command', '')}`", ""]
     return "\n".join(lines) + "\n"
 

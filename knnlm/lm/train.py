@@ -224,11 +224,15 @@ class Trainer:
         self.state["train_seconds"] += now - getattr(self, "_clock", now)
         self._clock = now
 
-    def save(self, best: bool = False) -> None:
+    def save(self, best: bool = False, epoch: int | None = None) -> None:
+        """checkpoint_last.pt (and _best.pt); with ``epoch``, checkpoint<epoch>.pt first, so
+        a run killed between the two redoes the epoch's end and writes it again."""
         self._tick()
         if not self.dist.is_main:
             return
         ckpt = self._checkpoint()
+        if epoch is not None:
+            save_checkpoint(ckpt, self.save_dir / f"checkpoint{epoch}.pt")
         save_checkpoint(ckpt, self.save_dir / "checkpoint_last.pt")
         if best:
             save_checkpoint(ckpt, self.save_dir / "checkpoint_best.pt")
@@ -292,7 +296,7 @@ class Trainer:
         self.state["tokens_seen"] += ntok
         return nll, ntok
 
-    def validate(self) -> float:
+    def validate(self, epoch: int | None = None) -> float:
         c = self.cfg
         loss = validate(self.model, self.databin, c.valid_subset, c.tokens_per_sample,
                         c.max_tokens, c.max_valid_tokens, self.device, self.dist, self.amp)
@@ -308,7 +312,7 @@ class Trainer:
         if self.dist.is_main:
             with open(self.save_dir / "train_log.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-        self.save(best=is_best)
+        self.save(best=is_best, epoch=epoch)
         return loss
 
     # ------------------------------------------------------------------ loop
@@ -352,10 +356,12 @@ class Trainer:
             if s["update_in_epoch"] >= n_updates:  # epoch finished
                 s["epoch"] += 1
                 s["update_in_epoch"] = 0
-                if c.validate_interval and (s["epoch"] - 1) % c.validate_interval == 0:
-                    progress.valid(self.validate())
+                done = s["epoch"] - 1
+                keep = done if c.save_interval and done % c.save_interval == 0 else None
+                if c.validate_interval and done % c.validate_interval == 0:
+                    progress.valid(self.validate(epoch=keep))
                 else:
-                    self.save()
+                    self.save(epoch=keep)
         self._tick()
         if s["last_valid_update"] != s["num_updates"]:
             self.validate()

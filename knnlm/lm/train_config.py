@@ -56,6 +56,8 @@ class TrainConfig:
     validate_interval: int = flag(1, "validate every N epochs (0: never at epoch ends)")
     validate_interval_updates: int = flag(0, "also validate every N updates (0: off)")
     save_interval_updates: int = flag(0, "also save checkpoint_last.pt every N updates")
+    save_interval: int = flag(0, "also keep checkpoint<EPOCH>.pt at the end of every N-th "
+                              "epoch (fairseq's epoch checkpoints; 0: none)")
     max_valid_tokens: int = flag(0, "validate on the first N tokens only (0: all)")
     # parametric heads (paper notes §3.3, §3.8; names of the original fork)
     restore_file: str | None = flag(None, "start from this checkpoint's weights (fresh "
@@ -109,7 +111,7 @@ class TrainConfig:
             raise UserError(f"--lr must be > 0, got {self.lr}")
         for name in ("weight_decay", "clip_norm", "max_update", "max_epoch", "stop_time_hours",
                      "warmup_updates", "validate_interval_updates", "save_interval_updates",
-                     "max_valid_tokens", "validate_interval"):
+                     "save_interval", "max_valid_tokens", "validate_interval"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0")
         if self.lr_scheduler == "cosine" and self.max_update <= 0 and self.lr_period_updates <= 0:
