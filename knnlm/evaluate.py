@@ -349,7 +349,8 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
                                    knn_temp=cfg.knn_temp, k=cfg.k,
                                    score_mode=knn_scorer.mode.to_dict(),
                                    search_backend=knn_scorer.knn.backend,
-                                   settings=knn_scorer.knn.settings)
+                                   settings=knn_scorer.knn.settings,
+                                   efficiency=knn_scorer.efficiency())
         knn_scorer.close(dict(lm=res["ppl"], knn=res["knn"]["ppl"],
                               interpolated=res["interpolated"]["ppl"]))
     return res
@@ -372,7 +373,16 @@ def format_results(res: dict) -> str:
         f"  kNN-LM         ppl {m['ppl']:10.2f} per token {m['word_ppl']:12.2f} per word"
         f"  (lambda {m['lmbda']}, T {m['knn_temp']}, k {m['k']}"
         + (", tuned" if (m.get("settings") or {}).get("tuned_file") else "") + ")",
-        f"  score mode     {m['score_mode']['name']}: {m['score_mode']['description']}"])
+        f"  score mode     {m['score_mode']['name']}: {m['score_mode']['description']}"]
+        + _efficiency_line(m.get("efficiency")))
+
+
+def _efficiency_line(eff: dict | None) -> list[str]:
+    if not eff:
+        return []
+    return [f"  retomaton      {eff['searches']:,} searches for {eff['steps']:,} tokens: "
+            f"{100 * eff['searches_saved']:.1f}% saved (min-knns {eff['min_knns']}, "
+            f"max-knns {eff['max_knns']})"]
 
 
 def main(cfg: EvalConfig) -> dict | None:

@@ -49,6 +49,12 @@ class KnnOptions:
                             "torch on the GPUs when --knnlm-gpu finds no faiss-gpu",
                             choices=("auto", "faiss", "torch"))
 
+    retomaton: bool = flag(False, "--knnlm: RetoMaton pointers: follow the last step's "
+                           "neighbours that predicted its token to their successors, and search "
+                           "only when fewer than --min-knns remain")
+    min_knns: int = flag(1, "--retomaton: search when fewer pointers than this remain")
+    max_knns: int | None = flag(None, "--retomaton: pointers kept per step (default: --k)")
+
     def score_mode(self) -> ScoreMode:
         """Which neighbours and which scores these flags select (:mod:`knnlm.knn.mode`)."""
         return ScoreMode.from_flags(self.knn_sim_func, self.faiss_metric_type, self.exact_search)
@@ -66,3 +72,6 @@ class KnnOptions:
             raise UserError(f"--knn-temp must be > 0, got {self.knn_temp}")
         if self.knnlm_gpus < 0:
             raise UserError(f"--knnlm-gpus must be >= 0, got {self.knnlm_gpus}")
+        if self.retomaton:
+            from .pointers import check_pointer_flags
+            check_pointer_flags(self)

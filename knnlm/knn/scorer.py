@@ -16,6 +16,7 @@ from ..io import open_token_memmap
 from ..util import config_dict
 from . import math as knn_math
 from .cache import CacheWriter
+from .pointers import PointerWalk
 from .search import KnnSearch
 
 QUERY_CHUNK = 256        # queries per search call (bounds the (B, k, D) neighbour keys)
@@ -44,6 +45,9 @@ class KnnScorer:
                                      cfg.save_exact_dists or mode.recompute, meta, ds.size)
         self.progress = self.cache.progress if self.cache is not None else None
         resume = bool(self.progress)   # resuming: keep the rows already written
+        self.walk = PointerWalk(self.knn, cfg.min_knns, cfg.max_knns) if cfg.retomaton else None
+        if self.walk is not None and resume and "walk" in self.progress:
+            self.walk.restore(self.progress["walk"])
         self.knn_scores = self.queries = None
         if cfg.save_knn_scores:
             self.knn_scores = open_token_memmap(cfg.save_knn_scores, n_tokens, np.float32, resume)
@@ -70,7 +74,13 @@ class KnnScorer:
         for arr in (self.knn_scores, self.queries):
             if arr is not None:
                 arr.flush()
+        if self.walk is not None:
+            progress = dict(progress, walk=self.walk.state())
         self.cache.commit(progress)
+
+    def efficiency(self) -> dict | None:
+        """What the search-saving method did (None: every token searched)."""
+        return self.walk.stats() if self.walk is not None else None
 
     def score(self, start: int, q: torch.Tensor, targets: np.ndarray, lm_lp: np.ndarray,
               words: np.ndarray, found: tuple | None = None) -> np.ndarray:
@@ -92,7 +102,8 @@ class KnnScorer:
         return out
 
     def _score_chunk(self, start, q, targets, lm_lp, words, found=None) -> np.ndarray:
-        r = self.knn.search(q, found)
+        r = self.walk.search_stream(q, targets) if self.walk is not None else \
+            self.knn.search(q, found)
         lp = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]),
                                            torch.from_numpy(targets), self.cfg.knn_temp,
                                            r["mask"])
