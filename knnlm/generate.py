@@ -36,6 +36,7 @@ from .guard import check_output
 from .io import ENCODING_ERRORS, read_text, write_json_atomic
 from .knn import math as knn_math
 from .knn.options import KnnOptions
+from .knn.pointers import PointerWalk
 from .knn.search import KnnSearch
 from .lm.checkpoint import check_model_source, load_lm
 from .lm.device import resolve_device
@@ -84,6 +85,9 @@ class GenerateConfig(KnnOptions):
             raise UserError("--beam needs --hf-model (beam search is HF's model.generate())")
         if self.knnlm:
             self.check_knn()
+        if self.retomaton and self.hf_model:
+            raise UserError("--retomaton follows one sequence's tokens: it is not available "
+                            "inside model.generate() (--hf-model)")
 
     def prompts(self) -> list[str]:
         if self.prompt is not None:
@@ -136,23 +140,28 @@ def choose(log_probs: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator) -
     return int(torch.multinomial(probs.float().cpu(), 1, generator=gen))
 
 
-def next_log_probs(logits: torch.Tensor, query, search, cfg: GenerateConfig) -> torch.Tensor:
+def next_log_probs(logits: torch.Tensor, query, search, cfg: GenerateConfig,
+                   walk=None) -> tuple[torch.Tensor, dict | None]:
     """(V,) log p of the next token: the LM's, or interpolated with p_kNN over all of V
-    (the LM's alone when the search found no neighbour: p_kNN is then undefined)."""
+    (the LM's alone when the search found no neighbour: p_kNN is then undefined); and the
+    neighbours (found by ``walk``, the RetoMaton pointers, when given)."""
     lm = torch.log_softmax(logits.double().cpu(), -1)
     if search is None:
-        return lm
-    r = search.search(query.cpu().numpy()[None])
+        return lm, None
+    q = query.float().cpu().numpy()
+    r = walk.step(q) if walk is not None else search.search(q[None])
     if not r["mask"].any():
+        return lm, r
         return lm
     vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
     knn_lp = knn_math.knn_full_log_probs(r["scores"], vals, len(lm), cfg.knn_temp, r["mask"])[0]
-    return knn_math.interpolate(lm, knn_lp, cfg.lmbda)
+    return knn_math.interpolate(lm, knn_lp, cfg.lmbda), r
 
 
 def generate_one(model, prompt_ids: np.ndarray, start: int, cfg: GenerateConfig, search,
-                 gen: torch.Generator, device) -> tuple[list[int], float]:
-    """New token ids for one prompt, and the seconds spent after the prompt's forward."""
+                 gen: torch.Generator, device, walk=None) -> tuple[list[int], float]:
+    """New token ids for one prompt, and the seconds spent after the prompt's forward.
+    ``walk``: RetoMaton pointers (reset for the prompt, advanced by each chosen token)."""
     ids = [start] + [int(i) for i in prompt_ids]
     limit = model.cfg.max_target_positions
     if len(ids) + cfg.max_new_tokens - 1 > limit:
@@ -161,8 +170,13 @@ def generate_one(model, prompt_ids: np.ndarray, start: int, cfg: GenerateConfig,
     step = Stepper(model, search.keytype if search is not None else None)
     logits, q = step(torch.tensor([ids], device=device))
     out, t0 = [], time.perf_counter()
+    if walk is not None:
+        walk.reset()
     for i in range(cfg.max_new_tokens):
-        tok = choose(next_log_probs(logits, q, search, cfg), cfg, gen)
+        lp, r = next_log_probs(logits, q, search, cfg, walk)
+        tok = choose(lp, cfg, gen)
+        if walk is not None:
+            walk.advance(r["I"][0], r["vals"][0], tok)
         out.append(tok)
         if i + 1 < cfg.max_new_tokens:
             logits, q = step(torch.tensor([[tok]], device=device))
@@ -217,6 +231,7 @@ def main(cfg: GenerateConfig) -> dict:
         cfg.k, cfg.lmbda, cfg.knn_temp, cfg.knn_sim_func = o.k, o.lmbda, o.knn_temp, o.knn_sim_func
     elif cfg.knnlm:
         search = KnnSearch(cfg, fingerprint, databin, device)
+    walk = PointerWalk(search, cfg.min_knns, cfg.max_knns) if cfg.retomaton and search else None
     vocab, gen = databin.vocab, torch.Generator().manual_seed(cfg.seed)
     prompts = cfg.prompts()
     encoded = [vocab.encode_text(p) for p in prompts]
@@ -230,7 +245,7 @@ def main(cfg: GenerateConfig) -> dict:
     else:
         news, seconds = [], 0.0
         for ids in encoded:
-            new, sec = generate_one(model, ids, databin.eos, cfg, search, gen, device)
+            new, sec = generate_one(model, ids, databin.eos, cfg, search, gen, device, walk)
             news.append(new)
             seconds += sec
     results = []
@@ -248,6 +263,7 @@ def main(cfg: GenerateConfig) -> dict:
                search_backend=search.backend if search is not None else None,
                knn_settings=search.settings if search is not None else None,
                knn_searches=processor.searches if processor is not None else None,
+               efficiency=walk.stats() if walk is not None else None,
                config=config_dict(cfg))
     if cfg.results_path:
         write_json_atomic(cfg.results_path, out)

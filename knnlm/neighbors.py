@@ -27,6 +27,7 @@ from .data.preprocess import DataBin
 from .io import ENCODING_ERRORS, read_text
 from .knn import math as knn_math
 from .knn.options import KnnOptions
+from .knn.pointers import PointerWalk
 from .knn.search import KnnSearch
 from .lm.checkpoint import check_model_source, load_lm
 from .lm.device import resolve_device
@@ -82,7 +83,9 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
         feats, hid = model(inp.to(device), return_hidden=(search.keytype,))
         lm = torch.log_softmax(model.output_layer(feats[0]).double(), -1).cpu()
     q = hid[search.keytype][0].float().cpu().numpy()
-    r = search.search(q)
+    walk = PointerWalk(search, search.cfg.min_knns, search.cfg.max_knns) \
+        if search.cfg.retomaton else None
+    r = walk.search_stream(q, ids) if walk is not None else search.search(q)
     weights = torch.exp(knn_math.log_weights(r["scores"].masked_fill(~r["mask"], -math.inf), temp))
     tgt = torch.from_numpy(ids.astype(np.int64))
     p_knn = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]), tgt, temp,
@@ -94,7 +97,8 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
                    value=int(r["vals"][i, j]))
               for j in range(r["I"].shape[1]) if r["I"][i, j] >= 0]
         out.append(dict(position=i, target=int(ids[i]), lm_prob=float(lm[i, ids[i]].exp()),
-                        knn_prob=float(p_knn[i]), neighbors=nb))
+                        knn_prob=float(p_knn[i]), neighbors=nb,
+                        searched=bool(r["searched"][i]) if walk is not None else True))
     return out
 
 
@@ -117,7 +121,8 @@ def format_rows(rows: list[dict]) -> str:
     lines = []
     for row in rows:
         lines.append(f"[{row['position']}] …{row['context']!r} → {row['target_text']!r}   "
-                     f"p_LM {row['lm_prob']:.4f}  p_kNN {row['knn_prob']:.4f}")
+                     f"p_LM {row['lm_prob']:.4f}  p_kNN {row['knn_prob']:.4f}"
+                     + ("" if row.get("searched", True) else "  (pointers, no search)"))
         for j, nb in enumerate(row["neighbors"], 1):
             mark = "*" if nb["value"] == row["target"] else " "
             lines.append(f"   {j:2d}.{mark} d {nb['distance']:9.3f}  w {nb['weight']:.3f}  "

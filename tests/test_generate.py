@@ -83,5 +83,23 @@ def test_a_step_without_neighbours_uses_the_lm_alone():
                         mask=torch.from_numpy(I >= 0))
     cfg = generate.GenerateConfig(data="unused", path="x.pt", prompt="a", lmbda=0.5)
     logits = torch.randn(11)
-    got = generate.next_log_probs(logits, torch.zeros(3), NoNeighbours(), cfg)
+    got, _ = generate.next_log_probs(logits, torch.zeros(3), NoNeighbours(), cfg)
     assert torch.equal(got, torch.log_softmax(logits.double(), -1))
+
+
+def test_retomaton_generation(bpe_databin, trained_ckpt, trained_dstore, tmp_path):
+    flat = str(tmp_path / "flat.faiss")
+    index.build_index(index.BuildIndexConfig(dstore_dir=str(trained_dstore.path), knn_keytype="att",
+                                             index_factory="Flat", faiss_index=flat, quiet=True))
+    knn = dict(knnlm=True, dstore_filename=str(trained_dstore.path), indexfile=flat, k=16,
+               lmbda=0.5, knn_temp=2.0, max_new_tokens=30)
+    plain = generate.main(gcfg(bpe_databin, trained_ckpt, **knn))
+    # searching at every step (an exact index): the plain kNN-LM's text
+    every = generate.main(gcfg(bpe_databin, trained_ckpt, retomaton=True, min_knns=17, **knn))
+    assert every["results"][0]["ids"] == plain["results"][0]["ids"]
+    assert every["efficiency"]["searches"] == every["efficiency"]["steps"] == 30
+    walk = generate.main(gcfg(bpe_databin, trained_ckpt, retomaton=True, min_knns=1, **knn))
+    eff = walk["efficiency"]
+    assert eff["steps"] == 30 and 0 < eff["searches"] < 30
+    assert eff["searches_saved"] == pytest.approx(1 - eff["searches"] / 30)
+    assert plain["efficiency"] is None

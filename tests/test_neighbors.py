@@ -57,3 +57,20 @@ def test_text_output_and_bad_input(bpe_databin, trained_ckpt, valid_dstore, caps
     assert cli_run(base) == 2                       # no text
     assert cli_run(base + ["--text", "x", "--k", "0"]) == 2
     assert cli_run(base + ["--text", "x", "--file", "y"]) == 2
+
+
+def test_retomaton_follows_the_text_through_its_own_entries(bpe_databin, trained_ckpt,
+                                                            valid_dstore, corpus_dir, tmp_path):
+    from knnlm.knn import index
+    flat = str(tmp_path / "flat.faiss")
+    index.build_index(index.BuildIndexConfig(dstore_dir=str(valid_dstore.path), knn_keytype="att",
+                                             index_factory="Flat", faiss_index=flat, quiet=True))
+    (tmp_path / "t.txt").write_text((corpus_dir / "valid.txt").read_text().splitlines()[0] + "\n")
+    rows = neighbors.main(neighbors.NeighborsConfig(
+        data=str(bpe_databin.path), path=str(trained_ckpt), dstore_filename=str(valid_dstore.path),
+        indexfile=flat, k=4, retomaton=True, min_knns=1, file=str(tmp_path / "t.txt")))
+    # the first step searches and finds its own entry; from there the pointer to the next
+    # entry always predicts the text's next token, so no step searches again
+    assert rows[0]["searched"] and not any(r["searched"] for r in rows[1:])
+    for row in rows:
+        assert row["position"] in [nb["source_position"] for nb in row["neighbors"]]

@@ -77,7 +77,8 @@ class PointerWalk:
         k best of a search and the pointers; ids sorted closest first."""
         self.steps += 1
         ptr = self.pointers[:self.max_knns]
-        if len(ptr) >= self.min_knns:
+        self.searched = len(ptr) < self.min_knns
+        if not self.searched:
             ids = ptr
         else:
             self.searches += 1
@@ -90,23 +91,37 @@ class PointerWalk:
         return ids[order], dist[order]
 
     def advance(self, ids: np.ndarray, vals: np.ndarray, target: int) -> None:
-        """After scoring ``target``: the successors of the neighbours that predicted it."""
-        hit = ids[(vals == target) & (ids < self.n - 1)]
+        """After scoring ``target``: the successors of the neighbours that predicted it
+        (``ids`` may be padded with -1)."""
+        hit = ids[(ids >= 0) & (vals == target) & (ids < self.n - 1)]
         self.pointers = hit + 1
 
-    def search_stream(self, q: np.ndarray, targets: np.ndarray) -> dict:
-        """Consecutive (M, D) queries and their targets -> the :meth:`KnnSearch.search`
-        dict (D, I, vals, exact, scores, mask), rows padded with id -1 to k columns."""
-        M = len(q)
-        I = np.full((M, self.k), -1, dtype=np.int64)
-        dist = np.full((M, self.k), np.inf if self.metric == "l2" else -np.inf, dtype=np.float32)
-        vals = np.full((M, self.k), -1, dtype=np.int64)
-        for t in range(M):
-            ids, d = self.neighbours(q[t])
-            m = len(ids)
-            I[t, :m], dist[t, :m] = ids, d
-            vals[t, :m] = self.knn.retriever.values(ids[None])[0]
-            self.advance(ids, vals[t, :m], int(targets[t]))
+    def step(self, q: np.ndarray) -> dict:
+        """One (D,) query -> the :meth:`KnnSearch.search` dict of a single row (D, I,
+        vals, exact, scores, mask), padded with id -1 to k columns; call :meth:`advance`
+        once the token is known."""
+        ids, d = self.neighbours(q)
+        m = len(ids)
+        I = np.full((1, self.k), -1, dtype=np.int64)
+        dist = np.full((1, self.k), np.inf if self.metric == "l2" else -np.inf, dtype=np.float32)
+        I[0, :m], dist[0, :m] = ids, d
+        vals = self.knn.retriever.values(I)
         scores = knn_math.scores_from_distances(torch.from_numpy(dist).double(), self.metric)
         return dict(D=dist, I=I, vals=vals, exact=dist, scores=scores,
                     mask=torch.from_numpy(I >= 0))
+
+    def search_stream(self, q: np.ndarray, targets: np.ndarray) -> dict:
+        """Consecutive (M, D) queries and their targets -> the :meth:`KnnSearch.search`
+        dict of M rows, each step advanced by its target, and ``searched`` (M,) bool: the
+        steps that searched (the others followed pointers)."""
+        rows, searched = [], np.zeros(len(q), dtype=bool)
+        for t in range(len(q)):
+            rows.append(self.step(q[t]))
+            searched[t] = self.searched
+            self.advance(rows[-1]["I"][0], rows[-1]["vals"][0], int(targets[t]))
+        out = {key: np.concatenate([r[key] for r in rows]) for key in ("D", "I", "vals")}
+        out["exact"] = out["D"]
+        out["scores"] = torch.cat([r["scores"] for r in rows])
+        out["mask"] = torch.from_numpy(out["I"] >= 0)
+        out["searched"] = searched
+        return out
