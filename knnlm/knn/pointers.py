@@ -85,10 +85,24 @@ class PointerWalk:
             _, found = self.knn.retriever.search(q[None])
             ids = np.concatenate([found[0][found[0] >= 0], ptr])
             ids = ids[np.sort(np.unique(ids, return_index=True)[1])]   # dedupe, keep order
-        dist = self.knn.retriever.recompute(q[None], ids[None], self.metric)[0]
+        dist = self._distances(q, ids)
         order = np.argsort(-knn_math.scores_from_distances(torch.from_numpy(dist), self.metric)
                            .numpy(), kind="stable")[:self.k]
         return ids[order], dist[order]
+
+    def _distances(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact float32 distances of one query to ``ids``' stored keys, in numpy: a
+        single query's few thousand products are too small to be worth torch's thread
+        pool, whose wake-ups dominate them when the cores are shared."""
+        if self.knn.retriever.keys is None:
+            raise UserError("--retomaton needs the stored keys (drop --no-load-keys)")
+        order = np.argsort(ids, kind="stable")           # ascending reads of the memmap
+        nk = np.empty((len(ids), q.shape[-1]), dtype=np.float32)
+        nk[order] = self.knn.retriever.keys[ids[order]]
+        if self.metric == "l2":
+            nk -= q.astype(np.float32)
+            return np.einsum("ij,ij->i", nk, nk)
+        return nk @ q.astype(np.float32)
 
     def advance(self, ids: np.ndarray, vals: np.ndarray, target: int) -> None:
         """After scoring ``target``: the successors of the neighbours that predicted it
