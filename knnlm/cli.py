@@ -10,6 +10,7 @@
     knnlm sweep --cache DIR ...                 offline sweeps over a retrieval cache
     knnlm centroids --dstore-dir DIR --out D    centroids of datastore keys (eval-lm --load-centroids)
     knnlm tune DATA_BIN --path CKPT ...         best λ, T, k, score mode of an index -> tuned.json
+    knnlm train-gate --cache DIR --out DIR      adaptive retrieval's gate (eval-lm --gate)
     knnlm analyze DATA_BIN --path CKPT ...      the paper's analyses in one results directory
     knnlm allot-embeddings DATA_BIN --out F     extra output rows per token (for train)
     knnlm loss-weights DATA_BIN ... --out F     per-token loss weights (train --weighted-loss)
@@ -43,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "centroids": ("knnlm.knn.centroids", "CentroidsConfig",
                   "k-means or per-token centroids of datastore keys, as an output layer"),
     "sweep": ("knnlm.knn.sweep", "SweepConfig", "λ / temperature / k / score-mode sweeps over a retrieval cache"),
+    "train-gate": ("knnlm.train_gate", "TrainGateConfig",
+                   "adaptive retrieval: train the gate that picks the tokens to search"),
     "tune": ("knnlm.tune", "TuneConfig",
              "best λ, T, k and score mode on a held-out split, used by every kNN command"),
     "analyze": ("knnlm.analysis.analyze", "AnalyzeConfig",

@@ -60,6 +60,7 @@ class Batch:
     words: np.ndarray             # (M,) bool: the token ends a word
     query: torch.Tensor | None    # (M, D) kNN queries (with --knnlm)
     found: tuple | None = None    # their (D, I), when already searched (--exact-search)
+    stats: torch.Tensor | None = None   # (M, 2) the LM's entropy and max log-prob (--gate)
 
 
 @dataclass
@@ -138,6 +139,9 @@ class EvalConfig(KnnOptions):
             raise UserError("--knnlm and --save-knnlm-dstore are exclusive")
         if self.knnlm:
             self.check_knn()
+            if self.gate and self.save_retrieval:
+                raise UserError("--gate and --save-retrieval are exclusive (a cache holds every "
+                                "token's neighbours; sweep the gate with knnlm train-gate)")
             if self.sample_break_mode != "none":
                 raise UserError("--knnlm needs --sample-break-mode none")
         for name in ("results_path", "save_scores", "save_tokens", "save_knn_scores",
@@ -199,21 +203,23 @@ def eval_lm(model, databin: DataBin, cfg: EvalConfig, device: torch.device,
         return None
     knn_scorer = None
     if cfg.knnlm:
-        knn_scorer = KnnScorer(cfg, model_fingerprint, databin, device, len(tokens))
+        knn_scorer = KnnScorer(cfg, model_fingerprint, databin, device, len(tokens), tokens)
     return eval_tokens(model, tokens, databin, cfg, device, knn_scorer, dist)
 
 
 def lm_batches(model, tokens: np.ndarray, windows: list, databin: DataBin, cfg: EvalConfig,
                device: torch.device, keytype: str | None, flags) -> Iterator[Batch]:
-    """The LM's scores of ``windows`` batch by batch (with ``keytype``, the kNN queries)."""
+    """The LM's scores of ``windows`` batch by batch (with ``keytype``, the kNN queries;
+    with ``--gate``, the LM's entropy and max log-prob)."""
     amp = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
     hidden = (keytype,) if keytype else ()
+    gated = bool(keytype and cfg.gate)
     for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
                           max_tokens=cfg.max_tokens, softmax_batch=cfg.softmax_batch,
-                          device=device, amp_dtype=amp, return_hidden=hidden):
+                          device=device, amp_dtype=amp, return_hidden=hidden, lm_stats=gated):
         yield Batch(sb.start, sb.end, sb.targets, sb.logprobs.double().cpu().numpy(),
                     word_mask(sb.targets, sb.prev, databin.vocab, flags),
-                    sb.hidden[keytype] if keytype else None)
+                    sb.hidden[keytype] if keytype else None, stats=sb.stats)
 
 
 EXACT_BLOCK = 4096   # tokens scored at once after the exact-search pass
@@ -323,10 +329,14 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
             saved_tokens[b.start:b.end] = b.targets
         if knn_scorer is not None:
             klp = knn_scorer.score(b.start, b.query, b.targets, lp.astype(np.float32), b.words,
-                                   b.found)
+                                   b.found, b.stats)
             st["knn_nll"] -= float(klp.sum())
             st["no_match"] += int(np.isinf(klp).sum())
-            mix = knn_math.interpolate(torch.from_numpy(lp), torch.from_numpy(klp), cfg.lmbda)
+            if knn_scorer.batch_lambdas is not None:   # --gate: a λ per token, 0 if skipped
+                mix = knn_math.interpolate_each(torch.from_numpy(lp), torch.from_numpy(klp),
+                                                torch.from_numpy(knn_scorer.batch_lambdas))
+            else:
+                mix = knn_math.interpolate(torch.from_numpy(lp), torch.from_numpy(klp), cfg.lmbda)
             st["interp_nll"] -= float(mix.sum())
             for arr in (scores, saved_tokens):
                 if arr is not None:
@@ -380,9 +390,10 @@ def format_results(res: dict) -> str:
 def _efficiency_line(eff: dict | None) -> list[str]:
     if not eff:
         return []
-    return [f"  retomaton      {eff['searches']:,} searches for {eff['steps']:,} tokens: "
-            f"{100 * eff['searches_saved']:.1f}% saved (min-knns {eff['min_knns']}, "
-            f"max-knns {eff['max_knns']})"]
+    how = (f"min-knns {eff['min_knns']}, max-knns {eff['max_knns']}" if eff["method"] == "retomaton"
+           else f"λ̂ >= {eff['threshold']:.4f}" + (", λ̂ as λ" if eff["gate_lambda"] else ""))
+    return [f"  {eff['method']:<14} {eff['searches']:,} searches for {eff['steps']:,} tokens: "
+            f"{100 * eff['searches_saved']:.1f}% saved ({how})"]
 
 
 def main(cfg: EvalConfig) -> dict | None:

@@ -134,6 +134,16 @@ def mixture_weights(log_probs: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def interpolate_each(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor,
+                     lmbdas: torch.Tensor) -> torch.Tensor:
+    """log((1-λ_i) p_LM + λ_i p_kNN) with a λ per element; λ_i = 0 and 1 are exact."""
+    lam = lmbdas.to(lm_log_probs.dtype)
+    if ((lam < 0) | (lam > 1)).any():
+        raise ValueError("every lambda must be in [0, 1]")
+    mid = torch.logaddexp(lm_log_probs + torch.log1p(-lam), knn_log_probs + torch.log(lam))
+    return torch.where(lam == 0, lm_log_probs, torch.where(lam == 1, knn_log_probs, mid))
+
+
 def interpolate(lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor,
                 lmbda: float) -> torch.Tensor:
     """log((1-λ) p_LM + λ p_kNN), elementwise; λ = 0 and λ = 1 are exact."""

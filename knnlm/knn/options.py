@@ -54,6 +54,13 @@ class KnnOptions:
                            "only when fewer than --min-knns remain")
     min_knns: int = flag(1, "--retomaton: search when fewer pointers than this remain")
     max_knns: int | None = flag(None, "--retomaton: pointers kept per step (default: --k)")
+    gate: str | None = flag(None, "--knnlm: adaptive retrieval: search only the tokens this "
+                            "gate (knnlm train-gate) ranks highest; the others keep p_LM")
+    retrieval_fraction: float | None = flag(None, "--gate: share of tokens to search (through "
+                                            "the gate's λ̂ quantiles on its training tokens)")
+    gate_threshold: float | None = flag(None, "--gate: search tokens whose λ̂ is at least this")
+    gate_lambda: bool = flag(False, "--gate: interpolate searched tokens with λ̂ instead of "
+                             "the fixed λ")
 
     def score_mode(self) -> ScoreMode:
         """Which neighbours and which scores these flags select (:mod:`knnlm.knn.mode`)."""
@@ -75,3 +82,17 @@ class KnnOptions:
         if self.retomaton:
             from .pointers import check_pointer_flags
             check_pointer_flags(self)
+        if self.gate:
+            if (self.retrieval_fraction is None) == (self.gate_threshold is None):
+                raise UserError("--gate needs exactly one of --retrieval-fraction and "
+                                "--gate-threshold")
+            if self.retrieval_fraction is not None and not 0 <= self.retrieval_fraction <= 1:
+                raise UserError(f"--retrieval-fraction must be in [0, 1], got "
+                                f"{self.retrieval_fraction}")
+            if self.retomaton or self.exact_search:
+                raise UserError("--gate goes with an index search alone (not --retomaton or "
+                                "--exact-search)")
+        elif self.retrieval_fraction is not None or self.gate_threshold is not None \
+                or self.gate_lambda:
+            raise UserError("--retrieval-fraction, --gate-threshold and --gate-lambda need "
+                            "--gate DIR")

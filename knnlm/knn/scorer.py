@@ -16,6 +16,7 @@ from ..io import open_token_memmap
 from ..util import config_dict
 from . import math as knn_math
 from .cache import CacheWriter
+from .gate import Gate
 from .pointers import PointerWalk
 from .search import KnnSearch
 
@@ -26,7 +27,9 @@ EXACT_QUERY_CHUNK = 4096  # brute force reads every key per call: larger query b
 class KnnScorer:
     """Retrieves neighbours for a batch of queries and scores the targets."""
 
-    def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device, n_tokens: int):
+    def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device, n_tokens: int,
+                 tokens: np.ndarray | None = None):
+        """``tokens``: the split being scored (the gate's n-gram features read it)."""
         self.cfg = cfg
         self.knn = KnnSearch(cfg, model_fingerprint, databin, device, cfg.save_exact_dists)
         self.keytype, ds = self.knn.keytype, self.knn.ds
@@ -46,6 +49,13 @@ class KnnScorer:
         self.progress = self.cache.progress if self.cache is not None else None
         resume = bool(self.progress)   # resuming: keep the rows already written
         self.walk = PointerWalk(self.knn, cfg.min_knns, cfg.max_knns) if cfg.retomaton else None
+        self.gate, self.batch_lambdas = None, None
+        if cfg.gate:
+            self.gate = Gate(cfg.gate)
+            self.gate.check(ds, model_fingerprint, cfg.knn_keytype)
+            self.gate_thr = self.gate.threshold(cfg.retrieval_fraction, cfg.gate_threshold)
+            self.tokens, self.eos = tokens, databin.eos
+            self.gate_counts = dict(steps=0, searches=0)
         if self.walk is not None and resume and "walk" in self.progress:
             self.walk.restore(self.progress["walk"])
         self.knn_scores = self.queries = None
@@ -80,21 +90,43 @@ class KnnScorer:
 
     def efficiency(self) -> dict | None:
         """What the search-saving method did (None: every token searched)."""
-        return self.walk.stats() if self.walk is not None else None
+        if self.walk is not None:
+            return self.walk.stats()
+        if self.gate is None:
+            return None
+        c = self.gate_counts
+        return dict(method="adaptive", gate=str(self.gate.path),
+                    retrieval_fraction=self.cfg.retrieval_fraction, threshold=self.gate_thr,
+                    gate_lambda=self.cfg.gate_lambda, steps=c["steps"], searches=c["searches"],
+                    searches_saved=1 - c["searches"] / c["steps"] if c["steps"] else 0.0)
 
     def score(self, start: int, q: torch.Tensor, targets: np.ndarray, lm_lp: np.ndarray,
-              words: np.ndarray, found: tuple | None = None) -> np.ndarray:
+              words: np.ndarray, found: tuple | None = None,
+              stats: torch.Tensor | None = None) -> np.ndarray:
         """log p_kNN of each target, (M,) float64; writes the per-token outputs.
-        ``found``: these queries' (D, I), already searched (eval-lm --exact-search)."""
+        ``found``: these queries' (D, I), already searched (eval-lm --exact-search).
+        With a gate (``stats``: the LM's entropy and max log-prob), only the tokens it
+        picks are searched; the others get p_kNN := p_LM, and ``batch_lambdas`` holds each
+        token's λ (0 where skipped)."""
         q = q.float().cpu().numpy()
-        out = np.empty(len(q), dtype=np.float64)
+        out = lm_lp.astype(np.float64)
+        rows = np.arange(len(q))
+        if self.gate is not None:
+            lam_hat = self.gate.lambdas(stats.float().cpu().numpy(), self.tokens, self.eos, start,
+                                        start + len(q), q)
+            keep = lam_hat >= self.gate_thr
+            rows = np.flatnonzero(keep)
+            self.gate_counts["steps"] += len(q)
+            self.gate_counts["searches"] += len(rows)
+            lam = lam_hat if self.cfg.gate_lambda else np.full(len(q), self.cfg.lmbda)
+            self.batch_lambdas = np.where(keep, lam, 0.0)
         step = QUERY_CHUNK if (self.mode.recompute or self.cfg.save_exact_dists) or \
             not self.cfg.exact_search else EXACT_QUERY_CHUNK
-        for s in range(0, len(q), step):
-            e = min(len(q), s + step)
-            part = None if found is None else (found[0][s:e], found[1][s:e])
-            out[s:e] = self._score_chunk(start + s, q[s:e], targets[s:e], lm_lp[s:e], words[s:e],
-                                         part)
+        for s in range(0, len(rows), step):
+            r = rows[s:s + step]
+            part = None if found is None else (found[0][r], found[1][r])
+            out[r] = self._score_chunk(start + int(r[0]), q[r], targets[r], lm_lp[r], words[r],
+                                       part)
         if self.queries is not None:
             self.queries[start:start + len(q)] = q
         if self.knn_scores is not None:

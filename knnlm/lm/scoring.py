@@ -34,17 +34,24 @@ class ScoredBatch:
     prev: np.ndarray             # (M,) int64, the input token at each position
     logprobs: torch.Tensor | None  # (M,) float32, log p_LM(target), natural log
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (M, D)
+    stats: torch.Tensor | None = None  # (M, 2): entropy and max log-prob of p_LM (lm_stats)
 
 
 def target_logprobs(model, features: torch.Tensor, targets: torch.Tensor,
-                    softmax_batch: int) -> torch.Tensor:
+                    softmax_batch: int, stats: torch.Tensor | None = None) -> torch.Tensor:
     """log p(target) for (M, D) features, the output softmax taken ``softmax_batch`` rows
-    at a time so the (M, V) logits never exist at once."""
+    at a time so the (M, V) logits never exist at once. ``stats`` (M, 2), when given, is
+    filled with each row's entropy and max log-prob."""
     out = torch.empty(len(targets), dtype=torch.float32, device=features.device)
     for s in range(0, len(targets), softmax_batch):
         logits = model.output_layer(features[s:s + softmax_batch]).float()
         t = targets[s:s + softmax_batch, None]
-        out[s:s + softmax_batch] = (logits.gather(1, t) - torch.logsumexp(logits, 1, True))[:, 0]
+        lse = torch.logsumexp(logits, 1, True)
+        out[s:s + softmax_batch] = (logits.gather(1, t) - lse)[:, 0]
+        if stats is not None:
+            lp = logits - lse
+            stats[s:s + softmax_batch, 0] = -(lp.exp() * lp).sum(1)
+            stats[s:s + softmax_batch, 1] = lp.max(1).values
     return out
 
 
@@ -87,10 +94,11 @@ def make_windows(n_tokens: int, tokens: np.ndarray, eos: int, tokens_per_sample:
 def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, pad: int,
                 max_tokens: int, softmax_batch: int, device: torch.device,
                 return_hidden: tuple[str, ...] = (), amp_dtype=None,
-                logprobs: bool = True) -> Iterator[ScoredBatch]:
+                logprobs: bool = True, lm_stats: bool = False) -> Iterator[ScoredBatch]:
     """Run the model over consecutive windows, yielding target log-probs (unless
-    ``logprobs`` is False: no output layer at all) and the ``return_hidden`` states of each
-    batch's scored positions, in order."""
+    ``logprobs`` is False: no output layer at all), the ``return_hidden`` states of each
+    batch's scored positions, and with ``lm_stats`` each position's entropy and max
+    log-prob, in order."""
     if any(a.end != b.score_start for a, b in zip(windows, windows[1:])):
         raise ValueError("iter_scored needs consecutive windows")
     model.eval()
@@ -107,10 +115,11 @@ def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, p
         x = torch.from_numpy(inp).to(device)
         idx = torch.from_numpy(np.concatenate(flat_idx)).to(device)
         lp = None
+        stats = torch.empty(len(targets), 2, device=device) if lm_stats else None
         with autocast_context(device, amp_dtype):
             feats, hidden = model(x, return_hidden=return_hidden)
             if logprobs:
                 lp = target_logprobs(model, feats.reshape(B * L, -1)[idx],
-                                     torch.from_numpy(targets).to(device), softmax_batch)
+                                     torch.from_numpy(targets).to(device), softmax_batch, stats)
         hidden = {k: v.reshape(B * L, -1)[idx] for k, v in hidden.items()}
-        yield ScoredBatch(start, end, targets, prev, lp, hidden)
+        yield ScoredBatch(start, end, targets, prev, lp, hidden, stats)

@@ -1,0 +1,130 @@
+"""Adaptive retrieval: n-gram features equal a counting loop; the gate at fraction 1 is the
+plain kNN-LM and at 0 the LM; the searched tokens are those the gate ranks highest."""
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from knnlm import train_gate
+from knnlm.cli import run as cli_run
+from knnlm.data.preprocess import DataBin
+from knnlm.knn import gate as gate_mod
+from knnlm.knn.cache import RetrievalCache
+from knnlm.knn.datastore import Datastore
+
+from test_knn_eval import ivf_index, kcfg, run_eval  # noqa: F401 (fixture)
+
+N = 800
+
+
+def ecfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, **kw):
+    return kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, max_eval_tokens=N,
+                lmbda=0.3, knn_temp=2.0, probe=8, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained_gate(bpe_databin, trained_ckpt, trained_dstore, ivf_index, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("gate")
+    run_eval(ecfg(bpe_databin, trained_ckpt, trained_dstore, root,
+                  save_retrieval=str(root / "cache")))
+    meta = train_gate.main(train_gate.TrainGateConfig(cache=str(root / "cache"),
+                                                      out=str(root / "gate"), epochs=8,
+                                                      quiet=True))
+    return root, meta
+
+
+def test_ngram_counts_equal_a_counting_loop():
+    rng = np.random.default_rng(0)
+    stream = rng.integers(0, 5, 400)
+    tables = gate_mod.count_ngrams(stream, eos=9, chunk=64)   # chunks cross n-gram borders
+    padded = [9] * 4 + stream.tolist()
+    for n in gate_mod.NGRAM_ORDERS:
+        ctx = [tuple(padded[4 + t - n:4 + t]) for t in range(len(stream))]
+        counts = Counter(ctx)
+        probe = rng.integers(0, 5, 300)
+        pctx = [tuple(([9] * 4 + probe.tolist())[4 + t - n:4 + t]) for t in range(len(probe))]
+        got = gate_mod.lookup_counts(tables, gate_mod.context_hashes(probe, 9, n, 0, len(probe)), n)
+        assert got.tolist() == [counts.get(c, 0) for c in pctx]
+        mid = gate_mod.context_hashes(probe, 9, n, 100, 180)      # a slice: same hashes
+        assert np.array_equal(mid, gate_mod.context_hashes(probe, 9, n, 0, len(probe))[100:180])
+
+
+def test_train_gate_curves_and_files(trained_gate):
+    root, meta = trained_gate
+    rows = {r["fraction"]: r for r in meta["curves"]}
+    assert rows[0.0]["gate_ppl"] == pytest.approx(rows[0.0]["random_ppl"])   # the LM
+    assert rows[1.0]["gate_ppl"] == pytest.approx(rows[1.0]["random_ppl"])   # all searched
+    assert meta["train_tokens"] + meta["valid_tokens"] == N
+    assert len(meta["quantiles"]) == 1001 and meta["features"][0] == "lm_entropy"
+    g = gate_mod.Gate(root / "gate")      # loads with weights_only, npz without pickles
+    assert g.threshold(0.0, None) > 1 and g.threshold(1.0, None) < 0
+
+
+def test_gated_eval_searches_the_top_tokens(bpe_databin, trained_ckpt, trained_dstore,
+                                           trained_gate, tmp_path):
+    root, meta = trained_gate
+    out = lambda name, **kw: run_eval(ecfg(  # noqa: E731
+        bpe_databin, trained_ckpt, trained_dstore, tmp_path,
+        save_knn_scores=str(tmp_path / f"{name}_knn.npy"),
+        save_scores=str(tmp_path / f"{name}_lm.npy"), **kw))
+    plain = out("plain")
+    every = out("all", gate=str(root / "gate"), retrieval_fraction=1.0)
+    assert every["interpolated"]["ppl"] == pytest.approx(plain["interpolated"]["ppl"], rel=1e-12)
+    none = out("none", gate=str(root / "gate"), retrieval_fraction=0.0)
+    assert none["interpolated"]["ppl"] == pytest.approx(plain["ppl"], rel=1e-12)
+    assert none["interpolated"]["efficiency"]["searches"] == 0
+    half = out("half", gate=str(root / "gate"), retrieval_fraction=0.5)
+    eff = half["interpolated"]["efficiency"]
+    # the gate's λ̂ of every token, recomputed from the LM pass train-gate makes
+    g = gate_mod.Gate(root / "gate")
+    cache = RetrievalCache(root / "cache")
+    x, _ = train_gate.lm_features(cache.meta["config"], cache, DataBin(bpe_databin.path),
+                                  Datastore(trained_dstore.path), g.tables, False,
+                                  torch.device("cpu"), True)
+    keep = g.net.lambdas(x) >= eff["threshold"]
+    assert eff["searches"] == keep.sum() and eff["steps"] == N
+    assert 0.3 < keep.mean() < 0.7          # the quantiles came from the training tokens
+    knn_half, knn_all = np.load(tmp_path / "half_knn.npy"), np.load(tmp_path / "plain_knn.npy")
+    lm = np.load(tmp_path / "plain_lm.npy")
+    np.testing.assert_array_equal(knn_half[keep], knn_all[keep])
+    np.testing.assert_array_equal(knn_half[~keep], lm[~keep])
+    mix = np.where(keep, np.logaddexp(np.log(0.7) + lm.astype(np.float64),
+                                      np.log(0.3) + knn_all.astype(np.float64)), lm)
+    assert half["interpolated"]["ppl"] == pytest.approx(np.exp(-mix.mean()), rel=1e-5)
+    own = out("own", gate=str(root / "gate"), retrieval_fraction=0.5, gate_lambda=True)
+    assert own["interpolated"]["efficiency"]["gate_lambda"]
+    assert own["interpolated"]["ppl"] != half["interpolated"]["ppl"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--gate", "G"], "--retrieval-fraction"),
+    (["--retrieval-fraction", "0.5"], "--gate"),
+    (["--gate", "G", "--retrieval-fraction", "2"], "[0, 1]"),
+    (["--gate", "G", "--retrieval-fraction", "0.5", "--save-retrieval", "C"], "exclusive"),
+    (["--gate", "G", "--retrieval-fraction", "0.5", "--retomaton"], "--retomaton"),
+])
+def test_bad_gate_flags(bpe_databin, trained_ckpt, trained_dstore, tmp_path, extra, needle,
+                        capsys):
+    extra = [str(tmp_path / e) if e in ("G", "C") else e for e in extra]
+    rc = cli_run(["eval-lm", str(bpe_databin.path), "--path", str(trained_ckpt), "--knnlm",
+                  "--dstore-filename", str(trained_dstore.path), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_gate_of_another_datastore_is_refused(bpe_databin, trained_ckpt, trained_dstore,
+                                               trained_gate, tmp_path, capsys):
+    import json
+    root, _ = trained_gate
+    other = tmp_path / "gate"
+    other.mkdir()
+    for f in ("gate.pt", "ngrams.npz"):
+        (other / f).write_bytes((root / "gate" / f).read_bytes())
+    meta = json.loads((root / "gate" / "gate.json").read_text())
+    meta["datastore_fingerprint"] = "0" * 16
+    (other / "gate.json").write_text(json.dumps(meta))
+    rc = cli_run(["eval-lm", str(bpe_databin.path), "--path", str(trained_ckpt), "--knnlm",
+                  "--dstore-filename", str(trained_dstore.path), "--gate", str(other),
+                  "--retrieval-fraction", "0.5", "--tokens-per-sample", "64"])
+    assert rc == 2 and "another datastore" in capsys.readouterr().err
