@@ -36,6 +36,7 @@ from .guard import check_output
 from .io import ENCODING_ERRORS, read_text, write_json_atomic
 from .knn import math as knn_math
 from .knn.options import KnnOptions
+from .knn.gate import Gate, StepGate
 from .knn.pointers import PointerWalk
 from .knn.search import KnnSearch
 from .lm.checkpoint import check_model_source, load_lm
@@ -85,9 +86,9 @@ class GenerateConfig(KnnOptions):
             raise UserError("--beam needs --hf-model (beam search is HF's model.generate())")
         if self.knnlm:
             self.check_knn()
-        if self.retomaton and self.hf_model:
-            raise UserError("--retomaton follows one sequence's tokens: it is not available "
-                            "inside model.generate() (--hf-model)")
+        if (self.retomaton or self.gate) and self.hf_model:
+            raise UserError("--retomaton and --gate follow one sequence's tokens: they are not "
+                            "available inside model.generate() (--hf-model)")
 
     def prompts(self) -> list[str]:
         if self.prompt is not None:
@@ -141,27 +142,33 @@ def choose(log_probs: torch.Tensor, cfg: GenerateConfig, gen: torch.Generator) -
 
 
 def next_log_probs(logits: torch.Tensor, query, search, cfg: GenerateConfig,
-                   walk=None) -> tuple[torch.Tensor, dict | None]:
+                   walk=None, gate=None, context=None) -> tuple[torch.Tensor, dict | None]:
     """(V,) log p of the next token: the LM's, or interpolated with p_kNN over all of V
-    (the LM's alone when the search found no neighbour: p_kNN is then undefined); and the
-    neighbours (found by ``walk``, the RetoMaton pointers, when given)."""
+    (the LM's alone when the search found no neighbour: p_kNN is then undefined, or when
+    ``gate`` (:class:`knnlm.knn.gate.StepGate`, given the tokens so far in ``context``)
+    skips the search); and the neighbours (found by ``walk``, the RetoMaton pointers)."""
     lm = torch.log_softmax(logits.double().cpu(), -1)
     if search is None:
         return lm, None
     q = query.float().cpu().numpy()
+    lmbda = cfg.lmbda
+    if gate is not None:
+        lmbda = gate.decide(lm, context, q)
+        if lmbda is None:
+            return lm, None
     r = walk.step(q) if walk is not None else search.search(q[None])
     if not r["mask"].any():
         return lm, r
-        return lm
     vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
     knn_lp = knn_math.knn_full_log_probs(r["scores"], vals, len(lm), cfg.knn_temp, r["mask"])[0]
-    return knn_math.interpolate(lm, knn_lp, cfg.lmbda), r
+    return knn_math.interpolate(lm, knn_lp, lmbda), r
 
 
 def generate_one(model, prompt_ids: np.ndarray, start: int, cfg: GenerateConfig, search,
-                 gen: torch.Generator, device, walk=None) -> tuple[list[int], float]:
+                 gen: torch.Generator, device, walk=None, gate=None) -> tuple[list[int], float]:
     """New token ids for one prompt, and the seconds spent after the prompt's forward.
-    ``walk``: RetoMaton pointers (reset for the prompt, advanced by each chosen token)."""
+    ``walk``: RetoMaton pointers (reset for the prompt, advanced by each chosen token);
+    ``gate``: adaptive retrieval (:class:`knnlm.knn.gate.StepGate`)."""
     ids = [start] + [int(i) for i in prompt_ids]
     limit = model.cfg.max_target_positions
     if len(ids) + cfg.max_new_tokens - 1 > limit:
@@ -173,7 +180,7 @@ def generate_one(model, prompt_ids: np.ndarray, start: int, cfg: GenerateConfig,
     if walk is not None:
         walk.reset()
     for i in range(cfg.max_new_tokens):
-        lp, r = next_log_probs(logits, q, search, cfg, walk)
+        lp, r = next_log_probs(logits, q, search, cfg, walk, gate, ids[1:] + out)
         tok = choose(lp, cfg, gen)
         if walk is not None:
             walk.advance(r["I"][0], r["vals"][0], tok)
@@ -232,6 +239,11 @@ def main(cfg: GenerateConfig) -> dict:
     elif cfg.knnlm:
         search = KnnSearch(cfg, fingerprint, databin, device)
     walk = PointerWalk(search, cfg.min_knns, cfg.max_knns) if cfg.retomaton and search else None
+    gate = None
+    if cfg.gate and search is not None:
+        g = Gate(cfg.gate)
+        g.check(search.ds, fingerprint, cfg.knn_keytype)
+        gate = StepGate(g, cfg, databin.eos)
     vocab, gen = databin.vocab, torch.Generator().manual_seed(cfg.seed)
     prompts = cfg.prompts()
     encoded = [vocab.encode_text(p) for p in prompts]
@@ -245,7 +257,7 @@ def main(cfg: GenerateConfig) -> dict:
     else:
         news, seconds = [], 0.0
         for ids in encoded:
-            new, sec = generate_one(model, ids, databin.eos, cfg, search, gen, device, walk)
+            new, sec = generate_one(model, ids, databin.eos, cfg, search, gen, device, walk, gate)
             news.append(new)
             seconds += sec
     results = []
@@ -263,7 +275,8 @@ def main(cfg: GenerateConfig) -> dict:
                search_backend=search.backend if search is not None else None,
                knn_settings=search.settings if search is not None else None,
                knn_searches=processor.searches if processor is not None else None,
-               efficiency=walk.stats() if walk is not None else None,
+               efficiency=walk.stats() if walk is not None else
+               gate.stats() if gate is not None else None,
                config=config_dict(cfg))
     if cfg.results_path:
         write_json_atomic(cfg.results_path, out)

@@ -128,3 +128,22 @@ def test_a_gate_of_another_datastore_is_refused(bpe_databin, trained_ckpt, train
                   "--dstore-filename", str(trained_dstore.path), "--gate", str(other),
                   "--retrieval-fraction", "0.5", "--tokens-per-sample", "64"])
     assert rc == 2 and "another datastore" in capsys.readouterr().err
+
+
+def test_gated_generation(bpe_databin, trained_ckpt, trained_dstore, trained_gate):
+    from knnlm import generate
+    root, _ = trained_gate
+    cfg = lambda **kw: generate.GenerateConfig(  # noqa: E731
+        data=str(bpe_databin.path), path=str(trained_ckpt), prompt="Enter the king, and my",
+        max_new_tokens=20, knnlm=True, dstore_filename=str(trained_dstore.path), k=16, probe=8,
+        lmbda=0.6, knn_temp=2.0, **kw)
+    plain = generate.main(cfg())["results"][0]["ids"]
+    lm = generate.main(generate.GenerateConfig(data=str(bpe_databin.path), path=str(trained_ckpt),
+                                               prompt="Enter the king, and my",
+                                               max_new_tokens=20))["results"][0]["ids"]
+    every = generate.main(cfg(gate=str(root / "gate"), retrieval_fraction=1.0))
+    assert every["results"][0]["ids"] == plain and every["efficiency"]["searches"] == 20
+    never = generate.main(cfg(gate=str(root / "gate"), retrieval_fraction=0.0))
+    assert never["results"][0]["ids"] == lm and never["efficiency"]["searches"] == 0
+    half = generate.main(cfg(gate=str(root / "gate"), retrieval_fraction=0.5))["efficiency"]
+    assert half["steps"] == 20 and 0 <= half["searches"] <= 20

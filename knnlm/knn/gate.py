@@ -153,3 +153,33 @@ class Gate:
         x = features(stats, tokens, eos, start, end, self.tables,
                      query if self.use_query else None)
         return self.net.lambdas(x)
+
+
+class StepGate:
+    """The gate one position at a time (generation): whether to search, and the λ."""
+
+    def __init__(self, gate: Gate, cfg, eos: int):
+        self.gate, self.cfg, self.eos = gate, cfg, eos
+        self.threshold = gate.threshold(cfg.retrieval_fraction, cfg.gate_threshold)
+        self.steps = self.searches = 0
+
+    def decide(self, lm_log_probs: torch.Tensor, context: list[int], query: np.ndarray
+               ) -> float | None:
+        """The λ of the next token (None: do not search), from p_LM over the vocabulary,
+        the tokens so far (prompt and generated, no start symbol) and the query."""
+        lp = lm_log_probs.double()
+        stats = np.array([[float(-(lp.exp() * lp).sum()), float(lp.max())]], dtype=np.float32)
+        t = len(context)
+        lam = float(self.gate.lambdas(stats, np.asarray(context, dtype=np.int64), self.eos, t,
+                                      t + 1, query[None])[0])
+        self.steps += 1
+        if lam < self.threshold:
+            return None
+        self.searches += 1
+        return lam if self.cfg.gate_lambda else self.cfg.lmbda
+
+    def stats(self) -> dict:
+        return dict(method="adaptive", gate=str(self.gate.path),
+                    retrieval_fraction=self.cfg.retrieval_fraction, threshold=self.threshold,
+                    gate_lambda=self.cfg.gate_lambda, steps=self.steps, searches=self.searches,
+                    searches_saved=1 - self.searches / self.steps if self.steps else 0.0)
