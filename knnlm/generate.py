@@ -160,7 +160,8 @@ def next_log_probs(logits: torch.Tensor, query, search, cfg: GenerateConfig,
     if not r["mask"].any():
         return lm, r
     vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
-    knn_lp = knn_math.knn_full_log_probs(r["scores"], vals, len(lm), cfg.knn_temp, r["mask"])[0]
+    knn_lp = knn_math.knn_full_log_probs(r["scores"], vals, len(lm), cfg.knn_temp, r["mask"],
+                                         r.get("log_counts"))[0]
     return knn_math.interpolate(lm, knn_lp, lmbda), r
 
 

@@ -108,7 +108,7 @@ class KNNLogitsProcessor(_Base):
         self.searches += len(q)
         vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
         knn = knn_math.knn_full_log_probs(r["scores"], vals, scores.shape[-1],
-                                          self.opts.knn_temp, r["mask"])
+                                          self.opts.knn_temp, r["mask"], r.get("log_counts"))
         mixed = knn_math.interpolate(lm, knn, self.opts.lmbda)
         found = r["mask"].any(1)
         mixed = torch.where(found[:, None], mixed, lm)            # no neighbour: p_LM

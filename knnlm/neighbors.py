@@ -86,10 +86,12 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
     walk = PointerWalk(search, search.cfg.min_knns, search.cfg.max_knns) \
         if search.cfg.retomaton else None
     r = walk.search_stream(q, ids) if walk is not None else search.search(q)
-    weights = torch.exp(knn_math.log_weights(r["scores"].masked_fill(~r["mask"], -math.inf), temp))
+    counts = r.get("log_counts")
+    weights = torch.exp(knn_math.log_weights(r["scores"].masked_fill(~r["mask"], -math.inf), temp,
+                                             counts))
     tgt = torch.from_numpy(ids.astype(np.int64))
     p_knn = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]), tgt, temp,
-                                     r["mask"]).exp()
+                                          r["mask"], counts).exp()
     out = []
     for i in range(len(ids)):
         nb = [dict(id=int(r["I"][i, j]), distance=float(r["D"][i, j]),

@@ -13,18 +13,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..knn.datastore import Datastore, DatastoreWriter, is_built, normalize_keytype
+from ..knn.datastore import (Datastore, DatastoreWriter, is_built, normalize_keytype,
+                             subset_rows)
 
 COPY_CHUNK = 1 << 18
-
-
-def subset_rows(n: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted parent rows of the subset: the first round(fraction·n) of a seeded
-    permutation of range(n)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    m = max(1, int(round(fraction * n)))
-    return np.sort(np.random.default_rng([seed, n]).permutation(n)[:m])
 
 
 def subset_meta(parent: Datastore, keytype: str, fraction: float, seed: int, m: int) -> dict:

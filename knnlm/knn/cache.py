@@ -11,6 +11,8 @@ Files in DIR (row i = token i of the evaluated split):
 - ``faiss_dists.npy`` (N, k) float32: the distances search returned (FAISS conventions);
 - ``exact_dists.npy`` (N, k) float32: recomputed from the keys, in the score mode's metric;
   always there when the evaluation scored with them, else with ``--save-exact-dists``;
+- ``log_counts.npy`` (N, k) float32: the neighbours' log counts, for a pruned datastore
+  (``weighted`` in the sidecar);
 - ``cache.json``: the eval config, its score mode (:mod:`knnlm.knn.mode`), k, N,
   datastore and index fingerprints, ``complete``.
 
@@ -31,11 +33,13 @@ CACHE_FORMAT = "knnlm-retrieval-cache"
 CACHE_VERSION = 2     # 2: the score mode recorded; version 1 caches still read
 
 
-def _columns(k: int, exact: bool, ids_dtype: str) -> dict[str, tuple]:
+def _columns(k: int, exact: bool, ids_dtype: str, weighted: bool = False) -> dict[str, tuple]:
     cols = dict(targets=("int32", ()), words=("bool", ()), lm_logprobs=("float32", ()),
                 ids=(ids_dtype, (k,)), vals=("int32", (k,)), faiss_dists=("float32", (k,)))
     if exact:
         cols["exact_dists"] = ("float32", (k,))
+    if weighted:
+        cols["log_counts"] = ("float32", (k,))
     return cols
 
 
@@ -47,12 +51,14 @@ class CacheWriter:
     (same sidecar) is reopened: ``progress`` is what its last :meth:`commit` recorded."""
 
     def __init__(self, path: str | Path, n: int, k: int, exact: bool, meta: dict,
-                 datastore_size: int):
+                 datastore_size: int, weighted: bool = False):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         ids_dtype = "int32" if datastore_size < np.iinfo(np.int32).max else "int64"
         self.meta = dict(meta, format=CACHE_FORMAT, version=CACHE_VERSION, size=n, k=k,
                          exact_dists=exact, ids_dtype=ids_dtype, complete=False)
+        if weighted:
+            self.meta["weighted"] = True
         self.progress = None
         side = self.path / "cache.json"
         if side.is_file():
@@ -72,7 +78,8 @@ class CacheWriter:
         try:
             self.arrays = {name: np.lib.format.open_memmap(self.path / f"{name}.npy", mode=mode,
                                                            dtype=dt, shape=(n, *shape))
-                           for name, (dt, shape) in _columns(k, exact, ids_dtype).items()}
+                           for name, (dt, shape) in _columns(k, exact, ids_dtype,
+                                                             weighted).items()}
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot reopen the cache files in {self.path} to resume ({exc}); "
                             "remove the directory")
@@ -111,7 +118,9 @@ class RetrievalCache:
         if not self.meta.get("size"):
             raise UserError(f"{self.path} holds no tokens")
         self.size, self.k, self.metric = self.meta["size"], self.meta["k"], self.meta["metric"]
-        cols = _columns(self.k, self.meta["exact_dists"], self.meta["ids_dtype"])
+        cols = _columns(self.k, self.meta["exact_dists"], self.meta["ids_dtype"],
+                        bool(self.meta.get("weighted")))
+        self.log_counts = None
         for name, (dt, shape) in cols.items():
             setattr(self, name, open_npy(self.path / f"{name}.npy", (self.size, *shape), dt))
 

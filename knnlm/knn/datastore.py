@@ -6,6 +6,8 @@ Layout of a datastore directory:
   keytype (``att``, ``ffn``, ``layer:N`` is written as ``keys_layer3.npy``);
 - ``vals.npy``: (N,) next-token ids, int32 (int64 only for vocabularies beyond int32);
 - ``pos.npy``: (N,) position of each entry's target in the tokenized split;
+- ``counts.npy`` (pruned datastores only, ``weighted`` in the sidecar): (N,) float32, how
+  many original entries each entry stands for (its weight in the kNN softmax);
 - ``datastore.json``: format version, N, D, dtypes, keytypes, split, blocking, model and
   tokenizer fingerprints, ``rows_written`` and ``complete``.
 
@@ -70,6 +72,15 @@ def is_built(path: str | Path, meta: dict) -> bool:
         return False
     old = read_json(sidecar, "datastore sidecar")
     return bool(old.get("complete")) and same_build(old, meta)
+
+
+def subset_rows(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted parent rows of the subset: the first round(fraction·n) of a seeded
+    permutation of range(n)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    m = max(1, int(round(fraction * n)))
+    return np.sort(np.random.default_rng([seed, n]).permutation(n)[:m])
 
 
 class DatastoreWriter:
@@ -152,6 +163,8 @@ class Datastore:
         self.pos = self._open("pos.npy", (self.size,), self.meta["pos_dtype"], in_memory)
         self._in_memory = in_memory
         self._keys: dict[str, np.ndarray] = {}
+        self.counts = self._open("counts.npy", (self.size,), "float32", in_memory) \
+            if self.meta.get("weighted") else None
 
     def _open(self, name: str, shape: tuple, dtype: str, in_memory: bool) -> np.ndarray:
         arr = open_npy(self.path / name, shape, dtype)

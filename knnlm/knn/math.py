@@ -11,6 +11,10 @@ s = -D); with the inner-product metric s_i = <q, k_i> (FAISS returns it, so s = 
 A token with no matching neighbour has log p_kNN = -inf; the interpolation still gives a
 finite log p for λ < 1. λ = 0 returns log p_LM and λ = 1 returns log p_kNN exactly.
 
+A pruned datastore (``knnlm prune-dstore``) gives each entry a weight c_i (how many entries
+it stands for): the neighbour's term becomes c_i · exp(s_i / T), i.e. ``log_counts``
+log c_i is added to s_i / T, and c merged entries count as c identical ones.
+
 Shapes: B queries, k neighbours, V vocabulary, D dimensions.
 """
 from __future__ import annotations
@@ -32,21 +36,27 @@ def scores_from_distances(D: torch.Tensor, metric: str) -> torch.Tensor:
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
 
 
-def log_weights(scores: torch.Tensor, temp: float) -> torch.Tensor:
-    """(B, k) log softmax of scores / T over the neighbours."""
+def log_weights(scores: torch.Tensor, temp: float,
+                log_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, k) log softmax of scores / T (+ the entries' log counts) over the neighbours."""
     if temp <= 0:
         raise ValueError(f"temperature must be > 0, got {temp}")
-    return torch.log_softmax(scores / temp, dim=-1)
+    s = scores / temp
+    return torch.log_softmax(s if log_counts is None else s + log_counts, dim=-1)
 
 
 def knn_target_log_probs(scores: torch.Tensor, vals: torch.Tensor, targets: torch.Tensor,
-                         temp: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                         temp: float = 1.0, mask: torch.Tensor | None = None,
+                         log_counts: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) log p_kNN(target): log of the softmax mass of neighbours whose value is the target.
 
     ``mask`` (B, k) bool drops neighbours (e.g. all but the first k' <= k, or self-hits);
-    a row with no kept neighbour matching the target gets -inf.
+    a row with no kept neighbour matching the target gets -inf. ``log_counts`` (B, k):
+    the neighbours' log counts (a pruned datastore).
     """
     s = scores / temp
+    if log_counts is not None:
+        s = s + log_counts
     if mask is not None:
         s = s.masked_fill(~mask, NEG_INF)
     log_z = torch.logsumexp(s, dim=-1)
@@ -57,7 +67,8 @@ def knn_target_log_probs(scores: torch.Tensor, vals: torch.Tensor, targets: torc
 
 
 def knn_target_log_probs_temps(scores: torch.Tensor, vals: torch.Tensor, targets: torch.Tensor,
-                               temps: list[float], mask: torch.Tensor | None = None) -> torch.Tensor:
+                               temps: list[float], mask: torch.Tensor | None = None,
+                               log_counts: torch.Tensor | None = None) -> torch.Tensor:
     """(len(temps), B) log p_kNN(target) at several temperatures, for sweeps.
 
     Equal to :func:`knn_target_log_probs` at each T, but ~4x cheaper: the row maximum and
@@ -73,25 +84,30 @@ def knn_target_log_probs_temps(scores: torch.Tensor, vals: torch.Tensor, targets
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     d0 = (scores - m).float().masked_fill(~mask, NEG_INF)        # <= 0; -inf where dropped
     hitf = hit.float()
+    w = None if log_counts is None else torch.exp(log_counts.float())   # counts: >= 1
     any_hit, any_kept = hit.any(-1), mask.any(-1)
     out = torch.empty(len(temps), len(scores), dtype=torch.float64, device=scores.device)
     for i, T in enumerate(temps):
         if T <= 0:
             raise ValueError(f"temperature must be > 0, got {T}")
         e = torch.exp(d0 * (1.0 / T))
+        if w is not None:
+            e = e * w
         z, h = e.sum(-1), (e * hitf).sum(-1)
         row = torch.log(h.double()) - torch.log(z.double())
         row = torch.where(any_kept, row, torch.full_like(row, NEG_INF))
         redo = any_hit & (h == 0)
         if redo.any():
-            row[redo] = knn_target_log_probs(scores[redo].double(), vals[redo], targets[redo], T,
-                                             mask[redo]).double()
+            row[redo] = knn_target_log_probs(
+                scores[redo].double(), vals[redo], targets[redo], T, mask[redo],
+                None if log_counts is None else log_counts[redo].double()).double()
         out[i] = row
     return out
 
 
 def knn_full_log_probs(scores: torch.Tensor, vals: torch.Tensor, vocab_size: int,
-                       temp: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                       temp: float = 1.0, mask: torch.Tensor | None = None,
+                       log_counts: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) log p_kNN over the whole vocabulary (for generation).
 
     The neighbour weights are scattered into V in a numerically safe way: subtract each
@@ -99,6 +115,8 @@ def knn_full_log_probs(scores: torch.Tensor, vals: torch.Tensor, vocab_size: int
     whose every neighbour is masked has no distribution: all -inf (p_kNN = 0), never NaN.
     """
     s = (scores / temp).double()
+    if log_counts is not None:
+        s = s + log_counts.double()
     if mask is not None:
         s = s.masked_fill(~mask, NEG_INF)
     m = s.max(dim=-1, keepdim=True).values

@@ -32,7 +32,7 @@ def check_pointer_flags(cfg) -> None:
     if cfg.min_knns < 0 or (cfg.max_knns is not None and cfg.max_knns <= 0):
         raise UserError("--min-knns must be >= 0 and --max-knns > 0")
     if cfg.exact_search:
-        raise UserError("--min-knns with --exact-search: the exact search runs once over all "
+        raise UserError("--retomaton with --exact-search: the exact search runs once over all "
                         "queries, so pointers save nothing; use an index")
     if cfg.ignore_top:
         raise UserError("--min-knns and --ignore-top are exclusive (a pointer may be the "
@@ -55,6 +55,10 @@ class PointerWalk:
         self.pointers = np.empty(0, dtype=np.int64)
         self.searches = 0
         self.steps = 0
+        if knn.ds.meta.get("pruned") or knn.ds.meta.get("subset"):
+            raise UserError(f"--retomaton follows entry i to entry i + 1 of the training text; "
+                            f"{knn.ds.path} is pruned or a subset, so its entries are not a "
+                            "sequence")
 
     def reset(self) -> None:
         """Forget the pointers (a new, unrelated text starts)."""

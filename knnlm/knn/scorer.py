@@ -45,7 +45,8 @@ class KnnScorer:
                         search_backend=self.knn.backend)
             # the distances the scores come from are always kept (a sweep reproduces them)
             self.cache = CacheWriter(cfg.save_retrieval, n_tokens, cfg.k,
-                                     cfg.save_exact_dists or mode.recompute, meta, ds.size)
+                                     cfg.save_exact_dists or mode.recompute, meta, ds.size,
+                                     weighted=ds.counts is not None)
         self.progress = self.cache.progress if self.cache is not None else None
         resume = bool(self.progress)   # resuming: keep the rows already written
         self.walk = PointerWalk(self.knn, cfg.min_knns, cfg.max_knns) if cfg.retomaton else None
@@ -138,10 +139,12 @@ class KnnScorer:
             self.knn.search(q, found)
         lp = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]),
                                            torch.from_numpy(targets), self.cfg.knn_temp,
-                                           r["mask"])
+                                           r["mask"], r.get("log_counts"))
         if self.cache is not None:
+            counts = r.get("log_counts")
             self.cache.write(start, targets=targets, words=words, lm_logprobs=lm_lp, ids=r["I"],
-                             vals=r["vals"], faiss_dists=r["D"], exact_dists=r["exact"])
+                             vals=r["vals"], faiss_dists=r["D"], exact_dists=r["exact"],
+                             log_counts=None if counts is None else counts.numpy())
         return lp.numpy()
 
     def close(self, summary: dict) -> None:

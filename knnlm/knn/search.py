@@ -102,6 +102,14 @@ class Retriever:
         """(B, k) neighbour values; -1 where the neighbour is missing."""
         return np.where(ids >= 0, np.asarray(self.vals[np.where(ids >= 0, ids, 0)]), -1)
 
+    def log_counts(self, ids: np.ndarray) -> torch.Tensor | None:
+        """(B, k) float64 log counts of a pruned datastore's entries (0 where missing);
+        None for an ordinary datastore (every entry counts once)."""
+        if self.ds.counts is None:
+            return None
+        c = np.where(ids >= 0, np.asarray(self.ds.counts[np.where(ids >= 0, ids, 0)]), 1.0)
+        return torch.from_numpy(np.log(c.astype(np.float64)))
+
     def recompute(self, q: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
         if self.keys is None:
             raise UserError("exact distances need the stored keys (drop --no-load-keys)")
@@ -196,7 +204,8 @@ class KnnSearch:
     def search(self, q: np.ndarray, found: tuple | None = None) -> dict:
         """(B, D) float32 queries -> D, I (B, k) as searched (minus the self-hit with
         --ignore-top), their values, exact distances (when recomputed or asked for), and
-        ``scores`` (B, k) float64 in the configured score mode, ``mask`` of real neighbours.
+        ``scores`` (B, k) float64 in the configured score mode, ``mask`` of real neighbours,
+        ``log_counts`` (B, k) of a pruned datastore's entries (else None).
         ``found``: the (D, I) of these queries, already searched (:meth:`search_all`)."""
         D, I = found if found is not None else self.retriever.search(q)
         if self.cfg.ignore_top:   # scoring the datastore's own text: drop the self-hit
@@ -207,7 +216,8 @@ class KnnSearch:
             exact = self.retriever.recompute(q, I, mode.metric)
         dist = exact if mode.recompute else D
         scores = knn_math.scores_from_distances(torch.from_numpy(dist).double(), mode.metric)
-        return dict(D=D, I=I, vals=vals, exact=exact, scores=scores, mask=torch.from_numpy(I >= 0))
+        return dict(D=D, I=I, vals=vals, exact=exact, scores=scores, mask=torch.from_numpy(I >= 0),
+                    log_counts=self.retriever.log_counts(I))
 
     def search_all(self, queries, state_dir=None, quiet: bool = True,
                    part: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:

@@ -96,7 +96,8 @@ class SweepConfig:
 
 def cache_chunks(cache: RetrievalCache, score: str, k: int, dtype=np.float32):
     """The cache ``ROWS_PER_CHUNK`` rows at a time: (start, end, scores (c, k) in the
-    score mode of column ``score``, values, targets, mask of real neighbours)."""
+    score mode of column ``score``, values, targets, mask of real neighbours, log counts
+    of a pruned datastore's neighbours or None)."""
     metric = cache.mode_of(score).metric
     dists = cache.exact_dists if score == "exact" else cache.faiss_dists
     for s in range(0, cache.size, ROWS_PER_CHUNK):
@@ -106,7 +107,9 @@ def cache_chunks(cache: RetrievalCache, score: str, k: int, dtype=np.float32):
         ids = torch.from_numpy(np.array(cache.ids[s:e, :k], dtype=np.int64))
         vals = torch.from_numpy(np.array(cache.vals[s:e, :k], dtype=np.int64))
         tgt = torch.from_numpy(np.array(cache.targets[s:e], dtype=np.int64))
-        yield s, e, knn_math.scores_from_distances(d, metric), vals, tgt, ids >= 0
+        counts = None if cache.log_counts is None else \
+            torch.from_numpy(np.array(cache.log_counts[s:e, :k], dtype=dtype))
+        yield s, e, knn_math.scores_from_distances(d, metric), vals, tgt, ids >= 0, counts
 
 
 def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
@@ -120,12 +123,12 @@ def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
     oracle = torch.zeros(len(temps), dtype=torch.float64)
     lm_sum = 0.0
     chunks = cache_chunks(cache, score, k)
-    for s, e, scores, vals, tgt, mask in tqdm(chunks, total=-(-cache.size // ROWS_PER_CHUNK),
-                                              disable=True if quiet else None,
-                                              desc=f"sweep {score} k={k}", unit="chunk"):
+    for s, e, scores, vals, tgt, mask, counts in tqdm(
+            chunks, total=-(-cache.size // ROWS_PER_CHUNK), disable=True if quiet else None,
+            desc=f"sweep {score} k={k}", unit="chunk"):
         lm = torch.from_numpy(np.array(cache.lm_logprobs[s:e], dtype=np.float64))
         lm_sum += float(lm.sum())
-        kls = knn_math.knn_target_log_probs_temps(scores, vals, tgt, temps, mask)   # (T, c)
+        kls = knn_math.knn_target_log_probs_temps(scores, vals, tgt, temps, mask, counts)  # (T, c)
         for ti, kl in enumerate(kls):
             knn_sum[ti] += kl.sum()
             oracle[ti] += torch.maximum(kl, lm).sum()
@@ -146,8 +149,8 @@ def token_log_probs(cache: RetrievalCache, score: str, k: int, temp: float, lmbd
     at ``lmbda``), float64 (N,) each — the numbers a sweep point sums."""
     lm = np.asarray(cache.lm_logprobs, dtype=np.float64)
     knn = np.empty(cache.size)
-    for s, e, scores, vals, tgt, mask in cache_chunks(cache, score, k, np.float64):
-        knn[s:e] = knn_math.knn_target_log_probs(scores, vals, tgt, temp, mask).numpy()
+    for s, e, scores, vals, tgt, mask, counts in cache_chunks(cache, score, k, np.float64):
+        knn[s:e] = knn_math.knn_target_log_probs(scores, vals, tgt, temp, mask, counts).numpy()
     mix = knn_math.interpolate(torch.from_numpy(lm), torch.from_numpy(knn), lmbda).numpy()
     return lm, knn, mix
 
