@@ -8,6 +8,7 @@
     knnlm build-index --dstore-dir DIR ...      FAISS index over one keytype
     knnlm plan --dstore-size N --dimension D    disk, RAM and time of a datastore and index
     knnlm prune-dstore --dstore-dir D --out D2  a smaller weighted datastore (merge, random, kmeans)
+    knnlm reduce-dstore --dstore-dir D --out D2 --pca-dim d   PCA-reduced keys
     knnlm sweep --cache DIR ...                 offline sweeps over a retrieval cache
     knnlm centroids --dstore-dir DIR --out D    centroids of datastore keys (eval-lm --load-centroids)
     knnlm tune DATA_BIN --path CKPT ...         best λ, T, k, score mode of an index -> tuned.json
@@ -42,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "build-index": ("knnlm.knn.index", "BuildIndexConfig", "build a FAISS index over datastore keys"),
     "prune-dstore": ("knnlm.knn.prune", "PruneConfig",
                      "a smaller weighted datastore: greedy merging, random or k-means pruning"),
+    "reduce-dstore": ("knnlm.knn.reduce", "ReduceConfig",
+                      "a datastore of PCA-reduced keys (queries are projected at search time)"),
     "plan": ("knnlm.knn.plan", "PlanConfig",
              "disk, RAM and time a datastore and its index will need, before building"),
     "centroids": ("knnlm.knn.centroids", "CentroidsConfig",

@@ -266,7 +266,7 @@ def exact_batches(model, tokens: np.ndarray, windows: list, done: int, databin: 
     Each pass resumes after a kill (in the retrieval cache's work directory). Under
     torchrun the ranks split the keys of pass 2 (:func:`search_rank`)."""
     n, work = len(tokens), knn_scorer.work_dir
-    cols = dict(queries=(np.float32, (n, knn_scorer.knn.ds.dim)), lm=(np.float32, (n,)),
+    cols = dict(queries=(np.float32, (n, knn_scorer.knn.ds.query_dim)), lm=(np.float32, (n,)),
                 targets=(np.int64, (n,)), words=(np.bool_, (n,)))
     side = work / "lm_pass.json"
     old = read_json(side, "LM pass progress") if side.is_file() else {}

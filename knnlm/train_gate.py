@@ -182,7 +182,7 @@ def _train(cfg, cache, ecfg, databin, ds, temp, lmbda) -> dict:
     lam_all = net.lambdas(x)
     rows = curves(lam_all[n_train:], lm[n_train:], knn[n_train:], lmbda, cfg.seed)
     torch.save(net.state_dict(), out / "gate.pt")
-    names = list(FEATURES) + ([f"query_{i}" for i in range(ds.dim)] if cfg.gate_query else [])
+    names = list(FEATURES) + ([f"query_{i}" for i in range(ds.query_dim)] if cfg.gate_query else [])
     meta = dict(format="knnlm-gate", version=1, complete=True, features=names,
                 n_features=x.shape[1], use_query=cfg.gate_query, keytype=ecfg["knn_keytype"],
                 datastore_fingerprint=ds.fingerprint, model_fingerprint=fingerprint,

@@ -170,6 +170,11 @@ class Datastore:
         arr = open_npy(self.path / name, shape, dtype)
         return np.array(arr) if in_memory else arr
 
+    @property
+    def query_dim(self) -> int:
+        """Dimension of the model's queries (a reduced datastore's keys have fewer)."""
+        return int((self.meta.get("projection") or {}).get("input_dim", self.dim))
+
     def keys(self, keytype: str) -> np.ndarray:
         kt = normalize_keytype(keytype)
         if kt not in self.keytypes:

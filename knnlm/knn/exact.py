@@ -81,7 +81,10 @@ def brute_force_search(q: torch.Tensor, keys, k: int, metric: str,
 def _key_chunk(keys, start: int, end: int, device) -> torch.Tensor:
     if isinstance(keys, torch.Tensor):
         return keys[start:end].to(device).float()
-    return torch.from_numpy(np.asarray(keys[start:end], dtype=np.float32)).to(device)
+    chunk = keys[start:end]
+    if chunk.dtype == np.float32 and not chunk.flags.writeable:
+        chunk = np.array(chunk)      # fp32 keys on a read-only memmap: torch wants writable
+    return torch.from_numpy(np.asarray(chunk, dtype=np.float32)).to(device)
 
 
 def queries_fingerprint(queries) -> str:

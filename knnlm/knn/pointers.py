@@ -80,6 +80,7 @@ class PointerWalk:
         """One step's (ids, exact distances) for one (D,) query: the pointers alone, or the
         k best of a search and the pointers; ids sorted closest first."""
         self.steps += 1
+        q = self.knn.project(q[None])[0]
         ptr = self.pointers[:self.max_knns]
         self.searched = len(ptr) < self.min_knns
         if not self.searched:

@@ -63,7 +63,7 @@ class KnnScorer:
         if cfg.save_knn_scores:
             self.knn_scores = open_token_memmap(cfg.save_knn_scores, n_tokens, np.float32, resume)
         if cfg.save_queries:
-            self.queries = open_token_memmap(cfg.save_queries, (n_tokens, ds.dim), np.float32,
+            self.queries = open_token_memmap(cfg.save_queries, (n_tokens, ds.query_dim), np.float32,
                                              resume)
 
     @property

@@ -178,6 +178,11 @@ class KnnSearch:
         ds = Datastore(cfg.dstore_filename, in_memory=cfg.move_dstore_to_mem)
         ds.check_model(model_fingerprint, databin.tokenizer_sha256)
         self.ds = ds
+        self.projection = None
+        if ds.meta.get("projection"):     # a reduced datastore: queries are projected first
+            from .reduce import Projection
+            self.projection = Projection(ds)
+            log(f"queries projected: PCA {ds.query_dim} -> {ds.dim} dims ({ds.path})")
         index, self.index_meta, path = None, None, None
         self.backend = f"brute force ({device if cfg.knnlm_gpu else 'cpu'})"
         if not cfg.exact_search:
@@ -201,12 +206,18 @@ class KnnSearch:
         self.retriever = Retriever(ds, self.keytype, self.k_search, self.mode.search_metric, index,
                                    cfg.exact_search, cfg.load_keys or need_exact, bf_device)
 
+    def project(self, q: np.ndarray) -> np.ndarray:
+        """The model's (B, D) queries in the datastore's key space (a reduced datastore's
+        projection; else unchanged)."""
+        return q if self.projection is None else self.projection(q)
+
     def search(self, q: np.ndarray, found: tuple | None = None) -> dict:
         """(B, D) float32 queries -> D, I (B, k) as searched (minus the self-hit with
         --ignore-top), their values, exact distances (when recomputed or asked for), and
         ``scores`` (B, k) float64 in the configured score mode, ``mask`` of real neighbours,
         ``log_counts`` (B, k) of a pruned datastore's entries (else None).
         ``found``: the (D, I) of these queries, already searched (:meth:`search_all`)."""
+        q = self.project(q)
         D, I = found if found is not None else self.retriever.search(q)
         if self.cfg.ignore_top:   # scoring the datastore's own text: drop the self-hit
             D, I = D[:, 1:], I[:, 1:]
@@ -228,6 +239,9 @@ class KnnSearch:
             raise ValueError("search_all is the exact search; this mode searches an index")
         r, w = part
         n = self.ds.size
+        if self.projection is not None:
+            queries = np.concatenate([self.project(np.asarray(queries[s:s + 65536]))
+                                      for s in range(0, len(queries), 65536)])
         ident = dict(datastore=self.ds.fingerprint, keytype=self.keytype)
         return stream_search(queries, self.retriever._search_keys(), self.k_search,
                              self.mode.search_metric, device=self.retriever.device,
