@@ -123,6 +123,22 @@ def test_overfit_rows_equal_direct_evals(analysis, overfit_dir):
     assert "Overfitting" in open(f"{cfg.results_dir}/report.md").read()
 
 
+def test_efficiency_part(analysis):
+    cfg, res = analysis
+    part = res["efficiency"]
+    rows = {r["name"]: r for r in part["rows"]}
+    plain = rows["kNN-LM"]
+    assert plain["speedup"] == 1 and plain["searched"] == 1 and plain["ppl"] < part["lm_only"]["ppl"]
+    for name, r in rows.items():
+        if name.startswith("adaptive"):
+            f = float(name.split()[1].rstrip(","))
+            assert abs(r["searched"] - f) < 0.25 and r["efficiency"]["method"] == "adaptive"
+        if name.startswith("retomaton"):
+            assert r["efficiency"]["steps"] == cfg.max_eval_tokens
+    assert any(n.startswith("merge k'") for n in rows) and part["pareto"]
+    assert "Efficiency" in open(f"{cfg.results_dir}/report.md").read()
+
+
 def test_rerun_skips_everything_and_reports(analysis, capsys):
     cfg, res = analysis
     again = analyze.main(cfg)

@@ -23,7 +23,9 @@ retrieval helps: by training frequency of the target, and the types that gain an
 most, as text), parametric
 (heads alone and interpolated with the base, next to the kNN-LM), overfit (the base LM
 trained past convergence, ``--overfit-dir``: train and eval perplexity per epoch, alone
-and with the base LM). Every eval writes a
+and with the base LM), efficiency (adaptive retrieval, RetoMaton pointers, pruning, PCA,
+alone and combined: tokens/s, perplexity and share of tokens searched against the plain
+kNN-LM, on the same tokens). Every eval writes a
 retrieval cache once; all λ and T optima come from sweeps over the caches. Re-running
 skips every finished part, index and eval whose recorded configuration matches.
 """
@@ -43,7 +45,7 @@ from ..util import UserError, command_line, config_dict, flag
 from . import parts, report
 
 PARTS = ("representation", "retrieval", "temperature", "size", "overlap", "tokens", "parametric",
-         "overfit")
+         "overfit", "efficiency")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ..knn.datastore import Datastore
 from ..knn.search import default_index_path
 from ..lm.checkpoint import load_checkpoint
 from ..util import command_line, config_dict
-from . import stats
+from . import efficiency as eff_mod, stats
 from .subsample import write_subset
 
 OVERLAP_KS = (1, 8, 64, 256, 1024)
@@ -296,3 +296,24 @@ def overfit(cfg, runner: Runner) -> dict:
                 train_tokens=cfg.overfit_train_tokens, rows=rows,
                 knnlm=dict(best=knn_summary["best"], command=knn_summary["command"]),
                 commands=[base_cmd, base_train_cmd])
+
+
+def efficiency(cfg, runner: Runner) -> dict:
+    """The efficiency methods (:mod:`knnlm.analysis.efficiency`) at the main kNN-LM's tuned
+    point (att, L2, FAISS neighbours scored by exact L2), on the analysis tokens; the gates
+    are trained on the other held-out split."""
+    cache, cmds = runner.main_eval("att", "l2")
+    best = runner.summary(cache, "exact")["best"]
+    meta = read_json(str(runner.index_path("att", "l2")) + ".json", "index sidecar")
+    ecfg = eff_mod.EfficiencyConfig(
+        data=cfg.data, path=cfg.path, dstore=cfg.dstore_filename, work=str(runner.out / "efficiency"),
+        split=cfg.gen_subset, tokens=cfg.max_eval_tokens, tokens_per_sample=cfg.tokens_per_sample,
+        context_window=cfg.context_window, k=cfg.k, probe=cfg.probe, lmbda=best["lmbda"],
+        knn_temp=best["temp"], factory=meta["factory"], train_size=cfg.train_size,
+        gate_split="test" if cfg.gen_subset == "valid" else "valid",
+        gate_tokens=cfg.max_eval_tokens or 20000, pca_dim=min(64, runner.ds.dim // 2),
+        quiet=cfg.quiet)
+    res = runner._timed("efficiency", eff_mod.run, ecfg)
+    res.update(lmbda=best["lmbda"], temp=best["temp"], factory=meta["factory"],
+               commands=cmds + [runner.summary(cache, "exact")["command"]])
+    return res
