@@ -9,6 +9,7 @@
     knnlm plan --dstore-size N --dimension D    disk, RAM and time of a datastore and index
     knnlm prune-dstore --dstore-dir D --out D2  a smaller weighted datastore (merge, random, kmeans)
     knnlm reduce-dstore --dstore-dir D --out D2 --pca-dim d   PCA-reduced keys
+    knnlm cluster-dstore --dstore-dir D ...     clusters of the keys (generate/eval --members)
     knnlm sweep --cache DIR ...                 offline sweeps over a retrieval cache
     knnlm centroids --dstore-dir DIR --out D    centroids of datastore keys (eval-lm --load-centroids)
     knnlm tune DATA_BIN --path CKPT ...         best λ, T, k, score mode of an index -> tuned.json
@@ -45,6 +46,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                      "a smaller weighted datastore: greedy merging, random or k-means pruning"),
     "reduce-dstore": ("knnlm.knn.reduce", "ReduceConfig",
                       "a datastore of PCA-reduced keys (queries are projected at search time)"),
+    "cluster-dstore": ("knnlm.knn.clusters", "ClusterConfig",
+                       "k-means clusters of the keys, for RetoMaton's wider pointers"),
     "plan": ("knnlm.knn.plan", "PlanConfig",
              "disk, RAM and time a datastore and its index will need, before building"),
     "centroids": ("knnlm.knn.centroids", "CentroidsConfig",

@@ -239,7 +239,8 @@ def main(cfg: GenerateConfig) -> dict:
         cfg.k, cfg.lmbda, cfg.knn_temp, cfg.knn_sim_func = o.k, o.lmbda, o.knn_temp, o.knn_sim_func
     elif cfg.knnlm:
         search = KnnSearch(cfg, fingerprint, databin, device)
-    walk = PointerWalk(search, cfg.min_knns, cfg.max_knns) if cfg.retomaton and search else None
+    walk = PointerWalk(search, cfg.min_knns, cfg.max_knns, cfg.members) \
+        if cfg.retomaton and search else None
     gate = None
     if cfg.gate and search is not None:
         g = Gate(cfg.gate)

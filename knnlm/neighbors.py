@@ -83,7 +83,8 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
         feats, hid = model(inp.to(device), return_hidden=(search.keytype,))
         lm = torch.log_softmax(model.output_layer(feats[0]).double(), -1).cpu()
     q = hid[search.keytype][0].float().cpu().numpy()
-    walk = PointerWalk(search, search.cfg.min_knns, search.cfg.max_knns) \
+    o = search.cfg
+    walk = PointerWalk(search, o.min_knns, o.max_knns, o.members) \
         if search.cfg.retomaton else None
     r = walk.search_stream(q, ids) if walk is not None else search.search(q)
     counts = r.get("log_counts")

@@ -45,13 +45,19 @@ def test_searching_every_step_is_the_plain_knnlm(bpe_databin, trained_ckpt, trai
     assert plain["interpolated"].get("efficiency") is None
 
 
-def reference_walk(queries, targets, keys, vals, ivf, k, min_knns):
-    """RetoMaton from its definition, one token at a time, in plain numpy."""
+def reference_walk(queries, targets, keys, vals, ivf, k, min_knns, cluster=None):
+    """RetoMaton from its definition, one token at a time, in plain numpy (``cluster``:
+    each entry's cluster; pointers are joined by their clusters' members)."""
     n = len(keys)
     pointers, searches, out = [], 0, []
     for q, y in zip(queries, targets):
         cand = list(pointers[:k])
-        if len(cand) < min_knns:
+        if cluster is not None and cand:
+            ids, counts = np.unique(cluster[cand], return_counts=True)
+            for c in ids[np.argsort(-counts, kind="stable")]:
+                cand += [int(i) for i in np.flatnonzero(cluster == c) if int(i) not in cand]
+            cand = cand[:k]
+        if len(pointers) < min_knns:
             searches += 1
             _, found = ivf.search(q[None].astype(np.float32), k)
             merged = [int(i) for i in found[0] if i >= 0]
@@ -119,11 +125,38 @@ def test_killed_walk_resumes_exactly(bpe_databin, trained_ckpt, trained_dstore, 
     assert (tmp_path / "b" / "knn.npy").read_bytes() == (tmp_path / "ref" / "knn.npy").read_bytes()
 
 
+def test_cluster_members_widen_the_pointers(bpe_databin, trained_ckpt, trained_dstore, indexes,
+                                            tmp_path):
+    members = tmp_path / "members.npz"
+    assert cli_run(["cluster-dstore", "--dstore-dir", str(trained_dstore.path), "--out",
+                    str(members), "--num-clusters", "400", "--sample-size", "20000",
+                    "--quiet"]) == 0
+    z = np.load(members)
+    cluster = z["cluster"]
+    assert np.array_equal(np.sort(z["members"]), np.arange(trained_dstore.size))
+    assert np.array_equal(cluster[z["members"]], np.sort(cluster))
+    res = run_eval(cfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, indexes["ivf"],
+                       retomaton=True, min_knns=2, members=str(members),
+                       save_knn_scores=str(tmp_path / "knn.npy"),
+                       save_queries=str(tmp_path / "q.npy"), save_tokens=str(tmp_path / "t.npy")))
+    ivf = faiss.read_index(indexes["ivf"])
+    faiss.extract_index_ivf(ivf).nprobe = 4
+    ref, searches = reference_walk(np.load(tmp_path / "q.npy"), np.load(tmp_path / "t.npy"),
+                                   np.asarray(trained_dstore.keys("att")),
+                                   np.asarray(trained_dstore.vals), ivf, K, 2, cluster)
+    got = np.load(tmp_path / "knn.npy")
+    assert np.array_equal(np.isinf(got), np.isinf(ref))
+    np.testing.assert_allclose(got[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-5, atol=1e-6)
+    assert res["interpolated"]["efficiency"]["searches"] == searches
+    assert res["interpolated"]["efficiency"]["members"] == str(members)
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--exact-search"], "--exact-search"),
     (["--knn-sim-func", "do_not_recomp_l2"], "recompute"),
     (["--ignore-top"], "exclusive"),
     (["--min-knns", "-1"], "--min-knns"),
+    (["--members", "m.npz"], "members"),
 ])
 def test_bad_pointer_flags(bpe_databin, trained_ckpt, trained_dstore, extra, needle, capsys):
     rc = cli_run(["eval-lm", str(bpe_databin.path), "--path", str(trained_ckpt), "--knnlm",

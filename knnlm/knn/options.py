@@ -54,6 +54,8 @@ class KnnOptions:
                            "only when fewer than --min-knns remain")
     min_knns: int = flag(1, "--retomaton: search when fewer pointers than this remain")
     max_knns: int | None = flag(None, "--retomaton: pointers kept per step (default: --k)")
+    members: str | None = flag(None, "--retomaton: clusters of the entries (knnlm "
+                               "cluster-dstore): pointers are joined by their clusters' members")
     gate: str | None = flag(None, "--knnlm: adaptive retrieval: search only the tokens this "
                             "gate (knnlm train-gate) ranks highest; the others keep p_LM")
     retrieval_fraction: float | None = flag(None, "--gate: share of tokens to search (through "
@@ -79,7 +81,7 @@ class KnnOptions:
             raise UserError(f"--knn-temp must be > 0, got {self.knn_temp}")
         if self.knnlm_gpus < 0:
             raise UserError(f"--knnlm-gpus must be >= 0, got {self.knnlm_gpus}")
-        if self.retomaton:
+        if self.retomaton or self.members:
             from .pointers import check_pointer_flags
             check_pointer_flags(self)
         if self.gate:

@@ -20,6 +20,8 @@ every step.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -29,6 +31,10 @@ from . import math as knn_math
 
 def check_pointer_flags(cfg) -> None:
     """Validate --retomaton's flags against the other kNN flags."""
+    if cfg.members and not cfg.retomaton:
+        raise UserError("--members goes with --retomaton")
+    if cfg.members and not Path(cfg.members).is_file():
+        raise UserError(f"--members file not found: {cfg.members}")
     if cfg.min_knns < 0 or (cfg.max_knns is not None and cfg.max_knns <= 0):
         raise UserError("--min-knns must be >= 0 and --max-knns > 0")
     if cfg.exact_search:
@@ -46,7 +52,10 @@ def check_pointer_flags(cfg) -> None:
 class PointerWalk:
     """The RetoMaton walk over a token stream for a :class:`knnlm.knn.search.KnnSearch`."""
 
-    def __init__(self, knn, min_knns: int, max_knns: int | None = None):
+    def __init__(self, knn, min_knns: int, max_knns: int | None = None,
+                 members: str | None = None):
+        """``members``: a `knnlm cluster-dstore` file; each step's pointers are then
+        joined by the other members of their clusters (up to ``max_knns`` in all)."""
         self.knn, self.min_knns = knn, min_knns
         self.k = knn.cfg.k
         self.max_knns = max_knns or self.k
@@ -59,6 +68,10 @@ class PointerWalk:
             raise UserError(f"--retomaton follows entry i to entry i + 1 of the training text; "
                             f"{knn.ds.path} is pruned or a subset, so its entries are not a "
                             "sequence")
+        self.members = None
+        if members:
+            from .clusters import Members
+            self.members = Members(members, knn.ds)
 
     def reset(self) -> None:
         """Forget the pointers (a new, unrelated text starts)."""
@@ -74,6 +87,7 @@ class PointerWalk:
     def stats(self) -> dict:
         saved = 1 - self.searches / self.steps if self.steps else 0.0
         return dict(method="retomaton", min_knns=self.min_knns, max_knns=self.max_knns,
+                    members=None if self.members is None else str(self.members.path),
                     steps=self.steps, searches=self.searches, searches_saved=saved)
 
     def neighbours(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,8 +95,9 @@ class PointerWalk:
         k best of a search and the pointers; ids sorted closest first."""
         self.steps += 1
         q = self.knn.project(q[None])[0]
-        ptr = self.pointers[:self.max_knns]
-        self.searched = len(ptr) < self.min_knns
+        self.searched = len(self.pointers) < self.min_knns
+        ptr = self.members.extend(self.pointers, self.max_knns) if self.members is not None \
+            else self.pointers[:self.max_knns]
         if not self.searched:
             ids = ptr
         else:

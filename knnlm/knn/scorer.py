@@ -49,7 +49,8 @@ class KnnScorer:
                                      weighted=ds.counts is not None)
         self.progress = self.cache.progress if self.cache is not None else None
         resume = bool(self.progress)   # resuming: keep the rows already written
-        self.walk = PointerWalk(self.knn, cfg.min_knns, cfg.max_knns) if cfg.retomaton else None
+        self.walk = PointerWalk(self.knn, cfg.min_knns, cfg.max_knns, cfg.members) \
+            if cfg.retomaton else None
         self.gate, self.batch_lambdas = None, None
         if cfg.gate:
             self.gate = Gate(cfg.gate)

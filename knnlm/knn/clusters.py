@@ -1,0 +1,106 @@
+"""`knnlm cluster-dstore`: k-means clusters of a datastore's keys, for RetoMaton's wider
+pointers (``--retomaton --members FILE``): each step's pointers are joined by the other
+members of their clusters, entries whose contexts resemble theirs (Alon et al. 2022).
+
+The clusters are FAISS-style k-means (:mod:`knnlm.knn.kmeans`) trained on a seeded sample
+of ``--sample-size`` keys, then every key is assigned to its nearest centroid. The file
+(``.npz``, no pickles) holds ``cluster`` (N,) each entry's cluster, ``members`` (N,) the
+entries ordered by cluster and ``indptr`` (C + 1,) where each cluster's members start;
+its JSON sidecar names the datastore (fingerprint) and the parameters.
+
+    knnlm cluster-dstore --dstore-dir runs/demo/dstore --num-clusters 50000 \\
+        --out runs/demo/members_50000.npz
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..guard import check_output, output_lock, temp_path
+from ..io import read_json, write_json_atomic
+from ..util import UserError, flag
+from .datastore import Datastore, normalize_keytype
+from .kmeans import assign, kmeans
+
+CHUNK = 1 << 17
+
+
+@dataclass
+class ClusterConfig:
+    dstore_dir: str = flag(help="the datastore whose keys are clustered")
+    out: str = flag(help="the members file (.npz; a .json sidecar is written next to it)")
+    num_clusters: int = flag(help="number of clusters")
+    knn_keytype: str = flag("att", "keys clustered (those the kNN-LM searches)")
+    sample_size: int = flag(1_000_000, "keys sampled to train the centroids")
+    seed: int = flag(1, "seed of the sample and the initial centroids")
+    quiet: bool = flag(False, "no progress output")
+
+    def __post_init__(self):
+        self.knn_keytype = normalize_keytype(self.knn_keytype)
+        if self.num_clusters <= 0 or self.sample_size <= 0:
+            raise UserError("--num-clusters and --sample-size must be > 0")
+        if not self.out.endswith(".npz"):
+            raise UserError(f"--out must name a .npz file, got {self.out}")
+        check_output(self.out, "file", "--out")
+
+
+def main(cfg: ClusterConfig) -> dict:
+    ds = Datastore(cfg.dstore_dir)
+    keys = ds.keys(cfg.knn_keytype)
+    if cfg.num_clusters > min(ds.size, cfg.sample_size):
+        raise UserError(f"--num-clusters {cfg.num_clusters} exceeds the keys sampled "
+                        f"({min(ds.size, cfg.sample_size):,})")
+    with output_lock(cfg.out, "file", "members file"):
+        n = min(ds.size, cfg.sample_size)
+        rows = np.sort(np.random.default_rng(cfg.seed).permutation(ds.size)[:n])
+        cent = kmeans(torch.from_numpy(np.asarray(keys[rows], dtype=np.float32)),
+                      cfg.num_clusters, seed=cfg.seed)
+        cluster = np.empty(ds.size, dtype=np.int32)
+        for s in range(0, ds.size, CHUNK):
+            x = torch.from_numpy(np.asarray(keys[s:s + CHUNK], dtype=np.float32))
+            cluster[s:s + CHUNK] = assign(x, cent).numpy()
+        members = np.argsort(cluster, kind="stable")
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(cluster, minlength=len(cent)))])
+        tmp = temp_path(Path(cfg.out), ".npz")
+        np.savez(tmp, cluster=cluster, members=members, indptr=indptr)
+        tmp.replace(cfg.out)
+        meta = dict(format="knnlm-members", datastore_fingerprint=ds.fingerprint,
+                    keytype=cfg.knn_keytype, num_clusters=cfg.num_clusters,
+                    sample_size=n, seed=cfg.seed, size=ds.size)
+        write_json_atomic(cfg.out[:-4] + ".json", meta)
+    sizes = np.diff(indptr)
+    print(f"{cfg.num_clusters:,} clusters of {ds.size:,} {cfg.knn_keytype} keys (sizes: median "
+          f"{int(np.median(sizes))}, max {int(sizes.max())}) -> {cfg.out}")
+    return meta
+
+
+class Members:
+    """A members file opened for a datastore: the other entries of a pointer's cluster."""
+
+    def __init__(self, path: str | Path, ds: Datastore):
+        self.path = path = Path(path)
+        meta = read_json(path.with_suffix(".json"), "members sidecar")
+        if meta.get("datastore_fingerprint") != ds.fingerprint:
+            raise UserError(f"{path} clusters another datastore")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                self.cluster, self.members, self.indptr = z["cluster"], z["members"], z["indptr"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{path}: unreadable members file ({exc})")
+        if len(self.cluster) != ds.size:
+            raise UserError(f"{path} does not match the datastore's {ds.size:,} entries")
+
+    def extend(self, pointers: np.ndarray, limit: int) -> np.ndarray:
+        """The pointers, then the other members of their clusters (clusters holding more of
+        the pointers first), without repeats, at most ``limit``."""
+        if not len(pointers):
+            return pointers
+        cl, counts = np.unique(self.cluster[pointers], return_counts=True)
+        cl = cl[np.argsort(-counts, kind="stable")]
+        parts = [pointers] + [self.members[self.indptr[c]:self.indptr[c + 1]] for c in cl]
+        ids = np.concatenate(parts)
+        ids = ids[np.sort(np.unique(ids, return_index=True)[1])]
+        return ids[:limit]
