@@ -168,17 +168,6 @@ def pareto(rows: list[dict]) -> list[str]:
     return front
 
 
-def pareto(rows: list[dict]) -> list[str]:
-    """Names of the rows no other row beats on both tokens/s and perplexity."""
-    front = []
-    for r in rows:
-        if not any(o is not r and o["tokens_per_second"] >= r["tokens_per_second"]
-                   and o["ppl"] <= r["ppl"] and (o["tokens_per_second"] > r["tokens_per_second"]
-                                                 or o["ppl"] < r["ppl"]) for o in rows):
-            front.append(r["name"])
-    return front
-
-
 def run(a: EfficiencyConfig, log=print) -> dict:
     """Every setting: tokens/s, perplexity, share of tokens searched, and the ratios to
     the plain kNN-LM (speed-up, perplexity increase); the Pareto front."""
