@@ -360,10 +360,19 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
                                    score_mode=knn_scorer.mode.to_dict(),
                                    search_backend=knn_scorer.knn.backend,
                                    settings=knn_scorer.knn.settings,
-                                   efficiency=knn_scorer.efficiency())
+                                   efficiency=knn_scorer.efficiency(),
+                                   datastore=datastore_record(knn_scorer.knn.ds))
         knn_scorer.close(dict(lm=res["ppl"], knn=res["knn"]["ppl"],
                               interpolated=res["interpolated"]["ppl"]))
     return res
+
+
+def datastore_record(ds) -> dict:
+    """What the results JSON says of the datastore: its size and fingerprint, and how it
+    was pruned or reduced (the search-saving methods that live in the datastore)."""
+    m = ds.meta
+    return dict(path=str(ds.path), size=ds.size, dim=ds.dim, fingerprint=ds.fingerprint,
+                pruned=m.get("pruned"), projection=m.get("projection"), subset=m.get("subset"))
 
 
 def format_results(res: dict) -> str:

@@ -27,6 +27,7 @@ from .data.preprocess import DataBin
 from .io import ENCODING_ERRORS, read_text
 from .knn import math as knn_math
 from .knn.options import KnnOptions
+from .knn.gate import Gate
 from .knn.pointers import PointerWalk
 from .knn.search import KnnSearch
 from .lm.checkpoint import check_model_source, load_lm
@@ -93,6 +94,12 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
     tgt = torch.from_numpy(ids.astype(np.int64))
     p_knn = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]), tgt, temp,
                                           r["mask"], counts).exp()
+    searched = r["searched"] if walk is not None else np.ones(len(ids), dtype=bool)
+    lam_hat = gate_lambdas(search, lm, ids, start, q) if o.gate else None
+    if lam_hat is not None:   # positions the gate skips: no neighbours, p_kNN := p_LM
+        searched = lam_hat >= Gate(o.gate).threshold(o.retrieval_fraction, o.gate_threshold)
+        p_knn = torch.where(torch.from_numpy(searched), p_knn,
+                            lm.gather(1, tgt[:, None])[:, 0].exp())
     out = []
     for i in range(len(ids)):
         nb = [dict(id=int(r["I"][i, j]), distance=float(r["D"][i, j]),
@@ -100,9 +107,20 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
                    value=int(r["vals"][i, j]))
               for j in range(r["I"].shape[1]) if r["I"][i, j] >= 0]
         out.append(dict(position=i, target=int(ids[i]), lm_prob=float(lm[i, ids[i]].exp()),
-                        knn_prob=float(p_knn[i]), neighbors=nb,
-                        searched=bool(r["searched"][i]) if walk is not None else True))
+                        knn_prob=float(p_knn[i]),
+                        neighbors=nb if searched[i] or lam_hat is None else [],
+                        searched=bool(searched[i])))
+        if lam_hat is not None:
+            out[-1]["gate_lambda"] = float(lam_hat[i])
     return out
+
+
+def gate_lambdas(search, lm: torch.Tensor, ids: np.ndarray, start: int, q: np.ndarray):
+    """The gate's λ̂ at every position of the text (``lm``: the LM's log-probs there)."""
+    gate = Gate(search.cfg.gate)
+    gate.check(search.ds, search.model_fingerprint, search.cfg.knn_keytype)
+    stats = torch.stack([-(lm.exp() * lm).sum(-1), lm.max(-1).values], 1).float().numpy()
+    return gate.lambdas(stats, ids, start, 0, len(ids), q)
 
 
 def describe(rows: list[dict], ids: np.ndarray, vocab, ds, ds_vocab, ds_tokens, n_ctx: int) -> list[dict]:
@@ -125,7 +143,9 @@ def format_rows(rows: list[dict]) -> str:
     for row in rows:
         lines.append(f"[{row['position']}] …{row['context']!r} → {row['target_text']!r}   "
                      f"p_LM {row['lm_prob']:.4f}  p_kNN {row['knn_prob']:.4f}"
-                     + ("" if row.get("searched", True) else "  (pointers, no search)"))
+                     + ("" if row.get("searched", True) else
+                        "  (gate: no search)" if "gate_lambda" in row else
+                        "  (pointers, no search)"))
         for j, nb in enumerate(row["neighbors"], 1):
             mark = "*" if nb["value"] == row["target"] else " "
             lines.append(f"   {j:2d}.{mark} d {nb['distance']:9.3f}  w {nb['weight']:.3f}  "

@@ -147,3 +147,21 @@ def test_gated_generation(bpe_databin, trained_ckpt, trained_dstore, trained_gat
     assert never["results"][0]["ids"] == lm and never["efficiency"]["searches"] == 0
     half = generate.main(cfg(gate=str(root / "gate"), retrieval_fraction=0.5))["efficiency"]
     assert half["steps"] == 20 and 0 <= half["searches"] <= 20
+
+
+def test_gated_neighbors(bpe_databin, trained_ckpt, trained_dstore, trained_gate):
+    from knnlm import neighbors
+    root, _ = trained_gate
+    kw = dict(data=str(bpe_databin.path), path=str(trained_ckpt),
+              dstore_filename=str(trained_dstore.path), k=4, probe=8, knn_temp=2.0,
+              text="Enter the king, and my lord of York")
+    plain = neighbors.main(neighbors.NeighborsConfig(**kw))
+    half = neighbors.main(neighbors.NeighborsConfig(gate=str(root / "gate"),
+                                                    retrieval_fraction=0.5, **kw))
+    thr = gate_mod.Gate(root / "gate").threshold(0.5, None)
+    for p, h in zip(plain, half):
+        assert h["searched"] == (h["gate_lambda"] >= thr)
+        if h["searched"]:
+            assert h["neighbors"] == p["neighbors"] and h["knn_prob"] == p["knn_prob"]
+        else:
+            assert h["neighbors"] == [] and h["knn_prob"] == pytest.approx(h["lm_prob"])

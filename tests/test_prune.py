@@ -102,6 +102,7 @@ def test_merge_and_kmeans_from_the_cli(bpe_databin, trained_ckpt, trained_dstore
                                              quiet=True))
     res = run_eval(kcfg(bpe_databin, trained_ckpt, merged, tmp_path, max_eval_tokens=N_EVAL,
                         probe=8, lmbda=0.4, knn_temp=2.0, save_retrieval=str(tmp_path / "cache")))
+    assert res["interpolated"]["datastore"]["pruned"]["method"] == "merge"
     cache = RetrievalCache(tmp_path / "cache")
     assert cache.log_counts is not None
     sums = sweep.sweep_sums(cache, cache.mode.cache_score, cache.k, [2.0], [0.4])

@@ -174,6 +174,7 @@ class KnnSearch:
         recompute exact distances (in the mode's metric) even when the mode does not;
         ``log``: where the backend and the settings used are reported."""
         self.cfg = cfg
+        self.model_fingerprint = model_fingerprint
         self.keytype = normalize_keytype(cfg.knn_keytype)
         ds = Datastore(cfg.dstore_filename, in_memory=cfg.move_dstore_to_mem)
         ds.check_model(model_fingerprint, databin.tokenizer_sha256)
