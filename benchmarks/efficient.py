@@ -39,6 +39,39 @@ def plot(rows: list[dict], front: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+PROMPTS = ["To be, or not to be", "Now is the winter of our discontent", "Friends, Romans,",
+           "O Romeo, Romeo", "All the world's a stage", "Is this a dagger which I see"]
+
+
+def generation(a, prep, gen_tokens: int) -> list[dict]:
+    """`knnlm generate` (greedy, ``gen_tokens`` new tokens per prompt) with the plain
+    kNN-LM, RetoMaton pointers and the gate, against the LM alone: tokens/s and searches."""
+    from knnlm import generate
+    from knnlm.analysis.efficiency import knn_run
+    base = prep["base"]
+    runs = [("LM only", {}), ("kNN-LM", knn_run(a, *base))]
+    runs += [(f"retomaton min-knns {n}", knn_run(a, *base, retomaton=True, min_knns=n))
+             for n in a.min_knns]
+    runs += [(f"adaptive {f:g}", knn_run(a, *base, gate=str(prep["gate_base"]),
+                                         retrieval_fraction=f)) for f in a.fractions]
+    rows = []
+    for name, kw in runs:
+        kw = {k: v for k, v in kw.items() if k != "knnlm"}
+        out = [generate.main(generate.GenerateConfig(
+            data=a.data, path=a.path, prompt=p, max_new_tokens=gen_tokens,
+            knnlm=bool(kw), **kw)) for p in PROMPTS]
+        secs = sum(o["tokens"] / o["tokens_per_second"] for o in out)
+        eff = [o["efficiency"] for o in out if o.get("efficiency")]
+        steps = sum(e["steps"] for e in eff)
+        rows.append(dict(name=name, tokens_per_second=sum(o["tokens"] for o in out) / secs,
+                         searched=(sum(e["searches"] for e in eff) / steps) if eff
+                         else (1.0 if kw else 0.0)))
+    plain = rows[1]["tokens_per_second"]
+    for r in rows:
+        r["speedup"] = r["tokens_per_second"] / plain
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
@@ -64,18 +97,23 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=100000)
     p.add_argument("--work", required=True, help="directory for the derived datastores, "
                    "indexes and gates (reused when there)")
+    p.add_argument("--gen-tokens", type=int, default=100, help="new tokens per prompt in the "
+                   "generation runs (0: none)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    from knnlm.analysis.efficiency import EfficiencyConfig, run
-    cfg = EfficiencyConfig(**{k: v for k, v in vars(a).items() if k != "out"})
+    from knnlm.analysis.efficiency import EfficiencyConfig, prepare, run
+    cfg = EfficiencyConfig(**{k: v for k, v in vars(a).items()
+                              if k not in ("out", "gen_tokens")})
     res = run(cfg, log=lambda m: print(m, file=sys.stderr))
+    gen = generation(cfg, prepare(cfg, Path(cfg.work)), a.gen_tokens) if a.gen_tokens else []
     rows, front, lm = res["rows"], res["pareto"], res["lm_only"]
     out = dict(benchmark="efficient", machine=machine(), threads=torch.get_num_threads(),
                config={k: v for k, v in vars(a).items()}, lm_only=lm,
                plain_over_lm_time=res["plain_over_lm_time"], kept=res["kept"],
                prepare_seconds=res["prepare_seconds"], runs=rows, pareto=front,
                table=[{k: r[k] for k in ("name", "tokens_per_second", "ppl", "searched",
-                                         "speedup", "ppl_increase")} for r in rows])
+                                         "speedup", "ppl_increase")} for r in rows],
+               generation=gen)
     plot(rows, front, Path(a.out).with_suffix(".png"))
     write_result(a.out, out, hide=("machine", "runs"))
 
