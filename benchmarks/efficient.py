@@ -90,7 +90,8 @@ def main() -> None:
     p.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")],
                    default=[0.25, 0.5, 0.75])
     p.add_argument("--gate-split", default="valid")
-    p.add_argument("--gate-tokens", type=int, default=20000)
+    p.add_argument("--gate-tokens", type=int, default=0, help="0: the whole --gate-split")
+    p.add_argument("--no-gate-query", dest="gate_query", action="store_false")
     p.add_argument("--merge-k", type=int, default=8)
     p.add_argument("--pca-dim", type=int, default=64)
     p.add_argument("--factory", default="IVF2048,PQ32")

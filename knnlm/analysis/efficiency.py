@@ -7,7 +7,8 @@ baseline of every ratio), and the methods, alone and combined:
 
 - RetoMaton pointers (``--retomaton --min-knns N``);
 - adaptive retrieval (``--gate``, trained by `knnlm train-gate` on the first
-  ``gate_tokens`` tokens of ``gate_split``, another held-out split), searching a share of
+  ``gate_tokens`` tokens of ``gate_split``, another held-out split, with the query vector
+  among its features unless ``gate_query`` is off), searching a share of
   the tokens with the fixed λ or with the gate's λ̂;
 - greedy-merge pruning (`knnlm prune-dstore --method merge`), and random pruning to the
   same size;
@@ -44,7 +45,8 @@ class EfficiencyConfig:
     factory: str = "IVF2048,PQ32"
     train_size: int = 100000
     gate_split: str = "valid"
-    gate_tokens: int = 20000
+    gate_tokens: int = 0            # 0: the whole gate split
+    gate_query: bool = True         # the query vector among the gate's features
     merge_k: int = 8
     pca_dim: int = 64
     min_knns: list[int] = field(default_factory=lambda: [1, 8, 32])
@@ -99,7 +101,8 @@ def prepare(a: EfficiencyConfig, work: Path) -> dict:
                 timed(f"gate cache {name}", evaluate_one, a, a.gate_split, a.gate_tokens,
                       **knn_run(a, ds_dir, index, save_retrieval=str(cache)))
             timed(f"train-gate {name}", train_gate.main,
-                  train_gate.TrainGateConfig(cache=str(cache), out=str(out), quiet=True))
+                  train_gate.TrainGateConfig(cache=str(cache), out=str(out),
+                                             gate_query=a.gate_query, quiet=True))
         return out
 
     ds = Path(a.dstore)
