@@ -93,6 +93,9 @@ def main() -> None:
     p.add_argument("--gate-tokens", type=int, default=0, help="0: the whole --gate-split")
     p.add_argument("--no-gate-query", dest="gate_query", action="store_false")
     p.add_argument("--merge-k", type=int, default=8)
+    p.add_argument("--methods", type=lambda s: s.split(","),
+                   default=["retomaton", "adaptive", "merge", "pca"],
+                   help="which methods (merge + pca + adaptive also runs their combination)")
     p.add_argument("--pca-dim", type=int, default=64)
     p.add_argument("--factory", default="IVF2048,PQ32")
     p.add_argument("--train-size", type=int, default=100000)
@@ -106,7 +109,8 @@ def main() -> None:
     cfg = EfficiencyConfig(**{k: v for k, v in vars(a).items()
                               if k not in ("out", "gen_tokens")})
     res = run(cfg, log=lambda m: print(m, file=sys.stderr))
-    gen = generation(cfg, prepare(cfg, Path(cfg.work)), a.gen_tokens) if a.gen_tokens else []
+    gen = generation(cfg, prepare(cfg, Path(cfg.work)), a.gen_tokens) \
+        if a.gen_tokens and {"retomaton", "adaptive"} <= set(cfg.methods) else []
     rows, front, lm = res["rows"], res["pareto"], res["lm_only"]
     out = dict(benchmark="efficient", machine=machine(), threads=torch.get_num_threads(),
                config={k: v for k, v in vars(a).items()}, lm_only=lm,

@@ -28,6 +28,9 @@ from ..knn import index as index_mod, prune, reduce
 from ..knn.datastore import Datastore
 
 
+METHODS = ("retomaton", "adaptive", "merge", "pca")
+
+
 @dataclass
 class EfficiencyConfig:
     data: str
@@ -51,6 +54,7 @@ class EfficiencyConfig:
     pca_dim: int = 64
     min_knns: list[int] = field(default_factory=lambda: [1, 8, 32])
     fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
     quiet: bool = True
 
 
@@ -106,57 +110,65 @@ def prepare(a: EfficiencyConfig, work: Path) -> dict:
         return out
 
     ds = Path(a.dstore)
-    base = build_index(ds, work / "index_base.faiss")
-    merged = work / "dstore_merged"
-    if not (merged / "datastore.json").is_file():
-        timed("prune merge", prune.main, prune.PruneConfig(
-            dstore_dir=str(ds), out=str(merged), method="merge", merge_k=a.merge_k,
-            indexfile=str(base), probe=a.probe, quiet=True))
-    kept = Datastore(merged).size / Datastore(ds).size
-    rand = work / "dstore_random"
-    if not (rand / "datastore.json").is_file():
-        timed("prune random", prune.main, prune.PruneConfig(
-            dstore_dir=str(ds), out=str(rand), method="random", ratio=kept, quiet=True))
-    pca = work / f"dstore_pca{a.pca_dim}"
-    if not (pca / "datastore.json").is_file():
-        timed("reduce pca", reduce.main, reduce.ReduceConfig(
-            dstore_dir=str(ds), out=str(pca), pca_dim=a.pca_dim, train_size=a.train_size,
-            quiet=True))
-    combo = work / f"dstore_merged_pca{a.pca_dim}"
-    if not (combo / "datastore.json").is_file():
-        timed("reduce merged pca", reduce.main, reduce.ReduceConfig(
-            dstore_dir=str(merged), out=str(combo), pca_dim=a.pca_dim, train_size=a.train_size,
-            quiet=True))
-    p = dict(base=(ds, base), merged=(merged, build_index(merged, work / "index_merged.faiss")),
-             random=(rand, build_index(rand, work / "index_random.faiss")),
-             pca=(pca, build_index(pca, work / "index_pca.faiss")),
-             pcar=(ds, build_index(ds, work / "index_pcar.faiss",
-                                   f"PCAR{a.pca_dim},{a.factory}")),
-             combo=(combo, build_index(combo, work / "index_combo.faiss")), kept=kept)
-    p["gate_base"] = gate("base", *p["base"])
-    p["gate_combo"] = gate("combo", *p["combo"])
-    p["seconds"] = t
+    on = set(a.methods)
+    p = dict(base=(ds, build_index(ds, work / "index_base.faiss")), kept=None, seconds=t)
+    if "merge" in on:
+        merged = work / "dstore_merged"
+        if not (merged / "datastore.json").is_file():
+            timed("prune merge", prune.main, prune.PruneConfig(
+                dstore_dir=str(ds), out=str(merged), method="merge", merge_k=a.merge_k,
+                indexfile=str(p["base"][1]), probe=a.probe, quiet=True))
+        p["kept"] = kept = Datastore(merged).size / Datastore(ds).size
+        rand = work / "dstore_random"
+        if not (rand / "datastore.json").is_file():
+            timed("prune random", prune.main, prune.PruneConfig(
+                dstore_dir=str(ds), out=str(rand), method="random", ratio=kept, quiet=True))
+        p["merged"] = (merged, build_index(merged, work / "index_merged.faiss"))
+        p["random"] = (rand, build_index(rand, work / "index_random.faiss"))
+    if "pca" in on:
+        pca = reduced(a, ds, work / f"dstore_pca{a.pca_dim}", timed)
+        p["pca"] = (pca, build_index(pca, work / "index_pca.faiss"))
+        p["pcar"] = (ds, build_index(ds, work / "index_pcar.faiss", f"PCAR{a.pca_dim},{a.factory}"))
+    if "adaptive" in on:
+        p["gate_base"] = gate("base", *p["base"])
+    if {"merge", "pca", "adaptive"} <= on:
+        combo = reduced(a, p["merged"][0], work / f"dstore_merged_pca{a.pca_dim}", timed)
+        p["combo"] = (combo, build_index(combo, work / "index_combo.faiss"))
+        p["gate_combo"] = gate("combo", *p["combo"])
     return p
+
+
+def reduced(a: EfficiencyConfig, ds: Path, out: Path, timed) -> Path:
+    if not (out / "datastore.json").is_file():
+        timed(f"reduce {out.name}", reduce.main, reduce.ReduceConfig(
+            dstore_dir=str(ds), out=str(out), pca_dim=a.pca_dim, train_size=a.train_size,
+            quiet=True))
+    return out
 
 
 def settings(a: EfficiencyConfig, p) -> list[tuple[str, dict]]:
     base, pca = p["base"], a.pca_dim
     out = [("kNN-LM", knn_run(a, *base))]
-    out += [(f"retomaton min-knns {n}", knn_run(a, *base, retomaton=True, min_knns=n))
-            for n in a.min_knns]
-    out += [(f"adaptive {f:g}", knn_run(a, *base, gate=str(p["gate_base"]),
-                                         retrieval_fraction=f)) for f in a.fractions]
-    out += [(f"adaptive {f:g}, λ̂", knn_run(a, *base, gate=str(p["gate_base"]),
-                                            retrieval_fraction=f, gate_lambda=True))
-            for f in a.fractions]
-    out += [(f"merge k'={a.merge_k} ({p['kept']:.0%} kept)", knn_run(a, *p["merged"])),
-            (f"random prune ({p['kept']:.0%} kept)", knn_run(a, *p["random"])),
-            (f"PCA {pca}", knn_run(a, *p["pca"])),
-            (f"FAISS PCAR{pca}", knn_run(a, *p["pcar"])),
-            (f"merge + PCA {pca}", knn_run(a, *p["combo"]))]
-    out += [(f"merge + PCA {pca} + adaptive {f:g}",
-             knn_run(a, *p["combo"], gate=str(p["gate_combo"]), retrieval_fraction=f))
-            for f in a.fractions]
+    if "retomaton" in a.methods:
+        out += [(f"retomaton min-knns {n}", knn_run(a, *base, retomaton=True, min_knns=n))
+                for n in a.min_knns]
+    if "gate_base" in p:
+        for lam in (False, True):
+            out += [(f"adaptive {f:g}" + (", λ̂" if lam else ""),
+                     knn_run(a, *base, gate=str(p["gate_base"]), retrieval_fraction=f,
+                             gate_lambda=lam)) for f in a.fractions]
+    if "merged" in p:
+        out += [(f"merge k'={a.merge_k} ({p['kept']:.0%} kept)", knn_run(a, *p["merged"])),
+                (f"random prune ({p['kept']:.0%} kept)", knn_run(a, *p["random"]))]
+    if "pca" in p:
+        out += [(f"PCA {pca}", knn_run(a, *p["pca"])),
+                (f"FAISS PCAR{pca}", knn_run(a, *p["pcar"]))]
+    if "combo" in p:
+        out.append((f"merge + PCA {pca}", knn_run(a, *p["combo"])))
+        for lam in (False, True):
+            out += [(f"merge + PCA {pca} + adaptive {f:g}" + (", λ̂" if lam else ""),
+                     knn_run(a, *p["combo"], gate=str(p["gate_combo"]), retrieval_fraction=f,
+                             gate_lambda=lam)) for f in a.fractions]
     return out
 
 
