@@ -26,12 +26,14 @@ from tqdm import tqdm
 
 from .data.preprocess import DataBin
 from .guard import check_output, output_lock
-from .io import write_json_atomic
+from .io import read_json, write_json_atomic
 from .knn import math as knn_math
 from .knn.cache import RetrievalCache
 from .knn.datastore import Datastore, normalize_keytype
 from .knn.gate import FEATURES, GateNet, count_ngrams, features, mixture_nll
+from .knn.search import default_index_path
 from .knn.sweep import token_log_probs
+from .knn.tuned import tuned_path
 from .lm.checkpoint import load_lm
 from .lm.device import resolve_device
 from .lm.scoring import iter_scored, make_windows, resolve_window
@@ -44,8 +46,10 @@ FRACTIONS = [round(0.05 * i, 2) for i in range(21)]
 class TrainGateConfig:
     cache: str = flag(help="retrieval cache of a held-out split (complete)")
     out: str = flag(help="directory for gate.pt, ngrams.npz and gate.json")
-    knn_temp: float | None = flag(None, "temperature of p_kNN (default: the cache's)")
-    lmbda: float | None = flag(None, "the fixed λ of the curves (default: the cache's)")
+    knn_temp: float | None = flag(None, "temperature of p_kNN (default: the index's tuned "
+                                  "settings, else the cache's)")
+    lmbda: float | None = flag(None, "the fixed λ of the curves (default: the index's tuned "
+                               "settings, else the cache's)")
     gate_query: bool = flag(False, "also feed the query vector to the gate")
     valid_fraction: float = flag(0.2, "last share of the tokens held out to measure the gate")
     epochs: int = flag(30, "passes over the training tokens (the best held-out epoch is kept)")
@@ -149,6 +153,21 @@ def curves(lam_hat: np.ndarray, lm: np.ndarray, knn: np.ndarray, lmbda: float,
     return rows
 
 
+def tuned_settings(ecfg: dict, ds: Datastore) -> dict:
+    """λ and T of the index's tuned.json (`knnlm tune`) when it tunes this datastore;
+    the cache `knnlm tune` leaves behind was evaluated at the original defaults."""
+    keytype, metric = normalize_keytype(ecfg["knn_keytype"]), ecfg.get("faiss_metric_type", "l2")
+    index = None if ecfg.get("exact_search") else \
+        (ecfg.get("indexfile") or default_index_path(ds.path, keytype, metric))
+    path = tuned_path(ds.path, keytype, metric, index)
+    if not path.is_file():
+        return {}
+    data = read_json(path, "tuned settings")
+    if (data.get("identity") or {}).get("datastore_fingerprint") != ds.fingerprint:
+        return {}
+    return dict(data.get("settings") or {}, path=str(path))
+
+
 def main(cfg: TrainGateConfig) -> dict:
     cache = RetrievalCache(cfg.cache)
     ecfg = cache.meta.get("config") or {}
@@ -160,8 +179,13 @@ def main(cfg: TrainGateConfig) -> dict:
                         "on a plain kNN-LM cache")
     databin, ds = DataBin(ecfg["data"]), Datastore(ecfg["dstore_filename"])
     cache.check_datastore(ds.fingerprint)
-    temp = cfg.knn_temp or ecfg.get("knn_temp") or 1.0
-    lmbda = cfg.lmbda or ecfg.get("lmbda") or 0.25
+    temp, lmbda = cfg.knn_temp, cfg.lmbda
+    if temp is None or lmbda is None:
+        tuned = tuned_settings(ecfg, ds)
+        temp = temp or tuned.get("knn_temp") or ecfg.get("knn_temp") or 1.0
+        lmbda = lmbda or tuned.get("lmbda") or ecfg.get("lmbda") or 0.25
+        print(f"gate trained at T {temp:g}, λ {lmbda:g}: " + (
+            f"the index's tuned settings ({tuned['path']})" if tuned else "the cache's"))
     with output_lock(cfg.out, "dir", "gate directory"):
         return _train(cfg, cache, ecfg, databin, ds, temp, lmbda)
 

@@ -165,3 +165,23 @@ def test_gated_neighbors(bpe_databin, trained_ckpt, trained_dstore, trained_gate
             assert h["neighbors"] == p["neighbors"] and h["knn_prob"] == p["knn_prob"]
         else:
             assert h["neighbors"] == [] and h["knn_prob"] == pytest.approx(h["lm_prob"])
+
+
+def test_train_gate_uses_the_indexs_tuned_settings(trained_gate, trained_dstore, tmp_path):
+    import json
+    root, meta = trained_gate
+    tuned = trained_dstore.path / "index_att_l2.faiss.tuned.json"
+    assert not tuned.exists()
+    tuned.write_text(json.dumps(dict(identity=dict(datastore_fingerprint=trained_dstore.fingerprint),
+                                     settings=dict(knn_temp=3.0, lmbda=0.4))))
+    try:
+        got = train_gate.main(train_gate.TrainGateConfig(
+            cache=str(root / "cache"), out=str(tmp_path / "g"), epochs=1, quiet=True))
+        assert (got["knn_temp"], got["lmbda"]) == (3.0, 0.4)
+        flags = train_gate.main(train_gate.TrainGateConfig(
+            cache=str(root / "cache"), out=str(tmp_path / "g2"), epochs=1, knn_temp=2.0,
+            lmbda=0.3, quiet=True))
+        assert (flags["knn_temp"], flags["lmbda"]) == (2.0, 0.3)
+    finally:
+        tuned.unlink()
+    assert meta["knn_temp"] == 2.0      # no tuned file: the cache's own settings
