@@ -95,9 +95,10 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
     p_knn = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]), tgt, temp,
                                           r["mask"], counts).exp()
     searched = r["searched"] if walk is not None else np.ones(len(ids), dtype=bool)
-    lam_hat = gate_lambdas(search, lm, ids, start, q) if o.gate else None
+    gate = Gate(o.gate) if o.gate else None
+    lam_hat = gate_lambdas(gate, search, lm, ids, start, q) if gate is not None else None
     if lam_hat is not None:   # positions the gate skips: no neighbours, p_kNN := p_LM
-        searched = lam_hat >= Gate(o.gate).threshold(o.retrieval_fraction, o.gate_threshold)
+        searched = lam_hat >= gate.threshold(o.retrieval_fraction, o.gate_threshold)
         p_knn = torch.where(torch.from_numpy(searched), p_knn,
                             lm.gather(1, tgt[:, None])[:, 0].exp())
     out = []
@@ -115,9 +116,9 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
     return out
 
 
-def gate_lambdas(search, lm: torch.Tensor, ids: np.ndarray, start: int, q: np.ndarray):
+def gate_lambdas(gate: Gate, search, lm: torch.Tensor, ids: np.ndarray, start: int,
+                 q: np.ndarray) -> np.ndarray:
     """The gate's λ̂ at every position of the text (``lm``: the LM's log-probs there)."""
-    gate = Gate(search.cfg.gate)
     gate.check(search.ds, search.model_fingerprint, search.cfg.knn_keytype)
     stats = torch.stack([-(lm.exp() * lm).sum(-1), lm.max(-1).values], 1).float().numpy()
     return gate.lambdas(stats, ids, start, 0, len(ids), q)

@@ -17,15 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..guard import check_output, output_lock, temp_path
 from ..io import read_json, write_json_atomic
 from ..util import UserError, flag
 from .datastore import Datastore, normalize_keytype
-from .kmeans import assign, kmeans
-
-CHUNK = 1 << 17
+from .kmeans import cluster_keys
 
 
 @dataclass
@@ -55,13 +52,8 @@ def main(cfg: ClusterConfig) -> dict:
                         f"({min(ds.size, cfg.sample_size):,})")
     with output_lock(cfg.out, "file", "members file"):
         n = min(ds.size, cfg.sample_size)
-        rows = np.sort(np.random.default_rng(cfg.seed).permutation(ds.size)[:n])
-        cent = kmeans(torch.from_numpy(np.asarray(keys[rows], dtype=np.float32)),
-                      cfg.num_clusters, seed=cfg.seed)
-        cluster = np.empty(ds.size, dtype=np.int32)
-        for s in range(0, ds.size, CHUNK):
-            x = torch.from_numpy(np.asarray(keys[s:s + CHUNK], dtype=np.float32))
-            cluster[s:s + CHUNK] = assign(x, cent).numpy()
+        cent, cluster = cluster_keys(keys, cfg.num_clusters, n, cfg.seed)
+        cluster = cluster.astype(np.int32)
         members = np.argsort(cluster, kind="stable")
         indptr = np.concatenate([[0], np.cumsum(np.bincount(cluster, minlength=len(cent)))])
         tmp = temp_path(Path(cfg.out), ".npz")

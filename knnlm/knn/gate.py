@@ -155,6 +155,13 @@ class Gate:
         return self.net.lambdas(x)
 
 
+def adaptive_stats(gate: Gate, cfg, threshold: float, steps: int, searches: int) -> dict:
+    """The results JSON's record of a gated run (``interpolated.efficiency``)."""
+    return dict(method="adaptive", gate=str(gate.path), retrieval_fraction=cfg.retrieval_fraction,
+                threshold=threshold, gate_lambda=cfg.gate_lambda, steps=steps, searches=searches,
+                searches_saved=1 - searches / steps if steps else 0.0)
+
+
 class StepGate:
     """The gate one position at a time (generation): whether to search, and the λ."""
 
@@ -179,7 +186,4 @@ class StepGate:
         return lam if self.cfg.gate_lambda else self.cfg.lmbda
 
     def stats(self) -> dict:
-        return dict(method="adaptive", gate=str(self.gate.path),
-                    retrieval_fraction=self.cfg.retrieval_fraction, threshold=self.threshold,
-                    gate_lambda=self.cfg.gate_lambda, steps=self.steps, searches=self.searches,
-                    searches_saved=1 - self.searches / self.steps if self.steps else 0.0)
+        return adaptive_stats(self.gate, self.cfg, self.threshold, self.steps, self.searches)

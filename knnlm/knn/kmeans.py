@@ -36,6 +36,21 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2") -> torc
     return out
 
 
+def cluster_keys(keys, k: int, sample_size: int, seed: int,
+                 chunk: int = 1 << 17) -> tuple[torch.Tensor, np.ndarray]:
+    """(centroids, (N,) int64 cluster of every key): :func:`kmeans` on a seeded sample of
+    ``sample_size`` of the (N, D) ``keys`` (a memmap is fine), then every key assigned in
+    chunks of ``chunk``."""
+    n = len(keys)
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[:sample_size])
+    cent = kmeans(torch.from_numpy(np.asarray(keys[rows], dtype=np.float32)), k, seed=seed)
+    cluster = np.empty(n, dtype=np.int64)
+    for s in range(0, n, chunk):
+        x = torch.from_numpy(np.asarray(keys[s:s + chunk], dtype=np.float32))
+        cluster[s:s + chunk] = assign(x, cent).numpy()
+    return cent, cluster
+
+
 def kmeans(x: torch.Tensor, k: int, *, seed: int = 1234, niter: int = NITER,
            metric: str = "l2", spherical: bool = False,
            max_points_per_centroid: int = MAX_POINTS_PER_CENTROID) -> torch.Tensor:

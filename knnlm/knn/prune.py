@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..guard import check_output, output_lock
@@ -35,7 +34,7 @@ from ..util import UserError, flag
 from .datastore import (Datastore, DatastoreWriter, is_built, normalize_keytype,
                         subset_rows)
 from .index import load_index
-from .kmeans import assign, kmeans
+from .kmeans import cluster_keys
 from .search import default_index_path
 
 METHODS = ("merge", "random", "kmeans")
@@ -112,13 +111,7 @@ def merge_neighbours(ds: Datastore, cfg: PruneConfig) -> np.ndarray:
 def kmeans_entries(ds: Datastore, cfg: PruneConfig):
     """(keys, vals, pos, counts) of the (cluster, value) groups."""
     keys = ds.keys(cfg.knn_keytype)
-    sample = np.sort(np.random.default_rng(cfg.seed).permutation(ds.size)[:cfg.clusters * 64])
-    cent = kmeans(torch.from_numpy(np.asarray(keys[sample], dtype=np.float32)), cfg.clusters,
-                  seed=cfg.seed)
-    cluster = np.empty(ds.size, dtype=np.int64)
-    for s in range(0, ds.size, COPY_CHUNK):
-        x = torch.from_numpy(np.asarray(keys[s:s + COPY_CHUNK], dtype=np.float32))
-        cluster[s:s + COPY_CHUNK] = assign(x, cent).numpy()
+    _, cluster = cluster_keys(keys, cfg.clusters, cfg.clusters * 64, cfg.seed, COPY_CHUNK)
     vals = np.asarray(ds.vals, dtype=np.int64)
     group = cluster * (int(vals.max()) + 1) + vals
     uniq, first, inverse, counts = np.unique(group, return_index=True, return_inverse=True,

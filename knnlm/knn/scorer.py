@@ -16,7 +16,7 @@ from ..io import open_token_memmap
 from ..util import config_dict
 from . import math as knn_math
 from .cache import CacheWriter
-from .gate import Gate
+from .gate import Gate, adaptive_stats
 from .pointers import PointerWalk
 from .search import KnnSearch
 
@@ -97,10 +97,7 @@ class KnnScorer:
         if self.gate is None:
             return None
         c = self.gate_counts
-        return dict(method="adaptive", gate=str(self.gate.path),
-                    retrieval_fraction=self.cfg.retrieval_fraction, threshold=self.gate_thr,
-                    gate_lambda=self.cfg.gate_lambda, steps=c["steps"], searches=c["searches"],
-                    searches_saved=1 - c["searches"] / c["steps"] if c["steps"] else 0.0)
+        return adaptive_stats(self.gate, self.cfg, self.gate_thr, c["steps"], c["searches"])
 
     def score(self, start: int, q: torch.Tensor, targets: np.ndarray, lm_lp: np.ndarray,
               words: np.ndarray, found: tuple | None = None,
