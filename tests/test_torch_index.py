@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from knnlm.knn.index import train_index
-from knnlm.knn.torch_index import ShardedTorchIndex, TorchIndex
+from knnlm.knn.torch_index import SCANS, ShardedTorchIndex, TorchIndex
 from knnlm.util import UserError
 
 D_ = 16
@@ -58,29 +58,34 @@ def agree(index, ti, xq, k, rtol=1e-4):
                 assert abs(got[i] - d) <= rtol * scale
 
 
+@pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
 @pytest.mark.parametrize("factory,by_residual", [
     ("Flat", True), ("IVF32,Flat", True), ("IVF32,PQ8", True), ("IVF32,PQ8", False),
     ("OPQ8,IVF32,PQ8", True)])
-def test_torch_search_equals_faiss(data, metric, factory, by_residual):
+def test_torch_search_equals_faiss(data, metric, factory, by_residual, scan):
     xb, xq = data
     index = built(factory, metric, xb, by_residual)
     ti = TorchIndex.from_faiss(index)
+    ti.scan = scan
     if factory != "Flat":
         assert ti.nprobe == 5
     agree(index, ti, xq, 50)
 
 
-def test_more_neighbours_than_probed_candidates_come_back_as_minus_one(data):
+@pytest.mark.parametrize("scan", SCANS)
+def test_more_neighbours_than_probed_candidates_come_back_as_minus_one(data, scan):
     xb, xq = data
     index = built("IVF32,PQ8", faiss.METRIC_L2, xb)
     faiss.extract_index_ivf(index).nprobe = 1
     ti = TorchIndex.from_faiss(index)
+    ti.scan = scan
     agree(index, ti, xq[:30], 1000)                       # lists hold ~190 keys: -1 padding
     assert (ti.search(xq[:30], 1000)[1] == -1).any()
 
 
-def test_decoding_per_search_equals_the_decoded_table(data, monkeypatch):
+@pytest.mark.parametrize("scan", SCANS)
+def test_decoding_per_search_equals_the_decoded_table(data, monkeypatch, scan):
     """Past the memory budget the codes are decoded list by list at every search."""
     from knnlm.knn import torch_index
     xb, xq = data
@@ -88,9 +93,29 @@ def test_decoding_per_search_equals_the_decoded_table(data, monkeypatch):
     full = TorchIndex.from_faiss(index)
     monkeypatch.setattr(torch_index, "CPU_DECODE_BUDGET", 0)
     lazy = TorchIndex.from_faiss(index)
+    lazy.scan = scan
     assert full.table is not None and lazy.table is None
     for a, b in zip(full.search(xq, 20), lazy.search(xq, 20)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
+def test_the_bucketed_scan_splits_its_gemms_and_equals_the_list_loop(data, metric, monkeypatch):
+    """However small the GEMMs (lists and queries split across many), the bucketed scan
+    writes exactly the list loop's candidates; and the GPU default is the bucketed one."""
+    from knnlm.knn import torch_index
+    xb, xq = data
+    index = built("IVF32,PQ8", metric, xb)
+    faiss.extract_index_ivf(index).nprobe = 7
+    ti = TorchIndex.from_faiss(index)
+    assert ti.scan == "lists"
+    want = ti.search(xq, 60)
+    ti.scan = "buckets"
+    for budget in (1 << 24, 4096, 1):     # one GEMM per group .. one list and query each
+        monkeypatch.setattr(torch_index, "SCAN_ELEMENTS", budget)
+        got = ti.search(xq, 60)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4)
+        assert np.mean(got[1] == want[1]) > 0.999
 
 
 @pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
@@ -118,10 +143,14 @@ def test_unsupported_indexes_are_refused(data):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_torch_search_on_the_gpu_equals_faiss(data):
+@pytest.mark.parametrize("scan", SCANS)
+def test_torch_search_on_the_gpu_equals_faiss(data, scan):
     xb, xq = data
     index = built("IVF32,PQ8", faiss.METRIC_L2, xb)
-    agree(index, TorchIndex.from_faiss(index, "cuda"), xq, 50)
+    ti = TorchIndex.from_faiss(index, "cuda")
+    assert ti.scan == "buckets"
+    ti.scan = scan
+    agree(index, ti, xq, 50)
 
 
 def test_eval_lm_with_the_torch_backend_equals_faiss(bpe_databin, trained_ckpt, trained_dstore,

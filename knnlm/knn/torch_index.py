@@ -7,11 +7,16 @@ the PQ codebooks, the inverted lists (codes and ids), an optional linear pre-tra
 (OPQ) — into torch tensors and searches them:
 
 1. the coarse step: one GEMM of the queries against the centroids, top-nprobe lists;
-2. the scan: for every probed list, its codes are decoded (PQ: one codebook row per
+2. the scan: every probed list's codes are decoded (PQ: one codebook row per
    sub-quantizer) and scored against the queries that probe it with one GEMM — the
    asymmetric distance ``||q - c - p||² = ||q - c||² - 2 (q - c)·p + ||p||²`` (L2, by
    residual) or ``q·c + q·p`` (inner product), the same sums FAISS's per-query lookup
-   tables add up, in another order;
+   tables add up, in another order. Two schedules compute the same products:
+   ``"lists"`` loops over the probed lists (one GEMM each: what a CPU does best), and
+   ``"buckets"`` groups the lists by length and by how many queries probe them (powers
+   of two) and scores each group with one batched GEMM, padded — a few dozen kernel
+   launches per batch of queries instead of a dozen per list, which is what a GPU needs
+   (the default on CUDA devices);
 3. a top-k over the candidates of each query.
 
 Supported: Flat, IVF-Flat and IVF-PQ (8-bit codes, by residual or not), L2 and inner
@@ -33,6 +38,10 @@ from .exact import brute_force_search, merge_topk
 
 QUERY_BATCH = 8192         # queries per scan (bounds the (B, nprobe, longest list) buffer)
 DECODE_CHUNK = 1 << 16     # codes decoded at once when the whole table is built
+SCAN_ELEMENTS = 1 << 24    # the bucketed scan's padded (list, row, query) products per GEMM
+                           # (4x on a GPU)
+CANDIDATE_ELEMENTS = 1 << 28   # a batch's candidate distances (B x its longest probed set)
+SCANS = ("lists", "buckets")
 CPU_DECODE_BUDGET = 4 << 30   # PQ vectors kept reconstructed (fp32) up to this many bytes
 
 
@@ -58,8 +67,13 @@ class TorchIndex:
         self.codes, self.ids, self.offsets = codes, ids, offsets
         self.vectors = vectors              # (N, d) for Flat / IVF-Flat
         self.nprobe = 1
+        self.scan = "buckets" if self.device.type == "cuda" else "lists"   # see SCANS
         self.ntotal = int(ids.shape[0]) if ids is not None else int(vectors.shape[0])
         self.table = None                   # (N, d + 2) [p, 1, ||p||²] of every stored vector
+        if offsets is not None:             # list bounds, on the host and on the device
+            self.host_lens = np.diff(offsets.numpy())
+            self.dev_offsets = offsets.to(self.device)
+            self.dev_lens = self.dev_offsets[1:] - self.dev_offsets[:-1]
         if self.centroids is not None and self.ntotal * (self.d + 2) * 4 <= decode_budget(self.device):
             self.table = torch.cat([self._rows(s, min(self.ntotal, s + DECODE_CHUNK))
                                     for s in range(0, self.ntotal, DECODE_CHUNK)]) \
@@ -114,24 +128,38 @@ class TorchIndex:
         reconstructed): one GEMM with :meth:`_query_rows` gives whole distances."""
         if self.table is not None:
             return self.table[start:end]
+        return self._decode(torch.arange(start, end, device=self.device))
+
+    def _rows_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """:meth:`_rows` of the stored vectors at positions ``idx`` (any shape)."""
+        if self.table is not None:
+            return self.table[idx]
+        return self._decode(idx.reshape(-1)).view(*idx.shape, self.d + 2)
+
+    def _decode(self, idx: torch.Tensor) -> torch.Tensor:
         if self.codebooks is None:
-            p = self.vectors[start:end]
+            p = self.vectors[idx]
         else:
             M, ksub, dsub = self.codebooks.shape
-            c = self.codes[start:end].long() + torch.arange(M, device=self.device) * ksub
-            p = self.codebooks.view(M * ksub, dsub)[c].view(end - start, M * dsub)
+            c = self.codes[idx].long() + torch.arange(M, device=self.device) * ksub
+            p = self.codebooks.view(M * ksub, dsub)[c].view(len(idx), M * dsub)
         return torch.cat([p, torch.ones_like(p[:, :1]), (p * p).sum(1, keepdim=True)], 1)
 
-    def _query_rows(self, q: torch.Tensor, coarse: torch.Tensor, lst: int) -> torch.Tensor:
-        """(n_q, d + 2) rows whose products with :meth:`_rows` are the distances:
-        L2 ``||r||² - 2 r·p + ||p||²`` (r = q - c with residuals, ||r||² the coarse term),
-        IP ``q·p (+ q·c)``."""
-        one, zero = torch.ones_like(q[:, :1]), torch.zeros_like(q[:, :1])
+    def _query_rows(self, q: torch.Tensor, coarse: torch.Tensor, lists: torch.Tensor,
+                    pairs: torch.Tensor) -> torch.Tensor:
+        """(*pairs.shape, d + 2) rows whose products with :meth:`_rows` are the distances,
+        for (query, probe) pairs numbered ``query * nprobe + probe`` in ``coarse`` and
+        ``lists`` (B, nprobe): L2 ``||r||² - 2 r·p + ||p||²`` (r = q - c with residuals,
+        ||r||² the coarse term), IP ``q·p (+ q·c)``."""
+        x = q[pairs // lists.shape[1]]
+        cz = coarse.reshape(-1)[pairs][..., None]
+        one, zero = torch.ones_like(cz), torch.zeros_like(cz)
         if self.metric == "ip":
-            return torch.cat([q, coarse[:, None] if self.by_residual else zero, zero], 1)
+            return torch.cat([x, cz if self.by_residual else zero, zero], -1)
         if self.by_residual:
-            return torch.cat([-2 * (q - self.centroids[lst]), coarse[:, None], one], 1)
-        return torch.cat([-2 * q, (q * q).sum(1, keepdim=True), one], 1)
+            c = self.centroids[lists.reshape(-1)[pairs]]
+            return torch.cat([-2 * (x - c), cz, one], -1)
+        return torch.cat([-2 * x, (x * x).sum(-1, keepdim=True), one], -1)
 
     # ------------------------------------------------------------------ search
     @torch.no_grad()
@@ -163,30 +191,21 @@ class TorchIndex:
     def _search_ivf(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         B = len(q)
         coarse, lists = self.coarse(q)
-        offsets = self.offsets.to(self.device)
-        lens = offsets[1:] - offsets[:-1]
+        offsets, lens = self.dev_offsets, self.dev_lens
         # each query's candidates side by side: probe p's list at seg[b, p] .. + its length
         plen = lens[lists]                                     # (B, nprobe)
         seg = torch.cumsum(plen, 1) - plen
         width = max(1, int(plen.sum(1).max()))
+        if B > 1 and B * max(width, lists.shape[1] * (self.d + 2)) > CANDIDATE_ELEMENTS:
+            halves = [self._search_ivf(h, k) for h in (q[:B // 2], q[B // 2:])]
+            return tuple(torch.cat(x) for x in zip(*halves))
         worst = float("inf") if self.metric == "l2" else float("-inf")
-        cand = torch.full((B, width), worst, device=self.device)
-        order = torch.argsort(lists.reshape(-1), stable=True)   # (query, probe) pairs by list
-        flat_lists = lists.reshape(-1)[order]
-        # host-side bounds, read once: the loop below never waits for the device
-        bounds = torch.searchsorted(flat_lists, torch.arange(len(lens) + 1, device=self.device)).tolist()
-        host_offsets = self.offsets.tolist()
-        for lst in torch.unique(flat_lists).tolist():
-            start, end = host_offsets[lst], host_offsets[lst + 1]
-            if end == start:
-                continue
-            pairs = order[bounds[lst]:bounds[lst + 1]]
-            rows, slot = pairs // lists.shape[1], pairs % lists.shape[1]
-            # (n, n_q): stored rows times query rows (the faster operand order for BLAS)
-            d = self._rows(start, end) @ self._query_rows(q[rows], coarse[rows, slot], lst).T.contiguous()
-            dest = (rows * width + seg[rows, slot])[None, :] + torch.arange(end - start,
-                                                                            device=self.device)[:, None]
-            cand.view(-1).index_copy_(0, dest.view(-1), d.view(-1))
+        # one slot past the candidates takes the bucketed scan's padding
+        flat = torch.full((B * width + 1,), worst, device=self.device)
+        base = (torch.arange(B, device=self.device)[:, None] * width + seg).reshape(-1)
+        scan = self._scan_buckets if self.scan == "buckets" else self._scan_lists
+        scan(q, coarse, lists, base, flat)
+        cand = flat[:-1].view(B, width)
         kk = min(k, width)
         best, pos = cand.topk(kk, dim=1, largest=self.metric != "l2")
         if self.metric == "l2":
@@ -202,6 +221,67 @@ class TorchIndex:
             ids = torch.cat([ids, torch.full((B, k - kk), -1, device=self.device)], 1)
             best = torch.cat([best, torch.full((B, k - kk), worst, device=self.device)], 1)
         return best, ids
+
+    def _scan_lists(self, q, coarse, lists, base, flat) -> None:
+        """Write every (query, probe) pair's distances to ``flat[base[pair]:][:len]``: a
+        GEMM per probed list."""
+        flat_lists = lists.reshape(-1)
+        order = torch.argsort(flat_lists, stable=True)   # (query, probe) pairs by list
+        # host-side bounds, read once: the loop below never waits for the device
+        bounds = torch.searchsorted(flat_lists[order], torch.arange(
+            len(self.offsets), device=self.device)).tolist()
+        host_offsets = self.offsets.tolist()
+        for lst in torch.unique(flat_lists).tolist():
+            start, end = host_offsets[lst], host_offsets[lst + 1]
+            if end == start:
+                continue
+            pairs = order[bounds[lst]:bounds[lst + 1]]
+            # (n, n_q): stored rows times query rows (the faster operand order for BLAS)
+            d = self._rows(start, end) @ self._query_rows(q, coarse, lists, pairs).T.contiguous()
+            dest = base[pairs][None, :] + torch.arange(end - start, device=self.device)[:, None]
+            flat.index_copy_(0, dest.view(-1), d.view(-1))
+
+    def _scan_buckets(self, q, coarse, lists, base, flat) -> None:
+        """:meth:`_scan_lists`' distances, a batched GEMM per group of lists of similar
+        length probed by similar numbers of queries (padding goes to ``flat[-1]``)."""
+        dev = self.device
+        flat_lists = lists.reshape(-1)
+        order = torch.argsort(flat_lists, stable=True)             # pairs in list order
+        n_q = torch.bincount(flat_lists, minlength=len(self.host_lens))
+        first = torch.cumsum(n_q, 0) - n_q                          # a list's first pair
+        rows_q = self._query_rows(q, coarse, lists, order)         # (pairs, d + 2)
+        dest_q = base[order]
+        # the probed lists, grouped by powers of two of their lengths and query counts
+        h_nq = n_q.cpu().numpy()
+        used = np.flatnonzero((h_nq > 0) & (self.host_lens > 0))
+        h_len, h_nq = self.host_lens[used], h_nq[used]
+        key = np.ceil(np.log2(h_len)).astype(np.int64) * 64 + np.ceil(np.log2(h_nq)).astype(np.int64)
+        by_key = np.argsort(key, kind="stable")
+        used, h_len, h_nq = used[by_key], h_len[by_key], h_nq[by_key]
+        L = torch.from_numpy(used).to(dev)
+        start, lens, nq, firsts = self.dev_offsets[L], self.dev_lens[L], n_q[L], first[L]
+        budget = SCAN_ELEMENTS * (4 if dev.type == "cuda" else 1)
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(key[by_key])) + 1, [len(used)]])
+        for g0, g1 in zip(bounds[:-1], bounds[1:]):
+            R, Q = int(h_len[g0:g1].max()), int(h_nq[g0:g1].max())
+            # queries and lists per GEMM: its (n, R, Qs) products and the (n, R | Qs, d + 2)
+            # operands stay within the budget
+            Qs = max(1, min(Q, budget // R))
+            per = max(1, budget // max(R * Qs, (R + Qs) * (self.d + 2)))
+            r = torch.arange(R, device=dev)
+            for a in range(g0, g1, per):
+                b = min(g1, a + per)
+                rvalid = r < lens[a:b, None]                                # (n, R)
+                X = self._rows_at(torch.where(rvalid, start[a:b, None] + r, 0))
+                for q0 in range(0, Q, Qs):
+                    j = torch.arange(q0, min(Q, q0 + Qs), device=dev)
+                    qvalid = j < nq[a:b, None]                               # (n, Qs)
+                    at = torch.where(qvalid, firsts[a:b, None] + j, 0)       # pairs, list order
+                    d = torch.bmm(X, rows_q[at].transpose(1, 2))             # (n, R, Qs)
+                    dest = torch.where(rvalid[:, :, None] & qvalid[:, None, :],
+                                       dest_q[at][:, None, :] + r[:, None], len(flat) - 1)
+                    flat.index_copy_(0, dest.view(-1), d.view(-1))
+
 
 def _metric(metric_type) -> str:
     import faiss
