@@ -94,7 +94,7 @@ def test_killed_build_resumes_to_identical_index(trained_dstore, tmp_path, monke
         index.build_index(icfg(ds, faiss_index=str(out), **kw))
     monkeypatch.setattr(index, "_save_partial", real_save)
     side = json.loads((tmp_path / "res.faiss.json").read_text())
-    assert side["rows_added"] == 4000 and not side["complete"]
+    assert side["rows_added"] == 8192 and not side["complete"]   # chunks: 2000 -> 4096 rows
     with pytest.raises(UserError, match="not a complete"):
         index.load_index(out, ds, "att")
     meta = index.build_index(icfg(ds, faiss_index=str(out), **kw))

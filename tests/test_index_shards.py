@@ -24,6 +24,33 @@ def search(path, ds, xq, nprobe=4):
     return idx.search(xq, 10)
 
 
+def inverted_lists(path):
+    """Every inverted list's ids and codes, as bytes (the whole index for a flat one)."""
+    import faiss
+    idx = faiss.read_index(str(path))
+    ivf = faiss.try_extract_index_ivf(idx)
+    if ivf is None:
+        return faiss.serialize_index(idx).tobytes()
+    inv = ivf.invlists
+    return [(faiss.rev_swig_ptr(inv.get_ids(l), inv.list_size(l)).tobytes(),
+             faiss.rev_swig_ptr(inv.get_codes(l), inv.list_size(l) * inv.code_size).tobytes())
+            for l in range(ivf.nlist)]
+
+
+def test_shards_and_adds_start_on_faiss_blocks():
+    """FAISS assigns the keys of one add in 4,096-row blocks from its first: every shard and
+    every add chunk starts on a multiple of that, so each key meets the same block."""
+    from knnlm.knn.shards import ADD_BLOCK, add_step
+    for n, s in [(13_000, 3), (13_000, 4), (1_000_000, 7), (100, 2), (8192, 2)]:
+        r = shard_ranges(n, s)
+        assert len(r) == s and r[0][0] == 0 and r[-1][1] == n
+        assert all(a % ADD_BLOCK == 0 and a <= b for a, b in r)
+        assert all(r[i][1] == r[i + 1][0] for i in range(s - 1))
+        if n >= s * ADD_BLOCK:          # as equal as whole blocks allow
+            assert all(abs((b - a) - n / s) <= ADD_BLOCK for a, b in r)
+    assert add_step(500_000) == 499_712 and add_step(10) == ADD_BLOCK
+
+
 @pytest.mark.parametrize("factory,metric,workers", [
     ("IVF32,PQ8", "l2", 2), ("PCAR16,IVF32,PQ8", "l2", 1), ("IVF16,Flat", "ip", 1), ("Flat", "l2", 1)])
 def test_sharded_equals_unsharded(trained_dstore, tmp_path, factory, metric, workers):
@@ -36,6 +63,7 @@ def test_sharded_equals_unsharded(trained_dstore, tmp_path, factory, metric, wor
     D1, I1 = search(tmp_path / "one.faiss", ds, xq)
     D2, I2 = search(tmp_path / "sharded.faiss", ds, xq)
     assert np.array_equal(I1, I2) and np.array_equal(D1, D2)
+    assert inverted_lists(tmp_path / "one.faiss") == inverted_lists(tmp_path / "sharded.faiss")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "one.faiss", "one.faiss.json", "sharded.faiss", "sharded.faiss.json"]
 

@@ -32,6 +32,7 @@ from ..io import read_json, write_json_atomic
 from ..util import UserError, config_dict, flag
 from .datastore import Datastore, normalize_keytype
 from .kmeans import train_ivf
+from .shards import add_step, build_sharded
 
 INDEX_FORMAT = "knnlm-index"
 INDEX_VERSION = 1
@@ -80,7 +81,8 @@ class BuildIndexConfig:
     probe: int = flag(8, "nprobe recorded as the index's default")
     train_size: int = flag(DEFAULT_TRAIN_SIZE, "keys sampled to train the quantizers")
     seed: int = flag(1, "seed of the training sample")
-    num_keys_to_add_at_a_time: int = flag(500_000, "keys added per chunk",
+    num_keys_to_add_at_a_time: int = flag(500_000, "keys added per chunk (rounded down to a "
+                                          "multiple of 4,096: sharded builds then equal it)",
                                           aliases=("--num_keys_to_add_at_a_time",))
     starting_point: int | None = flag(None, "row to start adding at (original flag; a resumed "
                                       "build must hold exactly this many rows)",
@@ -268,7 +270,6 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
         return index
 
     if cfg.shards > 1:
-        from .shards import build_sharded
         built = build_sharded(cfg, ds, out, meta, trained, dist)
         if built is None:                       # a torchrun rank other than 0: done
             return dict(meta, rank_only=True)
@@ -291,7 +292,7 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
         _save_partial(index, partial, side_path, meta, 0)  # never train twice
     t1 = time.perf_counter()
     last_save = time.perf_counter()
-    step = cfg.num_keys_to_add_at_a_time
+    step = add_step(cfg.num_keys_to_add_at_a_time)    # every add on a FAISS block boundary
     bar = tqdm(total=n, initial=start, unit="key", desc="add", disable=True if cfg.quiet else None)
     for s in range(start, n, step):
         e = min(n, s + step)

@@ -5,9 +5,13 @@ contiguous shards, each added to a copy of the trained index in its own process 
 time, `concurrent.futures` with spawned workers, FAISS threads split between them) and
 written as ``<index>.shard<s>of<S>`` with a JSON marker; the shards are then merged in
 order (FAISS ``merge_from``, ids offset by the rows before each shard). Every inverted
-list holds its ids in datastore order, exactly as in an unsharded build, so search
-results are identical. A killed build keeps its trained index and finished shards and
-redoes only the unfinished ones.
+list holds its ids in datastore order, exactly as in an unsharded build, and the same
+codes: FAISS assigns and encodes the keys of one ``add`` in blocks of 4,096 rows from
+its first, and a key's nearest centroid can flip when it sits at another place in its
+block (the GEMM rounds differently), so every ``add`` — sharded or not — starts at a
+multiple of ADD_BLOCK rows (:func:`shard_ranges`, :func:`add_step`). The merged index is
+then the unsharded one, byte for byte. A killed build keeps its trained index and
+finished shards and redoes only the unfinished ones.
 """
 from __future__ import annotations
 
@@ -24,9 +28,20 @@ from ..io import read_json, write_json_atomic
 from ..util import UserError
 
 
+ADD_BLOCK = 4096   # FAISS's block of keys assigned at once (distance_compute_blas_query_bs)
+
+
+def add_step(chunk: int) -> int:
+    """Keys per ``index.add``: ``--num_keys_to_add_at_a_time`` rounded down to a multiple of
+    ADD_BLOCK (at least one block), so that every add starts on a block boundary."""
+    return max(ADD_BLOCK, chunk // ADD_BLOCK * ADD_BLOCK)
+
+
 def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
-    """S contiguous [start, end) row ranges covering range(n), sizes differing by <= 1."""
-    bounds = [round(i * n / shards) for i in range(shards + 1)]
+    """S contiguous [start, end) row ranges covering range(n), starting on multiples of
+    ADD_BLOCK, as equal as that allows (a datastore of fewer than S blocks leaves some
+    shards empty)."""
+    bounds = [min(n, round(i * n / shards / ADD_BLOCK) * ADD_BLOCK) for i in range(shards)] + [n]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -56,8 +71,9 @@ def add_shard(dstore_dir: str, keytype: str, trained: str, out: str, start: int,
         faiss.omp_set_num_threads(threads)
     keys = Datastore(dstore_dir).keys(keytype)
     index = faiss.read_index(trained)
-    for s in range(start, end, chunk):
-        index.add(np.ascontiguousarray(keys[s:min(end, s + chunk)], dtype=np.float32))
+    step = add_step(chunk)
+    for s in range(start, end, step):
+        index.add(np.ascontiguousarray(keys[s:min(end, s + step)], dtype=np.float32))
     tmp = str(temp_path(out))
     faiss.write_index(index, tmp)
     os.replace(tmp, out)
