@@ -20,8 +20,8 @@ from .gate import Gate, adaptive_stats
 from .pointers import PointerWalk
 from .search import KnnSearch
 
-QUERY_CHUNK = 256        # queries per search call (bounds the (B, k, D) neighbour keys)
-EXACT_QUERY_CHUNK = 4096  # brute force reads every key per call: larger query batches
+QUERY_CHUNK = 4096   # queries per search call: one call per batch, as a GPU search wants it
+                     # (recomputed distances gather 16 queries' neighbour keys at a time)
 
 
 class KnnScorer:
@@ -119,10 +119,8 @@ class KnnScorer:
             self.gate_counts["searches"] += len(rows)
             lam = lam_hat if self.cfg.gate_lambda else np.full(len(q), self.cfg.lmbda)
             self.batch_lambdas = np.where(keep, lam, 0.0)
-        step = QUERY_CHUNK if (self.mode.recompute or self.cfg.save_exact_dists) or \
-            not self.cfg.exact_search else EXACT_QUERY_CHUNK
-        for s in range(0, len(rows), step):
-            r = rows[s:s + step]
+        for s in range(0, len(rows), QUERY_CHUNK):
+            r = rows[s:s + QUERY_CHUNK]
             part = None if found is None else (found[0][r], found[1][r])
             out[r] = self._score_chunk(start + int(r[0]), q[r], targets[r], lm_lp[r], words[r],
                                        part)
