@@ -32,6 +32,8 @@ class KnnScorer:
         """``tokens``: the split being scored (the gate's n-gram features read it)."""
         self.cfg = cfg
         self.knn = KnnSearch(cfg, model_fingerprint, databin, device, cfg.save_exact_dists)
+        # p_kNN of the targets where the search ran: on the GPU with --knnlm-gpu
+        self.math_device = device if cfg.knnlm_gpu and device.type == "cuda" else torch.device("cpu")
         self.keytype, ds = self.knn.keytype, self.knn.ds
         self.mode = mode = self.knn.mode
         self.cache = None
@@ -133,11 +135,12 @@ class KnnScorer:
     def _score_chunk(self, start, q, targets, lm_lp, words, found=None) -> np.ndarray:
         r = self.walk.search_stream(q, targets) if self.walk is not None else \
             self.knn.search(q, found)
-        lp = knn_math.knn_target_log_probs(r["scores"], torch.from_numpy(r["vals"]),
-                                           torch.from_numpy(targets), self.cfg.knn_temp,
-                                           r["mask"], r.get("log_counts"))
+        dev, counts = self.math_device, r.get("log_counts")
+        lp = knn_math.knn_target_log_probs(
+            r["scores"].to(dev), torch.from_numpy(r["vals"]).to(dev),
+            torch.from_numpy(targets).to(dev), self.cfg.knn_temp, r["mask"].to(dev),
+            None if counts is None else counts.to(dev)).cpu()
         if self.cache is not None:
-            counts = r.get("log_counts")
             self.cache.write(start, targets=targets, words=words, lm_logprobs=lm_lp, ids=r["I"],
                              vals=r["vals"], faiss_dists=r["D"], exact_dists=r["exact"],
                              log_counts=None if counts is None else counts.numpy())
