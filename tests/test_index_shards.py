@@ -63,7 +63,8 @@ def test_sharded_equals_unsharded(trained_dstore, tmp_path, factory, metric, wor
     D1, I1 = search(tmp_path / "one.faiss", ds, xq)
     D2, I2 = search(tmp_path / "sharded.faiss", ds, xq)
     assert np.array_equal(I1, I2) and np.array_equal(D1, D2)
-    assert inverted_lists(tmp_path / "one.faiss") == inverted_lists(tmp_path / "sharded.faiss")
+    if workers == 1:        # the adds ran with the same FAISS threads: the same lists
+        assert inverted_lists(tmp_path / "one.faiss") == inverted_lists(tmp_path / "sharded.faiss")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "one.faiss", "one.faiss.json", "sharded.faiss", "sharded.faiss.json"]
 

@@ -5,13 +5,15 @@ contiguous shards, each added to a copy of the trained index in its own process 
 time, `concurrent.futures` with spawned workers, FAISS threads split between them) and
 written as ``<index>.shard<s>of<S>`` with a JSON marker; the shards are then merged in
 order (FAISS ``merge_from``, ids offset by the rows before each shard). Every inverted
-list holds its ids in datastore order, exactly as in an unsharded build, and the same
-codes: FAISS assigns and encodes the keys of one ``add`` in blocks of 4,096 rows from
-its first, and a key's nearest centroid can flip when it sits at another place in its
-block (the GEMM rounds differently), so every ``add`` — sharded or not — starts at a
-multiple of ADD_BLOCK rows (:func:`shard_ranges`, :func:`add_step`). The merged index is
-then the unsharded one, byte for byte. A killed build keeps its trained index and
-finished shards and redoes only the unfinished ones.
+list holds its ids in datastore order, as in an unsharded build. FAISS assigns the keys
+of one ``add`` with GEMMs over blocks of 4,096 rows from its first, and a key whose two
+nearest centroids are equally far to float32 rounding can go either way depending on
+where in its block it sits, so every ``add`` — sharded or not — starts at a multiple of
+ADD_BLOCK rows (:func:`shard_ranges`, :func:`add_step`): with the same FAISS threads per
+add, the merged index is the unsharded one, byte for byte. Other thread counts split the
+GEMMs differently, and such a key (1 in 129k in the GPU check's rehearsal) may land in
+the other list. A killed build keeps its trained index and finished shards and redoes
+only the unfinished ones.
 """
 from __future__ import annotations
 
