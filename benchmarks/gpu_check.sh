@@ -13,9 +13,18 @@
 #      FAISS CPU (same perplexity; kNN-LM eval time over LM-only eval time), an index trained
 #      by the torch k-means on the GPU (recall@10 within 1% of FAISS CPU training), and the
 #      streaming exact search over EXACT_N synthetic keys for EXACT_Q queries (keys/s).
-# Prints GPU vs CPU timings and a JSON summary; exits non-zero on a mismatch.
+# Stage 1b, run right after training because it holds the headline numbers: the datastore
+# of the BIG_SPLIT split (the demo's train split: 1.74M keys), an index trained on the GPU
+# by the torch k-means, and the test split's kNN-LM at k 1024, nprobe 32 with the torch
+# backend on the GPU: its eval time over the LM-only eval's (each eval loop's own seconds,
+# from the results JSON) and its perplexity against FAISS CPU's search of the same index;
+# then benchmarks/torch_backend.py on that index (ms/query and neighbour overlap against
+# faiss-cpu, torch vs FAISS training, the streaming exact search).
+# Prints GPU vs CPU timings and a JSON summary (a stage that did not run is listed under
+# "missing"); exits non-zero on a mismatch.
 #
 #   bash benchmarks/gpu_check.sh DATA_BIN [OUT_DIR]
+# On a GPU machine without internet access, benchmarks/gpu_run.sh sets up and runs it.
 set -euo pipefail
 DATA=${1:?data-bin directory}
 OUT=${2:-gpu_check_out}
@@ -25,17 +34,24 @@ DCTX=${DCTX:-64}
 UPDATES=${UPDATES:-60}
 EXACT_N=${EXACT_N:-10000000}
 EXACT_Q=${EXACT_Q:-100000}
+BIG_SPLIT=${BIG_SPLIT:-train}
+BIG_FACTORY=${BIG_FACTORY:-IVF2048,PQ32}
+BIG_TRAIN=${BIG_TRAIN:-131072}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 log() { echo "== $*" >&2; }
-timed() {  # name, command...: runs it, appends "name seconds" to $OUT/times.txt
-  local name=$1; shift
-  local t0=$EPOCHREALTIME
-  "$@"
-  awk -v n="$name" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { print n, b - a }' >> "$OUT/times.txt"
+timed() {  # name, command...: runs it, appends "name seconds" to $OUT/times.txt; a failure
+  local name=$1; shift          # is logged in $OUT/failed.txt and the script goes on
+  local t0=$EPOCHREALTIME rc=0
+  "$@" || rc=$?
+  if [ "$rc" = 0 ]; then
+    awk -v n="$name" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { print n, b - a }' >> "$OUT/times.txt"
+  else
+    echo "$name exit $rc" >> "$OUT/failed.txt"; log "$name FAILED (exit $rc)"
+  fi
 }
-: > "$OUT/times.txt"
+: > "$OUT/times.txt"; : > "$OUT/failed.txt"
 
 log "train on $DEVICE"
 for prec in fp32 bf16 fp16; do
@@ -49,6 +65,30 @@ for prec in fp32 bf16 fp16; do
 done
 CKPT="$OUT/train_fp32/checkpoint_last.pt"
 GPU=(--device "$DEVICE")
+on_gpu=(--knnlm-gpu); [ "$DEVICE" = cpu ] && on_gpu=()
+gpu_train=(--gpu yes); [ "$DEVICE" = cpu ] && gpu_train=(--gpu no)
+
+log "the target: $BIG_SPLIT datastore, $BIG_FACTORY trained by torch k-means, kNN-LM k 1024 nprobe 32"
+rm -rf "$OUT/dstore_big"
+timed dstore_big $PY -m knnlm build-dstore "$DATA" --path "$CKPT" --gen-subset "$BIG_SPLIT" \
+    --dstore-dir "$OUT/dstore_big" --knn-keytype att --tokens-per-sample "$TPS" \
+    --context-window "$DCTX" --quiet "${GPU[@]}" > /dev/null
+timed index_big $PY -m knnlm build-index --dstore-dir "$OUT/dstore_big" --index-factory "$BIG_FACTORY" \
+    --train-size "$BIG_TRAIN" --train-backend torch "${gpu_train[@]}" --quiet > /dev/null
+big() { local name=$1; shift
+  timed "big_$name" $PY -m knnlm eval-lm "$DATA" --path "$CKPT" --gen-subset test \
+      --tokens-per-sample "$TPS" --context-window "$CTX" --quiet "${GPU[@]}" \
+      --results-path "$OUT/big_$name.json" "$@" > /dev/null; }
+knn_big=(--knnlm --dstore-filename "$OUT/dstore_big" --k 1024 --probe 32 --lmbda 0.25 --knn-temp 1
+         --knn-sim-func do_not_recomp_l2)
+big lm
+big torch "${knn_big[@]}" "${on_gpu[@]}" --knn-backend torch
+big faiss_cpu "${knn_big[@]}" --knn-backend faiss
+big lm_again                                  # the LM-only time once more (warm caches)
+timed torch_backend_bench $PY benchmarks/torch_backend.py --device "$DEVICE" \
+    --index "$OUT/dstore_big/index_att_l2.faiss" --keys "$OUT/dstore_big/keys_att.npy" \
+    --nprobe 32 --queries 16384 --train-factory "$BIG_FACTORY" --train-size "$BIG_TRAIN" \
+    --exact-keys 1000000 --exact-queries 16384 --out "$OUT/torch_backend.json" > /dev/null
 
 log "eval-lm CPU vs $DEVICE"
 ev() { local name=$1; shift
@@ -106,94 +146,11 @@ log "without faiss-gpu: torch search backend, torch k-means training, streaming 
 timed "eval_test_$DEVICE" $PY -m knnlm eval-lm "$DATA" --path "$CKPT" --gen-subset test \
     --tokens-per-sample "$TPS" --context-window "$CTX" --quiet "${GPU[@]}" \
     --results-path "$OUT/eval_test_lm.json" > /dev/null
-on_gpu=(--knnlm-gpu); [ "$DEVICE" = cpu ] && on_gpu=()
 kn torch_backend "${GPU[@]}" "${on_gpu[@]}" --knn-backend torch --knn-sim-func do_not_recomp_l2
-gpu_train=(--gpu yes); [ "$DEVICE" = cpu ] && gpu_train=(--gpu no)
 timed index_torch_train $PY -m knnlm build-index --dstore-dir "$OUT/dstore_gpu" \
     --index-factory IVF256,PQ32 --train-size 60000 --train-backend torch "${gpu_train[@]}" \
     --faiss-index "$OUT/index_torch_train.faiss" --quiet > /dev/null
-$PY - "$OUT" "$DEVICE" "$EXACT_N" "$EXACT_Q" > "$OUT/torch_paths.json" <<'PY'
-import json, sys, time
-import faiss, numpy as np, torch
-from knnlm.knn.exact import stream_search
-out, device, n, q = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-keys = np.load(f"{out}/dstore_gpu/keys_att.npy").astype(np.float32)
-rng = np.random.default_rng(0)
-xq = keys[rng.choice(len(keys), 2000, replace=False)] + 0.05 * rng.standard_normal((2000, keys.shape[1])).astype(np.float32)
-flat = faiss.IndexFlatL2(keys.shape[1]); flat.add(keys)
-truth = flat.search(xq, 10)[1]
-rec = {}
-for name, path in (("faiss_cpu", "index_shards1.faiss"), ("torch", "index_torch_train.faiss")):
-    idx = faiss.read_index(f"{out}/{path}"); faiss.extract_index_ivf(idx).nprobe = 16
-    I = idx.search(xq, 10)[1]
-    rec[name] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, truth)]))
-dev = torch.device(device)
-g = torch.Generator(device=dev).manual_seed(0)
-big = torch.randn(n, 256, generator=g, device=dev, dtype=torch.float16)
-queries = torch.randn(q, 256, generator=g, device=dev).cpu().numpy()
-if device != "cpu":
-    torch.cuda.synchronize()
-t0 = time.perf_counter()
-stream_search(queries, big, 1024, "l2", device=dev)
-sec = time.perf_counter() - t0
-print(json.dumps(dict(recall_at_10=rec, exact=dict(keys=n, queries=q, dim=256, seconds=sec,
-                                                   keys_per_s=n / sec, query_keys_per_s=n * q / sec))))
-PY
+timed torch_paths $PY benchmarks/gpu_torch_paths.py "$OUT" "$DEVICE" "$EXACT_N" "$EXACT_Q" \
+    > "$OUT/torch_paths.json"
 
-$PY - "$OUT" <<'PY'
-import json, pathlib, sys
-import numpy as np
-out = pathlib.Path(sys.argv[1])
-res = lambda name: json.loads((out / f"{name}.json").read_text())["results"]
-rel = lambda a, b: abs(a / b - 1)
-s = {"times_s": {l.split()[0]: round(float(l.split()[1]), 2)
-                 for l in (out / "times.txt").read_text().splitlines()}}
-cpu, g32 = res("eval_cpu"), res("eval_gpu_fp32")
-s["lm_ppl"] = dict(cpu=cpu["ppl"], gpu_fp32=g32["ppl"])
-checks = {"eval fp32": rel(g32["ppl"], cpu["ppl"]) < 1e-4}
-if (out / "eval_gpu_bf16.json").exists():
-    s["lm_ppl"]["gpu_bf16"] = res("eval_gpu_bf16")["ppl"]
-    checks["eval bf16"] = rel(s["lm_ppl"]["gpu_bf16"], cpu["ppl"]) < 2e-2
-diffs = {}
-for kt in ("att", "ffn"):
-    a = np.load(out / "dstore_cpu" / f"keys_{kt}.npy").astype(np.float32)
-    b = np.load(out / "dstore_gpu" / f"keys_{kt}.npy").astype(np.float32)
-    diffs[kt] = float(np.abs(a - b).max() / (np.abs(a).max() + 1e-9))
-s["dstore_key_max_rel_diff"] = diffs
-checks["dstore keys"] = max(diffs.values()) < 1e-2
-checks["dstore vals"] = bool(np.array_equal(np.load(out / "dstore_cpu" / "vals.npy"),
-                                            np.load(out / "dstore_gpu" / "vals.npy")))
-for mode in ("faiss", "exact"):
-    c, g = res(f"knnlm_{mode}_cpu"), res(f"knnlm_{mode}_gpu")
-    s[f"knnlm_{mode}"] = dict(cpu=c["interpolated"]["ppl"], gpu=g["interpolated"]["ppl"],
-                              lm=c["ppl"])
-    checks[f"knnlm {mode}"] = rel(g["interpolated"]["ppl"], c["interpolated"]["ppl"]) < 1e-3
-    checks[f"knnlm {mode} helps"] = c["interpolated"]["ppl"] < c["ppl"]
-dev = (out / "dstore_torchrun.device").read_text().strip()
-same = all((out / "dstore_torchrun" / f).read_bytes() == (out / f"dstore_{dev}" / f).read_bytes()
-           for f in ("keys_att.npy", "keys_ffn.npy", "vals.npy", "pos.npy"))
-s["torchrun_dump_bytes_identical"] = dict(device=dev, identical=same)
-checks["torchrun dump"] = same
-sh = {n: res(f"knnlm_shards{n}_cpu")["interpolated"]["ppl"] for n in (1, 4)}
-s["knnlm_sharded_index"] = sh
-checks["sharded index"] = sh[1] == sh[4]
-for prec in ("fp32", "bf16", "fp16"):
-    p = out / f"train_{prec}" / "train_log.jsonl"
-    if p.exists():
-        s[f"train_{prec}_valid_ppl"] = json.loads(p.read_text().splitlines()[-1])["valid_ppl"]
-lm_test, tb = res("eval_test_lm"), res("knnlm_torch_backend")
-fc = res("knnlm_faiss_cpu")
-s["torch_backend"] = dict(ppl=tb["interpolated"]["ppl"], faiss_cpu_ppl=fc["interpolated"]["ppl"],
-                          backend=tb["interpolated"]["search_backend"],
-                          knnlm_over_lm_time=s["times_s"]["knnlm_torch_backend"]
-                          / s["times_s"][[k for k in s["times_s"] if k.startswith("eval_test_")][0]])
-checks["torch backend ppl"] = rel(tb["interpolated"]["ppl"], fc["interpolated"]["ppl"]) < 1e-3
-paths = json.loads((out / "torch_paths.json").read_text())
-s.update(torch_training_recall_at_10=paths["recall_at_10"], streaming_exact=paths["exact"])
-checks["torch training recall"] = paths["recall_at_10"]["torch"] >= paths["recall_at_10"]["faiss_cpu"] - 0.01
-s["checks"] = checks
-s["ok"] = all(checks.values())
-print(json.dumps(s, indent=2))
-(out / "summary.json").write_text(json.dumps(s, indent=2))
-sys.exit(0 if s["ok"] else 1)
-PY
+$PY benchmarks/gpu_summary.py "$OUT"
