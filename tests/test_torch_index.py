@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from knnlm.knn.index import train_index
+from knnlm.knn.search import KnnSearch
 from knnlm.knn.torch_index import SCANS, ShardedTorchIndex, TorchIndex
 from knnlm.util import UserError
 
@@ -154,9 +155,10 @@ def test_torch_search_on_the_gpu_equals_faiss(data, scan):
 
 
 def test_eval_lm_with_the_torch_backend_equals_faiss(bpe_databin, trained_ckpt, trained_dstore,
-                                                     tmp_path):
+                                                     tmp_path, monkeypatch):
     """eval-lm --knn-backend torch (here on the CPU) gives FAISS's perplexity and says which
-    backend searched, in the results and the cache."""
+    backend searched, in the results and the cache; without a cache it scores on the
+    backend's device (KnnSearch.scores_on_device), with the same perplexity."""
     from knnlm import evaluate
     from knnlm.data.preprocess import DataBin
     from knnlm.knn import index as index_mod
@@ -167,16 +169,21 @@ def test_eval_lm_with_the_torch_backend_equals_faiss(bpe_databin, trained_ckpt, 
         train_size=4000, faiss_index=str(tmp_path / "ivf.faiss"), quiet=True))
     ckpt = load_checkpoint(trained_ckpt)
     out = {}
-    for backend in ("faiss", "torch"):
+    calls = []
+    real = KnnSearch.scores_on_device
+    monkeypatch.setattr(KnnSearch, "scores_on_device", lambda *a: calls.append(1) or real(*a))
+    for backend, cache in (("faiss", True), ("torch", True), ("torch", False)):
         cfg = evaluate.EvalConfig(
             data=str(bpe_databin.path), path=str(trained_ckpt), gen_subset="valid",
             tokens_per_sample=64, context_window=32, knnlm=True, k=16, probe=4,
             dstore_filename=str(trained_dstore.path), indexfile=str(tmp_path / "ivf.faiss"),
             knn_sim_func="do_not_recomp_l2", knn_backend=backend,
-            save_retrieval=str(tmp_path / backend), quiet=True)
-        out[backend] = evaluate.eval_lm(model_from_checkpoint(ckpt), DataBin(cfg.data), cfg,
-                                        torch.device("cpu"), model_fingerprint(ckpt["model"]))
-    a, b = out["faiss"]["interpolated"], out["torch"]["interpolated"]
+            save_retrieval=str(tmp_path / backend) if cache else None, quiet=True)
+        out[backend, cache] = evaluate.eval_lm(model_from_checkpoint(ckpt), DataBin(cfg.data), cfg,
+                                               torch.device("cpu"), model_fingerprint(ckpt["model"]))
+        assert bool(calls) == (backend == "torch" and not cache)   # no cache: scored on device
+    a, b = out["faiss", True]["interpolated"], out["torch", True]["interpolated"]
+    assert out["torch", False]["interpolated"]["ppl"] == b["ppl"]
     assert (a["search_backend"], b["search_backend"]) == ("faiss-cpu", "torch (cpu)")
     ca, cb = RetrievalCache(tmp_path / "faiss"), RetrievalCache(tmp_path / "torch")
     da, db = np.asarray(ca.faiss_dists), np.asarray(cb.faiss_dists)
@@ -189,3 +196,36 @@ def test_eval_lm_with_the_torch_backend_equals_faiss(bpe_databin, trained_ckpt, 
             assert abs(dr[-1] - dr[[i for i, x in enumerate(ra) if x in only] or [-1]]).max() <= 1e-4
     assert b["ppl"] == pytest.approx(a["ppl"], rel=2e-3)
     assert cb.meta["search_backend"] == "torch (cpu)"
+
+
+@pytest.mark.parametrize("ignore_top", [False, True])
+def test_scores_on_device_equal_the_host_path(bpe_databin, trained_ckpt, trained_dstore, tmp_path,
+                                              ignore_top):
+    """KnnSearch.scores_on_device (the torch backend's results scored where they are) gives
+    KnnSearch.search's scores, values, mask and log counts, on a weighted datastore too."""
+    from knnlm.data.preprocess import DataBin
+    from knnlm.knn import index as index_mod
+    from knnlm.lm.checkpoint import load_checkpoint, model_fingerprint
+    from test_knn_eval import kcfg
+    from test_prune import write_like
+    rows = np.arange(0, trained_dstore.size, 2)
+    counts = np.random.default_rng(0).integers(1, 4, len(rows)).astype(np.float32)
+    ds = write_like(trained_dstore, tmp_path / "w", rows, counts)
+    index_mod.build_index(index_mod.BuildIndexConfig(
+        dstore_dir=str(ds.path), knn_keytype="att", index_factory="IVF16,PQ8", train_size=3000,
+        quiet=True))
+    fp = model_fingerprint(load_checkpoint(trained_ckpt)["model"])
+    knn = KnnSearch(kcfg(bpe_databin, trained_ckpt, ds, tmp_path, k=24, probe=4,
+                         knn_backend="torch", knn_sim_func="do_not_recomp_l2",
+                         ignore_top=ignore_top), fp, DataBin(bpe_databin.path), torch.device("cpu"))
+    assert knn.on_device
+    q = np.asarray(ds.keys("att")[:300], dtype=np.float32)
+    host, dev = knn.search(q), knn.scores_on_device(q)
+    assert torch.equal(dev["scores"], host["scores"]) and torch.equal(dev["mask"], host["mask"])
+    assert np.array_equal(dev["vals"].numpy(), host["vals"])
+    assert torch.equal(dev["log_counts"], host["log_counts"])
+    assert (host["log_counts"] > 0).any()
+    recompute = KnnSearch(kcfg(bpe_databin, trained_ckpt, ds, tmp_path, k=24, probe=4,
+                               knn_backend="torch"), fp, DataBin(bpe_databin.path),
+                          torch.device("cpu"))
+    assert not recompute.on_device            # exact distances come from the host's keys

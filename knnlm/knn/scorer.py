@@ -133,6 +133,11 @@ class KnnScorer:
         return out
 
     def _score_chunk(self, start, q, targets, lm_lp, words, found=None) -> np.ndarray:
+        if found is None and self.walk is None and self.cache is None and self.knn.on_device:
+            r = self.knn.scores_on_device(q)    # the torch backend: no trip through the host
+            return knn_math.knn_target_log_probs(
+                r["scores"], r["vals"], torch.from_numpy(targets).to(r["vals"].device),
+                self.cfg.knn_temp, r["mask"], r["log_counts"]).cpu().numpy()
         r = self.walk.search_stream(q, targets) if self.walk is not None else \
             self.knn.search(q, found)
         dev, counts = self.math_device, r.get("log_counts")

@@ -206,6 +206,7 @@ class KnnSearch:
         bf_device = device if cfg.knnlm_gpu else torch.device("cpu")
         self.retriever = Retriever(ds, self.keytype, self.k_search, self.mode.search_metric, index,
                                    cfg.exact_search, cfg.load_keys or need_exact, bf_device)
+        self._device_vals = self._device_log_counts = None   # scores_on_device's copies
 
     def project(self, q: np.ndarray) -> np.ndarray:
         """The model's (B, D) queries in the datastore's key space (a reduced datastore's
@@ -230,6 +231,36 @@ class KnnSearch:
         scores = knn_math.scores_from_distances(torch.from_numpy(dist).double(), mode.metric)
         return dict(D=D, I=I, vals=vals, exact=exact, scores=scores, mask=torch.from_numpy(I >= 0),
                     log_counts=self.retriever.log_counts(I))
+
+    @property
+    def on_device(self) -> bool:
+        """Whether :meth:`scores_on_device` applies: the torch backend searches, and the
+        score mode scores with the distances it returns (nothing recomputed)."""
+        return isinstance(self.retriever.index, (TorchIndex, ShardedTorchIndex)) and \
+            not self.mode.recompute and not self.need_exact
+
+    def scores_on_device(self, q: np.ndarray) -> dict:
+        """:meth:`search`'s ``scores``, ``vals``, ``mask`` and ``log_counts``, as tensors on
+        the torch backend's device: a GPU evaluation scores the neighbours where it found
+        them (the values and counts are copied there once)."""
+        index = self.retriever.index
+        dev = index.device
+        D, I = index.search_tensors(torch.from_numpy(np.ascontiguousarray(self.project(q),
+                                                                          dtype=np.float32)),
+                                    self.k_search)
+        if self.cfg.ignore_top:
+            D, I = D[:, 1:], I[:, 1:]
+        if self._device_vals is None:
+            self._device_vals = torch.from_numpy(np.array(self.ds.vals, dtype=np.int32)).to(dev)
+            self._device_log_counts = None if self.ds.counts is None else \
+                torch.from_numpy(np.log(np.asarray(self.ds.counts, dtype=np.float64))).to(dev)
+        mask = I >= 0
+        safe = torch.where(mask, I, 0)
+        log_counts = None if self._device_log_counts is None else \
+            torch.where(mask, self._device_log_counts[safe], 0.0)
+        return dict(scores=knn_math.scores_from_distances(D.double(), self.mode.metric),
+                    vals=torch.where(mask, self._device_vals[safe].long(), -1), mask=mask,
+                    log_counts=log_counts)
 
     def search_all(self, queries, state_dir=None, quiet: bool = True,
                    part: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:

@@ -166,17 +166,30 @@ class TorchIndex:
     def search(self, xq, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(B, d) queries -> FAISS-style (D (B, k) float32, I (B, k) int64) numpy arrays."""
         q = torch.as_tensor(np.ascontiguousarray(xq, dtype=np.float32)).to(self.device)
-        if self.transform is not None:
-            A, b = self.transform
-            q = q @ A.T + b
         if self.centroids is None:
-            return brute_force_search(q, self.vectors, k, self.metric)
-        D = np.empty((len(q), k), dtype=np.float32)
-        I = np.empty((len(q), k), dtype=np.int64)
-        for s in range(0, len(q), QUERY_BATCH):
-            d, i = self._search_ivf(q[s:s + QUERY_BATCH], k)
-            D[s:s + len(d)], I[s:s + len(d)] = d.cpu().numpy(), i.cpu().numpy()
-        return D, I
+            return brute_force_search(self._transformed(q), self.vectors, k, self.metric)
+        D, I = self.search_tensors(q, k)
+        return D.cpu().numpy(), I.cpu().numpy()
+
+    @torch.no_grad()
+    def search_tensors(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search` of a (B, d) float32 tensor, the results left on the index's
+        device (what a GPU evaluation scores without a round trip through the host)."""
+        q = self._transformed(q.to(self.device, torch.float32))
+        if self.centroids is None:
+            return tuple(torch.from_numpy(x).to(self.device)
+                         for x in brute_force_search(q, self.vectors, k, self.metric))
+        parts = [self._search_ivf(q[s:s + QUERY_BATCH], k) for s in range(0, len(q), QUERY_BATCH)]
+        if not parts:
+            return (torch.zeros(0, k, device=self.device),
+                    torch.zeros(0, k, dtype=torch.long, device=self.device))
+        return torch.cat([d for d, _ in parts]), torch.cat([i for _, i in parts])
+
+    def _transformed(self, q: torch.Tensor) -> torch.Tensor:
+        if self.transform is None:
+            return q
+        A, b = self.transform
+        return q @ A.T + b
 
     def coarse(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, nprobe) coarse terms (||q - c||² for L2, q·c for IP) and list numbers."""
@@ -345,5 +358,14 @@ class ShardedTorchIndex:
         for s in self.shards:
             s.nprobe = value
 
+    @property
+    def device(self) -> torch.device:
+        return self.shards[0].device
+
     def search(self, xq, k: int) -> tuple[np.ndarray, np.ndarray]:
         return merge_topk([s.search(xq, k) for s in self.shards], k, self.metric)
+
+    def search_tensors(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search`, the results on the first shard's device."""
+        D, I = self.search(q.cpu().numpy(), k)
+        return torch.from_numpy(D).to(self.device), torch.from_numpy(I).to(self.device)
