@@ -130,6 +130,10 @@ def test_lists_sharded_over_devices_merge_to_the_whole(data, metric):
     D2, I2 = sharded.search(xq, 40)
     np.testing.assert_allclose(D2, D, rtol=1e-5, atol=1e-5)
     assert np.mean(I == I2) > 0.999
+    # merged on the device in merge_topk's order (ties by shard, then rank)
+    from knnlm.knn.exact import merge_topk
+    D3, I3 = merge_topk([s.search(xq, 40) for s in sharded.shards], 40, whole.metric)
+    assert np.array_equal(D2, D3) and np.array_equal(I2, I3)
 
 
 def test_unsupported_indexes_are_refused(data):

@@ -30,11 +30,13 @@ conventions (squared L2 / inner products; id -1 where fewer than k candidates ex
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
 from ..util import UserError
-from .exact import brute_force_search, merge_topk
+from .exact import brute_force_search
 
 QUERY_BATCH = 8192         # queries per scan (bounds the (B, nprobe, longest list) buffer)
 DECODE_CHUNK = 1 << 16     # codes decoded at once when the whole table is built
@@ -363,9 +365,22 @@ class ShardedTorchIndex:
         return self.shards[0].device
 
     def search(self, xq, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return merge_topk([s.search(xq, k) for s in self.shards], k, self.metric)
+        q = torch.as_tensor(np.ascontiguousarray(xq, dtype=np.float32))
+        D, I = self.search_tensors(q, k)
+        return D.cpu().numpy(), I.cpu().numpy()
 
     def search_tensors(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`search`, the results on the first shard's device."""
-        D, I = self.search(q.cpu().numpy(), k)
-        return torch.from_numpy(D).to(self.device), torch.from_numpy(I).to(self.device)
+        """Every shard's top-k (the shards on distinct GPUs search at the same time, one
+        thread each), merged on the first shard's device in
+        :func:`knnlm.knn.exact.merge_topk`'s order."""
+        search = lambda shard: shard.search_tensors(q, k)   # noqa: E731
+        devices = {str(s.device) for s in self.shards}
+        if len(devices) == len(self.shards) and self.device.type == "cuda":
+            with ThreadPoolExecutor(len(self.shards)) as pool:
+                parts = list(pool.map(search, self.shards))
+        else:
+            parts = [search(s) for s in self.shards]
+        D = torch.cat([d.to(self.device) for d, _ in parts], 1)
+        I = torch.cat([i.to(self.device) for _, i in parts], 1)
+        order = torch.sort(D, dim=1, descending=self.metric != "l2", stable=True).indices[:, :k]
+        return D.gather(1, order), I.gather(1, order)
