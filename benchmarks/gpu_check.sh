@@ -5,8 +5,10 @@
 #   3. build-dstore of the valid split on GPU and on CPU: keys must agree (fp16 tolerance);
 #   4. build-dstore with torchrun, one rank per GPU (2 gloo ranks on the CPU when there is
 #      one GPU): files byte-identical to the one-process dump of the same device;
-#   5. build-index (FAISS trains on GPU when it has GPU support), and CPU-trained unsharded
-#      vs 4-shard 2-worker builds: the kNN-LM perplexities with the two must be equal;
+#   5. build-index (FAISS trains on GPU when it has GPU support, else the torch k-means),
+#      and CPU-trained unsharded vs 4-shard 2-worker builds: the kNN-LM perplexities with
+#      the two must agree to 1e-6 (the workers' other FAISS thread count can move a key
+#      tied to float32 rounding between two lists; see knnlm/knn/shards.py);
 #   6. eval-lm --knnlm on the test split, CPU vs GPU (--knnlm-gpu), with the FAISS index and
 #      with --exact-search (brute force on the GPU): kNN-LM perplexities must agree;
 #   7. without faiss-gpu: the torch search backend on the GPU (--knn-backend torch) against
