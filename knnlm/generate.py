@@ -234,7 +234,8 @@ def main(cfg: GenerateConfig) -> dict:
             model.hf, cfg.dstore_filename, indexfile=cfg.indexfile, k=cfg.k, lmbda=cfg.lmbda,
             knn_temp=cfg.knn_temp, probe=cfg.probe, knn_keytype=cfg.knn_keytype,
             knn_sim_func=cfg.knn_sim_func, faiss_metric_type=cfg.faiss_metric_type,
-            exact_search=cfg.exact_search, fingerprint=fingerprint)
+            exact_search=cfg.exact_search, knn_backend=cfg.knn_backend,
+            knnlm_gpu=cfg.knnlm_gpu, fingerprint=fingerprint)
         search, o = processor.search, processor.opts
         cfg.k, cfg.lmbda, cfg.knn_temp, cfg.knn_sim_func = o.k, o.lmbda, o.knn_temp, o.knn_sim_func
     elif cfg.knnlm:

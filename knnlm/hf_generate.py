@@ -44,8 +44,9 @@ class KNNLogitsProcessor(_Base):
 
     ``model``: the HF ``*ForCausalLM`` that generates; ``dstore``: its datastore directory;
     ``indexfile`` / ``exact_search``, ``k``, ``lmbda``, ``knn_temp``, ``probe``,
-    ``knn_keytype`` (att | ffn), ``knn_sim_func``, ``faiss_metric_type``: as the flags of
-    ``knnlm eval-lm --knnlm``. Use it as a context manager (or call :meth:`close`) to remove
+    ``knn_keytype`` (att | ffn), ``knn_sim_func``, ``faiss_metric_type``, ``knn_backend``,
+    ``knnlm_gpu`` (search on the model's GPU: faiss-gpu, else the torch backend, which
+    then also computes p_kNN there): as the flags of ``knnlm eval-lm --knnlm``. Use it as a context manager (or call :meth:`close`) to remove
     the hook when done; it is also removed when the processor is garbage-collected.
     """
 
@@ -53,18 +54,21 @@ class KNNLogitsProcessor(_Base):
                  lmbda: float | None = None, knn_temp: float | None = None, probe: int = 32,
                  knn_keytype: str = "att", knn_sim_func: str | None = None,
                  faiss_metric_type: str = "l2", exact_search: bool = False,
+                 knn_backend: str = "auto", knnlm_gpu: bool = False,
                  fingerprint: str | None = None, log=print):
         if knn_keytype not in ("att", "ffn"):
             raise UserError(f"knn_keytype must be att or ffn for generation, got {knn_keytype!r}")
         self.opts = KnnOptions(knnlm=True, dstore_filename=str(dstore), indexfile=indexfile, k=k,
                                lmbda=lmbda, knn_temp=knn_temp, probe=probe,
                                knn_keytype=knn_keytype, knn_sim_func=knn_sim_func,
-                               faiss_metric_type=faiss_metric_type, exact_search=exact_search)
+                               faiss_metric_type=faiss_metric_type, exact_search=exact_search,
+                               knn_backend=knn_backend, knnlm_gpu=knnlm_gpu)
         self.opts.check_knn()
+        device = next(model.parameters()).device if knnlm_gpu else torch.device("cpu")
         fingerprint = fingerprint or hf_fingerprint(model)
         # the datastore's tokenizer is checked by the model fingerprint (same model, same ids)
         self.search = KnnSearch(self.opts, fingerprint, SimpleNamespace(tokenizer_sha256=None),
-                                torch.device("cpu"), log=log)
+                                device, log=log)
         self.model = model
         self.store: dict = {}
         self.searches = 0
@@ -102,15 +106,20 @@ class KNNLogitsProcessor(_Base):
             raise RuntimeError("KNNLogitsProcessor saw no query for these rows: pass it to "
                                "the generate() of the model it was built with")
         # (B, L, D), or (B·L, D) for families that flatten before the MLP (OPT)
-        q = q.reshape(B, -1, q.shape[-1])[:, -1].float().cpu().numpy()
-        lm = torch.log_softmax(scores.double().cpu(), -1)
-        r = self.search.search(np.ascontiguousarray(q))
+        q = np.ascontiguousarray(q.reshape(B, -1, q.shape[-1])[:, -1].float().cpu().numpy())
+        if self.search.on_device:     # the torch backend: scored where the neighbours are
+            r = self.search.scores_on_device(q)
+            vals = torch.where(r["mask"], r["vals"], 0)
+        else:
+            r = self.search.search(q)
+            vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
         self.searches += len(q)
-        vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
+        dev = vals.device
+        lm = torch.log_softmax(scores.to(dev).double(), -1)
         knn = knn_math.knn_full_log_probs(r["scores"], vals, scores.shape[-1],
                                           self.opts.knn_temp, r["mask"], r.get("log_counts"))
         mixed = knn_math.interpolate(lm, knn, self.opts.lmbda)
         found = r["mask"].any(1)
         mixed = torch.where(found[:, None], mixed, lm)            # no neighbour: p_LM
-        mixed = mixed.masked_fill(torch.isneginf(scores.cpu()), -torch.inf)  # stays banned
+        mixed = mixed.masked_fill(torch.isneginf(scores.to(dev)), -torch.inf)  # stays banned
         return mixed.to(scores.dtype).to(scores.device)

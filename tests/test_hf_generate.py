@@ -105,6 +105,36 @@ def test_banned_tokens_stay_banned_and_rows_without_neighbours(hf_setup):
         proc(torch.zeros(2, 5, dtype=torch.long), scores)
 
 
+def test_torch_backend_scores_on_its_device_as_the_host_does(hf_setup, monkeypatch):
+    """With the torch backend the processor scores the neighbours where they were found
+    (KnnSearch.scores_on_device): the same next-token scores as through the host."""
+    from knnlm.knn.search import KnnSearch
+    model, root = hf_setup
+    index.build_index(index.BuildIndexConfig(dstore_dir=str(root / "ds"), knn_keytype="att",
+                                             index_factory="IVF8,PQ4", train_size=2000,
+                                             faiss_index=str(root / "ivf_torch.faiss"), quiet=True))
+    V = model.get_output_embeddings().weight.shape[0]
+    d = model.get_output_embeddings().weight.shape[1]
+    g = torch.Generator().manual_seed(0)
+    scores, query = torch.randn(3, V, generator=g), torch.randn(3, 4, d, generator=g)
+    out = {}
+    for on_device in (True, False):
+        with KNNLogitsProcessor(model, root / "ds", indexfile=str(root / "ivf_torch.faiss"),
+                                k=16, lmbda=0.5, knn_temp=2.0, probe=4, knn_backend="torch",
+                                knn_sim_func="do_not_recomp_l2") as proc:
+            assert proc.search.backend == "torch (cpu)" and proc.search.on_device
+            if not on_device:
+                monkeypatch.setattr(KnnSearch, "on_device", property(lambda self: False))
+            proc.store["query"] = query
+            out[on_device] = proc(torch.zeros(3, 4, dtype=torch.long), scores)
+            monkeypatch.undo()
+    assert torch.equal(out[True], out[False])
+    assert not torch.equal(out[True], torch.log_softmax(scores, -1))   # p_kNN did enter
+    with pytest.raises(Exception, match="knn-backend"):
+        KNNLogitsProcessor(model, root / "ds", exact_search=True, k=4, lmbda=0.5, knn_temp=1.0,
+                           knn_backend="gpu")
+
+
 def test_processor_reads_the_tuned_settings(hf_setup, hf_databin, tmp_path, capsys):  # noqa: F811
     model, root = hf_setup
     index.build_index(index.BuildIndexConfig(dstore_dir=str(root / "ds"), knn_keytype="att",

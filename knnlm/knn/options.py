@@ -81,6 +81,8 @@ class KnnOptions:
             raise UserError(f"--knn-temp must be > 0, got {self.knn_temp}")
         if self.knnlm_gpus < 0:
             raise UserError(f"--knnlm-gpus must be >= 0, got {self.knnlm_gpus}")
+        if self.knn_backend not in ("auto", "faiss", "torch"):
+            raise UserError(f"--knn-backend must be auto, faiss or torch, got {self.knn_backend!r}")
         if self.retomaton or self.members:
             from .pointers import check_pointer_flags
             check_pointer_flags(self)
