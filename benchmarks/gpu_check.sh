@@ -21,7 +21,8 @@
 # backend on the GPU: its eval time over the LM-only eval's (each eval loop's own seconds,
 # from the results JSON) and its perplexity against FAISS CPU's search of the same index;
 # then benchmarks/torch_backend.py on that index (ms/query and neighbour overlap against
-# faiss-cpu, torch vs FAISS training, the streaming exact search).
+# faiss-cpu, torch vs FAISS training, the streaming exact search). Last, the test suite's
+# CUDA-only tests (both torch scans against FAISS on the GPU, KNNLogitsProcessor on the GPU).
 # Prints GPU vs CPU timings and a JSON summary (a stage that did not run is listed under
 # "missing"); exits non-zero on a mismatch.
 #
@@ -154,5 +155,10 @@ timed index_torch_train $PY -m knnlm build-index --dstore-dir "$OUT/dstore_gpu" 
     --faiss-index "$OUT/index_torch_train.faiss" --quiet > /dev/null
 timed torch_paths $PY benchmarks/gpu_torch_paths.py "$OUT" "$DEVICE" "$EXACT_N" "$EXACT_Q" \
     > "$OUT/torch_paths.json"
+if [ "$DEVICE" != cpu ]; then      # the test suite's CUDA-only tests (skipped on a CPU)
+  log "the CUDA tests"
+  timed cuda_tests $PY -m pytest -q -p no:cacheprovider tests/test_torch_index.py \
+      tests/test_hf_generate.py -k "gpu" > "$OUT/cuda_tests.log" 2>&1
+fi
 
 $PY benchmarks/gpu_summary.py "$OUT"

@@ -2,8 +2,9 @@
 # benchmarks/gpu_check.sh on a GPU machine that cannot reach a package index: installs the
 # carried wheels when FAISS is missing (faiss-cpu; gpu_prepare.sh downloads them into .whl/),
 # runs the check on the carried data-bin under a time limit, and leaves in RESULT_DIR what
-# it found: device.txt, gpu_check.log, summary.json, times.txt, failed.txt and
-# torch_backend.json (a summary is written after a timeout too, listing what is missing).
+# it found: device.txt, gpu_check.log, summary.json, times.txt, failed.txt,
+# torch_backend.json and cuda_tests.log (a summary is written after a timeout too, listing what
+# is missing).
 #
 #   bash benchmarks/gpu_prepare.sh                      # here, once: .whl/ and the data-bin
 #   bash benchmarks/gpu_run.sh RESULT_DIR [LIMIT_S]     # there (LIMIT_S: default 540)
@@ -31,7 +32,7 @@ timeout "$LIMIT" bash benchmarks/gpu_check.sh "${DATA:-runs/demo/data-bin}" "$WO
 rc=$?
 [ "$rc" = 124 ] && echo "gpu_check.sh stopped at the ${LIMIT}s limit" >> "$RES/gpu_check.log"
 [ -f "$WORK/summary.json" ] || $PY benchmarks/gpu_summary.py "$WORK" > /dev/null 2>&1
-for f in summary.json times.txt failed.txt torch_backend.json; do
+for f in summary.json times.txt failed.txt torch_backend.json cuda_tests.log; do
   [ -f "$WORK/$f" ] && cp "$WORK/$f" "$RES/"
 done
 echo "gpu_check.sh exit $rc"

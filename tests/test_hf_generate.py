@@ -135,6 +135,29 @@ def test_torch_backend_scores_on_its_device_as_the_host_does(hf_setup, monkeypat
                            knn_backend="gpu")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_processor_on_the_gpu_equals_the_cpu(hf_setup):
+    """knnlm_gpu=True: the torch backend on the model's GPU gives the CPU's scores."""
+    import copy
+    model, root = hf_setup
+    index.build_index(index.BuildIndexConfig(dstore_dir=str(root / "ds"), knn_keytype="att",
+                                             index_factory="IVF8,PQ4", train_size=2000,
+                                             faiss_index=str(root / "ivf_gpu.faiss"), quiet=True))
+    V, d = model.get_output_embeddings().weight.shape
+    g = torch.Generator().manual_seed(0)
+    scores, query = torch.randn(3, V, generator=g), torch.randn(3, 4, d, generator=g)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(dev)
+        with KNNLogitsProcessor(m, root / "ds", indexfile=str(root / "ivf_gpu.faiss"), k=16,
+                                lmbda=0.5, knn_temp=2.0, probe=4, knn_backend="torch",
+                                knnlm_gpu=dev == "cuda", knn_sim_func="do_not_recomp_l2") as proc:
+            assert proc.search.backend.startswith(f"torch ({dev}")
+            proc.store["query"] = query.to(dev)
+            out[dev] = proc(torch.zeros(3, 4, dtype=torch.long, device=dev), scores.to(dev)).cpu()
+    torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-4, atol=1e-4)
+
+
 def test_processor_reads_the_tuned_settings(hf_setup, hf_databin, tmp_path, capsys):  # noqa: F811
     model, root = hf_setup
     index.build_index(index.BuildIndexConfig(dstore_dir=str(root / "ds"), knn_keytype="att",
