@@ -3,6 +3,7 @@ measured in the same run (JSON output; ratios, since the machine is shared):
 
 - search: the torch backend over a FAISS IVF-PQ index vs faiss-cpu's own search of it
   (same queries, k, nprobe): ms/query, time ratio, neighbour overlap, distance agreement;
+  and the other scan schedule's time (the CPU's per-list GEMMs, the GPU's grouped ones);
 - training: torch k-means (coarse + PQ) vs FAISS's training of the same factory on the
   same sample: seconds, and recall@10 of the built indexes on held-out queries;
 - exact search: one streaming pass over the keys for all queries vs brute force batch by
@@ -53,18 +54,27 @@ def timed(f):
 
 def bench_search(index, xq: np.ndarray, k: int, nprobe: int, device: str) -> dict:
     import faiss
-    from knnlm.knn.torch_index import TorchIndex
+    from knnlm.knn.torch_index import SCANS, TorchIndex
     faiss.extract_index_ivf(index).nprobe = nprobe
     ti, load_s = timed(lambda: TorchIndex.from_faiss(index, device))
     ti.nprobe = nprobe
+    default = ti.scan
     ti.search(xq[:256], k)                                   # warm-up
     (Df, If), faiss_s = timed(lambda: index.search(xq, k))
     (Dt, It), torch_s = timed(lambda: ti.search(xq, k))
     overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(If, It)]))
-    return dict(queries=len(xq), k=k, nprobe=nprobe, device=device, load_s=load_s,
-                faiss_ms_per_query=1e3 * faiss_s / len(xq), torch_ms_per_query=1e3 * torch_s / len(xq),
-                torch_over_faiss=torch_s / faiss_s, neighbour_overlap=overlap,
-                max_abs_distance_diff=float(np.abs(Df - Dt).max()))
+    out = dict(queries=len(xq), k=k, nprobe=nprobe, device=device, load_s=load_s, scan=default,
+               faiss_ms_per_query=1e3 * faiss_s / len(xq), torch_ms_per_query=1e3 * torch_s / len(xq),
+               torch_over_faiss=torch_s / faiss_s, neighbour_overlap=overlap,
+               max_abs_distance_diff=float(np.abs(Df - Dt).max()))
+    for scan in SCANS:                       # the other schedule, on the same queries
+        if scan != default:
+            ti.scan = scan
+            ti.search(xq[:256], k)
+            _, sec = timed(lambda: ti.search(xq, k))
+            out[f"{scan}_scan_ms_per_query"] = 1e3 * sec / len(xq)
+            out[f"{scan}_scan_over_faiss"] = sec / faiss_s
+    return out
 
 
 def bench_training(keys: np.ndarray, factory: str, train_size: int, device: str) -> dict:
