@@ -126,6 +126,45 @@ def test_torchrun_ranks_add_the_shards_to_the_same_index(trained_dstore, tmp_pat
     assert not list(tmp_path.glob("two.faiss.shard*")) and not (tmp_path / "two.faiss.trained").exists()
 
 
+class OtherRankSees:
+    """Rank 1 of 2 under torchrun, where rank 0 looked at the shards before this rank did
+    and saw the ones in ``done`` (what the all-reduce adds to this rank's view)."""
+    rank, world_size, is_main = 1, 2, False
+
+    def __init__(self, done):
+        self.done = done
+
+    def all_reduce_sum(self, values):
+        return [v + int(s in self.done) for s, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("rank0_done,built", [((), (2, 4)), ((0,), (3,))])
+def test_torchrun_ranks_split_the_same_shards(trained_dstore, tmp_path, capsys, monkeypatch,
+                                             rank0_done, built):
+    """The ranks split the shards still to build from one shared view: a shard this rank
+    sees finished but rank 0 did not (rank 0 looked first) is built again, not skipped by
+    both. Rank 1 takes every other shard of the agreed list."""
+    from knnlm.knn import shards
+    ds, out = trained_dstore, tmp_path / "s.faiss"
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shards, "merge_shards", killed)     # leave trained index and shards
+    with pytest.raises(KeyboardInterrupt):
+        build(ds, out, index_factory="IVF32,PQ8", shards=4)
+    for s in (1, 2, 3):
+        shard_path(out, s, 4).unlink()
+    monkeypatch.setattr(shards, "_barrier", lambda: None)
+    capsys.readouterr()
+    meta = index.build_index(index.BuildIndexConfig(
+        dstore_dir=str(ds.path), knn_keytype="att", faiss_index=str(out), train_size=4000,
+        quiet=True, index_factory="IVF32,PQ8", shards=4), OtherRankSees(rank0_done))
+    assert meta["rank_only"]
+    printed = capsys.readouterr().out
+    assert sorted(int(line.split()[1].split("/")[0]) for line in printed.splitlines()
+                  if line.startswith("shard ")) == list(built)
+
+
 def test_torchrun_build_index_needs_shards(trained_dstore, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli_run(["build-index", "--dstore-dir", str(trained_dstore.path),

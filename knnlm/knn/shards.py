@@ -148,7 +148,14 @@ def build_sharded(cfg, ds, out: Path, meta: dict, train_fn, dist=None) -> tuple 
     timings = dict(train_s=time.perf_counter() - t0)
     ranges = shard_ranges(ds.size, cfg.shards)
     paths = [shard_path(out, s, cfg.shards) for s in range(cfg.shards)]
-    todo = [s for s, (a, b) in enumerate(ranges) if not _done(paths[s], ident, a, b)]
+    done = [int(_done(paths[s], ident, a, b)) for s, (a, b) in enumerate(ranges)]
+    if dist is not None:
+        # Every rank must split the same list. A rank that looks after another has begun
+        # adding would see more shards done and skip one; the all-reduce is collective, so
+        # no rank adds before all have looked, and a shard counts as done only where every
+        # rank sees it.
+        done = [int(n == dist.world_size) for n in dist.all_reduce_sum(done)]
+    todo = [s for s in range(cfg.shards) if not done[s]]
     if len(todo) < cfg.shards and main:
         print(f"{cfg.shards - len(todo)} of {cfg.shards} shards already built")
     if dist is not None:
