@@ -184,10 +184,14 @@ def _resume(state_dir: Path, ident: dict, best_s, best_i, lo: int, device):
     return s, i, int(old["keys_done"])
 
 
-def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, metric: str
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """One FAISS-style top-k from several (D, I) over disjoint keys (shards, ranks)."""
-    D = np.concatenate([p[0] for p in parts], 1)
-    I = np.concatenate([p[1] for p in parts], 1)
-    order = np.argsort(D if metric == "l2" else -D, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+def merge_topk(parts: list[tuple], k: int, metric: str) -> tuple:
+    """One FAISS-style top-k from several (D, I) over disjoint keys (shards, ranks); ties
+    keep the parts' order. numpy arrays give numpy arrays; tensors are merged on the
+    first part's device and stay there."""
+    tensors = [(torch.as_tensor(d), torch.as_tensor(i)) for d, i in parts]
+    dev = tensors[0][0].device
+    D = torch.cat([d.to(dev) for d, _ in tensors], 1)
+    I = torch.cat([i.to(dev) for _, i in tensors], 1)
+    order = torch.sort(D, dim=1, descending=metric != "l2", stable=True).indices[:, :k]
+    D, I = D.gather(1, order), I.gather(1, order)
+    return (D.numpy(), I.numpy()) if isinstance(parts[0][0], np.ndarray) else (D, I)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..util import UserError
-from .exact import brute_force_search
+from .exact import brute_force_search, merge_topk
 
 QUERY_BATCH = 8192         # queries per scan (bounds the (B, nprobe, longest list) buffer)
 DECODE_CHUNK = 1 << 16     # codes decoded at once when the whole table is built
@@ -371,8 +371,7 @@ class ShardedTorchIndex:
 
     def search_tensors(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every shard's top-k (the shards on distinct GPUs search at the same time, one
-        thread each), merged on the first shard's device in
-        :func:`knnlm.knn.exact.merge_topk`'s order."""
+        thread each), merged on the first shard's device (:func:`knnlm.knn.exact.merge_topk`)."""
         search = lambda shard: shard.search_tensors(q, k)   # noqa: E731
         devices = {str(s.device) for s in self.shards}
         if len(devices) == len(self.shards) and self.device.type == "cuda":
@@ -380,7 +379,4 @@ class ShardedTorchIndex:
                 parts = list(pool.map(search, self.shards))
         else:
             parts = [search(s) for s in self.shards]
-        D = torch.cat([d.to(self.device) for d, _ in parts], 1)
-        I = torch.cat([i.to(self.device) for _, i in parts], 1)
-        order = torch.sort(D, dim=1, descending=self.metric != "l2", stable=True).indices[:, :k]
-        return D.gather(1, order), I.gather(1, order)
+        return merge_topk(parts, k, self.metric)
