@@ -46,8 +46,9 @@ class KNNLogitsProcessor(_Base):
     ``indexfile`` / ``exact_search``, ``k``, ``lmbda``, ``knn_temp``, ``probe``,
     ``knn_keytype`` (att | ffn), ``knn_sim_func``, ``faiss_metric_type``, ``knn_backend``,
     ``knnlm_gpu`` (search on the model's GPU: faiss-gpu, else the torch backend, which
-    then also computes p_kNN there): as the flags of ``knnlm eval-lm --knnlm``. Use it as a context manager (or call :meth:`close`) to remove
-    the hook when done; it is also removed when the processor is garbage-collected.
+    then also computes p_kNN there): as the flags of ``knnlm eval-lm --knnlm``. Use it as
+    a context manager (or call :meth:`close`) to remove the hook when done; it is also
+    removed when the processor is garbage-collected.
     """
 
     def __init__(self, model, dstore: str, *, indexfile: str | None = None, k: int | None = None,
