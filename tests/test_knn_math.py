@@ -134,3 +134,35 @@ def test_multi_temperature_path_equals_single_temperature():
         assert torch.equal(torch.isinf(multi[i]), torch.isinf(ref)), T
         fin = torch.isfinite(ref)
         torch.testing.assert_close(multi[i][fin], ref[fin], rtol=1e-5, atol=1e-4)
+
+
+def test_float32_path_equals_float64_across_row_blocks():
+    """eval-lm's float32 path (:func:`knn_target_log_probs_fast`) against the float64
+    log-space reference on more rows than one block, k = 1024, realistic L2 distances, with
+    counts, a missing-neighbour tail, rows without any match, rows whose matches underflow
+    in float32 and a row with nothing kept: log p within 2e-6 (relative beyond 1), the mean
+    log p within 1e-7."""
+    g = torch.Generator().manual_seed(5)
+    B, k = knn.FAST_ROWS * 2 + 37, 1024
+    D = torch.sort(torch.rand(B, k, generator=g, dtype=torch.float64) * 400 + 20, 1).values
+    vals = torch.randint(0, 300, (B, k), generator=g, dtype=torch.int32)
+    targets = vals[:, 17].clone()
+    targets[::7] = 301                                    # no neighbour has the target
+    D[3, 1:] += 2000                                      # its match (col 17) underflows
+    mask = torch.ones(B, k, dtype=torch.bool)
+    mask[600:620, 900:] = False                           # fewer than k found
+    mask[1000] = False                                    # nothing found
+    counts = torch.log(torch.randint(1, 9, (B, k), generator=g).double())
+    scores = knn.scores_from_distances(D, "l2")
+    for T in (1.0, 4.0):
+        for m, c in ((None, None), (mask, None), (mask, counts)):
+            ref = knn.knn_target_log_probs(scores, vals.long(), targets.long(), T, m, c)
+            got = knn.knn_target_log_probs_fast(scores.float(), vals, targets, T, m,
+                                                 None if c is None else c.float())
+            assert got.dtype == torch.float64
+            assert torch.equal(torch.isinf(got), torch.isinf(ref))
+            fin = torch.isfinite(ref)
+            # (the scores' own float32 rounding: relative, ~1e-8 of the underflow row's -2008)
+            assert ((got[fin] - ref[fin]).abs() / ref[fin].abs().clamp(min=1)).max() < 2e-6
+            assert abs(float(got[fin].mean() / ref[fin].mean()) - 1) < 1e-7
+    assert torch.isfinite(knn.knn_target_log_probs_fast(scores.float(), vals, targets, 1.0))[3]

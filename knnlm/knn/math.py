@@ -25,6 +25,7 @@ import torch
 
 METRICS = ("l2", "ip")
 NEG_INF = float("-inf")
+FAST_ROWS = 512     # rows per block of the float32 path: (512, 1024) floats stay in cache
 
 
 def scores_from_distances(D: torch.Tensor, metric: str) -> torch.Tensor:
@@ -71,38 +72,60 @@ def knn_target_log_probs_temps(scores: torch.Tensor, vals: torch.Tensor, targets
                                log_counts: torch.Tensor | None = None) -> torch.Tensor:
     """(len(temps), B) log p_kNN(target) at several temperatures, for sweeps.
 
-    Equal to :func:`knn_target_log_probs` at each T, but ~4x cheaper: the row maximum and
-    the target mask are computed once, and each T costs one exp pass in float32 (the
-    maximum of s/T is max(s)/T). Rows whose matching neighbours all underflow in float32
-    (more than ~87 nats below the nearest) are recomputed in log space, so no finite
-    value turns into -inf.
+    Equal to :func:`knn_target_log_probs` at each T (to float32 rounding: ~1e-6 in log p,
+    tests/test_knn_math.py), and several times cheaper: the row maximum and the target
+    mask are computed once, and each T costs one exp pass in float32 (the maximum of s/T is
+    max(s)/T). This is the hot path of eval-lm and of the sweeps. Rows whose matching
+    neighbours all underflow in float32 (more than ~87 nats below the nearest) are
+    recomputed in log space in float64, so no finite value turns into -inf.
+    ``mask`` None: every neighbour is kept. Rows go through in blocks of ``FAST_ROWS``, so
+    the (rows, k) float32 temporaries stay in the CPU's cache.
     """
-    if mask is None:
-        mask = torch.ones_like(vals, dtype=torch.bool)
-    hit = mask & (vals == targets[:, None])
-    m = scores.masked_fill(~mask, NEG_INF).max(dim=-1, keepdim=True).values
+    if len(scores) > FAST_ROWS:
+        return torch.cat([knn_target_log_probs_temps(
+            scores[s:s + FAST_ROWS], vals[s:s + FAST_ROWS], targets[s:s + FAST_ROWS], temps,
+            None if mask is None else mask[s:s + FAST_ROWS],
+            None if log_counts is None else log_counts[s:s + FAST_ROWS])
+            for s in range(0, len(scores), FAST_ROWS)], dim=1)
+    s = scores.float()
+    hit = vals == targets[:, None].to(vals.dtype)
+    if mask is not None:
+        hit &= mask
+        s = s.masked_fill(~mask, NEG_INF)
+    m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    d0 = (scores - m).float().masked_fill(~mask, NEG_INF)        # <= 0; -inf where dropped
-    hitf = hit.float()
+    d0 = s - m                                                  # <= 0; -inf where dropped
     w = None if log_counts is None else torch.exp(log_counts.float())   # counts: >= 1
-    any_hit, any_kept = hit.any(-1), mask.any(-1)
+    zero = torch.zeros((), dtype=d0.dtype, device=d0.device)
     out = torch.empty(len(temps), len(scores), dtype=torch.float64, device=scores.device)
     for i, T in enumerate(temps):
         if T <= 0:
             raise ValueError(f"temperature must be > 0, got {T}")
-        e = torch.exp(d0 * (1.0 / T))
+        e = torch.exp(d0 if T == 1 else d0 * (1.0 / T))
         if w is not None:
             e = e * w
-        z, h = e.sum(-1), (e * hitf).sum(-1)
+        z, h = e.sum(-1), torch.where(hit, e, zero).sum(-1)
         row = torch.log(h.double()) - torch.log(z.double())
-        row = torch.where(any_kept, row, torch.full_like(row, NEG_INF))
-        redo = any_hit & (h == 0)
+        # z = 0 only where no neighbour is kept (the nearest kept one contributes exp(0))
+        row.masked_fill_(z == 0, NEG_INF)
+        redo = (h == 0) & (z > 0)
         if redo.any():
-            row[redo] = knn_target_log_probs(
-                scores[redo].double(), vals[redo], targets[redo], T, mask[redo],
-                None if log_counts is None else log_counts[redo].double()).double()
+            redo[redo.clone()] = hit[redo].any(-1)   # a matching neighbour that underflowed
+            if redo.any():
+                row[redo] = knn_target_log_probs(
+                    scores[redo].double(), vals[redo], targets[redo], T,
+                    None if mask is None else mask[redo],
+                    None if log_counts is None else log_counts[redo].double()).double()
         out[i] = row
     return out
+
+
+def knn_target_log_probs_fast(scores: torch.Tensor, vals: torch.Tensor, targets: torch.Tensor,
+                              temp: float = 1.0, mask: torch.Tensor | None = None,
+                              log_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) float64 :func:`knn_target_log_probs` by the float32 path of
+    :func:`knn_target_log_probs_temps` (what eval-lm scores with)."""
+    return knn_target_log_probs_temps(scores, vals, targets, [temp], mask, log_counts)[0]
 
 
 def knn_full_log_probs(scores: torch.Tensor, vals: torch.Tensor, vocab_size: int,

@@ -135,15 +135,17 @@ class KnnScorer:
     def _score_chunk(self, start, q, targets, lm_lp, words, found=None) -> np.ndarray:
         if found is None and self.walk is None and self.cache is None and self.knn.on_device:
             r = self.knn.scores_on_device(q)    # the torch backend: no trip through the host
-            return knn_math.knn_target_log_probs(
+            return knn_math.knn_target_log_probs_fast(
                 r["scores"], r["vals"], torch.from_numpy(targets).to(r["vals"].device),
                 self.cfg.knn_temp, r["mask"], r["log_counts"]).cpu().numpy()
         r = self.walk.search_stream(q, targets) if self.walk is not None else \
             self.knn.search(q, found)
         dev, counts = self.math_device, r.get("log_counts")
-        lp = knn_math.knn_target_log_probs(
+        mask = None if bool(r["mask"].all()) else r["mask"]   # none missing: no masking
+        lp = knn_math.knn_target_log_probs_fast(
             r["scores"].to(dev), torch.from_numpy(r["vals"]).to(dev),
-            torch.from_numpy(targets).to(dev), self.cfg.knn_temp, r["mask"].to(dev),
+            torch.from_numpy(targets).to(dev), self.cfg.knn_temp,
+            None if mask is None else mask.to(dev),
             None if counts is None else counts.to(dev)).cpu()
         if self.cache is not None:
             self.cache.write(start, targets=targets, words=words, lm_logprobs=lm_lp, ids=r["I"],
