@@ -61,14 +61,6 @@ def test_ivfpq_recall_at_nprobe_nlist(trained_dstore, tmp_path):
     assert recall >= 0.9, recall
 
 
-def test_auto_factory():
-    assert index.auto_factory(5_000, 128) == "Flat"
-    assert index.auto_factory(1_740_000, 128) == "IVF4096,PQ32"
-    assert index.auto_factory(100_000, 1024) == "IVF1024,PQ64"
-    assert index.auto_factory(20_000, 32) == "IVF512,PQ8"
-    assert index.BuildIndexConfig(dstore_dir="x", ncentroids=256).factory(10 ** 6, 1024) == "IVF256,PQ64"
-
-
 class Crash(Exception):
     pass
 

@@ -21,7 +21,14 @@ def test_sizes_are_the_formats_byte_counts(trained_dstore):
     assert same["add_hours"] * 3600 == pytest.approx(211.4)
     assert same["train_hours"] * 3600 == pytest.approx(29.2)
     assert same["search_ms_per_query"] == pytest.approx(47.7, rel=1e-3)
-    assert plan_mod.parse_factory("Flat", 64) == (0, 256)
+    assert plan_mod.parse_factory("Flat", 64) == (0, 256, False, 0)
+    # fast-scan: 4 bits a sub-quantizer; a refine stage stores the keys again
+    assert plan_mod.parse_factory("IVF4096,PQ64x4fs", 128) == (4096, 32, True, 0)
+    assert plan_mod.parse_factory("IVF64,PQ16x4fs,RFlat", 32) == (64, 8, True, 128)
+    fs = plan_mod.plan(n, 1024, "IVF4096,PQ128x4fs,Refine(SQfp16)", cfg, plan_mod.MEASURED,
+                       gflops=100.0)
+    assert fs["index_gib"] == pytest.approx((n * (64 + 2048 + 8) + 4096 * 1024 * 4
+                                             + 16 * 1024 * 4) / 2 ** 30)
     with pytest.raises(UserError, match="factories"):
         plan_mod.parse_factory("HNSW32", 64)
 

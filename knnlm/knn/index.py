@@ -41,6 +41,7 @@ FLAT_BELOW = 10_000          # stores smaller than this get an exact Flat index
 MAX_LISTS = 4096             # the paper's IVF4096
 MIN_POINTS_PER_LIST = 39     # FAISS k-means wants at least this many training points per list
 DEFAULT_TRAIN_SIZE = 1_000_000
+FASTSCAN_MAX_M = 128         # 4-bit sub-quantizers of the automatic factory (64 bytes a key)
 
 
 def faiss_module():
@@ -54,16 +55,18 @@ def faiss_metric(metric: str):
 
 
 def auto_factory(n: int, d: int) -> str:
-    """A sensible factory for N keys of D dims: Flat for small stores, else IVF-PQ with
-    about 4·sqrt(N) lists (a power of two, at most 4096) and D/4 (at most 64) byte codes."""
+    """A sensible factory for N keys of D dims: Flat for small stores, else IVF with about
+    4·sqrt(N) lists (a power of two, at most 4096) and fast-scan PQ: M = min(128, D/2)
+    sub-quantizers of 4 bits (M/2 bytes a key; D = 128: ``PQ64x4fs``, the 32 bytes of
+    ``PQ32`` searched several times faster, README "Fast retrieval")."""
     if n < FLAT_BELOW:
         return "Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
     nlist = max(16, min(MAX_LISTS, nlist, 2 ** int(math.log2(n // MIN_POINTS_PER_LIST))))
-    m = min(64, max(1, d // 4))
-    while d % m:
+    m = min(FASTSCAN_MAX_M, d // 2)
+    while m >= 2 and (d % m or m % 2):      # fast-scan wants an even M that divides D
         m -= 1
-    return f"IVF{nlist},PQ{m}"
+    return f"IVF{nlist},PQ{m}x4fs" if m >= 2 else f"IVF{nlist},Flat"
 
 
 @dataclass
@@ -71,8 +74,10 @@ class BuildIndexConfig:
     dstore_dir: str = flag(help="datastore directory", aliases=("--dstore_mmap",))
     knn_keytype: str = flag("att", "which keys to index (att, ffn, layer:N)")
     metric: str = flag("l2", "l2 | ip", choices=METRICS)
-    index_factory: str | None = flag(None, "FAISS factory string, e.g. 'IVF4096,PQ64' or "
-                                     "'OPQ64,IVF4096,PQ64' (default: chosen from N and D)")
+    index_factory: str | None = flag(None, "FAISS factory string, e.g. 'IVF4096,PQ64x4fs' "
+                                     "(4-bit fast-scan), 'IVF4096,PQ64', 'OPQ64,IVF4096,PQ64'; "
+                                     "a suffix ',RFlat' or ',Refine(SQfp16)' adds exact "
+                                     "re-ranking (default: chosen from N and D)")
     faiss_index: str | None = flag(None, "output path (default: <dstore>/index_<keytype>_<metric>.faiss)",
                                    aliases=("--faiss_index", "--indexfile"))
     ncentroids: int | None = flag(None, "IVF lists, when no factory is given (original flag)")
@@ -331,10 +336,12 @@ def _save_partial(index, partial: Path, side_path: Path, meta: dict, rows: int) 
 
 
 def load_index(path: str | Path, ds: Datastore, keytype: str, metric: str | None = None,
-               nprobe: int | None = None, mmap: bool = False):
+               nprobe: int | None = None, mmap: bool = False, k_factor: float | None = None):
     """Read an index, check it was built on ``ds``'s ``keytype`` keys, set nprobe.
     ``mmap``: map its codes from the file (FAISS's mmap I/O) instead of reading them into
-    RAM, so an index larger than the memory can be searched (pages come in as probed)."""
+    RAM, so an index larger than the memory can be searched (pages come in as probed).
+    ``k_factor``: a refine index's candidates per neighbour (its base index is searched
+    for k·k_factor, re-ranked by the refine codes)."""
     faiss = faiss_module()
     path = Path(path)
     meta = read_json(Path(str(path) + ".json"), "index sidecar")
@@ -357,8 +364,57 @@ def load_index(path: str | Path, ds: Datastore, keytype: str, metric: str | None
         raise UserError(f"cannot read {path} ({str(exc).strip().splitlines()[-1][:160]})")
     if index.ntotal != ds.size:
         raise UserError(f"{path} holds {index.ntotal:,} keys, the datastore {ds.size:,}")
+    _restore_fine_quantizer(index)
     set_nprobe(index, nprobe or meta["nprobe"])
+    if k_factor is not None:
+        refine = refine_stage(index)
+        if refine is None:
+            raise UserError(f"--k-factor re-ranks candidates of a refine index; {path} "
+                            f"({meta['factory']}) has no refine stage")
+        faiss.downcast_index(index).k_factor = float(k_factor)
     return index, meta
+
+
+def _restore_fine_quantizer(index) -> None:
+    """FAISS 1.15 reads an IVF fast-scan index without the pointer to its PQ that decoding
+    uses, so ``reconstruct`` would crash (RetoMaton scores pointers from reconstructions);
+    point it back at the index's own PQ."""
+    faiss = faiss_module()
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(inner, faiss.IndexIVFPQFastScan) and inner.fine_quantizer is None:
+        inner.fine_quantizer = inner.pq
+
+
+def refine_stage(index):
+    """The exact re-ranking stage of an index (FAISS ``IndexRefine``: factory suffix
+    ``RFlat`` or ``Refine(...)``), or None."""
+    faiss = faiss_module()
+    outer = faiss.downcast_index(index)
+    return faiss.downcast_index(outer.refine_index) if isinstance(outer, faiss.IndexRefine) \
+        else None
+
+
+def returns_exact_distances(index, key_dtype: str) -> bool:
+    """Whether the distances ``index`` returns are the exact ones of the stored keys: a
+    refine stage that holds them losslessly (flat float32 codes, or float16 codes of
+    float16 keys). Recomputing them from the keys would give the same numbers (to float
+    summation order), so the score modes that recompute take them as they are."""
+    faiss = faiss_module()
+    refine = refine_stage(index)
+    if isinstance(refine, faiss.IndexFlat):
+        return True
+    return isinstance(refine, faiss.IndexScalarQuantizer) and key_dtype == "float16" and \
+        refine.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+
+
+def is_fast_scan(index) -> bool:
+    """Whether the index scans 4-bit fast-scan PQ codes (``PQ<M>x4fs``)."""
+    faiss = faiss_module()
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(ivf) if ivf is not None else None
+    return isinstance(inner, faiss.IndexIVFFastScan) or \
+        isinstance(faiss.downcast_index(index), faiss.IndexFastScan)
 
 
 def set_nprobe(index, nprobe: int) -> None:

@@ -24,6 +24,10 @@ class KnnOptions:
     knn_temp: float | None = flag(None, "--knnlm: softmax temperature over neighbour scores "
                                   "(default: the index's tuned settings, else 1)")
     probe: int = flag(32, "--knnlm: IVF lists probed per query (nprobe)")
+    k_factor: float | None = flag(None, "--knnlm: an index with a refine stage (factory "
+                                  "suffix RFlat / Refine(SQfp16)): its base index is searched "
+                                  "for k x this many candidates, re-ranked exactly (FAISS "
+                                  "k_factor; default: the index's, 1)")
     knn_sim_func: str | None = flag(None, "--knnlm: scores of the neighbours: l2 / dot (exact "
                                     "L2 / inner products from the stored keys), "
                                     "do_not_recomp_l2 (the distances the search returned); "
@@ -75,6 +79,10 @@ class KnnOptions:
             raise UserError("--knnlm needs --dstore-filename DIR")
         if (self.k is not None and self.k <= 0) or self.probe <= 0:
             raise UserError("--k and --probe must be > 0")
+        if self.k_factor is not None and not self.k_factor >= 1:
+            raise UserError(f"--k-factor must be >= 1, got {self.k_factor}")
+        if self.k_factor is not None and self.exact_search:
+            raise UserError("--k-factor re-ranks an index's candidates; --exact-search has none")
         if self.lmbda is not None and not 0.0 <= self.lmbda <= 1.0:
             raise UserError(f"--lmbda must be in [0, 1], got {self.lmbda}")
         if self.knn_temp is not None and not self.knn_temp > 0:

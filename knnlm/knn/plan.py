@@ -33,6 +33,11 @@ MEASURED = dict(dim=256, nlist=1024, m=32, add_s_per_key=211.4 / 10_000_000,
                 search_ms_fixed=0.7, search_ms_per_probed_code=(47.7 - 5.4) / (312_500 - 31_250),
                 train_s=29.2, train_keys=200_000)
 KMEANS_ITERS = (10, 25)       # FAISS's coarse and PQ k-means rounds
+# fast-scan search, measured by benchmarks/efficient.py's indexes on one thread (1.74M x 128
+# keys, k 1024): a fixed cost per query (lookup tables, the k-best reservoir) and a cost per
+# probed code of 32 bytes; a refine stage reads k x k_factor random keys (~90 ns each)
+FASTSCAN = dict(search_ms_fixed=0.065, search_ms_per_probed_code=4.5e-6, code_bytes=32,
+                refine_ms_per_candidate=9e-5)
 
 
 @dataclass
@@ -58,13 +63,20 @@ class PlanConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
 
 
-def parse_factory(factory: str, d: int) -> tuple[int, int]:
-    """(nlist, code bytes per key) of 'IVF<n>,PQ<m>', 'IVF<n>,Flat' or 'Flat' (nlist 0)."""
-    m = re.fullmatch(r"(?:OPQ\d+(?:_\d+)?,)?(?:IVF(\d+),)?(PQ(\d+)(?:x8)?|Flat)", factory)
+def parse_factory(factory: str, d: int) -> tuple[int, int, bool, int]:
+    """(nlist, code bytes per key, fast-scan, refine bytes per key) of 'IVF<n>,PQ<m>',
+    'IVF<n>,PQ<m>x4fs', 'IVF<n>,Flat' or 'Flat' (nlist 0), optionally followed by a refine
+    stage ',RFlat' / ',Refine(Flat)' (4·D bytes) or ',Refine(SQfp16)' (2·D bytes)."""
+    m = re.fullmatch(r"(?:OPQ\d+(?:_\d+)?,)?(?:IVF(\d+),)?(PQ(\d+)(x8|x4fsr?)?|Flat)"
+                     r"(?:,(RFlat|Refine\((?:Flat|SQfp16)\)))?", factory)
     if not m:
-        raise UserError(f"plan reads IVF<n>,PQ<m>, IVF<n>,Flat and Flat factories, not {factory!r}")
+        raise UserError(f"plan reads IVF<n>,PQ<m>[x4fs], IVF<n>,Flat and Flat factories, "
+                        f"optionally with ,RFlat or ,Refine(SQfp16), not {factory!r}")
     nlist = int(m.group(1) or 0)
-    return nlist, int(m.group(3)) if m.group(3) else 4 * d
+    fast = bool(m.group(4)) and m.group(4).startswith("x4")
+    code = (int(m.group(3)) // (2 if fast else 1)) if m.group(3) else 4 * d
+    refine = {None: 0, "RFlat": 4 * d, "Refine(Flat)": 4 * d, "Refine(SQfp16)": 2 * d}[m.group(5)]
+    return nlist, code, fast, refine
 
 
 def gemm_gflops() -> float:
@@ -78,13 +90,13 @@ def gemm_gflops() -> float:
 
 
 def plan(n: int, d: int, factory: str, cfg: PlanConfig, costs: dict, gflops: float) -> dict:
-    nlist, code = parse_factory(factory, d)
+    nlist, code, fast, refine = parse_factory(factory, d)
     key_bytes = 4 if cfg.dstore_fp32 else 2
     out = dict(keys=n, dim=d, factory=factory,
                keys_gib=n * d * key_bytes * cfg.keytypes / GIB,
                vals_pos_gib=n * (4 + (4 if n < 2 ** 31 else 8)) / GIB,
-               index_gib=(n * (code + (8 if nlist else 0)) + nlist * d * 4
-                          + (256 * d * 4 if code < 4 * d else 0)) / GIB)
+               index_gib=(n * (code + refine + (8 if nlist else 0)) + nlist * d * 4
+                          + ((16 if fast else 256) * d * 4 if code < 4 * d else 0)) / GIB)
     out["build_ram_gib"] = min(cfg.train_size, n) * d * 4 / GIB + out["index_gib"]
     ref = costs["dim"] * (costs["nlist"] + 256)
     # adding a key: its coarse assignment (nlist x d) and PQ encoding (256 x d)
@@ -96,8 +108,18 @@ def plan(n: int, d: int, factory: str, cfg: PlanConfig, costs: dict, gflops: flo
     out["train_hours"] = costs["train_s"] * work / ref_work / 3600
     if nlist:
         probed = cfg.probe * n / nlist
-        out["search_ms_per_query"] = (costs["search_ms_fixed"] + 2e3 * nlist * d / (gflops * 1e9)
-                                      + costs["search_ms_per_probed_code"] * probed * code / costs["m"])
+        coarse = 2e3 * nlist * d / (gflops * 1e9)
+        if fast:
+            f = FASTSCAN
+            out["search_ms_per_query"] = (f["search_ms_fixed"] * cfg.k / 1024 + coarse
+                                          + f["search_ms_per_probed_code"] * probed * code
+                                          / f["code_bytes"])
+        else:
+            out["search_ms_per_query"] = (costs["search_ms_fixed"] + coarse
+                                          + costs["search_ms_per_probed_code"] * probed * code
+                                          / costs["m"])
+        if refine:
+            out["search_ms_per_query"] += FASTSCAN["refine_ms_per_candidate"] * cfg.k
     # exact search: every query against every key, 2 flops per multiply-add
     out["exact_search_hours"] = 2 * cfg.queries * n * d / (gflops * 1e9) / 3600
     out["gemm_gflops"] = gflops

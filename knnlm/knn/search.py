@@ -22,7 +22,8 @@ from ..util import UserError
 from . import math as knn_math
 from .datastore import Datastore, normalize_keytype
 from .exact import brute_force_search, stream_search
-from .index import gpu_available, load_index
+from .index import (gpu_available, is_fast_scan, load_index, refine_stage,
+                    returns_exact_distances)
 from .torch_index import ShardedTorchIndex, TorchIndex
 from .tuned import identity, resolve_settings, tuned_path
 
@@ -181,6 +182,9 @@ def place_index(index, cfg, device: torch.device) -> tuple[object, str]:
             print("--knnlm-gpu: no FAISS GPU support and no CUDA device; searching on the CPU "
                   "with FAISS")
             return index, "faiss-cpu"
+        if is_fast_scan(index) or refine_stage(index) is not None:
+            raise UserError("--knnlm-gpu: faiss-gpu searches neither fast-scan (x4fs) nor "
+                            "refine indexes; search them on the CPU (drop --knnlm-gpu)")
         n = cfg.knnlm_gpus or faiss.get_num_gpus()
         co = faiss.GpuMultipleClonerOptions()
         co.shard = cfg.gpu_shard
@@ -220,11 +224,14 @@ class KnnSearch:
             self.projection = Projection(ds)
             log(f"queries projected: PCA {ds.query_dim} -> {ds.dim} dims ({ds.path})")
         index, self.index_meta, path = None, None, None
+        self.index_exact = False     # a refine stage returns the keys' exact distances
         self.backend = f"brute force ({device if cfg.knnlm_gpu else 'cpu'})"
         if not cfg.exact_search:
             path = cfg.indexfile or default_index_path(ds.path, self.keytype, cfg.faiss_metric_type)
             index, self.index_meta = load_index(path, ds, self.keytype, cfg.faiss_metric_type,
-                                                cfg.probe, mmap=cfg.index_mmap)
+                                                cfg.probe, mmap=cfg.index_mmap,
+                                                k_factor=cfg.k_factor)
+            self.index_exact = returns_exact_distances(index, ds.meta["key_dtype"])
             index, self.backend = place_index(index, cfg, device)
             log(f"kNN search: {self.backend}")
         # λ, T, k and the score mode: flags, else the index's tuned settings, else defaults
@@ -233,7 +240,9 @@ class KnnSearch:
             identity(ds, self.keytype, self.index_meta, model_fingerprint, cfg.exact_search,
                      cfg.faiss_metric_type), log)
         self.mode = cfg.score_mode()
-        if self.mode.recompute and not cfg.load_keys:
+        # exact distances in the mode's metric: the index's own (refine stage) or recomputed
+        self.exact_from_index = self.index_exact and self.mode.metric == self.mode.search_metric
+        if self.mode.recompute and not cfg.load_keys and not self.exact_from_index:
             raise UserError(f"--no-load-keys: the score mode ({self.mode.describe()}) needs the "
                             "keys; --knn-sim-func do_not_recomp_l2 scores with FAISS distances")
         self.need_exact = need_exact
@@ -261,7 +270,7 @@ class KnnSearch:
         vals = self.retriever.values(I)
         exact, mode = None, self.mode
         if mode.recompute or self.need_exact:
-            exact = self.retriever.recompute(q, I, mode.metric)
+            exact = D if self.exact_from_index else self.retriever.recompute(q, I, mode.metric)
         dist = exact if mode.recompute else D
         scores = knn_math.scores_from_distances(torch.from_numpy(dist), mode.metric)
         return dict(D=D, I=I, vals=vals, exact=exact, scores=scores, mask=torch.from_numpy(I >= 0),
@@ -286,14 +295,15 @@ class KnnSearch:
         if self.cfg.ignore_top:
             D, I = D[:, 1:], I[:, 1:]
         if self._device_vals is None:
-            self._device_vals = torch.from_numpy(np.array(self.ds.vals, dtype=np.int32)).to(dev)
-            self._device_log_counts = None if self.ds.counts is None else \
-                torch.from_numpy(np.log(np.asarray(self.ds.counts, dtype=np.float64))).to(dev)
+            self._device_vals = torch.from_numpy(np.array(self.retriever.vals,
+                                                          dtype=np.int32)).to(dev)
+            table = self.retriever.log_count_table
+            self._device_log_counts = None if table is None else torch.from_numpy(table).to(dev)
         mask = I >= 0
         safe = torch.where(mask, I, 0)
         log_counts = None if self._device_log_counts is None else \
             torch.where(mask, self._device_log_counts[safe], 0.0)
-        return dict(scores=knn_math.scores_from_distances(D.double(), self.mode.metric),
+        return dict(scores=knn_math.scores_from_distances(D, self.mode.metric),
                     vals=torch.where(mask, self._device_vals[safe].long(), -1), mask=mask,
                     log_counts=log_counts)
 

@@ -104,7 +104,7 @@ def merge_shards(paths: list[Path], ranges: list[tuple[int, int]]):
 
 def _merge(index, part, offset: int) -> None:
     """Append ``part`` to ``index``: IVF lists get ids offset by ``offset``; flat codes are
-    appended (their ids are implicit positions)."""
+    appended (their ids are implicit positions), and so are a refine stage's codes."""
     import faiss
     try:
         ivf = faiss.extract_index_ivf(index)
@@ -112,7 +112,11 @@ def _merge(index, part, offset: int) -> None:
         index.merge_from(part, 0)
         return
     ivf.merge_from(faiss.extract_index_ivf(part), offset)
-    index.ntotal = ivf.ntotal   # a wrapper (pre-transform) counts its inner index's rows
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexRefine):    # IVF-PQ + exact re-ranking codes
+        faiss.downcast_index(outer.refine_index).merge_from(
+            faiss.downcast_index(faiss.downcast_index(part).refine_index), 0)
+    index.ntotal = ivf.ntotal   # a wrapper (pre-transform, refine) counts its inner rows
 
 
 def _barrier() -> None:

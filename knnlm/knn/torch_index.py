@@ -102,8 +102,9 @@ class TorchIndex:
                        transform=transform)
         if not isinstance(index, (faiss.IndexIVFFlat, faiss.IndexIVFPQ)) or \
                 type(index) not in (faiss.IndexIVFFlat, faiss.IndexIVFPQ):
-            raise UserError(f"the torch backend searches Flat, IVF-Flat and IVF-PQ indexes, "
-                            f"not {type(index).__name__}")
+            raise UserError(f"the torch backend searches Flat, IVF-Flat and IVF-PQ (8-bit) "
+                            f"indexes, not {type(index).__name__} (fast-scan and refine "
+                            "indexes: --knn-backend faiss, on the CPU)")
         quantizer = faiss.downcast_index(index.quantizer)
         centroids = torch.from_numpy(quantizer.reconstruct_n(0, index.nlist).astype(np.float32))
         codebooks, by_residual = None, False         # IVF-Flat stores the vectors as they are
