@@ -11,9 +11,10 @@ Inputs: what `eval-lm --knnlm` takes (a data-bin, ``--path`` or ``--hf-model``,
    (``--save-retrieval``, default ``<index>.tune-<split>``; a complete cache of the same
    evaluation is reused, an interrupted one resumed);
 2. `knnlm sweep` of the cache over λ × T × k × score mode (``<cache>/sweep``);
-3. the best point, its held-out perplexity, the untuned one and this command go to
-   ``<index>.tuned.json`` (:mod:`knnlm.knn.tuned`), with the index, datastore and model
-   fingerprints it belongs to.
+3. the best point — or the cheapest one within ``--ppl-tolerance`` (0.5%) of it: FAISS
+   scores rather than exact ones, a smaller k — its held-out perplexity, the untuned one
+   and this command go to ``<index>.tuned.json`` (:mod:`knnlm.knn.tuned`), with the index,
+   datastore and model fingerprints it belongs to.
 
     knnlm tune runs/demo/data-bin --path runs/demo/checkpoints/checkpoint_best.pt \\
         --dstore-filename runs/demo/dstore --probe 8
@@ -53,6 +54,9 @@ class TuneConfig(evaluate.EvalConfig):
                          "256, 64, at most the datastore size)")
     score: str | None = flag(None, "score modes: faiss, exact or both (default: every mode "
                              "the cache holds; exact needs the stored keys)")
+    ppl_tolerance: float = flag(0.005, "take the cheapest point whose held-out perplexity is "
+                                "within this share of the best (FAISS scores before exact "
+                                "ones: no key reads; then the smallest k); 0: the best point")
     save_retrieval: str | None = flag(None, "retrieval cache of the held-out split (default: "
                                       "<index>.tune-<split>, kept for `knnlm sweep`)")
 
@@ -62,6 +66,8 @@ class TuneConfig(evaluate.EvalConfig):
             raise UserError("knnlm tune evaluates a kNN-LM; build datastores with build-dstore")
         if not self.dstore_filename:
             raise UserError("knnlm tune needs --dstore-filename DIR")
+        if not 0 <= self.ppl_tolerance < 1:
+            raise UserError(f"--ppl-tolerance must be in [0, 1), got {self.ppl_tolerance}")
         # the grids, checked as `knnlm sweep` checks them
         self.grid = sweep.SweepConfig(cache="-", lmbda=self.lmbda, knn_temp=self.knn_temp,
                                       k=self.k, score=self.score)
@@ -102,6 +108,22 @@ def best_point(results: dict) -> tuple[str, dict]:
     return key, results[key]
 
 
+def cost_order(key: str) -> tuple[int, int]:
+    """How much a sweep row's setting costs per token: FAISS scores read no keys (cheaper
+    than exact ones), then fewer neighbours."""
+    score, k = key.split("@k=")
+    return (0 if score == "faiss" else 1), int(k)
+
+
+def choose_point(results: dict, tolerance: float) -> tuple[str, dict]:
+    """The cheapest sweep row (:func:`cost_order`) whose perplexity is within
+    ``tolerance`` (relative) of the best row's; the best row at tolerance 0."""
+    _, best = best_point(results)
+    ok = [r for r in results if results[r]["interp_ppl"] <= best["interp_ppl"] * (1 + tolerance)]
+    key = min(ok, key=lambda r: (cost_order(r), results[r]["interp_ppl"]))
+    return key, results[key]
+
+
 def main(cfg: TuneConfig) -> dict:
     ecfg = cfg.eval_cfg
     databin = DataBin(cfg.data)
@@ -134,7 +156,12 @@ def _tune(cfg: TuneConfig, ecfg, databin, device, model, model_fp) -> dict:
     results = sweep.main(sweep.SweepConfig(
         cache=str(cfg.cache_dir), lmbda=cfg.lmbda, knn_temp=cfg.knn_temp,
         k=",".join(map(str, cfg.ks)), score=",".join(scores), quiet=cfg.quiet))
-    key, best = best_point(results)
+    best_key, top = best_point(results)
+    key, best = choose_point(results, cfg.ppl_tolerance)
+    if key != best_key:
+        print(f"{key} (ppl {best['interp_ppl']:.2f}) is within --ppl-tolerance "
+              f"{cfg.ppl_tolerance:g} of the best, {best_key} ({top['interp_ppl']:.2f}), and "
+              "cheaper per token: it is taken (--ppl-tolerance 0 takes the best)")
     score, k = key.split("@k=")[0], int(key.split("@k=")[1])
     mode = cache.mode_of(score)
     settings = dict(lmbda=best["best_lambda"], knn_temp=best["best_temp"], k=k,
@@ -152,6 +179,7 @@ def _tune(cfg: TuneConfig, ecfg, databin, device, model, model_fp) -> dict:
                      knn_ppl=best["knn_ppl"], untuned_ppl=untuned, probe=cfg.probe,
                      max_eval_tokens=cfg.max_eval_tokens),
         grid=dict(lmbda=cfg.lmbda, knn_temp=cfg.knn_temp, k=cfg.ks, score=scores),
+        best=dict(point=best_key, ppl=top["interp_ppl"], ppl_tolerance=cfg.ppl_tolerance),
         command=command_line("tune", cfg), cache=str(cfg.cache_dir),
         sweep=str(cfg.cache_dir / "sweep" / "sweep.json"), seconds=time.perf_counter() - t0)
     temps = cfg.grid.temps

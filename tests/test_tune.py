@@ -33,7 +33,8 @@ def common(databin, ckpt, ds, **kw):
 
 @pytest.fixture(scope="module")
 def tuned(bpe_databin, trained_ckpt, ds_copy):
-    return tune.main(tune.TuneConfig(**common(bpe_databin, trained_ckpt, ds_copy), **GRID))
+    return tune.main(tune.TuneConfig(**common(bpe_databin, trained_ckpt, ds_copy),
+                                     ppl_tolerance=0, **GRID))
 
 
 def test_sim_func_inverts_from_flags():
@@ -61,6 +62,32 @@ def test_tune_picks_the_best_point_of_the_sweep(tuned, ds_copy):
     assert tuned["score_mode"]["name"] == sweep["results"][key]["score_mode"]["name"]
     assert tuned["heldout"]["ppl"] < tuned["heldout"]["untuned_ppl"]
     assert tuned["command"].startswith("knnlm tune")
+
+
+def test_tolerance_takes_the_cheapest_point_near_the_best():
+    """Within the tolerance FAISS scores beat exact ones and a smaller k a larger one;
+    outside it the best point stands."""
+    res = {"exact@k=32": dict(interp_ppl=100.0), "faiss@k=32": dict(interp_ppl=100.4),
+           "exact@k=8": dict(interp_ppl=100.2), "faiss@k=8": dict(interp_ppl=103.0)}
+    assert tune.choose_point(res, 0)[0] == "exact@k=32"
+    assert tune.choose_point(res, 0.005)[0] == "faiss@k=32"
+    assert tune.choose_point(res, 0.003)[0] == "exact@k=8"
+    assert tune.choose_point(res, 0.05)[0] == "faiss@k=8"
+
+
+def test_tune_with_the_default_tolerance(tuned, ds_copy, bpe_databin, trained_ckpt, tmp_path):
+    """The default tune (reusing the cached evaluation) writes the cheapest point within
+    0.5% of the best one, and records the best."""
+    other = tmp_path / "tuned.json"
+    got = tune.main(tune.TuneConfig(**common(bpe_databin, trained_ckpt, ds_copy),
+                                    results_path=str(other), **GRID))
+    want, _ = tune.choose_point(json.loads(other.read_text())["sweep"], 0.005)
+    score = "exact" if got["score_mode"]["recompute"] else "faiss"
+    assert f"{score}@k={got['settings']['k']}" == want
+    assert got["best"]["ppl"] == pytest.approx(tuned["heldout"]["ppl"], rel=1e-12)
+    assert got["heldout"]["ppl"] <= got["best"]["ppl"] * 1.005
+    tune.main(tune.TuneConfig(**common(bpe_databin, trained_ckpt, ds_copy), ppl_tolerance=0,
+                              **GRID))   # leave the module's tuned file as it was
 
 
 def test_eval_lm_without_lambda_and_temp_reproduces_the_tuned_number(
