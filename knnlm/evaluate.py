@@ -58,6 +58,7 @@ class Batch:
     query: torch.Tensor | None    # (M, D) kNN queries (with --knnlm)
     found: tuple | None = None    # their (D, I), when already searched (--exact-search)
     stats: torch.Tensor | None = None   # (M, 2) the LM's entropy and max log-prob (--gate)
+    starts: np.ndarray | None = None    # where each scored window begins (--retomaton)
 
 
 @dataclass
@@ -207,7 +208,7 @@ def lm_batches(model, tokens: np.ndarray, windows: list, databin: DataBin, cfg: 
                           device=device, amp_dtype=amp, return_hidden=hidden, lm_stats=gated):
         yield Batch(sb.start, sb.end, sb.targets, sb.logprobs.double().cpu().numpy(),
                     word_mask(sb.targets, sb.prev, databin.vocab, flags),
-                    sb.hidden[keytype] if keytype else None, stats=sb.stats)
+                    sb.hidden[keytype] if keytype else None, stats=sb.stats, starts=sb.starts)
 
 
 EXACT_BLOCK = 4096   # tokens scored at once after the exact-search pass
@@ -317,7 +318,7 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
             saved_tokens[b.start:b.end] = b.targets
         if knn_scorer is not None:
             klp = knn_scorer.score(b.start, b.query, b.targets, lp.astype(np.float32), b.words,
-                                   b.found, b.stats)
+                                   b.found, b.stats, b.starts)
             st["knn_nll"] -= float(klp.sum())
             st["no_match"] += int(np.isinf(klp).sum())
             if knn_scorer.batch_lambdas is not None:   # --gate: a λ per token, 0 if skipped

@@ -45,32 +45,49 @@ def test_searching_every_step_is_the_plain_knnlm(bpe_databin, trained_ckpt, trai
     assert plain["interpolated"].get("efficiency") is None
 
 
-def reference_walk(queries, targets, keys, vals, ivf, k, min_knns, cluster=None):
+def reference_walk(queries, targets, keys, vals, ivf, k, min_knns, cluster=None, starts=(0,),
+                   code_distances=None):
     """RetoMaton from its definition, one token at a time, in plain numpy (``cluster``:
-    each entry's cluster; pointers are joined by their clusters' members)."""
+    each entry's cluster; pointers are joined by their clusters' members). Each window
+    (rows from each of ``starts``) is a walk of its own, from no pointers. Distances are
+    exact from the keys, or with ``code_distances(q, ids)`` the search's own for searched
+    entries and those for the pointers."""
     n = len(keys)
     pointers, searches, out = [], 0, []
-    for q, y in zip(queries, targets):
+    for t, (q, y) in enumerate(zip(queries, targets)):
+        if t in starts:
+            pointers = []
         cand = list(pointers[:k])
         if cluster is not None and cand:
             ids, counts = np.unique(cluster[cand], return_counts=True)
             for c in ids[np.argsort(-counts, kind="stable")]:
                 cand += [int(i) for i in np.flatnonzero(cluster == c) if int(i) not in cand]
             cand = cand[:k]
+        found_d = {}
         if len(pointers) < min_knns:
             searches += 1
-            _, found = ivf.search(q[None].astype(np.float32), k)
+            D, found = ivf.search(q[None].astype(np.float32), k)
             merged = [int(i) for i in found[0] if i >= 0]
+            found_d = {int(i): float(d) for i, d in zip(found[0], D[0]) if i >= 0}
             cand = merged + [i for i in cand if i not in set(merged)]
-        d = ((keys[cand].astype(np.float32) - q) ** 2).sum(1)
+        if code_distances is None:
+            d = ((keys[cand].astype(np.float32) - q) ** 2).sum(1)
+        else:
+            d = np.array([found_d[i] if i in found_d else code_distances(q, i) for i in cand],
+                         dtype=np.float32)
         order = np.argsort(d, kind="stable")[:k]
-        cand, d = np.asarray(cand)[order], d[order]
+        cand, d = np.asarray(cand, dtype=np.int64)[order], d[order]
         s = -d / 2.0                                              # T = 2
         w = np.exp(s - s.max())
         hit = vals[cand] == y
         out.append(np.log(w[hit].sum() / w.sum()) if hit.any() else -np.inf)
         pointers = [int(i) + 1 for i in cand[hit] if i < n - 1]
     return np.array(out), searches
+
+
+def window_starts(n=600, T=64, C=32):
+    from knnlm.data.blocks import score_windows
+    return {w.score_start for w in score_windows(n, T, C)}
 
 
 def test_walk_equals_the_reference_loop(bpe_databin, trained_ckpt, trained_dstore, indexes,
@@ -83,7 +100,8 @@ def test_walk_equals_the_reference_loop(bpe_databin, trained_ckpt, trained_dstor
     faiss.extract_index_ivf(ivf).nprobe = 4
     ref, searches = reference_walk(np.load(tmp_path / "q.npy"), np.load(tmp_path / "t.npy"),
                                    np.asarray(trained_dstore.keys("att")),
-                                   np.asarray(trained_dstore.vals), ivf, K, 2)
+                                   np.asarray(trained_dstore.vals), ivf, K, 2,
+                                   starts=window_starts())
     got = np.load(tmp_path / "knn.npy")
     assert np.array_equal(np.isinf(got), np.isinf(ref))
     np.testing.assert_allclose(got[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-5, atol=1e-6)
@@ -143,7 +161,8 @@ def test_cluster_members_widen_the_pointers(bpe_databin, trained_ckpt, trained_d
     faiss.extract_index_ivf(ivf).nprobe = 4
     ref, searches = reference_walk(np.load(tmp_path / "q.npy"), np.load(tmp_path / "t.npy"),
                                    np.asarray(trained_dstore.keys("att")),
-                                   np.asarray(trained_dstore.vals), ivf, K, 2, cluster)
+                                   np.asarray(trained_dstore.vals), ivf, K, 2, cluster,
+                                   starts=window_starts())
     got = np.load(tmp_path / "knn.npy")
     assert np.array_equal(np.isinf(got), np.isinf(ref))
     np.testing.assert_allclose(got[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-5, atol=1e-6)
@@ -153,7 +172,7 @@ def test_cluster_members_widen_the_pointers(bpe_databin, trained_ckpt, trained_d
 
 @pytest.mark.parametrize("extra, needle", [
     (["--exact-search"], "--exact-search"),
-    (["--knn-sim-func", "do_not_recomp_l2"], "recompute"),
+    (["--knn-sim-func", "do_not_recomp_l2", "--knn-backend", "torch"], "--knn-backend faiss"),
     (["--ignore-top"], "exclusive"),
     (["--min-knns", "-1"], "--min-knns"),
     (["--members", "m.npz"], "members"),
@@ -163,3 +182,58 @@ def test_bad_pointer_flags(bpe_databin, trained_ckpt, trained_dstore, extra, nee
                   "--dstore-filename", str(trained_dstore.path), "--retomaton", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def code_indexes(trained_dstore, tmp_path_factory):
+    out = tmp_path_factory.mktemp("code_indexes")
+    paths = {}
+    for name, factory in (("pq", "IVF32,PQ8"), ("fs", "IVF32,PQ16x4fs"),
+                          ("pcar", "PCAR16,IVF32,PQ8"), ("rflat", "IVF32,PQ8x4fs,RFlat")):
+        paths[name] = str(out / f"{name}.faiss")
+        index.build_index(index.BuildIndexConfig(
+            dstore_dir=str(trained_dstore.path), knn_keytype="att", index_factory=factory,
+            faiss_index=paths[name], train_size=8000, quiet=True))
+    return paths
+
+
+@pytest.mark.parametrize("name, tol", [("pq", 1e-5), ("pcar", 1e-5), ("rflat", 1e-5),
+                                       ("fs", 5e-2)])
+def test_pointer_scores_equal_the_searchs_distances(trained_dstore, code_indexes, name, tol):
+    """Scored from the index's codes, an entry gets the distance the index's search
+    returns for it: to float rounding (8-bit PQ, behind a PCA rotation too; a refine
+    stage's exact codes), and up to the 8-bit rounding of fast-scan's lookup tables (here
+    at most 2% of the largest distance, 0.3% on average)."""
+    from knnlm.knn.codes import CodeDistances
+    idx, _ = index.load_index(code_indexes[name], trained_dstore, "att", nprobe=8)
+    xq = np.asarray(trained_dstore.keys("att")[::211][:64], dtype=np.float32) + 0.02
+    D, I = idx.search(xq, 20)
+    got = CodeDistances(idx, "l2")(xq, I)
+    assert np.isinf(got[I < 0]).all()
+    ok = I >= 0
+    err = np.abs(got[ok] - D[ok]) / max(1.0, float(D[ok].max()))
+    assert err.max() <= tol and err.mean() <= tol / 10
+
+
+def test_walk_with_faiss_scores_equals_the_reference_loop(bpe_databin, trained_ckpt,
+                                                          trained_dstore, code_indexes, tmp_path):
+    """--knn-sim-func do_not_recomp_l2: searched neighbours keep the search's distances,
+    pointers are scored from the index's codes, the keys are never read."""
+    res = run_eval(cfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path, code_indexes["pq"],
+                       retomaton=True, min_knns=2, knn_sim_func="do_not_recomp_l2",
+                       load_keys=False, save_knn_scores=str(tmp_path / "knn.npy"),
+                       save_queries=str(tmp_path / "q.npy"), save_tokens=str(tmp_path / "t.npy")))
+    ivf = faiss.read_index(code_indexes["pq"])
+    faiss.extract_index_ivf(ivf).nprobe = 4
+    faiss.extract_index_ivf(ivf).make_direct_map()
+    ref, searches = reference_walk(
+        np.load(tmp_path / "q.npy"), np.load(tmp_path / "t.npy"),
+        np.asarray(trained_dstore.keys("att")), np.asarray(trained_dstore.vals), ivf, K, 2,
+        starts=window_starts(),
+        code_distances=lambda q, i: float(((ivf.reconstruct(i) - q) ** 2).sum()))
+    got = np.load(tmp_path / "knn.npy")
+    assert np.array_equal(np.isinf(got), np.isinf(ref))
+    np.testing.assert_allclose(got[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-4, atol=1e-5)
+    eff = res["interpolated"]["efficiency"]
+    assert eff["searches"] == searches and 0 < searches < 600
+    assert res["interpolated"]["score_mode"]["name"] == "faiss-l2"

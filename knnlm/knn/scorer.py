@@ -103,13 +103,21 @@ class KnnScorer:
 
     def score(self, start: int, q: torch.Tensor, targets: np.ndarray, lm_lp: np.ndarray,
               words: np.ndarray, found: tuple | None = None,
-              stats: torch.Tensor | None = None) -> np.ndarray:
+              stats: torch.Tensor | None = None, starts: np.ndarray | None = None
+              ) -> np.ndarray:
         """log p_kNN of each target, (M,) float64; writes the per-token outputs.
         ``found``: these queries' (D, I), already searched (eval-lm --exact-search).
         With a gate (``stats``: the LM's entropy and max log-prob), only the tokens it
         picks are searched; the others get p_kNN := p_LM, and ``batch_lambdas`` holds each
-        token's λ (0 where skipped)."""
+        token's λ (0 where skipped). ``starts``: where each scored window begins in the
+        split (RetoMaton walks each window; default: the batch is one walk)."""
         q = q.float().cpu().numpy()
+        if self.walk is not None:       # the batch's windows walked together, unchunked
+            out = self._score_chunk(start, q, targets, lm_lp, words,
+                                    starts=np.zeros(1, np.int64) if starts is None
+                                    else np.asarray(starts) - start)
+            self._write_outputs(start, q, out)
+            return out
         out = lm_lp.astype(np.float64)
         rows = np.arange(len(q))
         if self.gate is not None:
@@ -126,19 +134,23 @@ class KnnScorer:
             part = None if found is None else (found[0][r], found[1][r])
             out[r] = self._score_chunk(start + int(r[0]), q[r], targets[r], lm_lp[r], words[r],
                                        part)
+        self._write_outputs(start, q, out)
+        return out
+
+    def _write_outputs(self, start: int, q: np.ndarray, knn_lp: np.ndarray) -> None:
         if self.queries is not None:
             self.queries[start:start + len(q)] = q
         if self.knn_scores is not None:
-            self.knn_scores[start:start + len(q)] = out
-        return out
+            self.knn_scores[start:start + len(q)] = knn_lp
 
-    def _score_chunk(self, start, q, targets, lm_lp, words, found=None) -> np.ndarray:
+    def _score_chunk(self, start, q, targets, lm_lp, words, found=None,
+                     starts=None) -> np.ndarray:
         if found is None and self.walk is None and self.cache is None and self.knn.on_device:
             r = self.knn.scores_on_device(q)    # the torch backend: no trip through the host
             return knn_math.knn_target_log_probs_fast(
                 r["scores"], r["vals"], torch.from_numpy(targets).to(r["vals"].device),
                 self.cfg.knn_temp, r["mask"], r["log_counts"]).cpu().numpy()
-        r = self.walk.search_stream(q, targets) if self.walk is not None else \
+        r = self.walk.search_streams(q, targets, starts) if self.walk is not None else \
             self.knn.search(q, found)
         dev, counts = self.math_device, r.get("log_counts")
         mask = None if bool(r["mask"].all()) else r["mask"]   # none missing: no masking

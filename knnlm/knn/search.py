@@ -49,8 +49,10 @@ def exact_distances(q: np.ndarray, keys, ids: np.ndarray, metric: str) -> np.nda
     The cost is the gather of B·k random rows (memory latency: ~90 ns a row here), so the
     loop is over chunks of RECOMPUTE_CHUNK queries into buffers allocated once per call:
     the gathered keys are converted and reduced in cache, with no allocation per chunk."""
-    table = key_table(keys)
     B, k = ids.shape
+    if not B * k:
+        return np.empty((B, k), dtype=np.float32)
+    table = key_table(keys)
     missing = ids < 0
     has_missing = bool(missing.any())
     safe = torch.from_numpy(np.where(missing, 0, ids) if has_missing else ids).to(torch.int64)

@@ -35,6 +35,7 @@ class ScoredBatch:
     logprobs: torch.Tensor | None  # (M,) float32, log p_LM(target), natural log
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (M, D)
     stats: torch.Tensor | None = None  # (M, 2): entropy and max log-prob of p_LM (lm_stats)
+    starts: np.ndarray | None = None   # where each window's scored positions begin (split)
 
 
 def target_logprobs(model, features: torch.Tensor, targets: torch.Tensor,
@@ -122,4 +123,5 @@ def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, p
                 lp = target_logprobs(model, feats.reshape(B * L, -1)[idx],
                                      torch.from_numpy(targets).to(device), softmax_batch, stats)
         hidden = {k: v.reshape(B * L, -1)[idx] for k, v in hidden.items()}
-        yield ScoredBatch(start, end, targets, prev, lp, hidden, stats)
+        yield ScoredBatch(start, end, targets, prev, lp, hidden, stats,
+                          np.array([w.score_start for w in batch], dtype=np.int64))
