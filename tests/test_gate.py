@@ -185,3 +185,21 @@ def test_train_gate_uses_the_indexs_tuned_settings(trained_gate, trained_dstore,
     finally:
         tuned.unlink()
     assert meta["knn_temp"] == 2.0      # no tuned file: the cache's own settings
+
+
+def test_lm_stats_equal_the_definitions():
+    """The gate's LM features, computed in one exp and one dot per block of rows, equal
+    the entropy and max log-prob of log_softmax computed directly (more rows than a block,
+    a peaked row and a flat one)."""
+    import torch
+    from knnlm.lm.scoring import STATS_ROWS, lm_stats
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(STATS_ROWS * 2 + 5, 300, generator=g) * 4
+    logits[3, 7] = 80.0                       # nearly one-hot
+    logits[4] = 0.25                          # uniform
+    out = torch.empty(len(logits), 2)
+    lm_stats(logits, torch.logsumexp(logits, 1, True), out)
+    lp = torch.log_softmax(logits.double(), 1)
+    torch.testing.assert_close(out[:, 0].double(), -(lp.exp() * lp).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 1].double(), lp.max(1).values, rtol=1e-6, atol=1e-6)
+    assert abs(float(out[4, 0]) - np.log(300)) < 1e-5 and float(out[3, 0]) < 1e-5

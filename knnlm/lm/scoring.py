@@ -50,10 +50,27 @@ def target_logprobs(model, features: torch.Tensor, targets: torch.Tensor,
         lse = torch.logsumexp(logits, 1, True)
         out[s:s + softmax_batch] = (logits.gather(1, t) - lse)[:, 0]
         if stats is not None:
-            lp = logits - lse
-            stats[s:s + softmax_batch, 0] = -(lp.exp() * lp).sum(1)
-            stats[s:s + softmax_batch, 1] = lp.max(1).values
+            lm_stats(logits, lse, stats[s:s + softmax_batch])
     return out
+
+
+STATS_ROWS = 128   # rows per block of lm_stats: its (rows, V) temporaries stay in cache
+
+
+def lm_stats(logits: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    """(B, 2) entropy and max log-prob of softmax(``logits``) into ``out``, ``lse`` (B, 1)
+    the logits' logsumexp: H = −Σ p·log p as one exp and one dot over the vocabulary, in
+    blocks of rows whose temporaries stay in cache."""
+    rows = min(STATS_ROWS, len(logits))
+    lp = torch.empty((rows, logits.shape[1]), dtype=logits.dtype, device=logits.device)
+    p = torch.empty_like(lp)
+    for s in range(0, len(logits), STATS_ROWS):
+        x = logits[s:s + STATS_ROWS]
+        n = len(x)
+        torch.sub(x, lse[s:s + STATS_ROWS], out=lp[:n])
+        torch.exp(lp[:n], out=p[:n])
+        out[s:s + n, 0] = -torch.linalg.vecdot(p[:n], lp[:n])
+        out[s:s + n, 1] = lp[:n].amax(1)
 
 
 def resolve_window(model, tokens_per_sample: int | None, context_window: int | None
