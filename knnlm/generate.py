@@ -159,10 +159,11 @@ def next_log_probs(logits: torch.Tensor, query, search, cfg: GenerateConfig,
     r = walk.step(q) if walk is not None else search.search(q[None])
     if not r["mask"].any():
         return lm, r
-    vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
-    knn_lp = knn_math.knn_full_log_probs(r["scores"], vals, len(lm), cfg.knn_temp, r["mask"],
-                                         r.get("log_counts"))[0]
-    return knn_math.interpolate(lm, knn_lp, lmbda), r
+    counts = r.get("log_counts")
+    tokens, knn_lp = knn_math.knn_sparse_log_probs(
+        r["scores"][0], torch.from_numpy(r["vals"][0]), len(lm), cfg.knn_temp, r["mask"][0],
+        None if counts is None else counts[0])
+    return knn_math.interpolate_sparse(lm, tokens, knn_lp, lmbda), r
 
 
 def generate_one(model, prompt_ids: np.ndarray, start: int, cfg: GenerateConfig, search,

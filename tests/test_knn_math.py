@@ -166,3 +166,31 @@ def test_float32_path_equals_float64_across_row_blocks():
             assert ((got[fin] - ref[fin]).abs() / ref[fin].abs().clamp(min=1)).max() < 2e-6
             assert abs(float(got[fin].mean() / ref[fin].mean()) - 1) < 1e-7
     assert torch.isfinite(knn.knn_target_log_probs_fast(scores.float(), vals, targets, 1.0))[3]
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 0.3, 1.0])
+def test_sparse_generation_path_equals_the_dense_one(lmbda):
+    """Generation's O(k) p_kNN (on the values of the kept neighbours) interpolated into
+    p_LM equals the dense (V,) path: repeated values, a masked tail, counts, λ 0 and 1."""
+    g = torch.Generator().manual_seed(2)
+    V, k = 50, 30
+    scores = -torch.rand(1, k, generator=g) * 20
+    vals = torch.randint(0, 12, (1, k), generator=g)
+    mask = torch.ones(1, k, dtype=torch.bool)
+    mask[0, 25:] = False
+    counts = torch.log(torch.randint(1, 4, (1, k), generator=g).float())
+    lm = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), 0)
+    for c in (None, counts):
+        dense = knn.knn_full_log_probs(scores, vals, V, 3.0, mask, c)[0].double()
+        tokens, lp = knn.knn_sparse_log_probs(scores[0], vals[0], V, 3.0, mask[0],
+                                              None if c is None else c[0])
+        assert sorted(tokens.tolist()) == sorted(vals[0, :25].tolist())
+        torch.testing.assert_close(lp, dense[tokens], rtol=1e-6, atol=1e-6)
+        assert torch.isinf(dense[[t for t in range(V) if t not in tokens.tolist()]]).all()
+        want = knn.interpolate(lm, dense, lmbda)
+        got = knn.interpolate_sparse(lm, tokens, lp, lmbda)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got[torch.isfinite(want)], want[torch.isfinite(want)],
+                                   rtol=1e-6, atol=1e-6)
+    empty = knn.knn_sparse_log_probs(scores[0], vals[0], V, 1.0, torch.zeros(k, dtype=torch.bool))
+    assert len(empty[0]) == 0 and len(empty[1]) == 0

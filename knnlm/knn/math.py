@@ -154,6 +154,44 @@ def knn_full_log_probs(scores: torch.Tensor, vals: torch.Tensor, vocab_size: int
     return out.to(scores.dtype)
 
 
+def knn_sparse_log_probs(scores: torch.Tensor, vals: torch.Tensor, vocab_size: int,
+                         temp: float = 1.0, mask: torch.Tensor | None = None,
+                         log_counts: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query's p_kNN where it is not zero: (tokens (u,), float64 log p_kNN (u,)) for
+    the values of its (k,) kept neighbours (a token repeats when several neighbours carry
+    it; empty when none is kept). Equal to :func:`knn_full_log_probs` on those tokens (-inf
+    elsewhere), at O(k) cost plus one zeroed (V,) scratch row."""
+    keep = None if mask is None or bool(mask.all()) else mask
+    s = (scores if keep is None else scores[keep]).double() / temp
+    tokens = (vals if keep is None else vals[keep]).long()
+    if log_counts is not None:
+        s = s + (log_counts if keep is None else log_counts[keep]).double()
+    if not len(s):
+        return tokens, s
+    w = torch.exp(s - s.max())
+    mass = torch.zeros(vocab_size, dtype=w.dtype).index_add_(0, tokens, w)
+    return tokens, torch.log(mass[tokens]) - torch.log(w.sum())
+
+
+def interpolate_sparse(lm_log_probs: torch.Tensor, tokens: torch.Tensor,
+                       knn_log_probs: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """(V,) log((1-λ) p_LM + λ p_kNN) for one position, p_kNN given on ``tokens`` only
+    (:func:`knn_sparse_log_probs`): one pass over V for log(1-λ) + log p_LM, then the
+    kNN's tokens mixed in. Equal to :func:`interpolate` of the dense p_kNN."""
+    if not 0.0 <= lmbda <= 1.0:
+        raise ValueError(f"lambda must be in [0, 1], got {lmbda}")
+    if lmbda == 0.0:
+        return lm_log_probs.clone()
+    if lmbda == 1.0:
+        out = torch.full_like(lm_log_probs, NEG_INF)
+        out[tokens] = knn_log_probs.to(out.dtype)
+        return out
+    out = lm_log_probs + math.log1p(-lmbda)
+    out[tokens] = torch.logaddexp(out[tokens], knn_log_probs.to(out.dtype) + math.log(lmbda))
+    return out
+
+
 EM_MAX_ITERS = 2000
 EM_TOL = 1e-10        # stop when no weight moves more than this
 
