@@ -45,10 +45,11 @@ class DemoConfig:
     seed: int = flag(1, "random seed")
     context_window: int = flag(128, "eval-lm left context per scored block")
     dstore_context_window: int = flag(64, "datastore left context per block")
-    index_factory: str = flag("IVF2048,PQ32", "FAISS index over the att keys")
-    index_train_size: int = flag(100_000, "keys sampled to train the index")
+    index_factory: str | None = flag(None, "FAISS index over the att keys (default: "
+                                     "build-index's choice, IVF4096,PQ64x4fs here)")
+    index_train_size: int = flag(200_000, "keys sampled to train the index")
     k: int = flag(1024, "neighbours per query (tune also tries k/4 and k/16)")
-    probe: int = flag(8, "IVF lists probed (8 of 2048 lists: the paper's 32 of 4096 share)")
+    probe: int = flag(8, "IVF lists probed per query")
     sweep_lmbda: str = flag("0:1:0.01", "λ grid of `knnlm tune` on valid")
     sweep_temp: str = flag("0.5,1,1.5,2,3,4,6,8,12,16,32", "temperature grid of `knnlm tune`")
     hf: str | None = flag(None, "instead of training a model: the kNN-LM over a pretrained "
@@ -141,7 +142,7 @@ def main(cfg: DemoConfig) -> dict:
         knn_keytype="att" if cfg.hf else "att,ffn", tokens_per_sample=cfg.tokens_per_sample,
         context_window=cfg.dstore_context_window, max_dstore_tokens=n_dstore, quiet=cfg.quiet))
     icfg = index.BuildIndexConfig(dstore_dir=str(dstore_dir), knn_keytype="att", metric="l2",
-                                  index_factory=None if cfg.hf else cfg.index_factory,
+                                  index_factory=cfg.index_factory,
                                   train_size=cfg.index_train_size, quiet=cfg.quiet)
     index_res = _stage("build-index", timings, index.main, icfg)
 

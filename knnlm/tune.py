@@ -11,7 +11,7 @@ Inputs: what `eval-lm --knnlm` takes (a data-bin, ``--path`` or ``--hf-model``,
    (``--save-retrieval``, default ``<index>.tune-<split>``; a complete cache of the same
    evaluation is reused, an interrupted one resumed);
 2. `knnlm sweep` of the cache over λ × T × k × score mode (``<cache>/sweep``);
-3. the best point — or the cheapest one within ``--ppl-tolerance`` (0.5%) of it: FAISS
+3. the best point — or the cheapest one within ``--ppl-tolerance`` (1%) of it: FAISS
    scores rather than exact ones, a smaller k — its held-out perplexity, the untuned one
    and this command go to ``<index>.tuned.json`` (:mod:`knnlm.knn.tuned`), with the index,
    datastore and model fingerprints it belongs to.
@@ -54,7 +54,7 @@ class TuneConfig(evaluate.EvalConfig):
                          "256, 64, at most the datastore size)")
     score: str | None = flag(None, "score modes: faiss, exact or both (default: every mode "
                              "the cache holds; exact needs the stored keys)")
-    ppl_tolerance: float = flag(0.005, "take the cheapest point whose held-out perplexity is "
+    ppl_tolerance: float = flag(0.01, "take the cheapest point whose held-out perplexity is "
                                 "within this share of the best (FAISS scores before exact "
                                 "ones: no key reads; then the smallest k); 0: the best point")
     save_retrieval: str | None = flag(None, "retrieval cache of the held-out split (default: "

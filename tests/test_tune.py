@@ -77,15 +77,15 @@ def test_tolerance_takes_the_cheapest_point_near_the_best():
 
 def test_tune_with_the_default_tolerance(tuned, ds_copy, bpe_databin, trained_ckpt, tmp_path):
     """The default tune (reusing the cached evaluation) writes the cheapest point within
-    0.5% of the best one, and records the best."""
+    1% of the best one, and records the best."""
     other = tmp_path / "tuned.json"
     got = tune.main(tune.TuneConfig(**common(bpe_databin, trained_ckpt, ds_copy),
                                     results_path=str(other), **GRID))
-    want, _ = tune.choose_point(json.loads(other.read_text())["sweep"], 0.005)
+    want, _ = tune.choose_point(json.loads(other.read_text())["sweep"], 0.01)
     score = "exact" if got["score_mode"]["recompute"] else "faiss"
     assert f"{score}@k={got['settings']['k']}" == want
     assert got["best"]["ppl"] == pytest.approx(tuned["heldout"]["ppl"], rel=1e-12)
-    assert got["heldout"]["ppl"] <= got["best"]["ppl"] * 1.005
+    assert got["heldout"]["ppl"] <= got["best"]["ppl"] * 1.01
     tune.main(tune.TuneConfig(**common(bpe_databin, trained_ckpt, ds_copy), ppl_tolerance=0,
                               **GRID))   # leave the module's tuned file as it was
 
