@@ -237,3 +237,21 @@ def test_walk_with_faiss_scores_equals_the_reference_loop(bpe_databin, trained_c
     eff = res["interpolated"]["efficiency"]
     assert eff["searches"] == searches and 0 < searches < 600
     assert res["interpolated"]["score_mode"]["name"] == "faiss-l2"
+
+
+@pytest.mark.parametrize("factory", ["IVF32,PQ8", "IVF32,PQ16x4fs", "IVF32,PQ16x4fsr",
+                                     "IVF32,PQ8np"])
+def test_code_table_reconstructs_as_faiss(trained_dstore, tmp_path, factory):
+    """The id-ordered code table decodes every entry to FAISS's own reconstruction (8- and
+    4-bit codes, fast-scan blocks, residuals or not), for the index as read from disk."""
+    from knnlm.knn.codes import CodeTable
+    out = tmp_path / "i.faiss"
+    index.build_index(index.BuildIndexConfig(dstore_dir=str(trained_dstore.path),
+                                             knn_keytype="att", index_factory=factory,
+                                             faiss_index=str(out), train_size=8000, quiet=True))
+    idx, _ = index.load_index(out, trained_dstore, "att")
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(idx))
+    table = CodeTable(ivf)
+    ids = np.random.default_rng(0).integers(0, idx.ntotal, 500)
+    ivf.make_direct_map()
+    np.testing.assert_array_equal(table.reconstruct(ids), idx.reconstruct_batch(ids))

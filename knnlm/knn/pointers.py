@@ -140,7 +140,8 @@ class PointerWalk:
     def _steps(self, q: np.ndarray, pointers: np.ndarray) -> tuple[np.ndarray, np.ndarray,
                                                                    np.ndarray]:
         """One step of W walks: (W, D) projected queries and their (W, P) pointers ->
-        (ids (W, k), distances (W, k), searched (W,)), ids closest first, -1 padded."""
+        (ids (W, c), distances (W, c), searched (W,)), ids closest first, -1 padded, c <= k
+        (the most candidates a walk has)."""
         W = len(q)
         searched = (pointers >= 0).sum(1) < self.min_knns
         self.steps += W
@@ -154,12 +155,17 @@ class PointerWalk:
             found_d = np.full(found.shape, self.missing, dtype=np.float32)
             found[searched], found_d[searched] = I, D
         cand = np.concatenate([found, ptr], axis=1)
-        # a pointer the search found too is dropped (the searched copy comes first)
-        order = np.argsort(cand, axis=1, kind="stable")
-        s = np.take_along_axis(cand, order, axis=1)
-        dup = np.zeros(cand.shape, dtype=bool)
-        np.put_along_axis(dup, order[:, 1:], (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0), axis=1)
-        cand[dup] = -1
+        if searched.any() and ptr.shape[1]:
+            # a pointer the search found too is dropped (the searched copy comes first);
+            # pointers alone are distinct already
+            sub = cand[searched]
+            order = np.argsort(sub, axis=1, kind="stable")
+            s = np.take_along_axis(sub, order, axis=1)
+            dup = np.zeros(sub.shape, dtype=bool)
+            np.put_along_axis(dup, order[:, 1:], (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0),
+                              axis=1)
+            sub[dup] = -1
+            cand[searched] = sub
         if self.from_index:      # the search's own distances, the pointers' from the codes
             dist = np.concatenate([found_d, self._distances(q, cand[:, found.shape[1]:])], 1)
             dist[cand < 0] = self.missing
@@ -167,13 +173,8 @@ class PointerWalk:
             dist = self._distances(q, cand)
         scores = knn_math.scores_from_distances(torch.from_numpy(dist), self.metric).numpy()
         top = np.argsort(-scores, axis=1, kind="stable")[:, :self.k]
-        ids = np.take_along_axis(cand, top, axis=1)
-        dist = np.take_along_axis(dist, top, axis=1)
-        if ids.shape[1] < self.k:
-            pad = self.k - ids.shape[1]
-            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-            dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=self.missing)
-        return ids, dist, searched
+        return np.take_along_axis(cand, top, axis=1), np.take_along_axis(dist, top, axis=1), \
+            searched
 
     def _advance(self, ids: np.ndarray, vals: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """After scoring ``targets`` (W,): the successors of each walk's neighbours that
@@ -181,7 +182,8 @@ class PointerWalk:
         hit = (ids >= 0) & (vals == targets[:, None]) & (ids < self.n - 1)
         return compact(ids + 1, hit)
 
-    def _rows(self, q: np.ndarray, ids: np.ndarray, dist: np.ndarray) -> dict:
+    def _rows(self, q: np.ndarray, ids: np.ndarray, dist: np.ndarray,
+              vals: np.ndarray | None = None) -> dict:
         """The :meth:`KnnSearch.search` dict of walked rows: D, I, vals, exact (the
         distances from the keys when scored so or asked for, else None), scores, mask."""
         exact = None
@@ -189,7 +191,8 @@ class PointerWalk:
             exact = dist
         elif self.knn.need_exact:
             exact = exact_distances(q, self.knn.retriever.keys, ids, self.metric)
-        return dict(D=dist, I=ids, vals=self.knn.retriever.values(ids), exact=exact,
+        return dict(D=dist, I=ids, vals=self.knn.retriever.values(ids) if vals is None else vals,
+                    exact=exact,
                     scores=knn_math.scores_from_distances(torch.from_numpy(dist), self.metric),
                     mask=torch.from_numpy(ids >= 0))
 
@@ -218,6 +221,7 @@ class PointerWalk:
         bounds = np.append(np.asarray(starts, dtype=np.int64), M)
         begin, length = bounds[:-1], np.diff(bounds)
         ids = np.full((M, self.k), -1, dtype=np.int64)
+        vals = np.full((M, self.k), -1, dtype=self.knn.retriever.vals.dtype)
         dist = np.full((M, self.k), self.missing, dtype=np.float32)
         searched = np.zeros(M, dtype=bool)
         pointers = np.full((len(begin), 0), -1, dtype=np.int64)
@@ -225,11 +229,13 @@ class PointerWalk:
             live = length > t                   # walks not yet at their end
             rows = begin[live] + t
             i, d, s = self._steps(q[rows], pointers[live])
-            ids[rows], dist[rows], searched[rows] = i, d, s
-            nxt = self._advance(i, self.knn.retriever.values(i), targets[rows])
+            v = self.knn.retriever.values(i)
+            c = i.shape[1]
+            ids[rows, :c], dist[rows, :c], vals[rows, :c], searched[rows] = i, d, v, s
+            nxt = self._advance(i, v, targets[rows])
             pointers = np.full((len(begin), nxt.shape[1]), -1, dtype=np.int64)
             pointers[live] = nxt
-        out = self._rows(q, ids, dist)
+        out = self._rows(q, ids, dist, vals)
         out["searched"] = searched
         return out
 
