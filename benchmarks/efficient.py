@@ -128,6 +128,8 @@ def main() -> None:
                    "build-index's choice)")
     p.add_argument("--refine", default="Refine(SQfp16)", help="the refine rows' factory "
                    "suffix ('' for none)")
+    p.add_argument("--fast-probe", type=int, default=None, help="also the fast path, alone "
+                   "and with the gate, at this nprobe")
     p.add_argument("--train-size", type=int, default=200000)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")

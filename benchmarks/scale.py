@@ -77,7 +77,7 @@ def stage_index(a) -> dict:
 
 def stage_search(a) -> dict:
     from knnlm.knn.datastore import Datastore
-    from knnlm.knn.index import load_index
+    from knnlm.knn.index_read import load_index
     ds = Datastore(a.dstore)
     idx, _ = load_index(a.index, ds, "att", nprobe=a.nprobe)
     rng = np.random.default_rng(1)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from knnlm.cli import run
-from knnlm.knn import index
+from knnlm.knn import index, index_read
 from knnlm.knn.search import exact_distances
 from knnlm.knn.torch_index import TorchIndex
 from knnlm.util import UserError
@@ -47,9 +47,9 @@ def test_fast_scan_recall_and_distances(trained_dstore, indexes):
     tables, and the neighbours are the brute-force ones as far as 16 bytes of code for 32
     dimensions allow."""
     ds = trained_dstore
-    idx, meta = index.load_index(indexes["fs"], ds, "att", nprobe=32)
-    assert index.is_fast_scan(idx) and index.refine_stage(idx) is None
-    assert not index.returns_exact_distances(idx, "float16")
+    idx, meta = index_read.load_index(indexes["fs"], ds, "att", nprobe=32)
+    assert index_read.is_fast_scan(idx) and index_read.refine_stage(idx) is None
+    assert not index_read.returns_exact_distances(idx, "float16")
     xb = np.asarray(ds.keys("att"), dtype=np.float32)
     rng = np.random.default_rng(0)
     xq = xb[rng.choice(len(xb), 100, replace=False)] + rng.normal(0, 0.05, (100, xb.shape[1]))
@@ -70,8 +70,8 @@ def test_fast_scan_recall_and_distances(trained_dstore, indexes):
 @pytest.mark.parametrize("name", ["rflat", "sq16"])
 def test_refine_returns_the_exact_distances_of_the_keys(trained_dstore, indexes, name):
     ds = trained_dstore
-    idx, _ = index.load_index(indexes[name], ds, "att", nprobe=8, k_factor=3)
-    assert index.returns_exact_distances(idx, "float16")
+    idx, _ = index_read.load_index(indexes[name], ds, "att", nprobe=8, k_factor=3)
+    assert index_read.returns_exact_distances(idx, "float16")
     assert faiss.downcast_index(idx).k_factor == 3
     xq = np.asarray(ds.keys("att")[:64], dtype=np.float32) + 0.01
     D, I = idx.search(xq, 16)
@@ -111,7 +111,7 @@ def test_k_factor_needs_a_refine_index(bpe_databin, trained_ckpt, trained_dstore
 
 def test_torch_backend_refuses_fast_scan_and_refine(trained_dstore, indexes):
     for name in ("fs", "rflat"):
-        idx, _ = index.load_index(indexes[name], trained_dstore, "att")
+        idx, _ = index_read.load_index(indexes[name], trained_dstore, "att")
         with pytest.raises(UserError, match="--knn-backend faiss"):
             TorchIndex.from_faiss(idx)
 
@@ -121,8 +121,8 @@ def test_sharded_refine_build_equals_the_unsharded_one(trained_dstore, indexes, 
     ds = trained_dstore
     out = tmp_path / "sharded.faiss"
     build(ds, out, "IVF32,PQ16x4fs,RFlat", shards=3, num_keys_to_add_at_a_time=4096)
-    a, _ = index.load_index(indexes["rflat"], ds, "att", nprobe=8)
-    b, _ = index.load_index(out, ds, "att", nprobe=8)
+    a, _ = index_read.load_index(indexes["rflat"], ds, "att", nprobe=8)
+    b, _ = index_read.load_index(out, ds, "att", nprobe=8)
     xq = np.asarray(ds.keys("att")[::97], dtype=np.float32)
     Da, Ia = a.search(xq, 12)
     Db, Ib = b.search(xq, 12)

@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from knnlm.knn import index
+from knnlm.knn import index, index_read
 from knnlm.util import UserError
 from knnlm.knn.datastore import Datastore
 
@@ -33,7 +33,7 @@ def test_flat_index_equals_brute_force(trained_dstore, tmp_path, metric):
     out = tmp_path / "flat.faiss"
     index.build_index(icfg(ds, metric=metric, index_factory="Flat", faiss_index=str(out),
                            num_keys_to_add_at_a_time=3000))
-    idx, meta = index.load_index(out, ds, "att", metric)
+    idx, meta = index_read.load_index(out, ds, "att", metric)
     xb = np.asarray(ds.keys("att"), dtype=np.float64)
     xq = xb[np.random.default_rng(0).choice(len(xb), 50, replace=False)] + 0.01
     D, I = idx.search(xq.astype(np.float32), 8)
@@ -50,7 +50,7 @@ def test_ivfpq_recall_at_nprobe_nlist(trained_dstore, tmp_path):
     ds = trained_dstore
     out = tmp_path / "ivf.faiss"
     index.build_index(icfg(ds, index_factory="IVF32,PQ16", faiss_index=str(out), train_size=8000))
-    idx, _ = index.load_index(out, ds, "att", nprobe=32)
+    idx, _ = index_read.load_index(out, ds, "att", nprobe=32)
     xb = np.asarray(ds.keys("att"), dtype=np.float64)
     rows = np.random.default_rng(1).choice(len(xb), 200, replace=False)
     xq = xb[rows] + np.random.default_rng(2).normal(0, 0.05, (200, xb.shape[1]))
@@ -88,7 +88,7 @@ def test_killed_build_resumes_to_identical_index(trained_dstore, tmp_path, monke
     side = json.loads((tmp_path / "res.faiss.json").read_text())
     assert side["rows_added"] == 8192 and not side["complete"]   # chunks: 2000 -> 4096 rows
     with pytest.raises(UserError, match="not a complete"):
-        index.load_index(out, ds, "att")
+        index_read.load_index(out, ds, "att")
     meta = index.build_index(icfg(ds, faiss_index=str(out), **kw))
     assert meta["complete"] and not (tmp_path / "res.faiss.partial").exists()
     a = faiss.serialize_index(faiss.read_index(str(ref)))
@@ -101,12 +101,12 @@ def test_index_refuses_another_datastore_or_keytype(trained_dstore, tmp_path):
     out = tmp_path / "f.faiss"
     index.build_index(icfg(ds, index_factory="Flat", faiss_index=str(out)))
     with pytest.raises(UserError, match="indexes att keys"):
-        index.load_index(out, ds, "ffn")
+        index_read.load_index(out, ds, "ffn")
     side = json.loads((tmp_path / "f.faiss.json").read_text())
     side["datastore_fingerprint"] = "0" * 16
     (tmp_path / "f.faiss.json").write_text(json.dumps(side))
     with pytest.raises(UserError, match="another datastore"):
-        index.load_index(out, ds, "att")
+        index_read.load_index(out, ds, "att")
 
 
 def test_bad_factory_is_one_line_exit_2(trained_dstore, tmp_path, capsys):
@@ -171,7 +171,7 @@ def test_build_index_with_torch_training_writes_a_faiss_index(trained_dstore, tm
         dstore_dir=str(trained_dstore.path), knn_keytype="att", index_factory="IVF16,PQ8",
         train_size=4000, faiss_index=str(out), train_backend="torch", gpu="no", quiet=True))
     assert meta["train_backend"] == "torch (cpu)"
-    loaded, _ = index.load_index(out, trained_dstore, "att", "l2", 16)
+    loaded, _ = index_read.load_index(out, trained_dstore, "att", "l2", 16)
     assert loaded.ntotal == trained_dstore.size and loaded.is_trained
     xq = np.asarray(trained_dstore.keys("att")[:50], dtype=np.float32)
     I = loaded.search(xq, 5)[1]
@@ -190,7 +190,7 @@ def test_a_memory_mapped_index_searches_like_the_loaded_one(trained_dstore, tmp_
         dstore_dir=str(trained_dstore.path), knn_keytype="att", index_factory=factory,
         train_size=4000, faiss_index=str(out), quiet=True))
     xq = np.asarray(trained_dstore.keys("att")[100:150], dtype=np.float32)
-    ram, _ = index.load_index(out, trained_dstore, "att", "l2", 8)
-    mapped, _ = index.load_index(out, trained_dstore, "att", "l2", 8, mmap=True)
+    ram, _ = index_read.load_index(out, trained_dstore, "att", "l2", 8)
+    mapped, _ = index_read.load_index(out, trained_dstore, "att", "l2", 8, mmap=True)
     for a, b in zip(ram.search(xq, 10), mapped.search(xq, 10)):
         np.testing.assert_array_equal(a, b)

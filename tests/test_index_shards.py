@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from knnlm.knn import index
+from knnlm.knn import index, index_read
 from knnlm.cli import run as cli_run
 from knnlm.util import UserError
 from knnlm.knn.shards import merge_shards, shard_path, shard_ranges
@@ -20,7 +20,7 @@ def build(ds, out, **kw):
 
 
 def search(path, ds, xq, nprobe=4):
-    idx, _ = index.load_index(path, ds, "att", nprobe=nprobe)
+    idx, _ = index_read.load_index(path, ds, "att", nprobe=nprobe)
     return idx.search(xq, 10)
 
 

@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from knnlm.knn import index, sweep
+from knnlm.knn import index, index_read, sweep
 from knnlm.knn.cache import RetrievalCache
 from knnlm.cli import run as cli_run
 
@@ -205,7 +205,7 @@ def test_pointer_scores_equal_the_searchs_distances(trained_dstore, code_indexes
     stage's exact codes), and up to the 8-bit rounding of fast-scan's lookup tables (here
     at most 2% of the largest distance, 0.3% on average)."""
     from knnlm.knn.codes import CodeDistances
-    idx, _ = index.load_index(code_indexes[name], trained_dstore, "att", nprobe=8)
+    idx, _ = index_read.load_index(code_indexes[name], trained_dstore, "att", nprobe=8)
     xq = np.asarray(trained_dstore.keys("att")[::211][:64], dtype=np.float32) + 0.02
     D, I = idx.search(xq, 20)
     got = CodeDistances(idx, "l2")(xq, I)
@@ -249,7 +249,7 @@ def test_code_table_reconstructs_as_faiss(trained_dstore, tmp_path, factory):
     index.build_index(index.BuildIndexConfig(dstore_dir=str(trained_dstore.path),
                                              knn_keytype="att", index_factory=factory,
                                              faiss_index=str(out), train_size=8000, quiet=True))
-    idx, _ = index.load_index(out, trained_dstore, "att")
+    idx, _ = index_read.load_index(out, trained_dstore, "att")
     ivf = faiss.downcast_index(faiss.extract_index_ivf(idx))
     table = CodeTable(ivf)
     ids = np.random.default_rng(0).integers(0, idx.ntotal, 500)

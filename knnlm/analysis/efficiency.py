@@ -17,8 +17,9 @@ with the same λ, T, k and nprobe: the LM alone, then
   ``gate_tokens`` tokens of ``gate_split``, another held-out split, with the query vector
   among its features unless ``gate_query`` is off); greedy-merge pruning (`knnlm
   prune-dstore --method merge`) and random pruning to the same size; PCA to ``pca_dim``
-  (`knnlm reduce-dstore`) and FAISS's ``PCAR`` prefix; merge + PCA + adaptive retrieval
-  (efficient-knnlm's combination).
+  (`knnlm reduce-dstore`) and FAISS's ``PCAR`` prefix; PCA + adaptive retrieval; merge +
+  PCA + adaptive retrieval (efficient-knnlm's combination); with ``fast_probe``, the fast
+  path and the gate at that nprobe too.
 
 Each setting is timed ``repeats`` times (the median counts; the first run of all, untimed,
 warms the caches when ``warmup``); every row reports its time over the LM's, its
@@ -59,6 +60,7 @@ class EfficiencyConfig:
     factory: str = "IVF2048,PQ32"
     fast_factory: str | None = None     # None: build-index's choice for the datastore
     refine: str | None = "Refine(SQfp16)"   # the refine rows' suffix (None: no such rows)
+    fast_probe: int | None = None   # also the fast path (and with the gate) at this nprobe
     train_size: int = 100000
     gate_split: str = "valid"
     gate_tokens: int = 0            # 0: the whole gate split
@@ -175,6 +177,8 @@ def prepare(a: EfficiencyConfig, work: Path) -> dict:
         p["pcar"] = (ds, fast_index(ds, "pcar", f"PCAR{a.pca_dim},", a.pca_dim))
     if "adaptive" in on:
         p["gate_fast"] = gate("fast", *p["fast"])
+    if {"pca", "adaptive"} <= on:
+        p["gate_pca"] = gate("pca", *p["pca"])
     if {"merge", "pca", "adaptive"} <= on:
         combo = reduced(a, p["merged"][0], work / f"dstore_merged_pca{a.pca_dim}", timed)
         p["combo"] = (combo, fast_index(combo, "combo"))
@@ -210,6 +214,13 @@ def settings(a: EfficiencyConfig, p) -> list[tuple[str, dict]]:
         out += [(f"{top}adaptive {f:g}", knn_run(a, *fast, gate=str(p["gate_fast"]),
                                                  retrieval_fraction=f, **fs))
                 for f in a.fractions]
+    if a.fast_probe and "fast" in a.methods:
+        np_ = a.fast_probe
+        out.append((f"fast-scan {ff}, nprobe {np_}", dict(knn_run(a, *fast, **fs), probe=np_)))
+        if "gate_fast" in p:
+            out += [(f"{top}adaptive {f:g}, nprobe {np_}",
+                     dict(knn_run(a, *fast, gate=str(p["gate_fast"]), retrieval_fraction=f, **fs),
+                          probe=np_)) for f in a.fractions]
     if "merged" in p:
         out += [(f"{top}merge k'={a.merge_k} ({p['kept']:.0%} kept)", knn_run(a, *p["merged"],
                                                                                **fs)),
@@ -217,6 +228,10 @@ def settings(a: EfficiencyConfig, p) -> list[tuple[str, dict]]:
     if "pca" in p:
         out += [(f"{top}PCA {pca}", knn_run(a, *p["pca"], **fs)),
                 (f"{top}FAISS PCAR{pca}", knn_run(a, *p["pcar"], **fs))]
+    if "gate_pca" in p:
+        out += [(f"{top}PCA {pca} + adaptive {f:g}", knn_run(a, *p["pca"], gate=str(p["gate_pca"]),
+                                                             retrieval_fraction=f, **fs))
+                for f in a.fractions]
     if "combo" in p:
         out.append((f"{top}merge + PCA {pca}", knn_run(a, *p["combo"], **fs)))
         out += [(f"{top}merge + PCA {pca} + adaptive {f:g}",

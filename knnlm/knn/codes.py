@@ -95,7 +95,7 @@ class CodeDistances:
 
     def __init__(self, index, metric: str):
         import faiss
-        from .index import refine_stage
+        from .index_read import refine_stage
         self.metric = metric
         self.transforms = []
         refine = refine_stage(index)

@@ -33,7 +33,7 @@ from ..io import write_json_atomic
 from ..util import UserError, flag
 from .datastore import (Datastore, DatastoreWriter, is_built, normalize_keytype,
                         subset_rows)
-from .index import load_index
+from .index_read import load_index
 from .kmeans import cluster_keys
 from .search import default_index_path
 

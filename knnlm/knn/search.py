@@ -22,8 +22,8 @@ from ..util import UserError
 from . import math as knn_math
 from .datastore import Datastore, normalize_keytype
 from .exact import brute_force_search, stream_search
-from .index import (gpu_available, is_fast_scan, load_index, refine_stage,
-                    returns_exact_distances)
+from .index import gpu_available
+from .index_read import is_fast_scan, load_index, refine_stage, returns_exact_distances
 from .torch_index import ShardedTorchIndex, TorchIndex
 from .tuned import identity, resolve_settings, tuned_path
 
