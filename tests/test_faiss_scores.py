@@ -1,6 +1,7 @@
-"""The FAISS-score mode (``--knn-sim-func do_not_recomp_l2``) as a first-class path: every kNN
-feature runs in it without reading a key (``--no-load-keys``: the keys are not even opened)
-on a fast-scan index, and its numbers equal the index's own search scored by the kNN math."""
+"""The FAISS-score mode (``--knn-sim-func do_not_recomp_l2``) as a first-class path: the kNN
+features run in it without reading a key (``--no-load-keys``: the keys are not even opened)
+on a fast-scan index, and their numbers equal the index's own search scored by the kNN
+math."""
 import json
 
 import faiss
@@ -132,9 +133,9 @@ def test_generate_and_neighbors_use_the_index_distances(bpe_databin, trained_ckp
                         for nb in r["neighbors"])
 
 
-def test_hf_processor_and_retomaton_in_faiss_mode_read_no_keys(stores, tmp_path):
-    """The RetoMaton walk and the HF processor's search in the FAISS-score mode open no key
-    file (a datastore directory without its keys works)."""
+def test_retomaton_in_faiss_mode_needs_no_key_file(stores, tmp_path):
+    """The RetoMaton walk in the FAISS-score mode opens no key file: a datastore directory
+    without its keys works. (The HF processor's FAISS-score mode: test_hf_generate.py.)"""
     import shutil
     ds, idx = stores["base"]
     bare = tmp_path / "bare"
