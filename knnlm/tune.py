@@ -37,7 +37,8 @@ from .knn.cache import RetrievalCache
 from .knn.datastore import Datastore, normalize_keytype
 from .knn.mode import CACHE_SCORES
 from .knn.search import default_index_path
-from .knn.tuned import DEFAULTS, TUNED_FORMAT, TUNED_VERSION, identity, tuned_path
+from .knn.tuned import (DEFAULTS, TUNED_FORMAT, TUNED_VERSION, identity, index_fingerprint,
+                         tuned_path)
 from .lm.checkpoint import load_lm
 from .lm.device import resolve_device
 from .util import UserError, command_line, config_dict, flag
@@ -92,14 +93,18 @@ class TuneConfig(evaluate.EvalConfig):
             "save_exact_dists": self.load_keys and not self.exact_search})
 
 
-def _reusable(cache_dir: Path, ecfg) -> bool:
-    """A complete cache of exactly this evaluation is already there."""
+def _reusable(cache_dir: Path, ecfg, index_meta: dict | None) -> bool:
+    """A complete cache of exactly this evaluation is already there: the same flags and
+    the same index (an index rebuilt at the same path, e.g. with another factory, is
+    evaluated anew)."""
     side = cache_dir / "cache.json"
     if not side.is_file():
         return False
     meta = read_json(side, "cache sidecar")
     strip = lambda d: {k: v for k, v in d.items() if k != "quiet"}  # noqa: E731
-    return bool(meta.get("complete")) and strip(meta.get("config", {})) == strip(config_dict(ecfg))
+    return bool(meta.get("complete")) and \
+        strip(meta.get("config", {})) == strip(config_dict(ecfg)) and \
+        meta.get("index_fingerprint") == index_fingerprint(index_meta)
 
 
 def best_point(results: dict) -> tuple[str, dict]:
@@ -137,7 +142,10 @@ def _tune(cfg: TuneConfig, ecfg, databin, device, model, model_fp) -> dict:
     t0 = time.perf_counter()
     ds = Datastore(cfg.dstore_filename)
     keytype = normalize_keytype(cfg.knn_keytype)
-    if _reusable(cfg.cache_dir, ecfg):
+    index_meta = None
+    if cfg.index_path is not None:
+        index_meta = read_json(Path(str(cfg.index_path) + ".json"), "index sidecar")
+    if _reusable(cfg.cache_dir, ecfg, index_meta):
         cache = RetrievalCache(cfg.cache_dir)
         cache.check_datastore(ds.fingerprint)
         untuned = cache.meta["summary"]["interpolated"]
@@ -147,9 +155,6 @@ def _tune(cfg: TuneConfig, ecfg, databin, device, model, model_fp) -> dict:
         print(evaluate.format_results(res))
         untuned = res["interpolated"]["ppl"]
         cache = RetrievalCache(cfg.cache_dir)
-    index_meta = None
-    if cfg.index_path is not None:
-        index_meta = read_json(Path(str(cfg.index_path) + ".json"), "index sidecar")
     scores = cfg.grid.scores or [s for s in CACHE_SCORES if s == "faiss" or cache.has_exact]
     if cfg.exact_search:
         scores = ["faiss"]       # brute force: its distances are the exact ones

@@ -181,6 +181,35 @@ def test_tune_exact_search_and_reuse(bpe_databin, trained_ckpt, ds_copy, tmp_pat
     assert read_tuned(path / "exact_att_l2.tuned.json", ident)[0] is None
 
 
+def test_tune_evaluates_anew_after_the_index_is_rebuilt(bpe_databin, trained_ckpt, ds_copy,
+                                                        tmp_path, capsys):
+    """A cache made with one index is not reused once another index (another factory) is
+    built at the same path: the same flags, but not the same neighbours."""
+    path = tmp_path / "rebuilt"
+    shutil.copytree(ds_copy, path, ignore=shutil.ignore_patterns("index_*"))
+
+    def build(factory):
+        index.build_index(index.BuildIndexConfig(dstore_dir=str(path), knn_keytype="att",
+                                                 index_factory=factory, train_size=4000,
+                                                 quiet=True))
+
+    def run():
+        return tune.main(tune.TuneConfig(**common(bpe_databin, trained_ckpt, path),
+                                         max_eval_tokens=400, lmbda="0:1:0.1", knn_temp="1,4",
+                                         k="16"))
+    build("IVF32,PQ8")
+    run()
+    capsys.readouterr()
+    run()
+    assert "is cached" in capsys.readouterr().out
+    build("IVF16,PQ8x4fs")
+    second = run()
+    assert "is cached" not in capsys.readouterr().out
+    cache = json.loads((path / "index_att_l2.faiss.tune-valid" / "cache.json").read_text())
+    assert cache["index"]["factory"] == "IVF16,PQ8x4fs"
+    assert second["identity"]["index_fingerprint"] == cache["index_fingerprint"]
+
+
 def test_tune_cli_bad_inputs(bpe_databin, trained_ckpt, ds_copy, capsys):
     base = [str(bpe_databin.path), "--path", str(trained_ckpt), "--dstore-filename",
             str(ds_copy), "--quiet"]

@@ -19,6 +19,7 @@ from .cache import CacheWriter
 from .gate import Gate, adaptive_stats
 from .pointers import PointerWalk
 from .search import KnnSearch
+from .tuned import index_fingerprint
 
 QUERY_CHUNK = 4096   # queries per search call: one call per batch, as a GPU search wants it
                      # (recomputed distances gather 16 queries' neighbour keys at a time)
@@ -43,6 +44,7 @@ class KnnScorer:
                         index=self.knn.index_meta and {k: self.knn.index_meta[k] for k in
                                                        ("factory", "metric", "nprobe",
                                                         "datastore_fingerprint")},
+                        index_fingerprint=index_fingerprint(self.knn.index_meta),
                         nprobe=cfg.probe, exact_search=cfg.exact_search, ignore_top=cfg.ignore_top,
                         search_backend=self.knn.backend)
             # the distances the scores come from are always kept (a sweep reproduces them)
