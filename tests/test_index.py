@@ -194,3 +194,67 @@ def test_a_memory_mapped_index_searches_like_the_loaded_one(trained_dstore, tmp_
     mapped, _ = index_read.load_index(out, trained_dstore, "att", "l2", 8, mmap=True)
     for a, b in zip(ram.search(xq, 10), mapped.search(xq, 10)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_kill_between_the_partial_index_and_its_sidecar_resumes_exactly(trained_dstore, tmp_path,
+                                                                        monkeypatch):
+    """The partial index is the commit point: killed after a chunk's partial index is
+    written but before its sidecar is, the build resumes from the rows the partial index
+    holds (no chunk added twice) and ends byte-identical to an uninterrupted build."""
+    ds = trained_dstore
+    kw = dict(index_factory="IVF16,PQ8", train_size=3000, num_keys_to_add_at_a_time=4096,
+              save_interval_seconds=0)
+    ref = tmp_path / "ref.faiss"
+    index.build_index(icfg(ds, faiss_index=str(ref), **kw))
+    for kill_at in (2, 3, 4):         # the sidecar writes after the trained index, chunk 1, 2
+        out = tmp_path / f"k{kill_at}.faiss"
+        calls, real = {"n": 0}, index.write_json_atomic
+
+        def dies(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == kill_at:
+                raise Crash()
+            return real(*a, **k)
+        monkeypatch.setattr(index, "write_json_atomic", dies)
+        with pytest.raises(Crash):
+            index.build_index(icfg(ds, faiss_index=str(out), **kw))
+        monkeypatch.setattr(index, "write_json_atomic", real)
+        meta = index.build_index(icfg(ds, faiss_index=str(out), **kw))
+        assert meta["ntotal"] == ds.size
+        assert np.array_equal(faiss.serialize_index(faiss.read_index(str(ref))),
+                              faiss.serialize_index(faiss.read_index(str(out))))
+
+
+def test_verify_index_refuses_missing_or_repeated_entries(trained_dstore, tmp_path):
+    ds = trained_dstore
+    xb = np.asarray(ds.keys("att")[:5000], dtype=np.float32)
+    idx = faiss.index_factory(xb.shape[1], "IVF8,Flat")
+    idx.train(xb)
+    idx.add(xb)
+    index.verify_index(idx, 5000, "x")
+    with pytest.raises(UserError, match="holds 5,000 keys, the datastore 5,001"):
+        index.verify_index(idx, 5001, "x")
+    dup = faiss.index_factory(xb.shape[1], "IVF8,Flat")
+    dup.train(xb)
+    dup.add_with_ids(xb[:10], np.arange(10))
+    dup.add_with_ids(xb[10:20], np.arange(10))          # ids 0..9 twice, 10..19 never
+    with pytest.raises(UserError, match="entry 0 is held 2 times"):
+        index.verify_index(dup, 20, "x")
+
+
+def test_nan_keys_are_refused_in_one_line(trained_dstore, tmp_path, capsys):
+    import shutil
+    from knnlm.cli import run
+    ds_dir = tmp_path / "nan"
+    shutil.copytree(trained_dstore.path, ds_dir, ignore=shutil.ignore_patterns("index_*"))
+    keys = np.load(ds_dir / "keys_att.npy", mmap_mode="r+")
+    keys[20000, 3] = np.nan
+    keys.flush()
+    del keys
+    for train_size in ("30000", "4000"):     # the bad key in the training sample, or only added
+        rc = run(["build-index", "--dstore-dir", str(ds_dir), "--index-factory", "IVF16,PQ8",
+                  "--train-size", train_size, "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "entry 20,000 is not finite" in err
+        assert not (ds_dir / "index_att_l2.faiss").exists()

@@ -267,7 +267,11 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
 
     def trained():
         if not index.is_trained:
-            _, xt = training_sample(keys, cfg.train_size, cfg.seed)
+            rows, xt = training_sample(keys, cfg.train_size, cfg.seed)
+            bad = ~np.isfinite(xt).all(axis=1)
+            if bad.any():
+                raise UserError(f"{ds.path}: the key of entry {int(rows[np.argmax(bad)]):,} is "
+                                "not finite (NaN or inf); an index cannot hold it")
             print(f"training on {len(xt):,} keys with {trainer}")
             if trainer.startswith("torch"):
                 train_ivf(index, xt, trainer[len("torch ("):-1], seed=cfg.seed)
@@ -285,7 +289,9 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
     start = 0
     if partial.is_file() and old and _same(old, meta) and not old.get("complete"):
         index = faiss.read_index(str(partial))
-        start = int(old["rows_added"])
+        # the commit point is the partial index itself: it holds the rows added so far
+        # (the sidecar's rows_added, written after it, may lag behind by one chunk)
+        start = int(index.ntotal)
         print(f"resuming {out} at row {start:,} of {n:,}")
     if cfg.starting_point is not None and cfg.starting_point != start:
         raise UserError(f"--starting_point {cfg.starting_point} but the saved partial index "
@@ -302,7 +308,7 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
     bar = tqdm(total=n, initial=start, unit="key", desc="add", disable=True if cfg.quiet else None)
     for s in range(start, n, step):
         e = min(n, s + step)
-        index.add(np.ascontiguousarray(keys[s:e], dtype=np.float32))
+        index.add(finite_rows(keys[s:e], s, ds.path))
         bar.update(e - s)
         if e < n and time.perf_counter() - last_save >= cfg.save_interval_seconds:
             _save_partial(index, partial, side_path, meta, e)
@@ -312,10 +318,48 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
     return _finish(index, out, side_path, meta, timings, t0, [partial])
 
 
+def finite_rows(chunk: np.ndarray, start: int, where) -> np.ndarray:
+    """A chunk of keys as float32 for FAISS, refused in one line (naming the first bad
+    entry) when a key is NaN or infinite."""
+    x = np.ascontiguousarray(chunk, dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise UserError(f"{where}: the key of entry {start + int(np.argmax(bad)):,} is not "
+                        "finite (NaN or inf); an index cannot hold it")
+    return x
+
+
+def verify_index(index, n: int, path) -> None:
+    """Before a build reports success: the index holds the datastore's N rows, and an IVF
+    index's inverted lists hold the ids 0..N-1 once each."""
+    faiss = faiss_module()
+    if index.ntotal != n:
+        raise UserError(f"{path}: the built index holds {index.ntotal:,} keys, the datastore "
+                        f"{n:,}; remove {path} and its .partial and rebuild")
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return               # flat codes: ids are positions
+    seen = np.zeros(n, dtype=np.uint16)
+    inv = ivf.invlists
+    for lno in range(ivf.nlist):
+        size = inv.list_size(lno)
+        if size:
+            ids = faiss.rev_swig_ptr(inv.get_ids(lno), size)
+            if ids.min() < 0 or ids.max() >= n:
+                raise UserError(f"{path}: inverted list {lno} holds an id outside 0..{n - 1:,}")
+            np.add.at(seen, ids, 1)
+    if (seen != 1).any():
+        bad = int(np.argmax(seen != 1))
+        raise UserError(f"{path}: entry {bad:,} is held {int(seen[bad])} times by the index's "
+                        "lists; remove it and rebuild")
+
+
 def _finish(index, out: Path, side_path: Path, meta: dict, timings: dict, t0: float,
             leftovers: list[Path]) -> dict:
-    """Write the index and its complete sidecar, then remove the intermediate files."""
+    """Verify the index, write it and its complete sidecar, then remove the intermediate
+    files."""
     faiss = faiss_module()
+    verify_index(index, int(meta["datastore_size"]), out)
     tmp = temp_path(out)
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out)

@@ -69,13 +69,14 @@ def add_shard(dstore_dir: str, keytype: str, trained: str, out: str, start: int,
     """Add rows [start, end) to a copy of the trained index and write it (worker process)."""
     import faiss
     from .datastore import Datastore
+    from .index import finite_rows
     if threads > 0:
         faiss.omp_set_num_threads(threads)
     keys = Datastore(dstore_dir).keys(keytype)
     index = faiss.read_index(trained)
     step = add_step(chunk)
     for s in range(start, end, step):
-        index.add(np.ascontiguousarray(keys[s:min(end, s + step)], dtype=np.float32))
+        index.add(finite_rows(keys[s:min(end, s + step)], s, dstore_dir))
     tmp = str(temp_path(out))
     faiss.write_index(index, tmp)
     os.replace(tmp, out)
