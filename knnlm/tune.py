@@ -11,10 +11,11 @@ Inputs: what `eval-lm --knnlm` takes (a data-bin, ``--path`` or ``--hf-model``,
    (``--save-retrieval``, default ``<index>.tune-<split>``; a complete cache of the same
    evaluation is reused, an interrupted one resumed);
 2. `knnlm sweep` of the cache over λ × T × k × score mode (``<cache>/sweep``);
-3. the best point — or the cheapest one within ``--ppl-tolerance`` (1%) of it: FAISS
-   scores rather than exact ones, a smaller k — its held-out perplexity, the untuned one
-   and this command go to ``<index>.tuned.json`` (:mod:`knnlm.knn.tuned`), with the index,
-   datastore and model fingerprints it belongs to.
+3. the best point — or the cheapest one that keeps all but ``--gain-tolerance`` (5%) of
+   the best point's gain over the LM (in log perplexity): FAISS scores rather than exact
+   ones, a smaller k — its held-out perplexity, the untuned one and this command go to
+   ``<index>.tuned.json`` (:mod:`knnlm.knn.tuned`), with the index, datastore and model
+   fingerprints it belongs to.
 
     knnlm tune runs/demo/data-bin --path runs/demo/checkpoints/checkpoint_best.pt \\
         --dstore-filename runs/demo/dstore --probe 8
@@ -24,6 +25,7 @@ Inputs: what `eval-lm --knnlm` takes (a data-bin, ``--path`` or ``--hf-model``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +57,10 @@ class TuneConfig(evaluate.EvalConfig):
                          "256, 64, at most the datastore size)")
     score: str | None = flag(None, "score modes: faiss, exact or both (default: every mode "
                              "the cache holds; exact needs the stored keys)")
-    ppl_tolerance: float = flag(0.01, "take the cheapest point whose held-out perplexity is "
-                                "within this share of the best (FAISS scores before exact "
-                                "ones: no key reads; then the smallest k); 0: the best point")
+    gain_tolerance: float = flag(0.05, "take the cheapest point that keeps all but this share "
+                                 "of the best point's gain over the LM, in log perplexity "
+                                 "(FAISS scores before exact ones: no key reads; then the "
+                                 "smallest k); 0: the best point")
     save_retrieval: str | None = flag(None, "retrieval cache of the held-out split (default: "
                                       "<index>.tune-<split>, kept for `knnlm sweep`)")
 
@@ -67,8 +70,8 @@ class TuneConfig(evaluate.EvalConfig):
             raise UserError("knnlm tune evaluates a kNN-LM; build datastores with build-dstore")
         if not self.dstore_filename:
             raise UserError("knnlm tune needs --dstore-filename DIR")
-        if not 0 <= self.ppl_tolerance < 1:
-            raise UserError(f"--ppl-tolerance must be in [0, 1), got {self.ppl_tolerance}")
+        if not 0 <= self.gain_tolerance < 1:
+            raise UserError(f"--gain-tolerance must be in [0, 1), got {self.gain_tolerance}")
         # the grids, checked as `knnlm sweep` checks them
         self.grid = sweep.SweepConfig(cache="-", lmbda=self.lmbda, knn_temp=self.knn_temp,
                                       k=self.k, score=self.score)
@@ -121,10 +124,14 @@ def cost_order(key: str) -> tuple[int, int]:
 
 
 def choose_point(results: dict, tolerance: float) -> tuple[str, dict]:
-    """The cheapest sweep row (:func:`cost_order`) whose perplexity is within
-    ``tolerance`` (relative) of the best row's; the best row at tolerance 0."""
+    """The cheapest sweep row (:func:`cost_order`) that keeps all but ``tolerance`` of the
+    best row's gain over the LM, log(LM ppl) − log(best ppl); the best row at tolerance 0.
+    (A share of the gain, not of the perplexity: where retrieval helps little, as over a
+    strong pretrained LM, a cheaper point must be nearly as good to be taken.)"""
     _, best = best_point(results)
-    ok = [r for r in results if results[r]["interp_ppl"] <= best["interp_ppl"] * (1 + tolerance)]
+    gain = max(0.0, math.log(best["lm_ppl"]) - math.log(best["interp_ppl"]))
+    limit = math.log(best["interp_ppl"]) + tolerance * gain
+    ok = [r for r in results if math.log(results[r]["interp_ppl"]) <= limit + 1e-12]
     key = min(ok, key=lambda r: (cost_order(r), results[r]["interp_ppl"]))
     return key, results[key]
 
@@ -162,11 +169,12 @@ def _tune(cfg: TuneConfig, ecfg, databin, device, model, model_fp) -> dict:
         cache=str(cfg.cache_dir), lmbda=cfg.lmbda, knn_temp=cfg.knn_temp,
         k=",".join(map(str, cfg.ks)), score=",".join(scores), quiet=cfg.quiet))
     best_key, top = best_point(results)
-    key, best = choose_point(results, cfg.ppl_tolerance)
+    key, best = choose_point(results, cfg.gain_tolerance)
     if key != best_key:
-        print(f"{key} (ppl {best['interp_ppl']:.2f}) is within --ppl-tolerance "
-              f"{cfg.ppl_tolerance:g} of the best, {best_key} ({top['interp_ppl']:.2f}), and "
-              "cheaper per token: it is taken (--ppl-tolerance 0 takes the best)")
+        print(f"{key} (ppl {best['interp_ppl']:.2f}) keeps all but --gain-tolerance "
+              f"{cfg.gain_tolerance:g} of the gain of the best, {best_key} "
+              f"({top['interp_ppl']:.2f}; LM {top['lm_ppl']:.2f}), and is cheaper per token: "
+              "it is taken (--gain-tolerance 0 takes the best)")
     score, k = key.split("@k=")[0], int(key.split("@k=")[1])
     mode = cache.mode_of(score)
     settings = dict(lmbda=best["best_lambda"], knn_temp=best["best_temp"], k=k,
@@ -184,7 +192,7 @@ def _tune(cfg: TuneConfig, ecfg, databin, device, model, model_fp) -> dict:
                      knn_ppl=best["knn_ppl"], untuned_ppl=untuned, probe=cfg.probe,
                      max_eval_tokens=cfg.max_eval_tokens),
         grid=dict(lmbda=cfg.lmbda, knn_temp=cfg.knn_temp, k=cfg.ks, score=scores),
-        best=dict(point=best_key, ppl=top["interp_ppl"], ppl_tolerance=cfg.ppl_tolerance),
+        best=dict(point=best_key, ppl=top["interp_ppl"], gain_tolerance=cfg.gain_tolerance),
         command=command_line("tune", cfg), cache=str(cfg.cache_dir),
         sweep=str(cfg.cache_dir / "sweep" / "sweep.json"), seconds=time.perf_counter() - t0)
     temps = cfg.grid.temps
