@@ -83,6 +83,17 @@ def subset_rows(n: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, n]).permutation(n)[:m])
 
 
+def finite_rows(chunk: np.ndarray, start: int, where) -> np.ndarray:
+    """A chunk of keys as float32 for FAISS, refused in one line (naming the first bad
+    entry) when a key is NaN or infinite."""
+    x = np.ascontiguousarray(chunk, dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise UserError(f"{where}: the key of entry {start + int(np.argmax(bad)):,} is not "
+                        "finite (NaN or inf); an index cannot hold it")
+    return x
+
+
 class DatastoreWriter:
     """Allocates (or reopens, to resume) the files of a datastore and fills rows in order."""
 

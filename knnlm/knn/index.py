@@ -31,7 +31,7 @@ from ..distributed import setup_distributed
 from ..guard import check_output, output_lock, temp_path
 from ..io import read_json, write_json_atomic
 from ..util import UserError, config_dict, flag
-from .datastore import Datastore, normalize_keytype
+from .datastore import Datastore, finite_rows, normalize_keytype
 from .kmeans import train_ivf
 from .shards import add_step, build_sharded
 
@@ -316,17 +316,6 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
     bar.close()
     timings["add_s"] = time.perf_counter() - t1
     return _finish(index, out, side_path, meta, timings, t0, [partial])
-
-
-def finite_rows(chunk: np.ndarray, start: int, where) -> np.ndarray:
-    """A chunk of keys as float32 for FAISS, refused in one line (naming the first bad
-    entry) when a key is NaN or infinite."""
-    x = np.ascontiguousarray(chunk, dtype=np.float32)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise UserError(f"{where}: the key of entry {start + int(np.argmax(bad)):,} is not "
-                        "finite (NaN or inf); an index cannot hold it")
-    return x
 
 
 def verify_index(index, n: int, path) -> None:

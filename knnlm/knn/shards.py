@@ -68,8 +68,7 @@ def add_shard(dstore_dir: str, keytype: str, trained: str, out: str, start: int,
               chunk: int, threads: int, ident: dict) -> int:
     """Add rows [start, end) to a copy of the trained index and write it (worker process)."""
     import faiss
-    from .datastore import Datastore
-    from .index import finite_rows
+    from .datastore import Datastore, finite_rows
     if threads > 0:
         faiss.omp_set_num_threads(threads)
     keys = Datastore(dstore_dir).keys(keytype)
