@@ -226,14 +226,14 @@ class KnnSearch:
             self.projection = Projection(ds)
             log(f"queries projected: PCA {ds.query_dim} -> {ds.dim} dims ({ds.path})")
         index, self.index_meta, path = None, None, None
-        self.index_exact = False     # a refine stage returns the keys' exact distances
+        index_exact = False          # a refine stage returns the keys' exact distances
         self.backend = f"brute force ({device if cfg.knnlm_gpu else 'cpu'})"
         if not cfg.exact_search:
             path = cfg.indexfile or default_index_path(ds.path, self.keytype, cfg.faiss_metric_type)
             index, self.index_meta = load_index(path, ds, self.keytype, cfg.faiss_metric_type,
                                                 cfg.probe, mmap=cfg.index_mmap,
                                                 k_factor=cfg.k_factor)
-            self.index_exact = returns_exact_distances(index, ds.meta["key_dtype"])
+            index_exact = returns_exact_distances(index, ds.meta["key_dtype"])
             index, self.backend = place_index(index, cfg, device)
             log(f"kNN search: {self.backend}")
         # λ, T, k and the score mode: flags, else the index's tuned settings, else defaults
@@ -243,7 +243,7 @@ class KnnSearch:
                      cfg.faiss_metric_type), log)
         self.mode = cfg.score_mode()
         # exact distances in the mode's metric: the index's own (refine stage) or recomputed
-        self.exact_from_index = self.index_exact and self.mode.metric == self.mode.search_metric
+        self.exact_from_index = index_exact and self.mode.metric == self.mode.search_metric
         if self.mode.recompute and not cfg.load_keys and not self.exact_from_index:
             raise UserError(f"--no-load-keys: the score mode ({self.mode.describe()}) needs the "
                             "keys; --knn-sim-func do_not_recomp_l2 scores with FAISS distances")
