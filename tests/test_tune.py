@@ -148,6 +148,28 @@ def test_tuned_file_of_another_index_is_ignored(bpe_databin, trained_ckpt, ds_co
     assert f"ignoring {other}.tuned.json: it was tuned for another index" in err
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("lmbda", float("nan"), "λ nan is not in [0, 1]"), ("lmbda", 1.5, "λ 1.5 is not in"),
+    ("knn_temp", -1.0, "temperature -1.0 is not a positive"),
+    ("knn_temp", float("inf"), "temperature inf is not"), ("k", 0, "k 0 is not a positive"),
+    ("knn_sim_func", "cosine", "score function 'cosine'")])
+def test_a_tuned_file_with_unusable_settings_is_refused_naming_it(
+        bpe_databin, trained_ckpt, ds_copy, tuned, tmp_path, capsys, field, value, needle):
+    path = tmp_path / "ds"
+    shutil.copytree(ds_copy, path, ignore=shutil.ignore_patterns("*.tune-valid"))
+    side = path / "index_att_l2.faiss.tuned.json"
+    data = json.loads(side.read_text())
+    data["settings"][field] = value
+    side.write_text(json.dumps(data))            # NaN and inf as JSON's NaN / Infinity
+    capsys.readouterr()
+    rc = cli.run(["eval-lm", str(bpe_databin.path), "--path", str(trained_ckpt), "--knnlm",
+                  "--dstore-filename", str(path), "--probe", "4", "--tokens-per-sample", "64",
+                  "--context-window", "32", "--max-eval-tokens", "50", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(side) in err and needle in err
+
+
 def test_hint_without_a_tuned_file(bpe_databin, trained_ckpt, ds_copy, tuned, tmp_path, capsys):
     path = tmp_path / "exact"
     shutil.copytree(ds_copy, path, ignore=shutil.ignore_patterns("index_*"))

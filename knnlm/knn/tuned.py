@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from ..io import read_json
@@ -71,7 +72,30 @@ def read_tuned(path: Path, ident: dict) -> tuple[dict | None, str]:
     for key, what in names.items():
         if data.get("identity", {}).get(key) != ident[key]:
             return None, f"ignoring {path}: it was tuned for another {what}"
+    check_settings(data.get("settings"), path)
     return data, ""
+
+
+def check_settings(settings, path: Path) -> None:
+    """Refuse, naming the file, tuned settings no run could use: λ outside [0, 1], a
+    temperature that is not a positive number, k not a positive integer, an unknown score
+    function (NaN included: the file is JSON from `knnlm tune`, or edited by hand)."""
+    from .mode import SIM_FUNCS
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} holds no settings; rerun knnlm tune or remove it")
+    lam, temp, k = settings.get("lmbda"), settings.get("knn_temp"), settings.get("k")
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if not (number(lam) and 0.0 <= lam <= 1.0):
+        bad = f"λ {lam!r} is not in [0, 1]"
+    elif not (number(temp) and math.isfinite(temp) and temp > 0):
+        bad = f"the temperature {temp!r} is not a positive number"
+    elif not (isinstance(k, int) and not isinstance(k, bool) and k > 0):
+        bad = f"k {k!r} is not a positive integer"
+    elif settings.get("knn_sim_func") not in SIM_FUNCS:
+        bad = f"the score function {settings.get('knn_sim_func')!r} is not one of {SIM_FUNCS}"
+    else:
+        return
+    raise UserError(f"{path}: {bad}; rerun knnlm tune or remove the file")
 
 
 def resolve_settings(cfg, path: Path, ident: dict, log=None) -> dict:
