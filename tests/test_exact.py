@@ -79,6 +79,34 @@ def test_killed_pass_resumes_after_its_last_saved_chunk(xbq, tmp_path, monkeypat
     assert seen[0] == 0
 
 
+def test_a_kill_inside_a_save_leaves_the_previous_state_whole(xbq, tmp_path, monkeypatch):
+    """The state (top-k, keys covered, identity) is one file made visible by one rename:
+    killed with the new state written but not yet renamed, the pass resumes from the
+    previous one, reads its chunks again, and ends equal to an uninterrupted pass (no key
+    counted twice, no top-k of one save paired with the progress of another)."""
+    xb, xq = xbq
+    ref = stream_search(xq, xb, 16, "l2", key_chunk=800)
+    real, calls = exact.os.replace, []
+
+    def dies(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise KeyboardInterrupt      # the third save's file is written, not renamed
+        return real(src, dst)
+    monkeypatch.setattr(exact.os, "replace", dies)
+    with pytest.raises(KeyboardInterrupt):
+        stream_search(xq, xb, 16, "l2", key_chunk=800, state_dir=tmp_path, save_interval_s=0)
+    monkeypatch.undo()
+    seen = []
+    monkeypatch.setattr(exact, "_key_chunk", lambda keys, s, e, dev: seen.append(s) or
+                        torch.from_numpy(np.asarray(keys[s:e], dtype=np.float32)))
+    got = stream_search(xq, xb, 16, "l2", key_chunk=800, state_dir=tmp_path, save_interval_s=0)
+    assert seen[0] == 1600                                   # after the second save
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+    assert len(np.unique(got[1][0])) == 16
+
+
 def test_eval_lm_exact_search_reads_each_key_once_and_resumes(bpe_databin, trained_ckpt,
                                                               trained_dstore, tmp_path,
                                                               monkeypatch):
@@ -121,7 +149,7 @@ def test_eval_lm_exact_search_reads_each_key_once_and_resumes(bpe_databin, train
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b")
     monkeypatch.setattr(scorer.KnnScorer, "score", real_score)
-    assert (tmp_path / "b" / "cache" / "exact_search" / "search" / "rank0" / "progress.json").is_file()
+    assert (tmp_path / "b" / "cache" / "exact_search" / "search" / "rank0" / "state.npz").is_file()
     reads.clear()
     monkeypatch.setattr(exact, "_key_chunk", lambda keys, s, e, dev: reads.append((s, e)) or
                         real_chunk(keys, s, e, dev))

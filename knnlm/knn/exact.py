@@ -15,6 +15,7 @@ fewer than k keys).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -24,7 +25,6 @@ import torch
 from tqdm import tqdm
 
 from ..guard import temp_path
-from ..io import read_json, write_json_atomic
 from ..util import UserError
 
 BRUTE_FORCE_CHUNK = 1 << 17   # keys per chunk of the exact search (bounds memory)
@@ -154,34 +154,37 @@ def _pad(D: np.ndarray, I: np.ndarray, k: int, metric: str) -> tuple[np.ndarray,
             np.concatenate([I, np.full((len(I), pad), -1, np.int64)], 1))
 
 
+STATE_FILE = "state.npz"   # the running top-k and how many keys it covers, in one file
+
+
 def _save(state_dir: Path, ident: dict, best_s: torch.Tensor, best_i: torch.Tensor, done: int):
-    """The running top-k, then the progress record that names it (atomic, in this order)."""
-    for name, t in (("scores", best_s), ("ids", best_i)):
-        tmp = temp_path(state_dir / f"{name}.npy")
-        with open(tmp, "wb") as fh:
-            np.save(fh, t.cpu().numpy())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, state_dir / f"{name}.npy")
-    write_json_atomic(state_dir / "progress.json", dict(ident, keys_done=done))
+    """The commit point of the pass: the running top-k, the keys it covers and what it is
+    for, in one file made visible by one rename (a kill leaves the previous state whole)."""
+    tmp = temp_path(state_dir / STATE_FILE, ".npz")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, scores=best_s.cpu().numpy(), ids=best_i.cpu().numpy(),
+                 keys_done=np.int64(done), identity=np.array(json.dumps(ident, sort_keys=True)))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, state_dir / STATE_FILE)
 
 
 def _resume(state_dir: Path, ident: dict, best_s, best_i, lo: int, device):
-    side = state_dir / "progress.json"
-    if not side.is_file():
+    path = state_dir / STATE_FILE
+    if not path.is_file():
         return best_s, best_i, lo
-    old = read_json(side, "exact search progress")
-    if {a: old.get(a) for a in ident} != ident:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            saved = json.loads(str(z["identity"]))
+            s, i, done = z["scores"], z["ids"], int(z["keys_done"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot resume the exact search from {path} ({exc}); remove it")
+    if saved != json.loads(json.dumps(ident, sort_keys=True)):
         print(f"{state_dir}: saved exact-search state is for other queries or keys; "
               "starting over")
         return best_s, best_i, lo
-    try:
-        s = torch.from_numpy(np.load(state_dir / "scores.npy")).to(device)
-        i = torch.from_numpy(np.load(state_dir / "ids.npy")).to(device)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot resume the exact search in {state_dir} ({exc}); remove it")
-    print(f"resuming the exact search at key {int(old['keys_done']):,}")
-    return s, i, int(old["keys_done"])
+    print(f"resuming the exact search at key {done:,}")
+    return torch.from_numpy(s).to(device), torch.from_numpy(i).to(device), done
 
 
 def merge_topk(parts: list[tuple], k: int, metric: str) -> tuple:
