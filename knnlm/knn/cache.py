@@ -85,7 +85,9 @@ class CacheWriter:
                             "remove the directory")
 
     def commit(self, progress: dict) -> None:
-        """Flush the rows so far, then record ``progress`` (the evaluation's running state)."""
+        """Flush the rows so far, then record ``progress`` (the evaluation's running state).
+        The commit point is the sidecar's rename: rows past its progress are rewritten, to
+        the same bytes, by a resumed evaluation."""
         for arr in self.arrays.values():
             arr.flush()
         self.meta["progress"] = progress

@@ -151,7 +151,9 @@ class DatastoreWriter:
             arr.flush()
 
     def commit(self, rows: int) -> None:
-        """Flush everything so far to disk, then record ``rows`` as written."""
+        """Flush everything so far to disk, then record ``rows`` as written. The commit
+        point is the sidecar's rename: rows past ``rows_written`` may be on disk after a
+        kill, and a resumed dump writes them again, to the same bytes."""
         self.flush()
         self.meta["rows_written"] = rows
         self.meta["complete"] = rows == self.meta["size"]

@@ -66,7 +66,9 @@ def _done(path: Path, ident: dict, start: int, end: int) -> bool:
 
 def add_shard(dstore_dir: str, keytype: str, trained: str, out: str, start: int, end: int,
               chunk: int, threads: int, ident: dict) -> int:
-    """Add rows [start, end) to a copy of the trained index and write it (worker process)."""
+    """Add rows [start, end) to a copy of the trained index and write it (worker process).
+    The commit point is the marker written after the shard file: a shard without its
+    marker is built again."""
     import faiss
     from .datastore import Datastore, finite_rows
     if threads > 0:
