@@ -52,6 +52,16 @@ def test_key_ranges_merge_to_the_whole(xbq):
     assert (np.diff(few[0][:, :10], axis=1) >= 0).all()             # nearest first
 
 
+def resume_reading(xq, xb, state_dir, monkeypatch):
+    """After a killed pass: rerun it, recording the first key of every chunk it reads."""
+    monkeypatch.undo()
+    seen = []
+    monkeypatch.setattr(exact, "_key_chunk", lambda keys, s, e, dev: seen.append(s) or
+                        torch.from_numpy(np.asarray(keys[s:e], dtype=np.float32)))
+    got = stream_search(xq, xb, 16, "l2", key_chunk=800, state_dir=state_dir, save_interval_s=0)
+    return seen, got
+
+
 def test_killed_pass_resumes_after_its_last_saved_chunk(xbq, tmp_path, monkeypatch):
     xb, xq = xbq
     ref = stream_search(xq, xb, 16, "l2", key_chunk=800)
@@ -65,11 +75,7 @@ def test_killed_pass_resumes_after_its_last_saved_chunk(xbq, tmp_path, monkeypat
     monkeypatch.setattr(exact, "_save", dies)
     with pytest.raises(KeyboardInterrupt):
         stream_search(xq, xb, 16, "l2", key_chunk=800, state_dir=tmp_path, save_interval_s=0)
-    monkeypatch.undo()
-    seen = []
-    monkeypatch.setattr(exact, "_key_chunk", lambda keys, s, e, dev: seen.append(s) or
-                        torch.from_numpy(np.asarray(keys[s:e], dtype=np.float32)))
-    got = stream_search(xq, xb, 16, "l2", key_chunk=800, state_dir=tmp_path, save_interval_s=0)
+    seen, got = resume_reading(xq, xb, tmp_path, monkeypatch)
     assert seen[0] == 2400                                   # chunks 0..2 were not read again
     np.testing.assert_array_equal(got[0], ref[0])
     np.testing.assert_array_equal(got[1], ref[1])
@@ -96,11 +102,7 @@ def test_a_kill_inside_a_save_leaves_the_previous_state_whole(xbq, tmp_path, mon
     monkeypatch.setattr(exact.os, "replace", dies)
     with pytest.raises(KeyboardInterrupt):
         stream_search(xq, xb, 16, "l2", key_chunk=800, state_dir=tmp_path, save_interval_s=0)
-    monkeypatch.undo()
-    seen = []
-    monkeypatch.setattr(exact, "_key_chunk", lambda keys, s, e, dev: seen.append(s) or
-                        torch.from_numpy(np.asarray(keys[s:e], dtype=np.float32)))
-    got = stream_search(xq, xb, 16, "l2", key_chunk=800, state_dir=tmp_path, save_interval_s=0)
+    seen, got = resume_reading(xq, xb, tmp_path, monkeypatch)
     assert seen[0] == 1600                                   # after the second save
     np.testing.assert_array_equal(got[0], ref[0])
     np.testing.assert_array_equal(got[1], ref[1])
