@@ -150,14 +150,15 @@ def prepare(a: EfficiencyConfig, work: Path) -> dict:
         return out
 
     ds = Path(a.dstore)
-    n, dim = Datastore(ds).size, Datastore(ds).dim
+    parent = Datastore(ds)
+    n, dim = parent.size, parent.dim
     on = set(a.methods)
     p = dict(base=(ds, build_index(ds, work / "index_base.faiss")), kept=None, seconds=t,
              fast_factory=a.fast(n, dim))
     p["fast"] = (ds, fast_index(ds, "fast"))
     if a.refine and "fast" in on:
         p["refine"] = (ds, build_index(ds, work / "index_refine.faiss",
-                                       f"{a.fast(n, dim)},{a.refine}"))
+                                       f"{p['fast_factory']},{a.refine}"))
     if "merge" in on:
         merged = work / "dstore_merged"
         if not (merged / "datastore.json").is_file():
@@ -207,20 +208,22 @@ def settings(a: EfficiencyConfig, p) -> list[tuple[str, dict]]:
                     (f"fast-scan + {a.refine}, k_factor 2", knn_run(a, *p["refine"],
                                                                      k_factor=2))]
     top = "fast-scan + "
+
+    def gated(label, store, gate, suffix="", **extra):
+        """The rows of ``store`` searched where ``gate`` says, at each fraction."""
+        return [(f"{top}{label}adaptive {f:g}{suffix}",
+                 dict(knn_run(a, *store, gate=str(gate), retrieval_fraction=f, **fs), **extra))
+                for f in a.fractions]
     if "retomaton" in a.methods:
         out += [(f"{top}RetoMaton min-knns {n}", knn_run(a, *fast, retomaton=True, min_knns=n,
                                                          **fs)) for n in a.min_knns]
     if "gate_fast" in p:
-        out += [(f"{top}adaptive {f:g}", knn_run(a, *fast, gate=str(p["gate_fast"]),
-                                                 retrieval_fraction=f, **fs))
-                for f in a.fractions]
+        out += gated("", fast, p["gate_fast"])
     if a.fast_probe and "fast" in a.methods:
         np_ = a.fast_probe
         out.append((f"fast-scan {ff}, nprobe {np_}", dict(knn_run(a, *fast, **fs), probe=np_)))
         if "gate_fast" in p:
-            out += [(f"{top}adaptive {f:g}, nprobe {np_}",
-                     dict(knn_run(a, *fast, gate=str(p["gate_fast"]), retrieval_fraction=f, **fs),
-                          probe=np_)) for f in a.fractions]
+            out += gated("", fast, p["gate_fast"], f", nprobe {np_}", probe=np_)
     if "merged" in p:
         out += [(f"{top}merge k'={a.merge_k} ({p['kept']:.0%} kept)", knn_run(a, *p["merged"],
                                                                                **fs)),
@@ -229,14 +232,10 @@ def settings(a: EfficiencyConfig, p) -> list[tuple[str, dict]]:
         out += [(f"{top}PCA {pca}", knn_run(a, *p["pca"], **fs)),
                 (f"{top}FAISS PCAR{pca}", knn_run(a, *p["pcar"], **fs))]
     if "gate_pca" in p:
-        out += [(f"{top}PCA {pca} + adaptive {f:g}", knn_run(a, *p["pca"], gate=str(p["gate_pca"]),
-                                                             retrieval_fraction=f, **fs))
-                for f in a.fractions]
+        out += gated(f"PCA {pca} + ", p["pca"], p["gate_pca"])
     if "combo" in p:
         out.append((f"{top}merge + PCA {pca}", knn_run(a, *p["combo"], **fs)))
-        out += [(f"{top}merge + PCA {pca} + adaptive {f:g}",
-                 knn_run(a, *p["combo"], gate=str(p["gate_combo"]), retrieval_fraction=f, **fs))
-                for f in a.fractions]
+        out += gated(f"merge + PCA {pca} + ", p["combo"], p["gate_combo"])
     return out
 
 
