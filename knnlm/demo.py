@@ -67,6 +67,10 @@ class DemoConfig:
         if self.hf and self.workdir == "runs/demo":    # never mixed with the default demo
             self.workdir = "runs/demo-smollm2" if self.hf == "smollm2" else "runs/demo-hf"
         check_output(self.workdir, "dir", "--workdir")
+        for name in ("hf", "corpus_from"):         # inputs exist before the workdir is made
+            given = getattr(self, name)
+            if given and given != "smollm2" and not Path(given).exists():
+                raise UserError(f"--{name.replace('_', '-')} {given}: no such file or directory")
         for name in ("context_window", "dstore_context_window"):
             if not 0 <= getattr(self, name) < self.tokens_per_sample:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, --tokens-per-sample)")
