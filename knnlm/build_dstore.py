@@ -44,7 +44,7 @@ from .guard import check_output, output_lock
 from .io import read_json, write_json_atomic
 from .knn.datastore import fingerprint as dstore_fingerprint
 from .knn.datastore import (DSTORE_FORMAT, DSTORE_VERSION, DatastoreWriter, is_built,
-    normalize_keytype, value_dtype)
+                            normalize_keytype, value_dtype, verify_entries)
 from .lm.checkpoint import check_model_source, load_lm
 from .lm.device import resolve_device
 from .lm.scoring import iter_scored, make_windows, resolve_window
@@ -140,7 +140,10 @@ def build_dstore(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.
     lock = output_lock(cfg.dstore_dir, "dir", "datastore") if dist is None or dist.is_main \
         else contextlib.nullcontext()
     with lock:
-        return _dump(model, databin, cfg, device, tokens, meta, T, C, on_batch, dist)
+        res = _dump(model, databin, cfg, device, tokens, meta, T, C, on_batch, dist)
+        if dist is None or dist.is_main:     # entry i is the target at position i
+            verify_entries(cfg.dstore_dir, tokens, lambda s, e: np.arange(s, e))
+        return res
 
 
 def _dump(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.device,

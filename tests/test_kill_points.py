@@ -119,3 +119,41 @@ def test_cluster_dstore(world, tmp_path):
                                 str(out), "--num-clusters", "64", "--sample-size", "4000",
                                 "--quiet"], [out, tmp_path / "members.json"])
     assert n >= 2
+
+
+@pytest.mark.parametrize("command", ["build-dstore", "prune-dstore", "reduce-dstore"])
+def test_a_lost_batch_is_caught_before_success(bpe_databin, trained_ckpt, world, tmp_path,
+                                               monkeypatch, capsys, command):
+    """A writer that loses a batch (here: its second write never lands) is caught by the
+    verification at the end: one line naming the entry, exit 2, the datastore marked
+    unfinished; the same command then writes it whole."""
+    import json
+
+    from knnlm.cli import run
+    from knnlm.knn import datastore
+    out = tmp_path / "out"
+    argv = {"build-dstore": ["build-dstore", *lm_flags(bpe_databin, trained_ckpt),
+                             "--dstore-dir", str(out), "--max-tokens", "1024",
+                             "--max-dstore-tokens", "3000"],
+            "prune-dstore": ["prune-dstore", "--dstore-dir", str(world / "ds"), "--out",
+                             str(out), "--method", "random", "--ratio", "0.9", "--quiet"],
+            "reduce-dstore": ["reduce-dstore", "--dstore-dir", str(world / "ds"), "--out",
+                              str(out), "--pca-dim", "8", "--quiet"]}[command]
+    monkeypatch.setattr("knnlm.knn.prune.COPY_CHUNK", 2000)       # several writes each
+    monkeypatch.setattr("knnlm.knn.reduce.CHUNK", 2000)
+    monkeypatch.setattr(datastore, "VERIFY_CHUNK", 1000)
+    real, calls = datastore.DatastoreWriter.write, []
+
+    def loses_the_second(self, start, keys, vals, pos):
+        calls.append(start)
+        if len(calls) != 2:
+            real(self, start, keys, vals, pos)
+    monkeypatch.setattr(datastore.DatastoreWriter, "write", loses_the_second)
+    capsys.readouterr()
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"entry {calls[1]:,} holds the wrong" in err[0], err
+    assert not json.loads((out / "datastore.json").read_text())["complete"]
+    monkeypatch.setattr(datastore.DatastoreWriter, "write", real)
+    assert run(argv) == 0
+    assert json.loads((out / "datastore.json").read_text())["complete"]

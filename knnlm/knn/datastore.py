@@ -94,6 +94,55 @@ def finite_rows(chunk: np.ndarray, start: int, where) -> np.ndarray:
     return x
 
 
+VERIFY_CHUNK = 1 << 20     # rows compared at once by verify_entries
+VERIFY_KEY_SAMPLE = 4096   # rows whose keys verify_entries reads
+
+
+def verify_entries(path: str | Path, vals, pos, counts=None) -> "Datastore":
+    """Before a stage that wrote a datastore reports success: it opens as a complete
+    datastore, every entry holds the value and position it should (``vals``, ``pos``:
+    arrays, or callables of (start, end) giving them), the weights are ``counts`` (when
+    given), and a sample of rows spread over every key file holds finite keys. A row a
+    writer skipped or wrote twice shows as a wrong position. Otherwise one line naming the
+    first bad entry, and the sidecar marked unfinished (a rerun writes it again)."""
+    ds = Datastore(path)
+    try:
+        _verify(ds, vals, pos, counts)
+    except UserError:
+        # the stage's own output, under its lock: marked unfinished so nothing uses it
+        # and the same command writes it again
+        write_json_atomic(ds.path / "datastore.json", dict(ds.meta, rows_written=0,
+                                                           complete=False))
+        raise
+    return ds
+
+
+def _verify(ds: "Datastore", vals, pos, counts) -> None:
+    def part(ref, s, e):
+        return np.asarray(ref(s, e) if callable(ref) else ref[s:e])
+    checks = [("value", ds.vals, vals), ("position", ds.pos, pos)]
+    if counts is not None:
+        if ds.counts is None:
+            raise UserError(f"{ds.path}: the written datastore has no counts.npy")
+        checks.append(("weight", ds.counts, counts))
+    for s in range(0, ds.size, VERIFY_CHUNK):
+        e = min(ds.size, s + VERIFY_CHUNK)
+        for what, got, want in checks:
+            g, w = np.asarray(got[s:e]), part(want, s, e)
+            if g.shape != w.shape or not np.array_equal(g, w.astype(g.dtype)):
+                bad = s + (int(np.argmax(g != w.astype(g.dtype))) if g.shape == w.shape else 0)
+                raise UserError(f"{ds.path}: entry {bad:,} holds the wrong {what} after the "
+                                "write; it is marked unfinished: run the stage again")
+    rows = np.unique(np.linspace(0, ds.size - 1, min(ds.size, VERIFY_KEY_SAMPLE)).astype(np.int64))
+    for kt in ds.keytypes:
+        sample = np.asarray(ds.keys(kt)[rows], dtype=np.float32)
+        bad = ~np.isfinite(sample).all(axis=1)
+        if bad.any():
+            raise UserError(f"{ds.path}: the {kt} key of entry {int(rows[np.argmax(bad)]):,} is "
+                            "not finite after the write; it is marked unfinished: run the "
+                            "stage again")
+
+
 class DatastoreWriter:
     """Allocates (or reopens, to resume) the files of a datastore and fills rows in order."""
 

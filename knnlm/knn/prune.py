@@ -32,7 +32,7 @@ from ..guard import check_output, output_lock
 from ..io import write_json_atomic
 from ..util import UserError, flag
 from .datastore import (Datastore, DatastoreWriter, is_built, normalize_keytype,
-                        subset_rows)
+                        subset_rows, verify_entries)
 from .index_read import load_index
 from .kmeans import cluster_keys
 from .search import default_index_path
@@ -174,6 +174,11 @@ def _prune(ds: Datastore, cfg: PruneConfig) -> dict:
                 writer.write(s, {kt: ds.keys(kt)[r] for kt in keytypes}, ds.vals[r], ds.pos[r])
         np.save(out / "counts.npy", np.asarray(counts, dtype=np.float32))
         writer.commit(m)
+    if rows is None:
+        verify_entries(out, vals, pos, np.asarray(counts, dtype=np.float32))
+    else:
+        verify_entries(out, lambda s, e: ds.vals[rows[s:e]], lambda s, e: ds.pos[rows[s:e]],
+                       np.asarray(counts, dtype=np.float32))
     print(f"{cfg.method}: kept {m:,} of {ds.size:,} entries ({m / ds.size:.1%}); "
           f"counts sum to {float(np.sum(counts)):,.0f} -> {out}")
     write_json_atomic(out / "prune.json", meta["pruned"])

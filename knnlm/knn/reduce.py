@@ -26,7 +26,7 @@ import numpy as np
 
 from ..guard import check_output, output_lock
 from ..util import UserError, flag
-from .datastore import Datastore, DatastoreWriter, is_built, normalize_keytype
+from .datastore import Datastore, DatastoreWriter, is_built, normalize_keytype, verify_entries
 
 CHUNK = 1 << 18
 
@@ -103,6 +103,7 @@ def _reduce(ds: Datastore, cfg: ReduceConfig) -> dict:
             writer.write(s, {cfg.knn_keytype: project(keys[s:e], mean, comp)}, ds.vals[s:e],
                          ds.pos[s:e])
         writer.commit(ds.size)
+    verify_entries(out, ds.vals, ds.pos, ds.counts)
     print(f"PCA {ds.dim} -> {cfg.pca_dim} dims ({kept:.1%} of the variance) over "
           f"{ds.size:,} keys -> {out}")
     return info
