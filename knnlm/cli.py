@@ -27,6 +27,7 @@ with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from .guard import describe_os_error
@@ -78,6 +79,17 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def quiet_libraries() -> None:
+    """``--quiet``: the libraries' own progress bars and advice (HF hub downloads,
+    transformers' weight loading) are silenced too, in this process and its children."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "transformers" in sys.modules:        # imported already: its switches read the
+        tf_logging = sys.modules["transformers"].utils.logging     # environment once
+        tf_logging.disable_progress_bar()
+        tf_logging.set_verbosity_error()
+
+
 def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -91,6 +103,8 @@ def run(argv: list[str]) -> int:
     try:
         cfg = parse_config(getattr(module, cls_name), rest, prog=f"knnlm {name}",
                            description=(module.__doc__ or desc).strip())
+        if getattr(cfg, "quiet", False):
+            quiet_libraries()
         module.main(cfg)
     except UserError as exc:
         sys.stderr.write(f"knnlm {name}: error: {exc}\n")

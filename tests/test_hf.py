@@ -3,6 +3,7 @@
 BLOOM, GPT-J, GPT-BigCode, MPT); representations, perplexity and datastore keys against
 the models' own outputs."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +288,28 @@ def test_fingerprint_ignores_the_load_dtype(hf_model_dir):
     with torch.no_grad():
         next(a.hf.parameters()).view(-1)[0] += 1.0
     assert hf_fingerprint(a.hf) != hf_fingerprint(b.hf)
+
+
+def test_quiet_is_silent_through_an_hf_model(hf_databin, hf_tokenizer_dir, tmp_path):
+    """--quiet: nothing on stderr, transformers' weight-loading bar included."""
+    import os
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    cfg_cls, model_cls, kw, _ = FAMILIES["llama"]
+    config = getattr(transformers, cfg_cls)(vocab_size=hf_databin.vocab_size, bos_token_id=0,
+                                            eos_token_id=2, pad_token_id=1, **kw)
+    getattr(transformers, model_cls)(config).save_pretrained(tmp_path / "m")
+    root = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "-m", "knnlm", "build-dstore", str(hf_databin.path), "--hf-model",
+            str(tmp_path / "m"), "--dstore-dir", str(tmp_path / "ds"), "--tokens-per-sample",
+            "64", "--max-dstore-tokens", "300"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_DISABLE",
+                                                                     "TRANSFORMERS_VERB"))}
+    env["PYTHONPATH"] = str(root)
+    loud = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert loud.returncode == 0, loud.stderr
+    assert "Loading weights" in loud.stderr           # the bar --quiet must silence
+    quiet = subprocess.run(argv + ["--quiet", "--dstore-dir", str(tmp_path / "ds2")],
+                           capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
