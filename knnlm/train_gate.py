@@ -26,18 +26,18 @@ from tqdm import tqdm
 
 from .data.preprocess import DataBin
 from .guard import check_output, output_lock
-from .io import read_json, write_json_atomic
+from .io import write_json_atomic
 from .knn import math as knn_math
 from .knn.cache import RetrievalCache
 from .knn.datastore import Datastore, normalize_keytype
 from .knn.gate import FEATURES, GateNet, count_ngrams, features, mixture_nll
 from .knn.search import default_index_path
 from .knn.sweep import token_log_probs
-from .knn.tuned import tuned_path
+from .knn.tuned import read_tuned, tuned_path
 from .lm.checkpoint import load_lm
 from .lm.device import resolve_device
 from .lm.scoring import iter_scored, make_windows, resolve_window
-from .util import UserError, command_line, config_dict, flag
+from .util import UserError, command_line, config_dict, flag, warn
 
 FRACTIONS = [round(0.05 * i, 2) for i in range(21)]
 
@@ -155,17 +155,24 @@ def curves(lam_hat: np.ndarray, lm: np.ndarray, knn: np.ndarray, lmbda: float,
 
 def tuned_settings(ecfg: dict, ds: Datastore) -> dict:
     """λ and T of the index's tuned.json (`knnlm tune`) when it tunes this datastore;
-    the cache `knnlm tune` leaves behind was evaluated at the original defaults."""
+    the cache `knnlm tune` leaves behind was evaluated at the original defaults. A broken
+    file is an error; one of another datastore is ignored, with a warning."""
     keytype, metric = normalize_keytype(ecfg["knn_keytype"]), ecfg.get("faiss_metric_type", "l2")
-    index = None if ecfg.get("exact_search") else \
-        (ecfg.get("indexfile") or default_index_path(ds.path, keytype, metric))
+    exact = bool(ecfg.get("exact_search"))
+    index = None if exact else (ecfg.get("indexfile") or default_index_path(ds.path, keytype, metric))
     path = tuned_path(ds.path, keytype, metric, index)
-    if not path.is_file():
+    data, why = read_tuned(path, dict(datastore_fingerprint=ds.fingerprint, keytype=keytype,
+                                      faiss_metric_type=metric, exact_search=exact))
+    if data is None:
+        if why.startswith("ignoring"):
+            warn(why)
         return {}
-    data = read_json(path, "tuned settings")
-    if (data.get("identity") or {}).get("datastore_fingerprint") != ds.fingerprint:
-        return {}
-    return dict(data.get("settings") or {}, path=str(path))
+    return dict(data["settings"], path=str(path))
+
+
+def _first(*values):
+    """The first value given (0.0 is a value)."""
+    return next(v for v in values if v is not None)
 
 
 def main(cfg: TrainGateConfig) -> dict:
@@ -182,8 +189,8 @@ def main(cfg: TrainGateConfig) -> dict:
     temp, lmbda = cfg.knn_temp, cfg.lmbda
     if temp is None or lmbda is None:
         tuned = tuned_settings(ecfg, ds)
-        temp = temp or tuned.get("knn_temp") or ecfg.get("knn_temp") or 1.0
-        lmbda = lmbda or tuned.get("lmbda") or ecfg.get("lmbda") or 0.25
+        temp = _first(temp, tuned.get("knn_temp"), ecfg.get("knn_temp"), 1.0)
+        lmbda = _first(lmbda, tuned.get("lmbda"), ecfg.get("lmbda"), 0.25)
         print(f"gate trained at T {temp:g}, λ {lmbda:g}: " + (
             f"the index's tuned settings ({tuned['path']})" if tuned else "the cache's"))
     with output_lock(cfg.out, "dir", "gate directory"):

@@ -26,6 +26,11 @@ class UserError(Exception):
     """
 
 
+def warn(message: str) -> None:
+    """A warning the user must see (also under ``--quiet``): one line on stderr."""
+    sys.stderr.write(f"knnlm: warning: {message}\n")
+
+
 def flag(default: Any = dataclasses.MISSING, help: str = "", *, aliases: tuple = (),
          choices: tuple | None = None, positional: bool = False, metavar: str | None = None,
          negative: tuple = ()) -> Any:

@@ -172,8 +172,11 @@ def test_train_gate_uses_the_indexs_tuned_settings(trained_gate, trained_dstore,
     root, meta = trained_gate
     tuned = trained_dstore.path / "index_att_l2.faiss.tuned.json"
     assert not tuned.exists()
-    tuned.write_text(json.dumps(dict(identity=dict(datastore_fingerprint=trained_dstore.fingerprint),
-                                     settings=dict(knn_temp=3.0, lmbda=0.4))))
+    ident = dict(datastore_fingerprint=trained_dstore.fingerprint, keytype="att",
+                 faiss_metric_type="l2", exact_search=False)
+    tuned.write_text(json.dumps(dict(format="knnlm-tuned", version=1, identity=ident,
+                                     settings=dict(knn_temp=3.0, lmbda=0.4, k=16,
+                                                   knn_sim_func="l2"))))
     try:
         got = train_gate.main(train_gate.TrainGateConfig(
             cache=str(root / "cache"), out=str(tmp_path / "g"), epochs=1, quiet=True))

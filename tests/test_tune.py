@@ -10,6 +10,7 @@ from knnlm import cli, evaluate, tune
 from knnlm.knn import index
 from knnlm.knn.mode import SIM_FUNCS, ScoreMode
 from knnlm.knn.tuned import read_tuned
+from knnlm.util import UserError
 
 GRID = dict(lmbda="0:1:0.05", knn_temp="0.5,1,2,4,8", k="8,32")
 
@@ -144,8 +145,27 @@ def test_tuned_file_of_another_index_is_ignored(bpe_databin, trained_ckpt, ds_co
     m = res["interpolated"]
     assert (m["lmbda"], m["knn_temp"], m["k"]) == (0.25, 1.0, 1024)
     assert m["settings"]["tuned_file"] is None
-    err = capsys.readouterr().out
-    assert f"ignoring {other}.tuned.json: it was tuned for another index" in err
+    err = capsys.readouterr().err             # on stderr, --quiet or not (common: quiet)
+    assert err == f"knnlm: warning: ignoring {other}.tuned.json: it was tuned for another index\n"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{garbage", "is not valid JSON"), ("[1, 2]", "is not a JSON object"),
+    ('{"format": "something-else"}', "is not a knnlm tuned-settings file"),
+    ('{"format": "knnlm-tuned", "version": 99, "identity": {}}', "version 99")])
+@pytest.mark.parametrize("flags", [{}, dict(lmbda=0.3, knn_temp=2.0)])
+def test_a_tuned_file_that_does_not_parse_is_an_error_used_or_not(
+        bpe_databin, trained_ckpt, ds_copy, tmp_path, text, needle, flags):
+    """Never skipped in silence: garbage next to the index stops the run naming the file,
+    even when the flags make it unnecessary."""
+    path = tmp_path / "ds"
+    shutil.copytree(ds_copy, path, ignore=shutil.ignore_patterns("*.tune-valid"))
+    side = path / "index_att_l2.faiss.tuned.json"
+    side.write_text(text)
+    with pytest.raises(UserError, match=f"{side}.*{needle}|{needle}.*{side}"):
+        evaluate.main(evaluate.EvalConfig(**common(bpe_databin, trained_ckpt, path),
+                                          gen_subset="valid", knnlm=True, max_eval_tokens=300,
+                                          **flags))
 
 
 @pytest.mark.parametrize("field, value, needle", [

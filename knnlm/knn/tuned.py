@@ -5,7 +5,8 @@ The file sits next to what it tunes: ``<index>.tuned.json`` for a FAISS index (f
 default index, ``<dstore>/index_att_l2.faiss.tuned.json``), and
 ``<dstore>/exact_<keytype>_<metric>.tuned.json`` for exact search. It names the index,
 datastore and model fingerprints it belongs to; a file of another index, datastore or
-model is ignored with a message.
+model is ignored with a message on stderr (also under ``--quiet``); a file that does not
+parse, or holds settings no run can use, is an error naming it.
 
 Resolution (:func:`resolve_settings`), for ``eval-lm --knnlm``, ``generate`` and
 ``neighbors``:
@@ -24,7 +25,7 @@ import math
 from pathlib import Path
 
 from ..io import read_json
-from ..util import UserError
+from ..util import UserError, warn
 
 TUNED_FORMAT = "knnlm-tuned"
 TUNED_VERSION = 1
@@ -56,21 +57,24 @@ def identity(ds, keytype: str, index_meta: dict | None, model_fingerprint: str,
 
 
 def read_tuned(path: Path, ident: dict) -> tuple[dict | None, str]:
-    """(the tuned file's settings or None, why not). Never raises for a foreign or broken
-    file: a run without tuned settings is still a valid run."""
+    """(the tuned file's settings or None, why not). A file that does not parse, is not a
+    tuned-settings file or holds settings no run can use is an error naming it (it is
+    never silently skipped); one tuned for another index, datastore or model is ignored,
+    and the reason returned for the caller to say."""
     if not path.is_file():
         return None, f"no {path.name}"
-    try:
-        data = read_json(path, "tuned settings")
-    except UserError as exc:
-        return None, f"ignoring {path}: {exc}"
-    if data.get("format") != TUNED_FORMAT or data.get("version", 0) > TUNED_VERSION:
-        return None, f"ignoring {path}: not a knnlm tuned-settings file of a known version"
+    data = read_json(path, "tuned settings")
+    if data.get("format") != TUNED_FORMAT or not isinstance(data.get("identity"), dict):
+        raise UserError(f"{path} is not a knnlm tuned-settings file; rerun knnlm tune or "
+                        "remove it")
+    if not isinstance(data.get("version"), int) or data["version"] > TUNED_VERSION:
+        raise UserError(f"{path} is tuned-settings version {data.get('version')!r}; this "
+                        f"knnlm reads up to {TUNED_VERSION}")
     names = dict(index_fingerprint="index", datastore_fingerprint="datastore",
                  model_fingerprint="model", keytype="keytype", exact_search="search kind",
                  faiss_metric_type="metric")
-    for key, what in names.items():
-        if data.get("identity", {}).get(key) != ident[key]:
+    for key, what in names.items():       # the fields ``ident`` gives are checked
+        if key in ident and data["identity"].get(key) != ident[key]:
             return None, f"ignoring {path}: it was tuned for another {what}"
     check_settings(data.get("settings"), path)
     return data, ""
@@ -105,11 +109,11 @@ def resolve_settings(cfg, path: Path, ident: dict, log=None) -> dict:
     log = log or print
     given = {name: getattr(cfg, name) is not None for name in ("lmbda", "knn_temp", "k",
                                                                 "knn_sim_func")}
-    tuned, why = None, ""
-    if not (given["lmbda"] or given["knn_temp"]):
-        tuned, why = read_tuned(path, ident)
-        if tuned is None and why.startswith("ignoring"):
-            log(why)
+    tuned, why = read_tuned(path, ident)       # a broken file is an error, used or not
+    if given["lmbda"] or given["knn_temp"]:
+        tuned = None
+    elif tuned is None and why.startswith("ignoring"):
+        warn(why)
     source = {}
     for name in ("lmbda", "knn_temp", "k", "knn_sim_func"):
         if given[name]:
