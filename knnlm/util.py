@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -24,6 +25,12 @@ class UserError(Exception):
 
     The CLI prints it as one line on stderr and exits with status 2.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line (its type when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def warn(message: str) -> None:
@@ -125,7 +132,45 @@ def build_parser(cls, prog: str, description: str | None = None,
 
 def parse_config(cls, argv: list[str] | None, prog: str, description: str | None = None):
     args = build_parser(cls, prog, description).parse_args(argv)
-    return cls(**vars(args))
+    cfg = cls(**vars(args))
+    check_requirements(cls, cfg, _given_flags(cls, argv))
+    return cfg
+
+
+def _given_flags(cls, argv: list[str] | None) -> set[str]:
+    """The fields the command line set explicitly (not left at their defaults)."""
+    p = build_parser(cls, "")
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(p.parse_args(argv)))
+
+
+# a help text that starts "--other: ..." (or has "; [command] --other: ..." for another
+# use) describes a flag that only acts with --other
+_NEEDS = re.compile(r"(?:^|; )(?:[a-z][a-z-]* )?--([a-z0-9][a-z0-9-]*):")
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def check_requirements(cls, cfg, given: set[str]) -> None:
+    """Refuse a flag given without the flag it acts under (its help's ``--other:``
+    prefix): it would be accepted and do nothing. ``--other`` counts as given when the
+    config holds a value other than its default (set by a flag, or implied)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in sorted(given):
+        f = fields.get(name)
+        if f is None:
+            continue
+        needs = [n.replace("-", "_") for n in _NEEDS.findall(f.metadata.get("help", ""))]
+        needs = [n for n in needs if n in fields and n != name]
+        if needs and not any(getattr(cfg, n) != _default(fields[n]) for n in needs):
+            raise UserError(f"{_flag_name(name)} does nothing without "
+                            + " or ".join(_flag_name(n) for n in needs))
 
 
 def config_dict(cfg) -> dict:

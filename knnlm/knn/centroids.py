@@ -35,7 +35,7 @@ from ..data.preprocess import DataBin
 from ..guard import check_output, output_lock
 from ..io import read_json, write_json_atomic
 from ..util import UserError, config_dict, flag
-from .datastore import Datastore, normalize_keytype
+from .datastore import Datastore, finite_rows, normalize_keytype
 
 CENTROIDS_FORMAT = "knnlm-centroids"
 ASSIGN_CHUNK = 65536          # keys assigned to their nearest centroid per search call
@@ -109,7 +109,7 @@ def assign(keys, centroids: np.ndarray, quiet: bool = True) -> np.ndarray:
     for s in tqdm(range(0, len(keys), ASSIGN_CHUNK), disable=True if quiet else None,
                   desc="assign", unit="chunk"):
         e = min(len(keys), s + ASSIGN_CHUNK)
-        out[s:e] = index.search(np.ascontiguousarray(keys[s:e], dtype=np.float32), 1)[1][:, 0]
+        out[s:e] = index.search(finite_rows(keys[s:e], s), 1)[1][:, 0]
     return out
 
 
@@ -123,7 +123,8 @@ def kmeans_centroids(keys, vals: np.ndarray, vocab_size: int, nspecial: int,
         if int(cfg.train_fraction * n) < n else np.arange(n)
     if len(sample) < c:
         raise UserError(f"{c:,} centroids need at least as many keys; the datastore has {n:,}")
-    cent = _kmeans(keys[sample], c, cfg.niter, cfg.seed)
+    cent = _kmeans(finite_rows(keys[sample], where=getattr(keys, "filename", None), rows=sample),
+                   c, cfg.niter, cfg.seed)
     ids = assign(keys, cent, cfg.quiet)
     pair, counts = np.unique(ids * vocab_size + vals, return_counts=True)
     rows, cols = pair // vocab_size, pair % vocab_size
@@ -145,7 +146,8 @@ def per_word_centroids(keys, vals: np.ndarray, vocab_size: int, cfg: CentroidsCo
             continue
         if len(rows) > cfg.max_per_word:
             rows = np.sort(rng.choice(rows, cfg.max_per_word, replace=False))
-        x = np.asarray(keys[np.sort(rows)], dtype=np.float32)
+        rows = np.sort(rows)
+        x = finite_rows(keys[rows], where=getattr(keys, "filename", None), rows=rows)
         cw = x if len(x) <= cfg.ratio else _kmeans(x, cfg.ratio, cfg.niter, cfg.seed)
         cents.append(cw)
         owner += [w] * len(cw)

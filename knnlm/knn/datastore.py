@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import open_npy, read_json, read_sidecar, write_json_atomic
+from ..io import open_npy, read_json, read_sidecar, refuse_nonfinite, write_json_atomic
 from ..util import UserError
 
 DSTORE_FORMAT = "knnlm-datastore"
@@ -83,14 +83,19 @@ def subset_rows(n: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, n]).permutation(n)[:m])
 
 
-def finite_rows(chunk: np.ndarray, start: int, where) -> np.ndarray:
-    """A chunk of keys as float32 for FAISS, refused in one line (naming the first bad
-    entry) when a key is NaN or infinite."""
+def finite_rows(chunk: np.ndarray, start: int = 0, where=None, rows=None) -> np.ndarray:
+    """Keys as float32 (contiguous, for FAISS and torch), refused in one line naming the
+    file and the first bad entry when a key is NaN or infinite: the chunk holds entries
+    ``start``… or, for a sample, the entries ``rows``. ``where`` defaults to the memmap's
+    file."""
+    where = where or getattr(chunk, "filename", None) or "the datastore's keys"
     x = np.ascontiguousarray(chunk, dtype=np.float32)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
-        raise UserError(f"{where}: the key of entry {start + int(np.argmax(bad)):,} is not "
-                        "finite (NaN or inf); an index cannot hold it")
+        i = int(np.argmax(bad))
+        entry = int(rows[i]) if rows is not None else start + i
+        raise UserError(f"{where}: the key of entry {entry:,} is not finite (NaN or inf); "
+                        "the file is damaged or was written from bad data: rebuild it")
     return x
 
 
@@ -227,6 +232,13 @@ class Datastore:
         self._keys: dict[str, np.ndarray] = {}
         self.counts = self._open("counts.npy", (self.size,), "float32", in_memory) \
             if self.meta.get("weighted") else None
+        if self.counts is not None:      # weights: finite and positive (log counts are used)
+            for s in range(0, self.size, VERIFY_CHUNK):
+                c = np.asarray(self.counts[s:s + VERIFY_CHUNK])
+                refuse_nonfinite(c, self.path / "counts.npy", "the count", s)
+                if (c <= 0).any():
+                    raise UserError(f"{self.path / 'counts.npy'}: the count of entry "
+                                    f"{s + int(np.argmax(c <= 0)):,} is not positive")
 
     def _open(self, name: str, shape: tuple, dtype: str, in_memory: bool) -> np.ndarray:
         arr = open_npy(self.path / name, shape, dtype)

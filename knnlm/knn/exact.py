@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..guard import temp_path
 from ..util import UserError
+from .datastore import finite_rows
 
 BRUTE_FORCE_CHUNK = 1 << 17   # keys per chunk of the exact search (bounds memory)
 # stream_search's default blocks: (query block x key chunk) float32 scores at once
@@ -81,10 +82,10 @@ def brute_force_search(q: torch.Tensor, keys, k: int, metric: str,
 def _key_chunk(keys, start: int, end: int, device) -> torch.Tensor:
     if isinstance(keys, torch.Tensor):
         return keys[start:end].to(device).float()
-    chunk = keys[start:end]
-    if chunk.dtype == np.float32 and not chunk.flags.writeable:
+    chunk = finite_rows(keys[start:end], start)
+    if not chunk.flags.writeable:
         chunk = np.array(chunk)      # fp32 keys on a read-only memmap: torch wants writable
-    return torch.from_numpy(np.asarray(chunk, dtype=np.float32)).to(device)
+    return torch.from_numpy(chunk).to(device)
 
 
 def queries_fingerprint(queries) -> str:

@@ -22,14 +22,15 @@ Files (``knnlm train-gate --out DIR``): ``gate.pt`` (the MLP's state dict, loade
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..io import read_json
-from ..util import UserError
+from ..io import read_json, refuse_nonfinite
+from ..util import UserError, first_line
 
 NGRAM_ORDERS = (1, 2, 3, 4)
 HASH_MULT = np.uint64(0x9E3779B97F4A7C15)   # odd: a bijective multiply mod 2^64
@@ -122,14 +123,18 @@ class Gate:
         if not self.meta.get("complete"):
             raise UserError(f"{self.path}: the gate was not completely written; train it again")
         try:
+            # weights only: a pickle that would run code is refused, not executed
             state = torch.load(self.path / "gate.pt", map_location="cpu", weights_only=True)
             with np.load(self.path / "ngrams.npz", allow_pickle=False) as z:
                 self.tables = {k: z[k] for k in z.files}
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise UserError(f"{self.path}: unreadable gate files ({exc})")
-        self.net = GateNet(self.meta["n_features"])
-        self.net.load_state_dict(state)
-        self.use_query = bool(self.meta["use_query"])
+            self.net = GateNet(int(self.meta["n_features"]))
+            self.net.load_state_dict(state)
+            self.use_query = bool(self.meta["use_query"])
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError,
+                pickle.UnpicklingError) as exc:
+            raise UserError(f"{self.path}: unreadable gate files ({first_line(exc)})")
+        for name, tensor in state.items():
+            refuse_nonfinite(tensor.detach().numpy(), self.path / "gate.pt", f"parameter {name}")
 
     def check(self, ds, model_fingerprint: str, keytype: str) -> None:
         m = self.meta

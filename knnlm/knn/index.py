@@ -217,7 +217,7 @@ def training_sample(keys: np.ndarray, size: int, seed: int) -> tuple[np.ndarray,
     """(row ids, fp32 keys) of a seeded sample without replacement, rows in order."""
     n = len(keys)
     rows = np.arange(n) if size >= n else np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-    return rows, np.ascontiguousarray(keys[rows], dtype=np.float32)
+    return rows, finite_rows(keys[rows], where=getattr(keys, "filename", None), rows=rows)
 
 
 def sidecar_for(cfg: BuildIndexConfig, ds: Datastore, factory: str, n_train: int) -> dict:
@@ -268,10 +268,6 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
     def trained():
         if not index.is_trained:
             rows, xt = training_sample(keys, cfg.train_size, cfg.seed)
-            bad = ~np.isfinite(xt).all(axis=1)
-            if bad.any():
-                raise UserError(f"{ds.path}: the key of entry {int(rows[np.argmax(bad)]):,} is "
-                                "not finite (NaN or inf); an index cannot hold it")
             print(f"training on {len(xt):,} keys with {trainer}")
             if trainer.startswith("torch"):
                 train_ivf(index, xt, trainer[len("torch ("):-1], seed=cfg.seed)
@@ -308,7 +304,7 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
     bar = tqdm(total=n, initial=start, unit="key", desc="add", disable=True if cfg.quiet else None)
     for s in range(start, n, step):
         e = min(n, s + step)
-        index.add(finite_rows(keys[s:e], s, ds.path))
+        index.add(finite_rows(keys[s:e], s))
         bar.update(e - s)
         if e < n and time.perf_counter() - last_save >= cfg.save_interval_seconds:
             _save_partial(index, partial, side_path, meta, e)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..util import UserError
+from .datastore import finite_rows
 
 NITER = 25                     # FAISS's ClusteringParameters.niter
 MAX_POINTS_PER_CENTROID = 256  # FAISS's ClusteringParameters.max_points_per_centroid
@@ -43,10 +44,11 @@ def cluster_keys(keys, k: int, sample_size: int, seed: int,
     chunks of ``chunk``."""
     n = len(keys)
     rows = np.sort(np.random.default_rng(seed).permutation(n)[:sample_size])
-    cent = kmeans(torch.from_numpy(np.asarray(keys[rows], dtype=np.float32)), k, seed=seed)
+    where = getattr(keys, "filename", None)
+    cent = kmeans(torch.from_numpy(finite_rows(keys[rows], where=where, rows=rows)), k, seed=seed)
     cluster = np.empty(n, dtype=np.int64)
     for s in range(0, n, chunk):
-        x = torch.from_numpy(np.asarray(keys[s:s + chunk], dtype=np.float32))
+        x = torch.from_numpy(finite_rows(keys[s:s + chunk], s))
         cluster[s:s + chunk] = assign(x, cent).numpy()
     return cent, cluster
 

@@ -32,7 +32,7 @@ from ..guard import check_output, output_lock
 from ..io import write_json_atomic
 from ..util import UserError, flag
 from .datastore import (Datastore, DatastoreWriter, is_built, normalize_keytype,
-                        subset_rows, verify_entries)
+                        finite_rows, subset_rows, verify_entries)
 from .index_read import load_index
 from .kmeans import cluster_keys
 from .search import default_index_path
@@ -98,7 +98,7 @@ def merge_neighbours(ds: Datastore, cfg: PruneConfig) -> np.ndarray:
     for s in tqdm(range(0, ds.size, SEARCH_CHUNK), desc="merge neighbours", unit="chunk",
                   disable=True if cfg.quiet else None):
         e = min(ds.size, s + SEARCH_CHUNK)
-        _, I = index.search(np.asarray(keys[s:e], dtype=np.float32), cfg.merge_k + 1)
+        _, I = index.search(finite_rows(keys[s:e], s), cfg.merge_k + 1)
         own = I == np.arange(s, e)[:, None]
         # drop the entry itself (wherever it landed), else the farthest one
         drop = np.where(own.any(1), own.argmax(1), cfg.merge_k)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..guard import check_output, output_lock
+from ..io import refuse_nonfinite
 from ..util import UserError, flag
 from .datastore import Datastore, DatastoreWriter, is_built, normalize_keytype, verify_entries
 
@@ -116,6 +117,9 @@ class Projection:
         try:
             with np.load(ds.path / "projection.npz", allow_pickle=False) as z:
                 self.mean, self.components = z["mean"], z["components"]
+            for name in ("mean", "components"):
+                refuse_nonfinite(getattr(self, name), ds.path / "projection.npz",
+                                 f"the projection's {name}")
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"{ds.path}: unreadable projection.npz ({exc})")
         info = ds.meta["projection"]

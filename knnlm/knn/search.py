@@ -20,7 +20,7 @@ import torch
 
 from ..util import UserError
 from . import math as knn_math
-from .datastore import Datastore, normalize_keytype
+from .datastore import Datastore, finite_rows, normalize_keytype
 from .exact import brute_force_search, stream_search
 from .index import gpu_available
 from .index_read import is_fast_scan, load_index, refine_stage, returns_exact_distances
@@ -74,9 +74,26 @@ def exact_distances(q: np.ndarray, keys, ids: np.ndarray, metric: str) -> np.nda
         else:
             torch.sum(nk.mul_(qq[s:e, None, :]), -1, out=out[s:e])
     d = out.numpy()
+    bad = ~np.isfinite(d)
+    if bad.any():
+        _refuse_distance(bad & ~missing, q, keys, ids)
     if has_missing:
         d[missing] = np.inf if metric == "l2" else -np.inf
     return d
+
+
+def _refuse_distance(bad: np.ndarray, q: np.ndarray, keys, ids: np.ndarray) -> None:
+    """A recomputed distance that is not finite: the query's fault or the key's, in one
+    line (the key's names its entry)."""
+    if not bad.any():
+        return
+    b, j = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    if not np.isfinite(np.asarray(q[b], dtype=np.float32)).all():
+        raise UserError(f"query {b:,} of the batch is not finite (NaN or inf): the model's "
+                        "hidden state overflowed")
+    finite_rows(np.asarray(keys[[int(ids[b, j])]]), where=getattr(keys, "filename", None),
+                rows=ids[b, j:j + 1])
+    raise UserError("a recomputed distance overflowed float32 (keys or queries too large)")
 
 
 def in_ram(arr: np.ndarray, budget: int = RAM_BUDGET) -> np.ndarray:

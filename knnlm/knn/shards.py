@@ -77,7 +77,7 @@ def add_shard(dstore_dir: str, keytype: str, trained: str, out: str, start: int,
     index = faiss.read_index(trained)
     step = add_step(chunk)
     for s in range(start, end, step):
-        index.add(finite_rows(keys[s:min(end, s + step)], s, dstore_dir))
+        index.add(finite_rows(keys[s:min(end, s + step)], s))
     tmp = str(temp_path(out))
     faiss.write_index(index, tmp)
     os.replace(tmp, out)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..guard import check_output
-from ..io import open_npy, write_json_atomic
+from ..io import open_npy, refuse_nonfinite, write_json_atomic
 from ..util import UserError, config_dict, flag
 from . import math as knn_math
 from .cache import RetrievalCache
@@ -99,17 +99,32 @@ def cache_chunks(cache: RetrievalCache, score: str, k: int, dtype=np.float32):
     score mode of column ``score``, values, targets, mask of real neighbours, log counts
     of a pruned datastore's neighbours or None)."""
     metric = cache.mode_of(score).metric
-    dists = cache.exact_dists if score == "exact" else cache.faiss_dists
+    name = "exact_dists" if score == "exact" else "faiss_dists"
+    dists = getattr(cache, name)
     for s in range(0, cache.size, ROWS_PER_CHUNK):
         e = min(cache.size, s + ROWS_PER_CHUNK)
         # copies (np.array): the memmaps are read-only, torch wants writable memory
-        d = torch.from_numpy(np.array(dists[s:e, :k], dtype=dtype))
-        ids = torch.from_numpy(np.array(cache.ids[s:e, :k], dtype=np.int64))
+        d = np.array(dists[s:e, :k], dtype=dtype)
+        ids = np.array(cache.ids[s:e, :k], dtype=np.int64)
+        # a missing neighbour (id -1) has FAISS's padding distance, ±inf; nothing else may
+        refuse_nonfinite(d, cache.path / f"{name}.npy", "the distance", s, allowed=ids < 0)
         vals = torch.from_numpy(np.array(cache.vals[s:e, :k], dtype=np.int64))
         tgt = torch.from_numpy(np.array(cache.targets[s:e], dtype=np.int64))
-        counts = None if cache.log_counts is None else \
-            torch.from_numpy(np.array(cache.log_counts[s:e, :k], dtype=dtype))
-        yield s, e, knn_math.scores_from_distances(d, metric), vals, tgt, ids >= 0, counts
+        counts = None
+        if cache.log_counts is not None:
+            counts = np.array(cache.log_counts[s:e, :k], dtype=dtype)
+            refuse_nonfinite(counts, cache.path / "log_counts.npy", "the log count", s,
+                             allowed=ids < 0)
+            counts = torch.from_numpy(counts)
+        yield (s, e, knn_math.scores_from_distances(torch.from_numpy(d), metric), vals, tgt,
+               torch.from_numpy(ids >= 0), counts)
+
+
+def lm_log_probs(cache: RetrievalCache, s: int = 0, e: int | None = None) -> np.ndarray:
+    """log p_LM of the cache's targets ``[s, e)``, float64, checked finite."""
+    lm = np.array(cache.lm_logprobs[s:e], dtype=np.float64)
+    refuse_nonfinite(lm, cache.path / "lm_logprobs.npy", "the LM log-prob", s)
+    return lm
 
 
 def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
@@ -126,7 +141,7 @@ def sweep_sums(cache: RetrievalCache, score: str, k: int, temps: list[float],
     for s, e, scores, vals, tgt, mask, counts in tqdm(
             chunks, total=-(-cache.size // ROWS_PER_CHUNK), disable=True if quiet else None,
             desc=f"sweep {score} k={k}", unit="chunk"):
-        lm = torch.from_numpy(np.array(cache.lm_logprobs[s:e], dtype=np.float64))
+        lm = torch.from_numpy(lm_log_probs(cache, s, e))
         lm_sum += float(lm.sum())
         kls = knn_math.knn_target_log_probs_temps(scores, vals, tgt, temps, mask, counts)  # (T, c)
         for ti, kl in enumerate(kls):
@@ -147,7 +162,7 @@ def token_log_probs(cache: RetrievalCache, score: str, k: int, temp: float, lmbd
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per token of the cache: (log p_LM, log p_kNN at ``temp``, log of the interpolation
     at ``lmbda``), float64 (N,) each — the numbers a sweep point sums."""
-    lm = np.asarray(cache.lm_logprobs, dtype=np.float64)
+    lm = lm_log_probs(cache)
     knn = np.empty(cache.size)
     for s, e, scores, vals, tgt, mask, counts in cache_chunks(cache, score, k, np.float64):
         knn[s:e] = knn_math.knn_target_log_probs(scores, vals, tgt, temp, mask, counts).numpy()

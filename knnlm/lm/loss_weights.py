@@ -24,7 +24,7 @@ import torch
 
 from ..data.preprocess import DataBin
 from ..guard import check_output
-from ..io import open_npy, read_text, write_json_atomic
+from ..io import open_npy, read_text, refuse_nonfinite, write_json_atomic
 from ..util import UserError, flag
 
 
@@ -73,8 +73,12 @@ def main(cfg: LossWeightsConfig) -> list[float]:
     if lm.ndim != 1 or lm.shape != knn.shape or not 0 < len(lm) <= len(tokens):
         raise UserError(f"{cfg.scores} {lm.shape} and {cfg.knn_scores} {knn.shape} must score "
                         f"the same first tokens of the train split ({len(tokens):,} tokens)")
-    share = knn_helped_share(tokens[:len(lm)], np.asarray(lm), np.asarray(knn),
-                             databin.vocab_size)
+    lm, knn = np.asarray(lm), np.asarray(knn)
+    refuse_nonfinite(lm, cfg.scores, "the LM log-prob")
+    # log p_kNN is -inf where no neighbour holds the token (the format allows it); NaN and
+    # +inf are damage
+    refuse_nonfinite(knn, cfg.knn_scores, "the kNN log-prob", allowed=np.isneginf(knn))
+    share = knn_helped_share(tokens[:len(lm)], lm, knn, databin.vocab_size)
     write_json_atomic(cfg.out, [float(x) for x in share])
     seen = share[np.bincount(tokens[:len(lm)], minlength=databin.vocab_size) > 0]
     print(f"wrote {cfg.out}: kNN beat the LM on {float((knn > lm).mean()):.1%} of {len(lm):,} "
