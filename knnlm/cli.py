@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 
 from .guard import describe_os_error
 from .util import UserError, parse_config
@@ -100,6 +101,19 @@ def run(argv: list[str]) -> int:
         return 2
     module_name, cls_name, desc = COMMANDS[name]
     module = importlib.import_module(module_name)
+    # the libraries' warnings (numpy, torch, FAISS's Python side) are held: a refused run
+    # says one line, its error; a finished one says each distinct warning in one line
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        rc = _run(name, module, cls_name, desc, rest)
+    if rc == 0:
+        for text in dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip()}"
+                                  for w in caught):
+            sys.stderr.write(f"knnlm {name}: warning: {text.splitlines()[0][:300]}\n")
+    return rc
+
+
+def _run(name: str, module, cls_name: str, desc: str, rest: list[str]) -> int:
     try:
         cfg = parse_config(getattr(module, cls_name), rest, prog=f"knnlm {name}",
                            description=(module.__doc__ or desc).strip())
