@@ -73,6 +73,8 @@ class BuildDstoreConfig:
     dstore_size: int | None = flag(None, "expected number of entries (checked; computed anyway)")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
+    overwrite: bool = flag(False, "replace a datastore of another configuration at the "
+                           "output")
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
@@ -155,7 +157,7 @@ def _dump(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.device,
         writer, progress, windows = _open_rank(cfg, meta, windows, dist)
         done = progress["done"]
     else:
-        writer, progress = DatastoreWriter(cfg.dstore_dir, meta), None
+        writer, progress = DatastoreWriter(cfg.dstore_dir, meta, cfg.overwrite), None
         done = writer.rows_written
     if done and (progress is None or done > progress["start"]):
         print(f"resuming {cfg.dstore_dir} at row {done:,}" + (f" (rank {dist.rank})" if progress else ""))
@@ -240,7 +242,7 @@ def _open_rank(cfg: BuildDstoreConfig, meta: dict, windows: list, dist):
     tdist.broadcast_object_list(token, src=0)
     check = Path(cfg.dstore_dir) / f"shared-check.{token[0]}"
     if dist.is_main:
-        DatastoreWriter(cfg.dstore_dir, dict(meta))
+        DatastoreWriter(cfg.dstore_dir, dict(meta), cfg.overwrite)
         check.write_text(token[0])
     tdist.barrier()
     sees = [None] * dist.world_size

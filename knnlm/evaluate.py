@@ -104,6 +104,9 @@ class EvalConfig(KnnOptions):
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
     fp16: bool = flag(False, "half-precision forward (GPU)")
     bf16: bool = flag(False, "bfloat16 forward (GPU)")
+    overwrite: bool = flag(False, "--save-retrieval: replace a cache written by another "
+                           "evaluation; --save-knnlm-dstore: a datastore of another "
+                           "configuration")
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
@@ -155,7 +158,7 @@ class EvalConfig(KnnOptions):
             context_window=self.context_window, max_tokens=self.max_tokens,
             dstore_fp32=self.dstore_fp32, dstore_size=self.dstore_size, cpu=self.cpu,
             max_dstore_tokens=self.max_eval_tokens,
-            device=self.device, quiet=self.quiet)
+            device=self.device, overwrite=self.overwrite, quiet=self.quiet)
 
 
 def centroid_model(model, cfg: EvalConfig, databin: DataBin, device: torch.device):

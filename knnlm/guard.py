@@ -10,6 +10,8 @@ writer, written through uniquely named temporaries.
   when the stage ends.
 - :func:`temp_path`: a temporary sibling unique to this process, so two processes never
   share a half-written file.
+- :func:`other_configuration`: the output rule — an existing output of the same
+  configuration is resumed or reused, one of another is refused unless ``--overwrite``.
 - :func:`describe_os_error`: a filesystem error (disk full, read-only, name too long) as
   one line naming the path, for the CLI.
 """
@@ -186,6 +188,27 @@ def _remove_empty(created: list[Path]) -> None:
     for d in reversed(created):
         with contextlib.suppress(OSError):
             d.rmdir()
+
+
+def other_configuration(path: str | os.PathLike, what: str, old: dict, new: dict,
+                        overwrite: bool, ignore: tuple = ()) -> bool:
+    """The output rule every writer follows. An output at ``path`` made by the same
+    configuration (``old`` and ``new``, the settings that define it, agree outside
+    ``ignore``) is resumed or reused: False. One made by another configuration is refused
+    in one line naming the settings that differ, unless ``overwrite`` (``--overwrite``):
+    then True, a line on stderr, and the caller replaces it (its readers refuse it until
+    the new one is committed)."""
+    differ = sorted(k for k in set(old) | set(new)
+                    if k not in ignore and old.get(k) != new.get(k))
+    if not differ:
+        return False
+    named = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
+    if not overwrite:
+        raise UserError(f"{what} {path} was made with another configuration ({named} "
+                        "differ); give --overwrite to replace it, or choose another path")
+    sys.stderr.write(f"knnlm: warning: --overwrite: replacing {what} {path} ({named} "
+                     "differ)\n")
+    return True
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -28,6 +28,18 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def save_atomic(write, path: str | os.PathLike) -> None:
+    """``write(fh)`` into a temporary sibling of ``path``, then one rename: readers see the
+    old file or the whole new one (np.savez, torch.save, ...)."""
+    path = Path(path)
+    tmp = temp_path(path)
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict:
     """Read a JSON sidecar, turning every failure into a one-line :class:`UserError`."""
     path = Path(path)

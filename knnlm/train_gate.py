@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from .data.preprocess import DataBin
-from .guard import check_output, output_lock
-from .io import write_json_atomic
+from .guard import check_output, other_configuration, output_lock
+from .io import read_json, save_atomic, write_json_atomic
 from .knn import math as knn_math
 from .knn.cache import RetrievalCache
 from .knn.datastore import Datastore, normalize_keytype
@@ -57,6 +57,7 @@ class TrainGateConfig:
     batch_size: int = flag(512, "tokens per update")
     seed: int = flag(1, "seed of the initialisation, the batches and the random baseline")
     cpu: bool = flag(False, "run the LM on the CPU even if a GPU is present")
+    overwrite: bool = flag(False, "replace a gate trained with another configuration")
     quiet: bool = flag(False, "no progress bars")
 
     def __post_init__(self):
@@ -197,22 +198,41 @@ def main(cfg: TrainGateConfig) -> dict:
         return _train(cfg, cache, ecfg, databin, ds, temp, lmbda)
 
 
+def gate_identity(cfg: TrainGateConfig, cache, ds, temp: float, lmbda: float) -> dict:
+    """What defines a trained gate: its flags (less where it goes and what is printed), the
+    settings it was trained at, and the cache and datastore it learnt from."""
+    flags = {k: v for k, v in config_dict(cfg).items() if k not in ("out", "quiet", "cpu",
+                                                                    "overwrite")}
+    return dict(flags, knn_temp=temp, lmbda=lmbda, datastore_fingerprint=ds.fingerprint,
+                cache_summary=cache.meta.get("summary"))
+
+
 def _train(cfg, cache, ecfg, databin, ds, temp, lmbda) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    ident = gate_identity(cfg, cache, ds, temp, lmbda)
+    side = out / "gate.json"
+    if side.is_file():       # the output rule: reused, or refused unless --overwrite
+        old = read_json(side, "gate sidecar")
+        if not other_configuration(out, "gate", old.get("identity") or {}, ident,
+                                   cfg.overwrite) and old.get("complete"):
+            print(f"{out}: this gate is already trained")
+            return old
+        side.unlink()        # the sidecar is the commit point: gone while the files change
     t0 = time.perf_counter()
+    # the cache's numbers first (checked as they are read), before anything is written
+    lm, knn, _ = token_log_probs(cache, cache.mode.cache_score, cache.k, temp, lmbda)
     stream = np.asarray(databin.split(ds.meta["split"]))[:int(np.asarray(ds.pos).max()) + 1]
     tables = count_ngrams(stream, databin.eos)
-    np.savez(out / "ngrams.npz", **tables)
+    save_atomic(lambda f: np.savez(f, **tables), out / "ngrams.npz")
     device = resolve_device(None, cfg.cpu)
     x, fingerprint = lm_features(ecfg, cache, databin, ds, tables, cfg.gate_query, device,
                                  cfg.quiet)
-    lm, knn, _ = token_log_probs(cache, cache.mode.cache_score, cache.k, temp, lmbda)
     n_train = int(round(len(lm) * (1 - cfg.valid_fraction)))
     net, log = train_net(x, lm, knn, n_train, cfg)
     lam_all = net.lambdas(x)
     rows = curves(lam_all[n_train:], lm[n_train:], knn[n_train:], lmbda, cfg.seed)
-    torch.save(net.state_dict(), out / "gate.pt")
+    save_atomic(lambda f: torch.save(net.state_dict(), f), out / "gate.pt")
     names = list(FEATURES) + ([f"query_{i}" for i in range(ds.query_dim)] if cfg.gate_query else [])
     meta = dict(format="knnlm-gate", version=1, complete=True, features=names,
                 n_features=x.shape[1], use_query=cfg.gate_query, keytype=ecfg["knn_keytype"],
@@ -222,7 +242,8 @@ def _train(cfg, cache, ecfg, databin, ds, temp, lmbda) -> dict:
                 valid_tokens=len(lm) - n_train,
                 quantiles=np.quantile(lam_all[:n_train], np.linspace(0, 1, 1001)).tolist(),
                 epochs=log, curves=rows, seconds=time.perf_counter() - t0,
-                config=config_dict(cfg), command=command_line("train-gate", cfg))
+                config=config_dict(cfg), command=command_line("train-gate", cfg),
+                identity=ident)
     write_json_atomic(out / "gate.json", meta)
     print("held-out tokens: share searched -> ppl (gate, fixed λ | gate, λ̂ | random)")
     for r in rows[::2]:

@@ -63,6 +63,8 @@ class TuneConfig(evaluate.EvalConfig):
                                  "smallest k); 0: the best point")
     save_retrieval: str | None = flag(None, "retrieval cache of the held-out split (default: "
                                       "<index>.tune-<split>, kept for `knnlm sweep`)")
+    overwrite: bool = flag(False, "replace a retrieval cache of another evaluation (another "
+                           "index, datastore or flags) at the cache's path")
 
     def __post_init__(self):
         check_output(self.results_path, "file", "--results-path")

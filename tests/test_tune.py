@@ -234,26 +234,34 @@ def test_tune_exact_search_and_reuse(bpe_databin, trained_ckpt, ds_copy, tmp_pat
 def test_tune_evaluates_anew_after_the_index_is_rebuilt(bpe_databin, trained_ckpt, ds_copy,
                                                         tmp_path, capsys):
     """A cache made with one index is not reused once another index (another factory) is
-    built at the same path: the same flags, but not the same neighbours."""
+    built at the same path: the same flags, but not the same neighbours. Both the index
+    and the cache of the old one are replaced only when asked (--overwrite)."""
     path = tmp_path / "rebuilt"
     shutil.copytree(ds_copy, path, ignore=shutil.ignore_patterns("index_*"))
 
-    def build(factory):
+    def build(factory, **kw):
         index.build_index(index.BuildIndexConfig(dstore_dir=str(path), knn_keytype="att",
                                                  index_factory=factory, train_size=4000,
-                                                 quiet=True))
+                                                 quiet=True, **kw))
 
-    def run():
+    def run(**kw):
         return tune.main(tune.TuneConfig(**common(bpe_databin, trained_ckpt, path),
                                          max_eval_tokens=400, lmbda="0:1:0.1", knn_temp="1,4",
-                                         k="16"))
+                                         k="16", **kw))
     build("IVF32,PQ8")
     run()
     capsys.readouterr()
     run()
     assert "is cached" in capsys.readouterr().out
-    build("IVF16,PQ8x4fs")
-    second = run()
+    with pytest.raises(UserError, match="index .* was made with another configuration "
+                                        r"\(factory differ\); give --overwrite"):
+        build("IVF16,PQ8x4fs")
+    build("IVF16,PQ8x4fs", overwrite=True)
+    assert "--overwrite: replacing index" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"retrieval cache .* another configuration \(.*"
+                                        "index_fingerprint"):
+        run()
+    second = run(overwrite=True)
     assert "is cached" not in capsys.readouterr().out
     cache = json.loads((path / "index_att_l2.faiss.tune-valid" / "cache.json").read_text())
     assert cache["index"]["factory"] == "IVF16,PQ8x4fs"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..guard import other_configuration
 from ..io import open_npy, read_json, read_sidecar, write_json_atomic
 from ..util import UserError
 from .mode import ScoreMode
@@ -44,6 +45,19 @@ def _columns(k: int, exact: bool, ids_dtype: str, weighted: bool = False) -> dic
 
 
 PROGRESS_KEYS = ("complete", "progress", "summary")
+# eval flags that shape no row of the cache (what is printed, where other outputs go)
+NOT_IDENTITY = ("quiet", "results_path", "save_scores", "save_tokens", "save_knn_scores",
+                "save_queries", "overwrite")
+
+
+def cache_identity(meta: dict) -> dict:
+    """What defines a cache: its sidecar less progress, with the evaluation's flags spelt
+    out (so that the output rule names the flag that differs)."""
+    ident = {k: v for k, v in meta.items() if k not in PROGRESS_KEYS and k != "config"}
+    for name, value in (meta.get("config") or {}).items():
+        if name not in NOT_IDENTITY:
+            ident["--" + name.replace("_", "-")] = value
+    return ident
 
 
 class CacheWriter:
@@ -51,7 +65,7 @@ class CacheWriter:
     (same sidecar) is reopened: ``progress`` is what its last :meth:`commit` recorded."""
 
     def __init__(self, path: str | Path, n: int, k: int, exact: bool, meta: dict,
-                 datastore_size: int, weighted: bool = False):
+                 datastore_size: int, weighted: bool = False, overwrite: bool = False):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         ids_dtype = "int32" if datastore_size < np.iinfo(np.int32).max else "int64"
@@ -62,16 +76,13 @@ class CacheWriter:
         self.progress = None
         side = self.path / "cache.json"
         if side.is_file():
+            # the output rule: the same evaluation resumes (or, complete, is written again
+            # to the same bytes); another is refused unless --overwrite
             old = read_json(side, "cache sidecar")
-            same = {a: b for a, b in old.items() if a not in PROGRESS_KEYS} == \
-                {a: b for a, b in self.meta.items() if a not in PROGRESS_KEYS}
-            if same and not old.get("complete") and old.get("progress"):
+            other = other_configuration(self.path, "retrieval cache", cache_identity(old),
+                                        cache_identity(self.meta), overwrite)
+            if not other and not old.get("complete") and old.get("progress"):
                 self.progress = old["progress"]
-            elif not old.get("complete") and old.get("progress"):
-                raise UserError(f"{self.path} holds the unfinished cache of another evaluation "
-                                f"(k {old.get('k')}, {old.get('size')} tokens, score mode "
-                                f"{(old.get('score_mode') or {}).get('name')}): rerun that one "
-                                "to resume it, or remove the directory")
         mode = "r+" if self.progress else "w+"
         if mode == "w+":
             write_json_atomic(side, self.meta)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..guard import check_output, output_lock, temp_path
+from ..guard import check_output, other_configuration, output_lock, temp_path
 from ..io import read_json, write_json_atomic
 from ..util import UserError, flag
 from .datastore import Datastore, normalize_keytype
@@ -33,6 +33,7 @@ class ClusterConfig:
     knn_keytype: str = flag("att", "keys clustered (those the kNN-LM searches)")
     sample_size: int = flag(1_000_000, "keys sampled to train the centroids")
     seed: int = flag(1, "seed of the sample and the initial centroids")
+    overwrite: bool = flag(False, "replace a members file of another configuration")
     quiet: bool = flag(False, "no progress output")
 
     def __post_init__(self):
@@ -50,8 +51,20 @@ def main(cfg: ClusterConfig) -> dict:
     if cfg.num_clusters > min(ds.size, cfg.sample_size):
         raise UserError(f"--num-clusters {cfg.num_clusters} exceeds the keys sampled "
                         f"({min(ds.size, cfg.sample_size):,})")
+    n = min(ds.size, cfg.sample_size)
+    meta = dict(format="knnlm-members", datastore_fingerprint=ds.fingerprint,
+                keytype=cfg.knn_keytype, num_clusters=cfg.num_clusters,
+                sample_size=n, seed=cfg.seed, size=ds.size)
+    side = Path(cfg.out[:-4] + ".json")
     with output_lock(cfg.out, "file", "members file"):
-        n = min(ds.size, cfg.sample_size)
+        # the sidecar is the commit point: gone before the members change, written after
+        # (members without one are an unfinished run's, computed again)
+        if side.is_file() and not other_configuration(
+                cfg.out, "members file", read_json(side, "members sidecar"), meta,
+                cfg.overwrite) and Path(cfg.out).is_file():
+            print(f"{cfg.out}: these clusters are already computed")
+            return meta
+        side.unlink(missing_ok=True)
         cent, cluster = cluster_keys(keys, cfg.num_clusters, n, cfg.seed)
         cluster = cluster.astype(np.int32)
         members = np.argsort(cluster, kind="stable")
@@ -59,10 +72,7 @@ def main(cfg: ClusterConfig) -> dict:
         tmp = temp_path(Path(cfg.out), ".npz")
         np.savez(tmp, cluster=cluster, members=members, indptr=indptr)
         tmp.replace(cfg.out)
-        meta = dict(format="knnlm-members", datastore_fingerprint=ds.fingerprint,
-                    keytype=cfg.knn_keytype, num_clusters=cfg.num_clusters,
-                    sample_size=n, seed=cfg.seed, size=ds.size)
-        write_json_atomic(cfg.out[:-4] + ".json", meta)
+        write_json_atomic(side, meta)
     sizes = np.diff(indptr)
     print(f"{cfg.num_clusters:,} clusters of {ds.size:,} {cfg.knn_keytype} keys (sizes: median "
           f"{int(np.median(sizes))}, max {int(sizes.max())}) -> {cfg.out}")

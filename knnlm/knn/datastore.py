@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..guard import other_configuration
 from ..io import open_npy, read_json, read_sidecar, refuse_nonfinite, write_json_atomic
 from ..util import UserError
 
@@ -148,10 +149,22 @@ def _verify(ds: "Datastore", vals, pos, counts) -> None:
                             "stage again")
 
 
+DATASTORE_FILES = ("datastore.json", "keys_*.npy", "vals.npy", "pos.npy", "counts.npy",
+                   "projection.npz", "prune.json", "progress.rank*.json")
+
+
+def remove_datastore_files(path: Path) -> None:
+    """Remove the files of the datastore format from ``path`` (--overwrite), the sidecar
+    first so that no reader takes what is left for a datastore; other files stay."""
+    for pattern in DATASTORE_FILES:
+        for f in sorted(path.glob(pattern)):
+            f.unlink()
+
+
 class DatastoreWriter:
     """Allocates (or reopens, to resume) the files of a datastore and fills rows in order."""
 
-    def __init__(self, path: str | Path, meta: dict):
+    def __init__(self, path: str | Path, meta: dict, overwrite: bool = False):
         self.path = Path(path)
         self.meta = meta
         n, d = meta["size"], meta["dim"]
@@ -159,13 +172,14 @@ class DatastoreWriter:
         mode = "w+"
         if existing.is_file():
             old = read_json(existing, "datastore sidecar")
-            if not same_build(old, meta):
-                raise UserError(f"{self.path} holds a datastore of another configuration; "
-                                "remove it or choose another --dstore-dir")
-            if old.get("complete"):
+            ident = lambda m: {k: v for k, v in m.items() if k not in PROGRESS_FIELDS}  # noqa: E731
+            if other_configuration(self.path, "datastore", ident(old), ident(meta), overwrite):
+                remove_datastore_files(self.path)
+            elif old.get("complete"):
                 raise UserError(f"{self.path} already holds this complete datastore")
-            meta["rows_written"] = old["rows_written"]
-            mode = "r+"
+            else:
+                meta["rows_written"] = old["rows_written"]
+                mode = "r+"
         self.path.mkdir(parents=True, exist_ok=True)
         open_ = np.lib.format.open_memmap
         try:

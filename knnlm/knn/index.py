@@ -17,6 +17,7 @@ N and D. Training runs on GPU when FAISS has GPU support and a GPU is present.
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import re
@@ -28,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..distributed import setup_distributed
-from ..guard import check_output, output_lock, temp_path
+from ..guard import check_output, other_configuration, output_lock, temp_path
 from ..io import read_json, write_json_atomic
 from ..util import UserError, config_dict, flag
 from .datastore import Datastore, finite_rows, normalize_keytype
@@ -106,6 +107,8 @@ class BuildIndexConfig:
     dimension: int | None = flag(None, "accepted for compatibility; checked against the datastore")
     dstore_fp16: bool = flag(False, "accepted for compatibility: the key dtype is read from the "
                              "datastore", aliases=("--dstore_fp16",))
+    overwrite: bool = flag(False, "replace an index built with another configuration (factory, "
+                           "metric, datastore, training sample)")
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
@@ -228,9 +231,16 @@ def sidecar_for(cfg: BuildIndexConfig, ds: Datastore, factory: str, n_train: int
                 rows_added=0, complete=False, config=config_dict(cfg))
 
 
+IDENTITY = ("factory", "metric", "keytype", "datastore_fingerprint", "train_size", "seed")
+
+
+def _identity(meta: dict) -> dict:
+    """The settings that define an index (its sidecar's others are progress and timings)."""
+    return {k: meta.get(k) for k in IDENTITY}
+
+
 def _same(old: dict, new: dict) -> bool:
-    keys = ("factory", "metric", "keytype", "datastore_fingerprint", "train_size", "seed")
-    return all(old.get(k) == new.get(k) for k in keys)
+    return _identity(old) == _identity(new)
 
 
 def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
@@ -251,6 +261,10 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
     partial, side_path = Path(str(out) + ".partial"), Path(str(out) + ".json")
     meta = dict(sidecar_for(cfg, ds, factory, min(cfg.train_size, n)), train_backend=trainer)
     old = read_json(side_path, "index sidecar") if side_path.is_file() else {}
+    if (old or out.is_file()) and (dist is None or dist.is_main) and other_configuration(
+            out, "index", _identity(old), _identity(meta), cfg.overwrite):
+        partial.unlink(missing_ok=True)       # an index of the new configuration starts
+        old = {}
     if out.is_file() and old.get("complete") and _same(old, meta):
         print(f"{out}: this index is already built")
         return old
@@ -347,6 +361,9 @@ def _finish(index, out: Path, side_path: Path, meta: dict, timings: dict, t0: fl
     verify_index(index, int(meta["datastore_size"]), out)
     tmp = temp_path(out)
     faiss.write_index(index, str(tmp))
+    # an index file is never without the sidecar naming its configuration (unfinished
+    # until the complete one replaces it)
+    write_json_atomic(side_path, dict(meta, complete=False))
     os.replace(tmp, out)
     meta.update(rows_added=int(index.ntotal), complete=True, ntotal=int(index.ntotal), **timings)
     write_json_atomic(side_path, meta)
@@ -365,6 +382,14 @@ def _save_partial(index, partial: Path, side_path: Path, meta: dict, rows: int) 
     write_json_atomic(side_path, dict(meta, rows_added=rows, complete=False))
 
 
+def _build_files(cfg: BuildIndexConfig) -> list[Path]:
+    """The files a build writes beside its index, as they exist now."""
+    out = cfg.index_path()
+    return [p for p in out.parent.glob(glob.escape(out.name) + ".*")
+            if p.name[len(out.name):] in (".partial", ".json", ".trained", ".trained.json")
+            or p.name[len(out.name):].startswith(".shard")]
+
+
 def main(cfg: BuildIndexConfig) -> dict:
     dist = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun: the ranks add the shards
@@ -372,11 +397,20 @@ def main(cfg: BuildIndexConfig) -> dict:
             raise UserError("under torchrun build-index adds shards in the ranks: give "
                             "--shards S (S >= the number of ranks)")
         dist = setup_distributed(cpu=True)
-    lock = output_lock(cfg.index_path(), "file", "index") if dist is None or dist.is_main \
+    main_rank = dist is None or dist.is_main
+    lock = output_lock(cfg.index_path(), "file", "index") if main_rank \
         else contextlib.nullcontext()
+    before = set(_build_files(cfg))
     try:
         with lock:
             return build_index(cfg, dist)
+    except UserError:
+        # refused for its data: what this run began goes (a resume would meet the same
+        # data); a killed run keeps it, to resume
+        if main_rank:
+            for path in set(_build_files(cfg)) - before:
+                path.unlink(missing_ok=True)
+        raise
     finally:
         if dist is not None:
             dist.close()

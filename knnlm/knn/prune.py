@@ -55,6 +55,8 @@ class PruneConfig:
     ratio: float = flag(0.5, "random: share of the entries kept")
     clusters: int = flag(4096, "kmeans: number of clusters")
     seed: int = flag(1, "seed of random and kmeans")
+    overwrite: bool = flag(False, "replace a datastore of another configuration at the "
+                           "output")
     quiet: bool = flag(False, "no progress bars")
 
     def __post_init__(self):
@@ -164,7 +166,7 @@ def _prune(ds: Datastore, cfg: PruneConfig) -> dict:
     meta = pruned_meta(ds, cfg, m, keytypes, key_dtype)
     out = Path(cfg.out)
     if not is_built(out, meta):
-        writer = DatastoreWriter(out, meta)
+        writer = DatastoreWriter(out, meta, cfg.overwrite)
         for s in range(0, m, COPY_CHUNK):
             e = min(m, s + COPY_CHUNK)
             if rows is None:

@@ -41,6 +41,8 @@ class ReduceConfig:
     train_size: int = flag(1_000_000, "keys sampled to learn the components")
     dstore_fp32: bool = flag(False, "store the reduced keys in fp32 (default: the parent's dtype)")
     seed: int = flag(1, "seed of the sample")
+    overwrite: bool = flag(False, "replace a datastore of another configuration at the "
+                           "output")
     quiet: bool = flag(False, "no progress output")
 
     def __post_init__(self):
@@ -95,7 +97,7 @@ def _reduce(ds: Datastore, cfg: ReduceConfig) -> dict:
                 projection=info)
     out = Path(cfg.out)
     if not is_built(out, meta):
-        writer = DatastoreWriter(out, meta)
+        writer = DatastoreWriter(out, meta, cfg.overwrite)
         np.savez(out / "projection.npz", mean=mean, components=comp)
         if ds.counts is not None:
             np.save(out / "counts.npy", np.asarray(ds.counts, dtype=np.float32))

@@ -50,7 +50,7 @@ class KnnScorer:
             # the distances the scores come from are always kept (a sweep reproduces them)
             self.cache = CacheWriter(cfg.save_retrieval, n_tokens, cfg.k,
                                      cfg.save_exact_dists or mode.recompute, meta, ds.size,
-                                     weighted=ds.counts is not None)
+                                     weighted=ds.counts is not None, overwrite=cfg.overwrite)
         self.progress = self.cache.progress if self.cache is not None else None
         resume = bool(self.progress)   # resuming: keep the rows already written
         self.walk = PointerWalk(self.knn, cfg.min_knns, cfg.max_knns, cfg.members) \
