@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .guard import temp_path
+from .guard import other_configuration, temp_path
 from .util import UserError
 
 
@@ -53,6 +53,20 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} is not a JSON object")
     return obj
+
+
+def rewrite_output(side: str | os.PathLike, what: str, flags: dict, overwrite: bool) -> None:
+    """Before an output whose sidecar ``side`` (its ``config``: the flags that made it) is
+    its commit point is written again: the output rule on the flags (where it goes and
+    what is printed aside), then the sidecar removed, so that no reader takes the files
+    for a complete output while they change."""
+    side = Path(side)
+    if not side.is_file():
+        return
+    mine = lambda f: {k: v for k, v in f.items() if k not in ("quiet", "overwrite")}  # noqa: E731
+    old = read_json(side, f"{what} sidecar").get("config") or {}
+    other_configuration(side.parent, what, mine(old), mine(flags), overwrite)
+    side.unlink()
 
 
 def read_sidecar(directory: str | os.PathLike, name: str, fmt: str, what: str) -> dict:

@@ -40,6 +40,9 @@ def world(bpe_databin, trained_ckpt, trained_dstore, tmp_path_factory):
                                  ratio=0.5, quiet=True))
     reduce.main(reduce.ReduceConfig(dstore_dir=ds, out=str(w / "reduced"), pca_dim=8,
                                     train_size=4000, quiet=True))
+    assert run(["centroids", "--dstore-dir", ds, "--out", str(w / "centroids"), "--mode",
+                "per-word", "--ratio", "1", "--quiet"]) == 0
+    (w / "good.txt").write_text("To be, or not to be\n" * 50)
     # damaged copies
     shutil.copytree(w / "ds", w / "ds_nan")
     keys = np.load(w / "ds_nan" / "keys_att.npy", mmap_mode="r+")
@@ -152,6 +155,12 @@ def cases(w):
                                            "--sample-size", "4000", "--quiet"],
         "train-gate, other epochs": ["train-gate", "--cache", str(w / "cache"), "--out",
                                      str(w / "gate"), "--epochs", "2", "--quiet"],
+        "preprocess onto another data-bin": ["preprocess", "--destdir", db, "--trainpref",
+                                             str(w / "good.txt"), "--vocab-size", "320",
+                                             "--quiet"],
+        "centroids, other ratio": ["centroids", "--dstore-dir", ds, "--out",
+                                   str(w / "centroids"), "--mode", "per-word", "--ratio", "2",
+                                   "--quiet"],
     }
 
 
@@ -186,6 +195,8 @@ EXPECT = {
     "reduce, another dimension": "another configuration",
     "cluster-dstore, other clusters": "(num_clusters differ)",
     "train-gate, other epochs": "(epochs differ)",
+    "preprocess onto another data-bin": "another configuration",
+    "centroids, other ratio": "(ratio differ)",
 }
 
 

@@ -19,7 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..guard import check_output, output_lock, temp_path
-from ..io import ENCODING_ERRORS, open_npy, read_sidecar, read_text, sha256_file, write_json_atomic
+from ..io import (ENCODING_ERRORS, open_npy, read_sidecar, read_text, rewrite_output,
+                  sha256_file, write_json_atomic)
 from ..util import UserError, config_dict, flag
 from .subword import SubwordBPE
 from .tokenizer import BPETokenizer, Dictionary, HFTokenizer, load_vocab, vocab_summary
@@ -61,6 +62,7 @@ class PreprocessConfig:
     encoding: str = flag("utf-8", "encoding of the text files")
     errors: str = flag("strict", "undecodable bytes are refused (strict, naming the byte "
                        "offset) or replaced / dropped", choices=ENCODING_ERRORS)
+    overwrite: bool = flag(False, "replace a data-bin made with other settings")
     quiet: bool = flag(False, "no progress bars")
 
     def __post_init__(self):
@@ -159,6 +161,7 @@ def main(cfg: PreprocessConfig) -> dict:
 def _preprocess(cfg: PreprocessConfig, files: dict[str, list[Path]]) -> dict:
     dest = Path(cfg.destdir)
     dest.mkdir(parents=True, exist_ok=True)
+    rewrite_output(dest / "data.json", "data-bin", config_dict(cfg), cfg.overwrite)
     bpe, texts = None, {}
     if cfg.subword_bpe or cfg.bpe_codes:      # split the words into '@@' pieces first
         texts = {split: _read_lines(paths[0], cfg) for split, paths in files.items()}

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..data.preprocess import DataBin
 from ..guard import check_output, output_lock
-from ..io import read_json, write_json_atomic
+from ..io import read_json, rewrite_output, write_json_atomic
 from ..util import UserError, config_dict, flag
 from .datastore import Datastore, finite_rows, normalize_keytype
 
@@ -54,6 +54,7 @@ class CentroidsConfig:
     max_per_word: int = flag(1_000_000, "per-word: keys sampled per token at most")
     niter: int = flag(20, "k-means iterations")
     seed: int = flag(1, "seed of the samples and of k-means")
+    overwrite: bool = flag(False, "replace centroids computed with other settings")
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
@@ -163,6 +164,8 @@ def main(cfg: CentroidsConfig) -> dict:
     V = int(ds.meta["vocab_size"])
     t0 = time.perf_counter()
     with output_lock(cfg.out, "dir", "centroids"):
+        rewrite_output(Path(cfg.out) / "centroids.json", "centroids", config_dict(cfg),
+                       cfg.overwrite)
         if cfg.mode == "kmeans":
             cent, (rows, cols, probs) = kmeans_centroids(keys, vals, V, nspecial, cfg)
         else:
