@@ -10,9 +10,14 @@
 # Same variables and run directory as wikitext_bpe_train.sh. Each stage is skipped when
 # its output and sidecar are there; logs go to $RUN/logs/.
 #
-# Windows: our --tokens-per-sample counts the context too. The original datastore flags
-# (fairseq's --tokens-per-sample 1536 --context-window 1536: 1536 new tokens after up to
-# 1536 of context) are here --tokens-per-sample 3072 --context-window 1536.
+# Windows: our --tokens-per-sample counts the context too (fairseq's eval_lm takes the
+# model's 3072 and subtracts the context window). The fork's evaluation,
+# --sample-break-mode complete --max-tokens 3072 --context-window 2560 (blocks of whole
+# lines up to 512 tokens, each after up to 2560 of context), is here --tokens-per-sample
+# 3072 --context-window 2560 --sample-break-mode complete; its datastore flags
+# (--sample-break-mode none --context-window 1536: 1536 new tokens after up to 1536 of
+# context) are --tokens-per-sample 3072 --context-window 1536. Small mode keeps the same
+# protocol at a 256-token window.
 set -euo pipefail
 
 CORPUS=${CORPUS:-wikitext-103}
@@ -59,6 +64,7 @@ else
   OVERFIT_MAX_TOKENS=${OVERFIT_MAX_TOKENS:-3072}
   EXTRA_EVAL_FLAGS=${EXTRA_EVAL_FLAGS:---fp16}
 fi
+EVAL_BREAK_MODE=${EVAL_BREAK_MODE:-complete}
 RUN=${RUN:-runs/${CORPUS}_${ARCH}}
 K=${K:-1024}
 LMBDA=${LMBDA:-0.25}
@@ -68,7 +74,12 @@ DSTORE=$RUN/dstore
 RESULTS=$RUN/results
 HEADS=$RUN/heads
 LOGS=$RUN/logs
-WINDOW=(--tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" --context-window "$EVAL_CONTEXT_WINDOW")
+WINDOW=(--tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" --context-window "$EVAL_CONTEXT_WINDOW"
+        --sample-break-mode "$EVAL_BREAK_MODE")
+# the datastore's own window: scoring the training text with it makes each token's
+# nearest neighbour its own entry, the one --ignore-top drops
+DSTORE_WINDOW=(--tokens-per-sample "$DSTORE_TOKENS_PER_SAMPLE"
+               --context-window "$DSTORE_CONTEXT_WINDOW")
 # word-level perplexity as the paper reports it: '@@' pieces joined back into words
 WORDS=(); [[ $BPE == subword ]] && WORDS=(--remove-bpe "@@ ")
 
@@ -89,8 +100,7 @@ done
 # 2. datastore of the training split, att and ffn keys (resumes after a kill)
 log "build-dstore"
 $KNNLM build-dstore "$DATA_BIN" --path "$CKPT" --gen-subset train --dstore-dir "$DSTORE" \
-  --knn-keytype att,ffn --tokens-per-sample "$DSTORE_TOKENS_PER_SAMPLE" \
-  --context-window "$DSTORE_CONTEXT_WINDOW" 2>&1 | tee -a "$LOGS/build_dstore.log"
+  --knn-keytype att,ffn "${DSTORE_WINDOW[@]}" 2>&1 | tee -a "$LOGS/build_dstore.log"
 
 # 3. indexes: both keytypes, L2 and inner product (knnlm analyze reuses them)
 for keytype in att ffn; do
@@ -141,9 +151,10 @@ declare -A HEAD_FLAGS=(
 # datastore entry dropped by --ignore-top), the share of each token type where kNN beats the LM
 if [[ ! -f $HEADS/knn_helped.json ]]; then
   log "loss weights"
-  $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset train "${WINDOW[@]}" \
+  $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset train "${DSTORE_WINDOW[@]}" \
     --max-eval-tokens "$WEIGHT_TOKENS" --knnlm --dstore-filename "$DSTORE" --k "$K" \
     --probe "$PROBE" --lmbda "$LMBDA" --knn-temp 1 --ignore-top \
+    --knn-sim-func do_not_recomp_l2 \
     --save-scores "$RESULTS/train_lm_scores.npy" --save-knn-scores "$RESULTS/train_knn_scores.npy" \
     2>&1 | tee "$LOGS/loss_weights.log"
   $KNNLM loss-weights "$DATA_BIN" --scores "$RESULTS/train_lm_scores.npy" \

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.blocks import batch_windows
+from .data.blocks import BREAK_MODES, batch_windows
 from .data.preprocess import DataBin
 from .distributed import setup_distributed
 from .guard import check_output, output_lock
@@ -66,6 +66,9 @@ class BuildDstoreConfig:
     context_window: int | None = flag(None, "tokens of extra left context before each block "
                                       "(default 0; HF models given no --tokens-per-sample: "
                                       "half the window)")
+    sample_break_mode: str = flag("none", "blocks ignore lines (none), hold whole lines "
+                                  "(complete) or one line each (eos), as eval-lm's",
+                                  choices=BREAK_MODES)
     max_tokens: int = flag(8192, "padded tokens per batch")
     max_dstore_tokens: int = flag(0, "only the first N tokens of the split (0: all): a "
                                   "datastore of a slice")
@@ -106,7 +109,9 @@ def datastore_meta(cfg: BuildDstoreConfig, model, databin: DataBin, fingerprint:
         pos_dtype="int32" if n < np.iinfo(np.int32).max else "int64",
         split=cfg.gen_subset, data_dir=str(Path(databin.path).resolve()),
         **({"first_tokens": cfg.max_dstore_tokens} if cfg.max_dstore_tokens else {}),
-        blocking=dict(tokens_per_sample=T, context_window=C),
+        blocking=dict(tokens_per_sample=T, context_window=C,
+                      **({"sample_break_mode": cfg.sample_break_mode}
+                         if cfg.sample_break_mode != "none" else {})),
         model_fingerprint=fingerprint, tokenizer_sha256=databin.tokenizer_sha256,
         vocab_size=databin.vocab_size, rows_written=0, complete=False)
 
@@ -152,7 +157,7 @@ def _dump(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.device,
           tokens: np.ndarray, meta: dict, T: int, C: int, on_batch, dist) -> dict:
     """The forward passes and writes of :func:`build_dstore` (resumable, rank-aware)."""
     n = len(tokens)
-    windows = make_windows(n, tokens, databin.eos, T, C, "none")
+    windows = make_windows(n, tokens, databin.eos, T, C, cfg.sample_break_mode)
     if dist is not None and dist.enabled:
         writer, progress, windows = _open_rank(cfg, meta, windows, dist)
         done = progress["done"]

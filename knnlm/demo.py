@@ -5,7 +5,7 @@ Stages: fetch the corpus -> byte-level BPE (8k) data-bin -> train the ``small`` 
 datastore of the training split (att and ffn keys) -> FAISS index over the att keys ->
 `knnlm tune` on valid (a kNN-LM evaluation with a retrieval cache, then a sweep of λ, T,
 k and score mode; the best point goes to the index's ``tuned.json``) -> `eval-lm --knnlm`
-on test at the original defaults (λ 0.25, T 1), and with no λ/T flags, which uses the
+on test at the paper's settings (λ 0.25, T 1), and with no λ/T flags, which uses the
 tuned settings (a new user's path). Each stage is skipped when its output already
 exists, so an interrupted demo picks up where it stopped. Ends with a results table and
 each stage's wall time; everything lands under ``--workdir`` (results in
@@ -159,7 +159,7 @@ def main(cfg: DemoConfig) -> dict:
                                                                max(1, cfg.k // 4), cfg.k})))
     tuned = _stage("tune on valid", timings, tune.main, tcfg)
     held = tuned["heldout"]
-    # test: the original defaults, then eval-lm with no λ/T flags (the tuned settings)
+    # test: the paper's settings, then eval-lm with no λ/T flags (the tuned settings)
     untuned = _stage("eval-lm --knnlm test, λ 0.25, T 1", timings, _eval, evaluate.EvalConfig(
         **common, gen_subset="test", knnlm=True, k=cfg.k, lmbda=0.25, knn_temp=1.0,
         results_path=str(work / "knnlm_test_untuned.json")))

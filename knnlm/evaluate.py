@@ -74,7 +74,10 @@ class EvalConfig(KnnOptions):
                                       "--tokens-per-sample: half the window)")
     max_eval_tokens: int = flag(0, "score only the first N tokens of the split (0: all)")
     sample_break_mode: str = flag("none", "blocks ignore lines (none), hold whole lines "
-                                  "(complete) or one line each (eos)", choices=BREAK_MODES)
+                                  "(complete) or one line each (eos); with --context-window, "
+                                  "fairseq's LMContextWindowDataset (the papers' WikiText "
+                                  "protocol: complete, --context-window 2560)",
+                                  choices=BREAK_MODES)
     max_tokens: int = flag(8192, "padded tokens per batch")
     softmax_batch: int = flag(4096, "positions per output-softmax chunk (bounds memory)")
     remove_bpe: str | None = flag(None, "dictionary data: BPE continuation marker to join "
@@ -121,8 +124,6 @@ class EvalConfig(KnnOptions):
                 self.context_window >= self.tokens_per_sample:
             raise UserError(f"--context-window ({self.context_window}) must be smaller than "
                             f"--tokens-per-sample ({self.tokens_per_sample})")
-        if self.context_window and self.sample_break_mode != "none":
-            raise UserError("--context-window needs --sample-break-mode none")
         for name in ("max_tokens", "softmax_batch"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
@@ -143,8 +144,6 @@ class EvalConfig(KnnOptions):
             if self.gate and self.save_retrieval:
                 raise UserError("--gate and --save-retrieval are exclusive (a cache holds every "
                                 "token's neighbours; sweep the gate with knnlm train-gate)")
-            if self.sample_break_mode != "none":
-                raise UserError("--knnlm needs --sample-break-mode none")
         for name in ("results_path", "save_scores", "save_tokens", "save_knn_scores",
                      "save_queries"):
             check_output(getattr(self, name), "file", "--" + name.replace("_", "-"))
@@ -157,6 +156,7 @@ class EvalConfig(KnnOptions):
             knn_keytype=self.knn_keytype, tokens_per_sample=self.tokens_per_sample,
             context_window=self.context_window, max_tokens=self.max_tokens,
             dstore_fp32=self.dstore_fp32, dstore_size=self.dstore_size, cpu=self.cpu,
+            sample_break_mode=self.sample_break_mode,
             max_dstore_tokens=self.max_eval_tokens,
             device=self.device, overwrite=self.overwrite, quiet=self.quiet)
 
@@ -353,6 +353,7 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
                                    search_backend=knn_scorer.knn.backend,
                                    settings=knn_scorer.knn.settings,
                                    efficiency=knn_scorer.efficiency(),
+                                   ignore_top=knn_scorer.ignore_top_report(),
                                    datastore=datastore_record(knn_scorer.knn.ds))
         knn_scorer.close(dict(lm=res["ppl"], knn=res["knn"]["ppl"],
                               interpolated=res["interpolated"]["ppl"]))

@@ -17,7 +17,7 @@ streamers are HF's own. Rows without any neighbour keep the model's distribution
 
 The datastore must come from the same model (`knnlm build-dstore --hf-model`; checked by
 fingerprint). Settings resolve as in eval-lm: explicit arguments, else the index's
-``tuned.json`` (`knnlm tune`), else the original defaults (:mod:`knnlm.knn.tuned`).
+``tuned.json`` (`knnlm tune`), else the defaults (:mod:`knnlm.knn.tuned`).
 """
 from __future__ import annotations
 

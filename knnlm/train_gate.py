@@ -82,7 +82,8 @@ def lm_features(ecfg: dict, cache: RetrievalCache, databin: DataBin, ds: Datasto
         raise UserError(f"{cache.path}: its targets are not the first {cache.size:,} tokens of "
                         f"the {ecfg['gen_subset']} split of {databin.path}")
     T, C = resolve_window(model, ecfg.get("tokens_per_sample"), ecfg.get("context_window"))
-    windows = make_windows(len(tokens), tokens, databin.eos, T, C, "none")
+    windows = make_windows(len(tokens), tokens, databin.eos, T, C,
+                           ecfg.get("sample_break_mode", "none"))
     keytype = normalize_keytype(ecfg["knn_keytype"])
     out = None
     bar = tqdm(total=len(tokens), unit="tok", desc="LM features", disable=True if quiet else None)
@@ -156,7 +157,7 @@ def curves(lam_hat: np.ndarray, lm: np.ndarray, knn: np.ndarray, lmbda: float,
 
 def tuned_settings(ecfg: dict, ds: Datastore) -> dict:
     """λ and T of the index's tuned.json (`knnlm tune`) when it tunes this datastore;
-    the cache `knnlm tune` leaves behind was evaluated at the original defaults. A broken
+    the cache `knnlm tune` leaves behind was evaluated at the defaults. A broken
     file is an error; one of another datastore is ignored, with a warning."""
     keytype, metric = normalize_keytype(ecfg["knn_keytype"]), ecfg.get("faiss_metric_type", "l2")
     exact = bool(ecfg.get("exact_search"))

@@ -6,7 +6,7 @@ Inputs: what `eval-lm --knnlm` takes (a data-bin, ``--path`` or ``--hf-model``,
 (default valid) the held-out split, and the grids ``--lmbda``, ``--knn-temp``, ``--k``,
 ``--score`` (as in `knnlm sweep`). Steps:
 
-1. `eval-lm --knnlm` on the split at the original defaults (λ 0.25, T 1) and the largest k
+1. `eval-lm --knnlm` on the split at the paper's settings (λ 0.25, T 1) and the largest k
    of the grid, with a retrieval cache that holds both FAISS and exact distances
    (``--save-retrieval``, default ``<index>.tune-<split>``; a complete cache of the same
    evaluation is reused, an interrupted one resumed);
@@ -93,7 +93,7 @@ class TuneConfig(evaluate.EvalConfig):
                             "(exact search's scores are exact already)")
         self.eval_cfg = evaluate.EvalConfig(**{
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(evaluate.EvalConfig)},
-            # the original defaults, explicitly: the evaluation never reads tuned settings
+            # the defaults, explicitly: the evaluation never reads tuned settings
             "knnlm": True, "lmbda": DEFAULTS["lmbda"], "knn_temp": DEFAULTS["knn_temp"], "k": max(self.ks),
             "save_retrieval": str(self.cache_dir),
             "save_exact_dists": self.load_keys and not self.exact_search})

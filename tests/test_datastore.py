@@ -159,3 +159,37 @@ def test_keys_that_overflow_fp16_are_refused(bpe_databin, tmp_path):
     build_dstore.main(dstore_cfg(bpe_databin, ckpt, tmp_path / "ds32", knn_keytype="att",
                                  dstore_fp32=True))
     assert np.abs(Datastore(tmp_path / "ds32").keys("att")).max() > 65504
+
+
+def test_whole_line_blocks_give_fairseqs_keys_and_the_same_queries(bpe_databin, tiny_ckpt,
+                                                                   tmp_path):
+    """build-dstore --sample-break-mode complete --context-window C: each key is the
+    representation under the context fairseq's eval-lm gives its position (computed
+    alone, one forward pass each), and eval-lm --knnlm with the same flags searches with
+    those very vectors as queries."""
+    from knnlm import evaluate
+    from test_eval import fairseq_context_starts
+    out = tmp_path / "ds"
+    build_dstore.main(dstore_cfg(bpe_databin, tiny_ckpt, out, knn_keytype="att",
+                                 tokens_per_sample=16, context_window=8,
+                                 sample_break_mode="complete", max_dstore_tokens=200))
+    ds = Datastore(out)
+    assert ds.meta["blocking"] == dict(tokens_per_sample=16, context_window=8,
+                                       sample_break_mode="complete")
+    tokens = np.asarray(bpe_databin.split("valid"))[:200]
+    starts = fairseq_context_starts(tokens, bpe_databin.eos, 16, 8, "complete")
+    stream_in = np.concatenate([[bpe_databin.eos], tokens[:-1]]).astype(np.int64)
+    model = model_from_checkpoint(load_checkpoint(tiny_ckpt)).eval()
+    for i in range(0, 200, 3):
+        with torch.no_grad():
+            _, hid = model(torch.from_numpy(stream_in[starts[i]:i + 1])[None],
+                           return_hidden=("att",))
+        np.testing.assert_allclose(ds.keys("att")[i].astype(np.float32), hid["att"][0, -1].numpy(),
+                                   rtol=2e-3, atol=2e-3)
+    evaluate.main(evaluate.EvalConfig(
+        data=str(bpe_databin.path), path=str(tiny_ckpt), gen_subset="valid", tokens_per_sample=16,
+        context_window=8, sample_break_mode="complete", max_eval_tokens=200, knnlm=True,
+        dstore_filename=str(out), exact_search=True, k=4, lmbda=0.25, knn_temp=1.0,
+        save_queries=str(tmp_path / "q.npy"), max_tokens=64, quiet=True))
+    np.testing.assert_allclose(np.load(tmp_path / "q.npy"), ds.keys("att")[:200].astype(np.float32),
+                               rtol=2e-3, atol=2e-3)

@@ -12,19 +12,88 @@ from knnlm.data.blocks import score_windows
 from knnlm.data.tokenizer import Dictionary, count_words
 
 
-def token_by_token(model, tokens, eos, T, C, n):
+def token_by_token(model, tokens, eos, T, C, n, starts=None):
     """log p(t_i) from one forward pass per target over exactly the left context the
-    blocked evaluation gives it (its window's context plus the block prefix)."""
+    blocked evaluation gives it (its window's context plus the block prefix; ``starts``:
+    where each target's context starts, else the none-mode windows')."""
     out = np.zeros(n)
     stream_in = np.concatenate([[eos], tokens[:-1]]).astype(np.int64)
-    for w in score_windows(n, T, C):
-        for i in range(w.score_start, w.end):
-            x = torch.from_numpy(stream_in[w.ctx_start:i + 1])[None]
-            with torch.no_grad():
-                f, _ = model(x)
-                lp = torch.log_softmax(model.output_layer(f[0, -1]).double(), -1)
-            out[i] = lp[int(tokens[i])].item()
+    if starts is None:
+        starts = np.zeros(n, dtype=np.int64)
+        for w in score_windows(n, T, C):
+            starts[w.score_start:w.end] = w.ctx_start
+    for i in range(n):
+        x = torch.from_numpy(stream_in[starts[i]:i + 1])[None]
+        with torch.no_grad():
+            f, _ = model(x)
+            lp = torch.log_softmax(model.output_layer(f[0, -1]).double(), -1)
+        out[i] = lp[int(tokens[i])].item()
     return out
+
+
+def fairseq_context_starts(tokens, eos, T, C, mode):
+    """Where each target's context starts under fairseq's eval-lm with
+    ``--sample-break-mode MODE --context-window C`` on a T-token model, written as
+    fairseq's code runs: TokenBlockDataset (block T - C; whole lines) and
+    LMContextWindowDataset's ``prev_tokens`` carried from block to block. Lines longer
+    than T are first cut into T-token pieces (knnlm's one departure: fairseq would feed
+    the model more than T positions)."""
+    ends = list(np.flatnonzero(np.asarray(tokens) == eos) + 1)
+    if not ends or ends[-1] != len(tokens):
+        ends.append(len(tokens))
+    sizes, prev_end = [], 0
+    for e in ends:
+        size = e - prev_end
+        while size > T:
+            sizes.append(T)
+            size -= T
+        sizes.append(size)
+        prev_end = e
+    block, slices, tok, cur = T - C, [], 0, 0
+    for sz in sizes:
+        if mode == "complete" and (cur == 0 or cur + sz <= block):
+            cur += sz
+            continue
+        if cur:
+            slices.append((tok, tok + cur))
+            tok += cur
+        cur = sz
+        if mode == "eos":
+            slices.append((tok, tok + cur))
+            tok, cur = tok + cur, 0
+    if cur:
+        slices.append((tok, tok + cur))
+    starts, prev = np.zeros(len(tokens), dtype=np.int64), []
+    for s, e in slices:
+        extra = len(prev) + (e - s) - T           # max_sample_len = block + C = T
+        if extra > 0:
+            prev = prev[extra:]
+        starts[s:e] = prev[0] if prev else s
+        prev = (prev + list(range(s, e)))[-C:]   # C > 0, as fairseq asserts
+    return starts
+
+
+@pytest.mark.parametrize("mode", ["complete", "eos"])
+@pytest.mark.parametrize("T,C", [(16, 8), (12, 11), (24, 4)])
+def test_whole_line_blocks_with_context_equal_fairseqs_protocol(bpe_databin, tiny_ckpt, tmp_path,
+                                                                 mode, T, C):
+    """--sample-break-mode complete/eos with a context window: every target is scored once,
+    with exactly the context fairseq's eval-lm gives it (token by token, in one forward
+    pass each), and no input longer than T."""
+    model = model_from_checkpoint(load_checkpoint(tiny_ckpt))
+    tokens = np.asarray(bpe_databin.split("valid"))[:300]
+    cfg = evaluate.EvalConfig(data=str(bpe_databin.path), path=str(tiny_ckpt), gen_subset="valid",
+                              tokens_per_sample=T, context_window=C, sample_break_mode=mode,
+                              max_eval_tokens=300, max_tokens=64, save_scores=str(tmp_path / "s.npy"),
+                              quiet=True)
+    res = evaluate.eval_lm(model, bpe_databin, cfg, torch.device("cpu"))
+    scores = np.load(tmp_path / "s.npy")
+    assert res["tokens"] == 300 and (scores < 0).all()
+    starts = fairseq_context_starts(tokens, bpe_databin.eos, T, C, mode)
+    assert (np.arange(300) - starts < T).all()                 # inputs of at most T
+    assert (starts < np.arange(300)).sum() > 250               # and context is given
+    ref = token_by_token(model, tokens, bpe_databin.eos, T, C, 300, starts)
+    np.testing.assert_allclose(scores, ref, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("T,C,max_tokens", [(16, 0, 64), (16, 8, 40), (12, 11, 1000), (7, 3, 7)])

@@ -247,3 +247,23 @@ def test_killed_knnlm_eval_resumes_to_identical_outputs(bpe_databin, trained_ckp
               "cache/exact_dists.npy", "cache/lm_logprobs.npy", "cache/words.npy"):
         assert (tmp_path / "ref" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert RetrievalCache(tmp_path / "b" / "cache").meta["complete"]
+
+
+def test_ignore_top_reports_whether_it_dropped_the_tokens_own_entry(bpe_databin, trained_ckpt,
+                                                                    trained_dstore, tmp_path,
+                                                                    capsys):
+    """With the datastore's split and window, every dropped neighbour is the token's own
+    entry (or a duplicate of it); with another window (the loss-weight stage's mistake in
+    the fork's script) it often is not, and a warning says so."""
+    common = dict(gen_subset="train", exact_search=True, ignore_top=True, max_eval_tokens=3000)
+    same = run_eval(kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path,
+                         tokens_per_sample=64, context_window=32, **common))
+    rep = same["interpolated"]["ignore_top"]
+    assert rep["tokens"] == 3000 and rep["dropped_own_entry"] == 3000
+    assert "--ignore-top dropped" not in capsys.readouterr().err
+    other = run_eval(kcfg(bpe_databin, trained_ckpt, trained_dstore, tmp_path,
+                          tokens_per_sample=48, context_window=8, **common))
+    assert other["interpolated"]["ignore_top"]["share"] < 0.95
+    err = capsys.readouterr().err
+    assert "--ignore-top dropped the token's own entry for only" in err
+    assert "--tokens-per-sample 64 --context-window 32 --sample-break-mode none" in err

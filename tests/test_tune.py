@@ -114,7 +114,7 @@ def test_eval_lm_without_lambda_and_temp_reproduces_the_tuned_number(
 
 
 def test_explicit_flags_win(bpe_databin, trained_ckpt, ds_copy, tuned, capsys):
-    # λ given: the tuned file is not read at all; the rest are the original defaults
+    # λ given: the tuned file is not read at all; the rest are the defaults
     res = evaluate.main(evaluate.EvalConfig(**common(bpe_databin, trained_ckpt, ds_copy),
                                             gen_subset="valid", knnlm=True, lmbda=0.1, k=16))
     m = res["interpolated"]

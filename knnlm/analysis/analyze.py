@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..data.blocks import BREAK_MODES
 from ..data.preprocess import DataBin
 from ..guard import check_output, output_lock
 from ..io import read_json, write_json_atomic
@@ -58,6 +59,8 @@ class AnalyzeConfig:
     max_eval_tokens: int = flag(0, "evaluate the first N tokens of the split (0: all)")
     tokens_per_sample: int | None = flag(None, "eval window (default: the model's max positions)")
     context_window: int = flag(0, "eval left context per block")
+    sample_break_mode: str = flag("none", "eval blocks: none | complete | eos (eval-lm's)",
+                                  choices=BREAK_MODES)
     max_tokens: int = flag(8192, "padded tokens per eval batch")
     k: int = flag(1024, "neighbours per query")
     probe: int = flag(32, "nprobe of the approximate searches")

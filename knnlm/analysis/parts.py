@@ -76,6 +76,7 @@ class Runner:
         ecfg = evaluate.EvalConfig(
             data=c.data, path=c.path, gen_subset=c.gen_subset, max_eval_tokens=c.max_eval_tokens,
             tokens_per_sample=c.tokens_per_sample, context_window=c.context_window,
+            sample_break_mode=c.sample_break_mode,
             max_tokens=c.max_tokens, knnlm=True, dstore_filename=str(ds.path),
             indexfile=None if exact_search else str(indexfile), k=c.k, probe=probe or c.probe,
             lmbda=0.25, knn_temp=1.0,   # explicit: never an index's tuned settings
@@ -96,6 +97,7 @@ class Runner:
             data=c.data, path=ckpt, gen_subset=subset or c.gen_subset,
             max_eval_tokens=c.max_eval_tokens if max_eval_tokens is None else max_eval_tokens,
             tokens_per_sample=c.tokens_per_sample, context_window=c.context_window,
+            sample_break_mode=c.sample_break_mode,
             max_tokens=c.max_tokens, save_scores=str(self.out / "evals" / f"{name}_scores.npy"),
             results_path=str(self.out / "evals" / f"{name}.json"), cpu=c.cpu, quiet=c.quiet)
         if not self._done(ecfg, Path(ecfg.save_scores)):

@@ -12,6 +12,14 @@ the targets are cut into consecutive blocks of T - C tokens; each block is fed w
 preceding tokens as extra left context, which is not scored. Every target is scored exactly
 once, and no input is longer than T. (fairseq eval-lm does the same: it shrinks the
 blocks by the context window and prepends the previous C tokens.)
+
+With ``--sample-break-mode complete`` (or ``eos``) the blocks hold whole lines, packed up
+to T - C tokens (one line each for ``eos``); a longer line is a block of its own, whole up
+to T tokens, and each block gets the min(C, T - its length) tokens before it as context —
+fairseq's TokenBlockDataset and LMContextWindowDataset, which the kNN-LM papers' WikiText
+evaluation uses (``--sample-break-mode complete --context-window 2560`` on a 3072-token
+model). One departure: a line longer than T is cut into blocks of T (fairseq would feed the
+model more positions than it has).
 """
 from __future__ import annotations
 
@@ -71,15 +79,17 @@ def line_bounds(tokens: np.ndarray, eos: int) -> np.ndarray:
 
 
 def train_blocks(tokens: np.ndarray, eos: int, tokens_per_sample: int,
-                 mode: str = "none") -> np.ndarray:
-    """(B, 2) array of [start, end) target ranges for training samples.
+                 mode: str = "none", longest: int | None = None) -> np.ndarray:
+    """(B, 2) array of [start, end) target ranges (training samples; scored blocks).
 
     ``none``: consecutive blocks of ``tokens_per_sample`` tokens, ignoring lines.
-    ``complete``: as many whole lines as fit; a line longer than a block is split.
-    ``eos``: one line per block (split when longer than a block).
+    ``complete``: as many whole lines as fit; a line longer than a block is a block of its
+    own, cut into pieces of ``longest`` (default: the block size) when longer still.
+    ``eos``: one line per block (cut as ``complete`` cuts).
     """
     n = len(tokens)
     T = tokens_per_sample
+    cut = longest or T
     if mode == "none":
         starts = np.arange(0, n, T, dtype=np.int64)
         return np.stack([starts, np.minimum(starts + T, n)], axis=1)
@@ -93,9 +103,9 @@ def train_blocks(tokens: np.ndarray, eos: int, tokens_per_sample: int,
         if cur is not None:
             out.append(cur)
             cur = None
-        while e - s > T:  # overlong line: cut it
-            out.append((s, s + T))
-            s += T
+        while e - s > cut:  # overlong line: cut it
+            out.append((s, s + cut))
+            s += cut
         cur = (s, e)
         if mode == "eos":
             out.append(cur)
@@ -103,6 +113,18 @@ def train_blocks(tokens: np.ndarray, eos: int, tokens_per_sample: int,
     if cur is not None:
         out.append(cur)
     return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def line_windows(tokens: np.ndarray, eos: int, tokens_per_sample: int, context_window: int,
+                 mode: str) -> list[Window]:
+    """Scoring windows of whole lines (``complete`` / ``eos``): blocks packed up to
+    T - C tokens, each with min(C, T - block length) tokens of left context (module
+    docstring)."""
+    T, C = tokens_per_sample, context_window
+    if not 0 <= C < T:
+        raise ValueError("need 0 <= context_window < tokens_per_sample")
+    blocks = train_blocks(tokens, eos, T - C, mode, longest=T)
+    return [Window(int(s - min(C, s, T - (e - s))), int(s), int(e)) for s, e in blocks]
 
 
 def batch_windows(windows: list[Window], max_tokens: int | None,

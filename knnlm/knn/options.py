@@ -23,7 +23,8 @@ class KnnOptions:
                                "index's tuned settings (knnlm tune), else 0.25)")
     knn_temp: float | None = flag(None, "--knnlm: softmax temperature over neighbour scores "
                                   "(default: the index's tuned settings, else 1)")
-    probe: int = flag(32, "--knnlm: IVF lists probed per query (nprobe)")
+    probe: int = flag(8, "--knnlm: IVF lists probed per query (nprobe; the original code's "
+                      "default)")
     k_factor: float | None = flag(None, "--knnlm: an index with a refine stage (factory "
                                   "suffix RFlat / Refine(SQfp16)): its base index is searched "
                                   "for k x this many candidates, re-ranked exactly (FAISS "

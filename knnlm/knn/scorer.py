@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..io import open_token_memmap
-from ..util import config_dict
+from ..util import config_dict, warn
 from . import math as knn_math
 from .cache import CacheWriter
 from .gate import Gate, adaptive_stats
@@ -64,6 +64,14 @@ class KnnScorer:
             self.gate_counts = dict(steps=0, searches=0)
         if self.walk is not None and resume and "walk" in self.progress:
             self.walk.restore(self.progress["walk"])
+        # --ignore-top: how often the dropped nearest neighbour was the token's own entry
+        self.own_entry, self.self_hits = None, dict(tokens=0, own=0)
+        if cfg.ignore_top:
+            pos = np.asarray(ds.pos, dtype=np.int64)
+            self.own_entry = np.full(int(pos.max()) + 1, -1, dtype=np.int64)
+            self.own_entry[pos] = np.arange(len(pos))
+            if resume and "self_hits" in self.progress:
+                self.self_hits = dict(self.progress["self_hits"])
         self.knn_scores = self.queries = None
         if cfg.save_knn_scores:
             self.knn_scores = open_token_memmap(cfg.save_knn_scores, n_tokens, np.float32, resume)
@@ -92,7 +100,39 @@ class KnnScorer:
                 arr.flush()
         if self.walk is not None:
             progress = dict(progress, walk=self.walk.state())
+        if self.own_entry is not None:
+            progress = dict(progress, self_hits=self.self_hits)
         self.cache.commit(progress)
+
+    def _count_self_hits(self, start: int, dropped: np.ndarray) -> None:
+        """Count the tokens whose dropped neighbour is their own entry, or a duplicate of it
+        (an entry with the same key: repeated text, a tie)."""
+        p = np.arange(start, start + len(dropped))
+        own = np.where(p < len(self.own_entry),
+                       self.own_entry[np.minimum(p, len(self.own_entry) - 1)], -1)
+        hit = dropped == own
+        other = np.flatnonzero(~hit & (own >= 0) & (dropped >= 0))
+        if len(other):
+            keys = self.knn.ds.keys(self.keytype)
+            hit[other] = (np.asarray(keys[dropped[other]]) == np.asarray(keys[own[other]])).all(1)
+        self.self_hits["tokens"] += len(dropped)
+        self.self_hits["own"] += int(hit.sum())
+
+    def ignore_top_report(self) -> dict | None:
+        """--ignore-top: the share of tokens whose dropped nearest neighbour was their own
+        entry, warned about when low (another window or split than the datastore's)."""
+        if self.own_entry is None:
+            return None
+        n, own = self.self_hits["tokens"], self.self_hits["own"]
+        share = own / max(n, 1)
+        blocking = self.knn.ds.meta.get("blocking", {})
+        if n and share < 0.95:
+            warn(f"--ignore-top dropped the token's own entry for only {share:.1%} of the "
+                 f"tokens: evaluate the datastore's split ({self.knn.ds.meta.get('split')}) "
+                 f"with its window (--tokens-per-sample {blocking.get('tokens_per_sample')} "
+                 f"--context-window {blocking.get('context_window')} --sample-break-mode "
+                 f"{blocking.get('sample_break_mode', 'none')}), and exact or refined distances")
+        return dict(tokens=n, dropped_own_entry=own, share=share)
 
     def efficiency(self) -> dict | None:
         """What the search-saving method did (None: every token searched)."""
@@ -147,13 +187,16 @@ class KnnScorer:
 
     def _score_chunk(self, start, q, targets, lm_lp, words, found=None,
                      starts=None) -> np.ndarray:
-        if found is None and self.walk is None and self.cache is None and self.knn.on_device:
+        if found is None and self.walk is None and self.cache is None and self.knn.on_device \
+                and self.own_entry is None:
             r = self.knn.scores_on_device(q)    # the torch backend: no trip through the host
             return knn_math.knn_target_log_probs_fast(
                 r["scores"], r["vals"], torch.from_numpy(targets).to(r["vals"].device),
                 self.cfg.knn_temp, r["mask"], r["log_counts"]).cpu().numpy()
         r = self.walk.search_streams(q, targets, starts) if self.walk is not None else \
             self.knn.search(q, found)
+        if self.own_entry is not None:
+            self._count_self_hits(start, r["dropped"])
         dev, counts = self.math_device, r.get("log_counts")
         mask = None if bool(r["mask"].all()) else r["mask"]   # none missing: no masking
         lp = knn_math.knn_target_log_probs_fast(

@@ -284,8 +284,9 @@ class KnnSearch:
         ``found``: the (D, I) of these queries, already searched (:meth:`search_all`)."""
         q = self.project(q)
         D, I = found if found is not None else self.retriever.search(q)
+        dropped = None
         if self.cfg.ignore_top:   # scoring the datastore's own text: drop the self-hit
-            D, I = D[:, 1:], I[:, 1:]
+            D, I, dropped = D[:, 1:], I[:, 1:], I[:, 0]
         vals = self.retriever.values(I)
         exact, mode = None, self.mode
         if mode.recompute or self.need_exact:
@@ -293,7 +294,7 @@ class KnnSearch:
         dist = exact if mode.recompute else D
         scores = knn_math.scores_from_distances(torch.from_numpy(dist), mode.metric)
         return dict(D=D, I=I, vals=vals, exact=exact, scores=scores, mask=torch.from_numpy(I >= 0),
-                    log_counts=self.retriever.log_counts(I))
+                    log_counts=self.retriever.log_counts(I), dropped=dropped)
 
     @property
     def on_device(self) -> bool:

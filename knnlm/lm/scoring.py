@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..data.blocks import Window, batch_windows, score_windows, shifted_inputs, train_blocks
+from ..data.blocks import Window, batch_windows, line_windows, score_windows, shifted_inputs
 from ..util import UserError
 from .device import autocast_context
 
@@ -104,8 +104,7 @@ def make_windows(n_tokens: int, tokens: np.ndarray, eos: int, tokens_per_sample:
                  context_window: int, mode: str) -> list[Window]:
     if mode == "none":
         return score_windows(n_tokens, tokens_per_sample, context_window)
-    blocks = train_blocks(tokens, eos, tokens_per_sample, mode)
-    return [Window(int(s), int(s), int(e)) for s, e in blocks]
+    return line_windows(tokens[:n_tokens], eos, tokens_per_sample, context_window, mode)
 
 
 @torch.no_grad()
