@@ -50,7 +50,8 @@ class TrainGateConfig:
                                   "settings, else the cache's)")
     lmbda: float | None = flag(None, "the fixed λ of the curves (default: the index's tuned "
                                "settings, else the cache's)")
-    gate_query: bool = flag(False, "also feed the query vector to the gate")
+    gate_query: bool = flag(True, "feed the query vector to the gate (efficient-knnlm's ctxt "
+                            "feature, in its 'all' set)", negative=("--no-gate-query",))
     valid_fraction: float = flag(0.2, "last share of the tokens held out to measure the gate")
     epochs: int = flag(30, "passes over the training tokens (the best held-out epoch is kept)")
     lr: float = flag(1e-3, "Adam learning rate")

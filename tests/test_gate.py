@@ -42,10 +42,18 @@ def test_ngram_counts_equal_a_counting_loop():
     for n in gate_mod.NGRAM_ORDERS:
         ctx = [tuple(padded[4 + t - n:4 + t]) for t in range(len(stream))]
         counts = Counter(ctx)
+        followers = {}                              # fertility: distinct next tokens
+        for c, tok in zip(ctx, stream.tolist()):
+            followers.setdefault(c, set()).add(tok)
         probe = rng.integers(0, 5, 300)
         pctx = [tuple(([9] * 4 + probe.tolist())[4 + t - n:4 + t]) for t in range(len(probe))]
         got = gate_mod.lookup_counts(tables, gate_mod.context_hashes(probe, 9, n, 0, len(probe)), n)
         assert got.tolist() == [counts.get(c, 0) for c in pctx]
+        fert = gate_mod.lookup_counts(tables, gate_mod.context_hashes(probe, 9, n, 0, len(probe)),
+                                      n, "fert")
+        assert fert.tolist() == [len(followers.get(c, ())) for c in pctx]
+        if n == 1:
+            assert 1 < max(fert) <= 5
         mid = gate_mod.context_hashes(probe, 9, n, 100, 180)      # a slice: same hashes
         assert np.array_equal(mid, gate_mod.context_hashes(probe, 9, n, 0, len(probe))[100:180])
 
@@ -57,6 +65,9 @@ def test_train_gate_curves_and_files(trained_gate):
     assert rows[1.0]["gate_ppl"] == pytest.approx(rows[1.0]["random_ppl"])   # all searched
     assert meta["train_tokens"] + meta["valid_tokens"] == N
     assert len(meta["quantiles"]) == 1001 and meta["features"][0] == "lm_entropy"
+    # efficient-knnlm's "all" features by default: LM, counts, fertility, the query
+    assert meta["features"][2:10] == list(gate_mod.COUNT_FEATURES + gate_mod.FERTILITY_FEATURES)
+    assert meta["use_query"] and meta["features"][-1] == "query_31"
     g = gate_mod.Gate(root / "gate")      # loads with weights_only, npz without pickles
     assert g.threshold(0.0, None) > 1 and g.threshold(1.0, None) < 0
 
@@ -80,7 +91,7 @@ def test_gated_eval_searches_the_top_tokens(bpe_databin, trained_ckpt, trained_d
     g = gate_mod.Gate(root / "gate")
     cache = RetrievalCache(root / "cache")
     x, _ = train_gate.lm_features(cache.meta["config"], cache, DataBin(bpe_databin.path),
-                                  Datastore(trained_dstore.path), g.tables, False,
+                                  Datastore(trained_dstore.path), g.tables, g.use_query,
                                   torch.device("cpu"), True)
     keep = g.net.lambdas(x) >= eff["threshold"]
     assert eff["searches"] == keep.sum() and eff["steps"] == N

@@ -274,3 +274,24 @@ def test_head_flags_need_a_base_model(bpe_databin, tmp_path):
     bad.write_text(json.dumps([1, 2]))
     assert run(["train", str(bpe_databin.path), "--max-update", "1", "--arch", "tiny",
                 "--num-extra-embed-file", str(bad), "--save-dir", str(tmp_path / "x")]) == 2
+
+
+def test_mixture_of_softmaxes_is_initialised_as_fairseqs_linear():
+    """The fork's MoS layers are fairseq Linear()s: xavier-uniform weights, each of the k
+    projections on its own (d, d) fan, and zero biases (PyTorch's default init differs:
+    kaiming bounds 1/sqrt(d), random biases)."""
+    import math
+    from conftest import tiny_model
+    torch.manual_seed(0)
+    model = tiny_model(300, k_mos=4, decoder_embed_dim=64)
+    d, k = 64, 4
+    bound = math.sqrt(6 / (d + d))
+    for block in model.mos_proj.weight.detach().view(k, d, d):
+        assert block.abs().max() <= bound
+        assert block.abs().max() > 0.98 * bound                 # uniform up to the bound
+        assert block.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert (model.mos_proj.bias == 0).all()
+    prior = model.mos_prior.weight.detach()
+    assert prior.abs().max() <= math.sqrt(6 / (d + k))
+    assert prior.std().item() == pytest.approx(math.sqrt(6 / (d + k)) / math.sqrt(3), rel=0.1)
+    assert (model.mos_prior.bias == 0).all()

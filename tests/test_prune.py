@@ -25,6 +25,19 @@ def test_greedy_merge_by_hand():
     assert counts.tolist() == [4, 5]      # counts carry over
 
 
+def test_greedy_merge_absorbs_only_untouched_entries():
+    """efficient-knnlm's rule: an entry that has absorbed others is not absorbed in turn
+    (no count moves two hops), whatever the order of the visits."""
+    vals = np.array([5, 5, 5, 5])
+    nb = np.array([[1, -1], [2, -1], [1, -1], [0, 1]])
+    kept, counts = prune.greedy_merge(nb, vals, order=np.array([1, 0, 2, 3]))
+    # 1 absorbs 2 first; 0 may not absorb 1 (grown); 3 absorbs 0 (untouched), not 1
+    assert kept.tolist() == [1, 3] and counts.tolist() == [2, 2]
+    kept, counts = prune.greedy_merge(nb, vals)  # by row: 0 absorbs 1; 3 may not take 0
+    assert kept.tolist() == [0, 2, 3] and counts.tolist() == [2, 1, 1]
+    assert counts.sum() == len(vals)
+
+
 def test_counts_equal_duplicated_entries():
     g = torch.Generator().manual_seed(0)
     scores, vals = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6, 5), generator=g)

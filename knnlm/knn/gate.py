@@ -7,7 +7,10 @@ Features of position t (all known before its target):
 - the LM's entropy and max log-prob at t;
 - ``log(1 + count)`` in the datastore's text of the n-gram of the last n input tokens,
   n = 1..4 (hashed n-grams of the training stream, counted once into ``ngrams.npz``);
-- optionally the query vector itself (``--gate-query``).
+- their fertility, ``log(1 + the number of distinct tokens that follow them)`` there
+  (efficient-knnlm's ``fert``);
+- the query vector itself (``ctxt``; ``--no-gate-query`` leaves it out). With these the
+  gate has the reference's "all" features.
 
 The network (an MLP) outputs λ̂ = σ(z) and is trained, on a held-out split's retrieval
 cache, to maximise log((1 − λ̂) p_LM + λ̂ p_kNN): efficient-knnlm's objective. At eval
@@ -35,7 +38,9 @@ from ..util import UserError, first_line
 NGRAM_ORDERS = (1, 2, 3, 4)
 HASH_MULT = np.uint64(0x9E3779B97F4A7C15)   # odd: a bijective multiply mod 2^64
 HIDDEN = 128
-FEATURES = ("lm_entropy", "lm_max_logprob") + tuple(f"log1p_count_{n}gram" for n in NGRAM_ORDERS)
+COUNT_FEATURES = tuple(f"log1p_count_{n}gram" for n in NGRAM_ORDERS)
+FERTILITY_FEATURES = tuple(f"log1p_fertility_{n}gram" for n in NGRAM_ORDERS)
+FEATURES = ("lm_entropy", "lm_max_logprob") + COUNT_FEATURES + FERTILITY_FEATURES
 
 
 def context_hashes(tokens: np.ndarray, eos: int, n: int, start: int, end: int) -> np.ndarray:
@@ -56,31 +61,45 @@ def context_hashes(tokens: np.ndarray, eos: int, n: int, start: int, end: int) -
 
 
 def count_ngrams(tokens: np.ndarray, eos: int, chunk: int = 1 << 22) -> dict[str, np.ndarray]:
-    """Sorted unique n-gram hashes and their counts over a token stream, n in NGRAM_ORDERS
-    (the contexts of every position, as :func:`context_hashes` makes them)."""
+    """Sorted unique n-gram hashes, their counts and their fertilities (distinct next
+    tokens) over a token stream, n in NGRAM_ORDERS (the contexts of every position, as
+    :func:`context_hashes` makes them)."""
     out = {}
+    nxt = np.asarray(tokens, dtype=np.int64)
     for n in NGRAM_ORDERS:
-        parts = [context_hashes(tokens, eos, n, s, min(len(tokens), s + chunk))
-                 for s in range(0, len(tokens), chunk)]
-        keys, counts = np.unique(np.concatenate(parts), return_counts=True)
+        h = np.concatenate([context_hashes(tokens, eos, n, s, min(len(tokens), s + chunk))
+                            for s in range(0, len(tokens), chunk)])
+        keys, counts = np.unique(h, return_counts=True)
         out[f"keys{n}"], out[f"counts{n}"] = keys, counts.astype(np.int64)
+        order = np.lexsort((nxt, h))                       # by context, then next token
+        hs, ts = h[order], nxt[order]
+        first = np.ones(len(hs), dtype=bool)
+        first[1:] = (hs[1:] != hs[:-1]) | (ts[1:] != ts[:-1])
+        ctx, fert = np.unique(hs[first], return_counts=True)   # the same sorted keys
+        out[f"fert{n}"] = fert.astype(np.int64)
     return out
 
 
-def lookup_counts(tables: dict, hashes: np.ndarray, n: int) -> np.ndarray:
-    keys, counts = tables[f"keys{n}"], tables[f"counts{n}"]
+def lookup_counts(tables: dict, hashes: np.ndarray, n: int, what: str = "counts") -> np.ndarray:
+    """The ``what`` (counts | fert) of each context hash; 0 for contexts never seen."""
+    keys, values = tables[f"keys{n}"], tables[f"{what}{n}"]
     i = np.minimum(np.searchsorted(keys, hashes), len(keys) - 1)
-    return np.where(keys[i] == hashes, counts[i], 0)
+    return np.where(keys[i] == hashes, values[i], 0)
 
 
 def features(stats: np.ndarray, tokens: np.ndarray, eos: int, start: int, end: int,
              tables: dict, query: np.ndarray | None = None) -> np.ndarray:
     """(M, F) float32 features of positions [start, end): ``stats`` (M, 2) the LM's entropy
-    and max log-prob there, the n-gram counts of their contexts, and ``query`` (M, D)."""
+    and max log-prob there, the n-gram counts of their contexts and (tables that have them:
+    a gate trained before they were added has not) their fertilities, and ``query``
+    (M, D)."""
     cols = [np.asarray(stats, dtype=np.float32)]
-    for n in NGRAM_ORDERS:
-        c = lookup_counts(tables, context_hashes(tokens, eos, n, start, end), n)
-        cols.append(np.log1p(c.astype(np.float32))[:, None])
+    hashes = {n: context_hashes(tokens, eos, n, start, end) for n in NGRAM_ORDERS}
+    kinds = ("counts", "fert") if f"fert{NGRAM_ORDERS[0]}" in tables else ("counts",)
+    for what in kinds:
+        for n in NGRAM_ORDERS:
+            c = lookup_counts(tables, hashes[n], n, what)
+            cols.append(np.log1p(c.astype(np.float32))[:, None])
     if query is not None:
         cols.append(np.asarray(query, dtype=np.float32))
     return np.concatenate(cols, axis=1)

@@ -54,7 +54,7 @@ class PruneConfig:
     probe: int = flag(32, "merge: nprobe of that search")
     ratio: float = flag(0.5, "random: share of the entries kept")
     clusters: int = flag(4096, "kmeans: number of clusters")
-    seed: int = flag(1, "seed of random and kmeans")
+    seed: int = flag(1, "seed of random, kmeans and the order merge visits the entries in")
     overwrite: bool = flag(False, "replace a datastore of another configuration at the "
                            "output")
     quiet: bool = flag(False, "no progress bars")
@@ -71,21 +71,26 @@ class PruneConfig:
         check_output(self.out, "dir", "--out")
 
 
-def greedy_merge(neighbours: np.ndarray, vals: np.ndarray,
-                 counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(kept rows, their counts): entry i, unless merged away, absorbs its neighbours of the
-    same value not merged away (``neighbours`` (N, k'), -1 for none; ``counts``: the
-    entries' counts so far, 1 each by default)."""
+def greedy_merge(neighbours: np.ndarray, vals: np.ndarray, counts: np.ndarray | None = None,
+                 order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, their counts), efficient-knnlm's greedy merging: the entries are visited
+    in ``order`` (default: by row); one not merged away absorbs those of its neighbours
+    with its value that are still untouched — neither merged away nor grown by absorbing
+    others — so a count never moves more than one hop (``neighbours`` (N, k'), -1 for
+    none; ``counts``: the entries' counts so far, 1 each by default)."""
     n = len(vals)
     counts = np.ones(n, dtype=np.float64) if counts is None else counts.astype(np.float64)
     gone = np.zeros(n, dtype=bool)
-    for i in tqdm(range(n), desc="merge", unit="entry", mininterval=2, disable=n < 1 << 16):
+    grown = np.zeros(n, dtype=bool)
+    for i in tqdm(range(n) if order is None else order, desc="merge", unit="entry",
+                  mininterval=2, disable=n < 1 << 16):
         if gone[i]:
             continue
         for j in neighbours[i]:
-            if j < 0 or j == i or gone[j] or vals[j] != vals[i]:
+            if j < 0 or j == i or gone[j] or grown[j] or vals[j] != vals[i]:
                 continue
             gone[j] = True
+            grown[i] = True
             counts[i] += counts[j]
     kept = np.flatnonzero(~gone)
     return kept, counts[kept]
@@ -127,7 +132,8 @@ def kmeans_entries(ds: Datastore, cfg: PruneConfig):
 
 def pruned_meta(ds: Datastore, cfg: PruneConfig, m: int, keytypes: list[str],
                 key_dtype: str) -> dict:
-    params = dict(merge=dict(merge_k=cfg.merge_k, probe=cfg.probe, keytype=cfg.knn_keytype),
+    params = dict(merge=dict(merge_k=cfg.merge_k, probe=cfg.probe, keytype=cfg.knn_keytype,
+                             seed=cfg.seed),
                   random=dict(ratio=cfg.ratio, seed=cfg.seed),
                   kmeans=dict(clusters=cfg.clusters, seed=cfg.seed,
                               keytype=cfg.knn_keytype))[cfg.method]
@@ -156,8 +162,9 @@ def _prune(ds: Datastore, cfg: PruneConfig) -> dict:
         rows, keytypes, key_dtype = None, [cfg.knn_keytype], "float32"
     else:
         if cfg.method == "merge":
+            order = np.random.default_rng(cfg.seed).permutation(ds.size)
             rows, counts = greedy_merge(merge_neighbours(ds, cfg), np.asarray(ds.vals),
-                                        parent_counts)
+                                        parent_counts, order)
         else:
             rows = subset_rows(ds.size, cfg.ratio, cfg.seed)
             counts = np.ones(len(rows)) if parent_counts is None else parent_counts[rows]

@@ -230,6 +230,17 @@ class TransformerLM(nn.Module):
             nn.init.normal_(self.output_projection.weight, mean=0.0, std=d ** -0.5)
         if self.cfg.additional_linear:  # zero: training starts from the base model
             nn.init.zeros_(self.additional_linear.weight)
+        if self.cfg.k_mos > 1:
+            # the fork's k projections Linear(d, d) and prior Linear(d, k), initialised as
+            # fairseq's Linear(): xavier-uniform weights (each projection on its own fan),
+            # zero biases
+            with torch.no_grad():
+                for block in self.mos_proj.weight.view(self.cfg.k_mos, d, d):
+                    nn.init.xavier_uniform_(block)
+                nn.init.zeros_(self.mos_proj.bias)
+                nn.init.xavier_uniform_(self.mos_prior.weight)
+                if self.mos_prior.bias is not None:
+                    nn.init.zeros_(self.mos_prior.bias)
 
     # parameter-name prefixes of the output head (the rest is the body)
     HEAD_PARAMS = ("output_projection.", "mos_proj.", "mos_prior.", "additional_linear.")
