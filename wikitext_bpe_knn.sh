@@ -161,6 +161,10 @@ if [[ ! -f $HEADS/knn_helped.json ]]; then
     --knn-scores "$RESULTS/train_knn_scores.npy" --out "$HEADS/knn_helped.json" \
     2>&1 | tee -a "$LOGS/loss_weights.log"
 fi
+# the heads and the overfitting stage keep this project's recipe (Adam, betas (0.9, 0.98),
+# cosine for the heads), written out since train's defaults are fairseq's (NAG, lr 0.25,
+# clip 25); the fork's scripts fine-tune with NAG at fixed rates instead
+ADAM=(--optimizer adam --adam-betas "(0.9, 0.98)")
 HEAD_LIST=""
 for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp ffn_kv1 ffn_kv1_weighted; do
   log "head $name"
@@ -169,7 +173,8 @@ for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp ffn_kv1 ffn_kv1_w
     ${HEAD_FLAGS[$name]} --tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" \
     --max-tokens "$HEAD_MAX_TOKENS" --lr 0 --max-lr "$HEAD_LR" --lr-scheduler cosine \
     --warmup-updates $((HEAD_UPDATES / 10)) --max-update "$HEAD_UPDATES" --validate-interval 0 \
-    --max-valid-tokens 30000 --seed "$SEED" 2>&1 | tee -a "$LOGS/head_$name.log"
+    "${ADAM[@]}" --clip-norm 0 --max-valid-tokens 30000 --seed "$SEED" \
+    2>&1 | tee -a "$LOGS/head_$name.log"
   HEAD_LIST+="${HEAD_LIST:+,}$name=$HEADS/$name/checkpoint_last.pt"
 done
 
@@ -207,7 +212,8 @@ if (( OVERFIT_EPOCHS > 0 )); then
     --dropout 0 --attention-dropout 0 --activation-dropout 0 \
     --tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" --max-tokens "$OVERFIT_MAX_TOKENS" \
     --lr "$OVERFIT_LR" --max-epoch "$OVERFIT_EPOCHS" --save-interval 1 --validate-interval 1 \
-    --max-valid-tokens 30000 --clip-norm 1 --seed "$SEED" 2>&1 | tee -a "$LOGS/overfit.log"
+    --max-valid-tokens 30000 "${ADAM[@]}" --clip-norm 1 --seed "$SEED" \
+    2>&1 | tee -a "$LOGS/overfit.log"
   OVERFIT_FLAGS=(--overfit-dir "$RUN/overfit")
 fi
 

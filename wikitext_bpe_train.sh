@@ -27,6 +27,7 @@ if [[ $CORPUS == shakespeare ]]; then   # small mode: sized for 2 CPU cores
   MAX_TOKENS=${MAX_TOKENS:-4096}
   UPDATE_FREQ=${UPDATE_FREQ:-1}
   OPTIMIZER=${OPTIMIZER:-adam}
+  ADAM_BETAS=${ADAM_BETAS:-(0.9, 0.98)}
   LR=${LR:-0}                            # fairseq's cosine: --lr is the floor,
   MAX_LR=${MAX_LR:-2e-3}                 # --max-lr the peak
   WARMUP_INIT_LR=${WARMUP_INIT_LR:-0}
@@ -107,7 +108,8 @@ fi
 # shellcheck disable=SC2086
 "${LAUNCH[@]}" train "$DATA_BIN" --arch "$ARCH" --save-dir "$SAVE_DIR" \
   --tokens-per-sample "$TOKENS_PER_SAMPLE" --max-tokens "$MAX_TOKENS" --update-freq "$UPDATE_FREQ" \
-  --optimizer "$OPTIMIZER" --lr "$LR" --max-lr "$MAX_LR" --min-lr "$MIN_LR" \
+  --optimizer "$OPTIMIZER" --adam-betas "${ADAM_BETAS:-(0.9, 0.999)}" \
+  --lr "$LR" --max-lr "$MAX_LR" --min-lr "$MIN_LR" \
   --lr-scheduler cosine --lr-period-updates "$LR_PERIOD_UPDATES" --t-mult "$T_MULT" \
   --lr-shrink "$LR_SHRINK" --warmup-init-lr "$WARMUP_INIT_LR" \
   --warmup-updates "$WARMUP_UPDATES" --max-update "$MAX_UPDATE" --clip-norm "$CLIP_NORM" \

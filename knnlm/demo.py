@@ -127,6 +127,7 @@ def _model_stages(cfg: DemoConfig, work: Path, timings: dict) -> tuple[dict, str
     train_res = _stage("train", timings, train.main, train.TrainConfig(
         data=str(data_dir), arch=cfg.arch, save_dir=str(work / "checkpoints"),
         tokens_per_sample=cfg.tokens_per_sample, max_tokens=cfg.max_tokens, lr=0.0,
+        optimizer="adam", adam_betas="(0.9, 0.98)",
         max_lr=cfg.lr, lr_scheduler="cosine", warmup_updates=max(1, cfg.max_update // 10),
         max_update=cfg.max_update, validate_interval_updates=max(1, cfg.max_update // 4),
         max_valid_tokens=30_000, clip_norm=1.0, seed=cfg.seed, quiet=cfg.quiet))

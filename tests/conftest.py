@@ -93,6 +93,7 @@ def trained_ckpt(bpe_databin, tmp_path_factory) -> Path:
     from knnlm.lm import train
     root = tmp_path_factory.mktemp("trained")
     train.main(train.TrainConfig(data=str(bpe_databin.path), arch="tiny", save_dir=str(root),
+                                 optimizer="adam", adam_betas="(0.9, 0.98)", clip_norm=0.0,
                                  tokens_per_sample=64, max_tokens=512, lr=3e-3, max_update=40,
                                  validate_interval=0, max_valid_tokens=256, quiet=True))
     return root / "checkpoint_last.pt"

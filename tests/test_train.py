@@ -1,5 +1,6 @@
 """Training: loss goes down, schedules, exact resume, DDP equals one process."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -192,3 +193,55 @@ def test_ctrl_c_saves_the_last_update_and_exits_130(bpe_databin, tmp_path):
     pa, pb = params(tmp_path / "ref" / "checkpoint_last.pt"), params(ckpt)
     for name in pa:
         assert torch.equal(pa[name], pb[name]), name
+
+
+@pytest.mark.parametrize("patience", [0, 2])
+def test_reduce_lr_on_plateau_equals_torchs_scheduler(patience):
+    """fairseq's reduce_lr_on_plateau is torch's ReduceLROnPlateau (mode min, relative
+    threshold), stepped with each epoch's validation loss after warm-up: the same learning
+    rates over a loss curve that improves, stalls, improves by less than the threshold."""
+    from knnlm.lm.optim import Plateau
+    losses = [5.0, 4.0, 4.0, 3.9999, 3.5, 3.6, 3.7, 3.2, 3.2, 3.2, 3.2, 3.0]
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.25)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5,
+                                                     patience=patience, threshold=1e-4)
+    state = {}
+    plateau = Plateau(state, shrink=0.5, threshold=1e-4, patience=patience)
+    for loss in losses:
+        ref.step(loss)
+        plateau.step(loss)
+        ours = lr_at(100, scheduler="reduce_lr_on_plateau", lr=0.25, warmup_updates=10,
+                     plateau_scale=state["plateau_scale"])
+        assert ours == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+    assert state["plateau_scale"] < 1
+    # warm-up: linear from 0 (no --warmup-init-lr) to --lr, the plateau not yet applied
+    assert lr_at(5, scheduler="reduce_lr_on_plateau", lr=0.25, warmup_updates=10,
+                 plateau_scale=0.1) == pytest.approx(0.125)
+
+
+def test_train_defaults_are_fairseqs(bpe_databin, tmp_path):
+    """Where fairseq has the flag, the default is fairseq's: NAG, lr 0.25, Adam betas
+    (0.9, 0.999), --clip-norm 25, the fixed schedule, --lr-shrink 0.1."""
+    c = train.TrainConfig(data=str(bpe_databin.path), save_dir=str(tmp_path), max_update=1)
+    assert (c.optimizer, c.lr, c.adam_betas, c.clip_norm, c.lr_scheduler, c.lr_shrink,
+            c.momentum) == ("nag", 0.25, "(0.9, 0.999)", 25.0, "fixed", 0.1, 0.99)
+
+
+def test_reduce_lr_on_plateau_in_training_shrinks_after_a_bad_epoch(bpe_databin, tmp_path):
+    """Trained for epochs with reduce_lr_on_plateau: the state saved with the checkpoint
+    records each epoch-end validation, and a resumed run keeps the shrunk rate."""
+    res = train.main(tiny_cfg(bpe_databin, tmp_path / "p", lr_scheduler="reduce_lr_on_plateau",
+                              optimizer="nag", lr=5.0, clip_norm=0.0, max_update=0, max_epoch=3,
+                              validate_interval=1, lr_shrink=0.5, max_tokens=4096))
+    state = load_checkpoint(tmp_path / "p" / "checkpoint_last.pt")["train_state"]
+    log = [json.loads(x) for x in (tmp_path / "p" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["valid_loss"] * math.log(2) for r in log if r["epoch"] > 1][:3]
+    want, best = 1.0, None
+    for loss in losses:                     # the rule, by hand
+        if best is None or loss < best * (1 - 1e-4):
+            best = loss
+        else:
+            want *= 0.5
+    assert state["plateau_scale"] == pytest.approx(want)
+    assert want < 1 and res["num_updates"] > 0            # lr 5 is too high: it shrank

@@ -38,7 +38,7 @@ from ..knn import math as knn_math
 from ..util import UserError, config_dict
 from .checkpoint import CKPT_FORMAT, CKPT_VERSION, load_checkpoint, save_checkpoint
 from .device import autocast_context
-from .optim import build_optimizer, lr_at
+from .optim import Plateau, build_optimizer, lr_at
 from .progress import TrainProgress
 from .scoring import iter_scored
 from .train_config import TrainConfig  # noqa: F401  (the command's config: knnlm.lm.train.TrainConfig)
@@ -244,7 +244,7 @@ class Trainer:
         return lr_at(step, scheduler=c.lr_scheduler, lr=c.lr, warmup_updates=c.warmup_updates,
                      warmup_init_lr=c.warmup_init_lr, max_update=c.max_update,
                      lr_period_updates=c.lr_period_updates, max_lr=c.max_lr, t_mult=c.t_mult,
-                     lr_shrink=c.lr_shrink)
+                     lr_shrink=c.lr_shrink, plateau_scale=self.state.get("plateau_scale", 1.0))
 
     def _done(self, t_start: float) -> bool:
         c, s = self.cfg, self.state
@@ -296,10 +296,14 @@ class Trainer:
         self.state["tokens_seen"] += ntok
         return nll, ntok
 
-    def validate(self, epoch: int | None = None) -> float:
+    def validate(self, epoch: int | None = None, epoch_end: bool = False) -> float:
         c = self.cfg
         loss = validate(self.model, self.databin, c.valid_subset, c.tokens_per_sample,
                         c.max_tokens, c.max_valid_tokens, self.device, self.dist, self.amp)
+        if epoch_end and c.lr_scheduler == "reduce_lr_on_plateau" and \
+                self.state["num_updates"] > c.warmup_updates:
+            # fairseq steps it with each epoch's validation loss, once warm-up is over
+            Plateau(self.state, c.lr_shrink, c.lr_threshold, c.lr_patience).step(loss)
         best = self.state["best_loss"]
         is_best = best is None or loss < best
         if is_best:
@@ -359,7 +363,7 @@ class Trainer:
                 done = s["epoch"] - 1
                 keep = done if c.save_interval and done % c.save_interval == 0 else None
                 if c.validate_interval and done % c.validate_interval == 0:
-                    progress.valid(self.validate(epoch=keep))
+                    progress.valid(self.validate(epoch=keep, epoch_end=True))
                 else:
                     self.save(epoch=keep)
         self._tick()

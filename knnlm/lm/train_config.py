@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..data.blocks import BREAK_MODES
 from ..guard import check_output
 from ..util import UserError, flag
-from .optim import OPTIMIZERS, SCHEDULERS
+from .optim import OPTIMIZERS, SCHEDULERS, parse_betas
 from .transformer import ARCHS
 
 
@@ -22,16 +22,18 @@ class TrainConfig:
     batch_size: int | None = flag(None, "samples per batch (default: from --max-tokens)",
                                   aliases=("--max-sentences",))
     update_freq: int = flag(1, "batches accumulated per update")
-    optimizer: str = flag("adam", "adam | nag", choices=OPTIMIZERS)
-    lr: float = flag(5e-4, "learning rate (the peak of fixed and inverse_sqrt; the floor of "
-                     "cosine, as in fairseq)")
+    # fairseq's defaults wherever fairseq has the flag
+    optimizer: str = flag("nag", "nag | adam (fairseq's default: nag)", choices=OPTIMIZERS)
+    lr: float = flag(0.25, "learning rate (the peak of fixed, inverse_sqrt and "
+                     "reduce_lr_on_plateau; the floor of cosine, as in fairseq)")
     max_lr: float | None = flag(None, "cosine: the peak learning rate (> --lr)")
-    adam_betas: str = flag("(0.9, 0.98)", "Adam betas")
+    adam_betas: str = flag("(0.9, 0.999)", "Adam betas")
     adam_eps: float = flag(1e-8, "Adam epsilon")
     momentum: float = flag(0.99, "NAG momentum")
     weight_decay: float = flag(0.0, "weight decay")
-    clip_norm: float = flag(0.0, "clip gradients to this global norm (0: off)")
-    lr_scheduler: str = flag("fixed", "fixed | inverse_sqrt | cosine", choices=SCHEDULERS)
+    clip_norm: float = flag(25.0, "clip gradients to this global norm (0: off)")
+    lr_scheduler: str = flag("fixed", "fixed | inverse_sqrt | cosine | reduce_lr_on_plateau",
+                             choices=SCHEDULERS)
     warmup_updates: int = flag(0, "linear warm-up updates")
     warmup_init_lr: float = flag(-1.0, "learning rate at the start of warm-up (-1: 0, or "
                                  "--lr for cosine)")
@@ -39,7 +41,11 @@ class TrainConfig:
     lr_period_updates: int = flag(-1, "cosine: updates of the first period (default: "
                                   "max-update minus warm-up)")
     t_mult: float = flag(1.0, "cosine: each period is this many times longer than the last")
-    lr_shrink: float = flag(0.1, "cosine: floor and peak are scaled by this at each restart")
+    lr_shrink: float = flag(0.1, "cosine: floor and peak are scaled by this at each restart; "
+                            "reduce_lr_on_plateau: the learning rate, after a bad epoch")
+    lr_threshold: float = flag(1e-4, "reduce_lr_on_plateau: relative improvement of the "
+                               "validation loss that counts")
+    lr_patience: int = flag(0, "reduce_lr_on_plateau: bad epochs tolerated before shrinking")
     max_update: int = flag(0, "stop after this many updates (0: no limit)")
     max_epoch: int = flag(0, "stop after this many epochs (0: no limit)")
     stop_time_hours: float = flag(0.0, "stop after this much wall time (0: no limit)")
@@ -109,6 +115,16 @@ class TrainConfig:
                 raise UserError("--t-mult must be > 0 and --lr-shrink in (0, 1]")
         elif self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
+        parse_betas(self.adam_betas)             # checked whatever the optimizer
+        if self.optimizer != "adam" and (self.adam_betas != "(0.9, 0.999)"
+                                         or self.adam_eps != 1e-8):
+            raise UserError("--adam-betas and --adam-eps act with --optimizer adam")
+        if self.optimizer != "nag" and self.momentum != 0.99:
+            raise UserError("--momentum acts with --optimizer nag")
+        if self.lr_scheduler == "reduce_lr_on_plateau" and not (
+                0 < self.lr_shrink < 1 and self.lr_threshold >= 0 and self.lr_patience >= 0):
+            raise UserError("reduce_lr_on_plateau needs --lr-shrink in (0, 1), --lr-threshold "
+                            ">= 0 and --lr-patience >= 0")
         for name in ("weight_decay", "clip_norm", "max_update", "max_epoch", "stop_time_hours",
                      "warmup_updates", "validate_interval_updates", "save_interval_updates",
                      "save_interval", "max_valid_tokens", "validate_interval"):
