@@ -73,6 +73,7 @@ class BuildDstoreConfig:
     max_dstore_tokens: int = flag(0, "only the first N tokens of the split (0: all): a "
                                   "datastore of a slice")
     dstore_fp32: bool = flag(False, "store keys in fp32 (default fp16)")
+    dstore_fp16: bool = flag(False, "fp16 keys: the default (the original code's flag)")
     dstore_size: int | None = flag(None, "expected number of entries (checked; computed anyway)")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
@@ -81,6 +82,8 @@ class BuildDstoreConfig:
     quiet: bool = flag(False, "no progress bar")
 
     def __post_init__(self):
+        if self.dstore_fp16 and self.dstore_fp32:
+            raise UserError("--dstore-fp16 and --dstore-fp32 are exclusive")
         check_model_source(self.path, self.hf_model)
         check_output(self.dstore_dir, "dir", "--dstore-dir")
         self.keytypes = [normalize_keytype(k) for k in self.knn_keytype.split(",") if k.strip()]

@@ -14,6 +14,7 @@ memmaps.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import time
@@ -37,6 +38,7 @@ from .guard import check_output, output_lock, temp_path
 from .io import open_npy, open_token_memmap, read_json, write_json_atomic
 from .knn import math as knn_math
 from .knn.centroids import load_centroids
+from .knn.datastore import normalize_keytype
 from .knn.exact import merge_topk
 from .knn.options import KnnOptions
 from .knn.scorer import KnnScorer
@@ -45,7 +47,7 @@ from .lm.checkpoint import check_model_source, load_lm
 from .lm.heads import CentroidOutput
 from .lm.device import resolve_device
 from .lm.scoring import iter_scored, make_windows, resolve_window
-from .util import UserError, config_dict, flag
+from .util import FairseqTaskFlags, UserError, config_dict, flag
 
 @dataclass
 class Batch:
@@ -62,7 +64,7 @@ class Batch:
 
 
 @dataclass
-class EvalConfig(KnnOptions):
+class EvalConfig(KnnOptions, FairseqTaskFlags):
     data: str = flag(help="data-bin directory", positional=True)
     path: str | None = flag(None, "checkpoint to evaluate")
     hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
@@ -81,7 +83,13 @@ class EvalConfig(KnnOptions):
     max_tokens: int = flag(8192, "padded tokens per batch")
     softmax_batch: int = flag(4096, "positions per output-softmax chunk (bounds memory)")
     remove_bpe: str | None = flag(None, "dictionary data: BPE continuation marker to join "
-                                  "words for per-word perplexity (e.g. '@@ ')")
+                                  "words for per-word perplexity (given alone: '@@ ', as in "
+                                  "fairseq)", const="@@ ")
+    bpe: str | None = flag(None, "fairseq's --bpe (subword_nmt, gpt2): accepted; --remove-bpe "
+                           "joins the pieces into words")
+    model_overrides: str = flag("{}", "fairseq's checkpoint overrides: only {'knn_keytype': K} "
+                                "(the model returns every keytype here; K must agree with "
+                                "--knn-keytype)")
     save_scores: str | None = flag(None, "write per-token target log-probs (.npy, natural log)")
     save_tokens: str | None = flag(None, "write the scored target tokens (.npy)")
     results_path: str | None = flag(None, "write the results as JSON")
@@ -95,8 +103,9 @@ class EvalConfig(KnnOptions):
     dstore_mmap: str | None = flag(None, "--save-knnlm-dstore: datastore directory")
     dstore_fp32: bool = flag(False, "--save-knnlm-dstore: fp32 keys (default fp16)")
     dstore_fp16: bool = flag(False, "--save-knnlm-dstore: fp16 keys, the default (original "
-                             "flag; with --knnlm the datastore records its key dtype)")
-    dstore_size: int | None = flag(None, "--save-knnlm-dstore: expected entries (checked)")
+                             "flag); --knnlm: accepted, the datastore records its key dtype")
+    dstore_size: int | None = flag(None, "--save-knnlm-dstore: expected entries (checked); "
+                                   "--knnlm: the datastore's size (checked)")
     load_centroids: str | None = flag(None, "score with centroids of datastore keys as the "
                                       "output layer (knnlm centroids: centroids.npy)")
     load_centroid_distribution: str | None = flag(None, "--load-centroids: P(w | centroid), "
@@ -122,8 +131,13 @@ class EvalConfig(KnnOptions):
             raise UserError(f"--context-window must be >= 0, got {self.context_window}")
         if None not in (self.tokens_per_sample, self.context_window) and \
                 self.context_window >= self.tokens_per_sample:
-            raise UserError(f"--context-window ({self.context_window}) must be smaller than "
-                            f"--tokens-per-sample ({self.tokens_per_sample})")
+            # only fairseq's command lines say this (eval_lm ignores --tokens-per-sample and
+            # takes the model's window); knnlm's --tokens-per-sample counts the context
+            print(f"--context-window {self.context_window} >= --tokens-per-sample "
+                  f"{self.tokens_per_sample}: the model's window is used, as fairseq's eval_lm "
+                  "does (knnlm's --tokens-per-sample counts the context)")
+            self.tokens_per_sample = None
+        self._check_model_overrides()
         for name in ("max_tokens", "softmax_batch"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
@@ -148,6 +162,23 @@ class EvalConfig(KnnOptions):
                      "save_queries"):
             check_output(getattr(self, name), "file", "--" + name.replace("_", "-"))
         check_output(self.save_retrieval, "dir", "--save-retrieval")
+
+    def _check_model_overrides(self) -> None:
+        """fairseq's --model-overrides: the fork passes {'knn_keytype': ...} so that its
+        model returns those features; here every keytype is returned, so the only override
+        accepted is one that agrees with --knn-keytype."""
+        try:
+            over = ast.literal_eval(self.model_overrides)
+        except (ValueError, SyntaxError):
+            raise UserError(f"--model-overrides must be a Python dict literal, got "
+                            f"{self.model_overrides!r}")
+        if not isinstance(over, dict) or set(over) - {"knn_keytype"}:
+            raise UserError("--model-overrides: only {'knn_keytype': ...} is understood here "
+                            f"(got {self.model_overrides})")
+        if "knn_keytype" in over and normalize_keytype(str(over["knn_keytype"])) != \
+                normalize_keytype(self.knn_keytype.split(",")[0]):
+            raise UserError(f"--model-overrides knn_keytype {over['knn_keytype']!r} disagrees "
+                            f"with --knn-keytype {self.knn_keytype}")
 
     def to_build_dstore(self):
         """The equivalent `knnlm build-dstore` config (the original --save-knnlm-dstore)."""

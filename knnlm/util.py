@@ -40,20 +40,29 @@ def warn(message: str) -> None:
 
 def flag(default: Any = dataclasses.MISSING, help: str = "", *, aliases: tuple = (),
          choices: tuple | None = None, positional: bool = False, metavar: str | None = None,
-         negative: tuple = ()) -> Any:
+         negative: tuple = (), const: Any = None) -> Any:
     """A dataclass field that knows its command-line form.
 
     ``aliases`` are extra spellings (the original code's names); ``negative`` are flags
-    that set a positive boolean to False (``--no-load-keys`` for ``load_keys``).
+    that set a positive boolean to False (``--no-load-keys`` for ``load_keys``); ``const``
+    is the value of the flag given without one (fairseq's ``nargs='?'``).
     """
     meta = dict(help=help, aliases=tuple(aliases), choices=choices, positional=positional,
-                metavar=metavar, negative=tuple(negative))
+                metavar=metavar, negative=tuple(negative), const=const)
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(kw_only=True)
+class FairseqTaskFlags:
+    """fairseq flags of the fork's command lines that ask for what knnlm always does;
+    accepted so that those lines run as written."""
+    task: str = flag("language_modeling", "fairseq's task (language_modeling: the only one)",
+                     choices=("language_modeling",))
 
 
 def finite_float(text: str) -> float:
@@ -124,6 +133,8 @@ def build_parser(cls, prog: str, description: str | None = None,
             kw["type"] = finite_float if tp is float else tp
             if meta["choices"]:
                 kw["choices"] = meta["choices"]
+            if meta.get("const") is not None:
+                kw["nargs"], kw["const"] = "?", meta["const"]
             if meta["metavar"]:
                 kw["metavar"] = meta["metavar"]
         p.add_argument(*names, **kw)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..guard import check_output, output_lock, temp_path
 from ..io import (ENCODING_ERRORS, open_npy, read_sidecar, read_text, rewrite_output,
                   sha256_file, write_json_atomic)
-from ..util import UserError, config_dict, flag
+from ..util import FairseqTaskFlags, UserError, config_dict, flag
 from .subword import SubwordBPE
 from .tokenizer import BPETokenizer, Dictionary, HFTokenizer, load_vocab, vocab_summary
 
@@ -33,7 +33,7 @@ UINT16_LIMIT = 1 << 16
 
 
 @dataclass
-class PreprocessConfig:
+class PreprocessConfig(FairseqTaskFlags):
     destdir: str = flag(help="output data-bin directory")
     srcdir: str | None = flag(None, "directory with train.txt / valid.txt / test.txt "
                               "(what `knnlm data fetch` writes)")
@@ -62,6 +62,7 @@ class PreprocessConfig:
     encoding: str = flag("utf-8", "encoding of the text files")
     errors: str = flag("strict", "undecodable bytes are refused (strict, naming the byte "
                        "offset) or replaced / dropped", choices=ENCODING_ERRORS)
+    workers: int = flag(1, "fairseq's worker processes: accepted; binarizing runs in one")
     overwrite: bool = flag(False, "replace a data-bin made with other settings")
     quiet: bool = flag(False, "no progress bars")
 

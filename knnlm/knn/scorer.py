@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..io import open_token_memmap
-from ..util import config_dict, warn
+from ..util import UserError, config_dict, warn
 from . import math as knn_math
 from .cache import CacheWriter
 from .gate import Gate, adaptive_stats
@@ -36,6 +36,9 @@ class KnnScorer:
         # p_kNN of the targets where the search ran: on the GPU with --knnlm-gpu
         self.math_device = device if cfg.knnlm_gpu and device.type == "cuda" else torch.device("cpu")
         self.keytype, ds = self.knn.keytype, self.knn.ds
+        size = getattr(cfg, "dstore_size", None)
+        if size is not None and size != ds.size:
+            raise UserError(f"--dstore-size {size:,} but {ds.path} holds {ds.size:,} entries")
         self.mode = mode = self.knn.mode
         self.cache = None
         if cfg.save_retrieval:

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 from ..data.blocks import BREAK_MODES
 from ..guard import check_output
-from ..util import UserError, flag
+from ..util import FairseqTaskFlags, UserError, flag
 from .optim import OPTIMIZERS, SCHEDULERS, parse_betas
 from .transformer import ARCHS
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FairseqTaskFlags):
     data: str = flag(help="data-bin directory", positional=True)
     arch: str = flag("small", "model preset", choices=tuple(ARCHS))
     save_dir: str = flag("checkpoints", "where checkpoints and logs go")
@@ -93,6 +93,19 @@ class TrainConfig:
     finetune_out_embed: bool = flag(False, "train only the output layer (body frozen)")
     finetune_mos: bool = flag(False, "train only the mixture-of-softmaxes head")
     finetune_additional_linear: bool = flag(False, "train only the additional linear head")
+    # fairseq flags of the fork's command lines (what they ask for is what happens here)
+    criterion: str = flag("cross_entropy", "fairseq's criterion: cross_entropy (the loss of "
+                          "every head here; adaptive_loss is not implemented)")
+    reset_optimizer: bool = flag(False, "--restore-file: fresh optimizer (always, here)")
+    reset_dataloader: bool = flag(False, "--restore-file: data from the start (always, here)")
+    reset_meters: bool = flag(False, "--restore-file: fresh meters (always, here)")
+    reset_lr_scheduler: bool = flag(False, "--restore-file: fresh schedule (always, here)")
+    ddp_backend: str | None = flag(None, "fairseq's DDP implementation (c10d, no_c10d): "
+                                   "accepted; knnlm's multi-process training is PyTorch DDP")
+    skip_invalid_size_inputs_valid_test: bool = flag(
+        False, "accepted: no training or validation sample here exceeds --tokens-per-sample")
+    no_epoch_checkpoints: bool = flag(False, "keep no checkpoint<EPOCH>.pt (the default here; "
+                                      "--save-interval keeps them)")
     fp16: bool = flag(False, "mixed precision fp16 with loss scaling (GPU)")
     bf16: bool = flag(False, "mixed precision bf16 (GPU)")
     cpu: bool = flag(False, "train on the CPU even if a GPU is present")
@@ -115,6 +128,11 @@ class TrainConfig:
                 raise UserError("--t-mult must be > 0 and --lr-shrink in (0, 1]")
         elif self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
+        if self.criterion != "cross_entropy":
+            raise UserError(f"--criterion {self.criterion}: only cross_entropy is implemented "
+                            "(adaptive_loss and the adaptive softmax are not)")
+        if self.no_epoch_checkpoints and self.save_interval:
+            raise UserError("--no-epoch-checkpoints and --save-interval are exclusive")
         parse_betas(self.adam_betas)             # checked whatever the optimizer
         if self.optimizer != "adam" and (self.adam_betas != "(0.9, 0.999)"
                                          or self.adam_eps != 1e-8):
