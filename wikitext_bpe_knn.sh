@@ -178,9 +178,11 @@ for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp ffn_kv1 ffn_kv1_w
   HEAD_LIST+="${HEAD_LIST:+,}$name=$HEADS/$name/checkpoint_last.pt"
 done
 
-# 5b. centroids of the datastore's ffn keys as the output layer (the original's cluster/):
-#     k-means into nspecial + 2(V - nspecial) centroids, and 2 centroids per token; each
-#     alone and interpolated with the LM (sweep --score-files), on valid
+# 5b. centroids of the datastore's keys as the output layer (the original's cluster/, as
+#     the fork ran it: centroids of the att keys with the softmax reading att): k-means into
+#     nspecial + 2(V - nspecial) centroids, 2 centroids per token, and the k-means ones
+#     scored by -||h - c||^2 (use_l2); each alone and interpolated with the LM
+#     (sweep --score-files), on valid
 if [[ ! -f $RESULTS/lm_valid_scores.npy ]]; then
   $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset valid "${WINDOW[@]}" "${WORDS[@]}" \
     --max-eval-tokens "$ANALYZE_MAX_EVAL_TOKENS" --save-scores "$RESULTS/lm_valid_scores.npy"
@@ -189,16 +191,22 @@ for mode in kmeans per-word; do
   dir=$RUN/centroids/$mode
   if [[ ! -f $dir/centroids.json ]]; then
     log "centroids $mode"
-    $KNNLM centroids --dstore-dir "$DSTORE" --knn-keytype ffn --mode "$mode" --ratio 2 \
+    $KNNLM centroids --dstore-dir "$DSTORE" --knn-keytype att --mode "$mode" --ratio 2 \
       --seed "$SEED" --out "$dir" 2>&1 | tee -a "$LOGS/centroids.log"
   fi
-  if [[ ! -f $RESULTS/centroids_$mode/sweep.json ]]; then
+done
+declare -A CENTROID_RUNS=([kmeans]="kmeans" [per-word]="per-word" [kmeans_l2]="kmeans --use-l2")
+for run in kmeans per-word kmeans_l2; do
+  read -r mode extra <<< "${CENTROID_RUNS[$run]}"
+  dir=$RUN/centroids/$mode
+  if [[ ! -f $RESULTS/centroids_$run/sweep.json ]]; then
+    # shellcheck disable=SC2086
     $KNNLM eval-lm "$DATA_BIN" --path "$CKPT" --gen-subset valid "${WINDOW[@]}" "${WORDS[@]}" \
       --max-eval-tokens "$ANALYZE_MAX_EVAL_TOKENS" --load-centroids "$dir/centroids.npy" \
-      --load-centroid-distribution "$dir/centroid_dist.npz" \
-      --save-scores "$RESULTS/centroids_${mode}_scores.npy" 2>&1 | tee -a "$LOGS/centroids.log"
-    $KNNLM sweep --score-files "$RESULTS/lm_valid_scores.npy,$RESULTS/centroids_${mode}_scores.npy" \
-      --lmbda 0:1:0.01 --out "$RESULTS/centroids_$mode" 2>&1 | tee -a "$LOGS/centroids.log"
+      --load-centroid-distribution "$dir/centroid_dist.npz" $extra \
+      --save-scores "$RESULTS/centroids_${run}_scores.npy" 2>&1 | tee -a "$LOGS/centroids.log"
+    $KNNLM sweep --score-files "$RESULTS/lm_valid_scores.npy,$RESULTS/centroids_${run}_scores.npy" \
+      --lmbda 0:1:0.01 --out "$RESULTS/centroids_$run" 2>&1 | tee -a "$LOGS/centroids.log"
   fi
 done
 

@@ -112,6 +112,10 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
                                                   "a C x V sparse .npz (default: one token "
                                                   "per centroid, C = V)")
     centroid_scale: float = flag(1.0, "--load-centroids: logits = scale x h.centroid")
+    use_l2: bool = flag(False, "--load-centroids: logits = -scale x ||h - centroid||^2 (the "
+                        "original's use_l2)")
+    norm_l2: bool = flag(False, "--load-centroids: L2-normalise h first (the original's "
+                         "norm_l2)")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
     fp16: bool = flag(False, "half-precision forward (GPU)")
@@ -172,9 +176,20 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
         except (ValueError, SyntaxError):
             raise UserError(f"--model-overrides must be a Python dict literal, got "
                             f"{self.model_overrides!r}")
-        if not isinstance(over, dict) or set(over) - {"knn_keytype"}:
-            raise UserError("--model-overrides: only {'knn_keytype': ...} is understood here "
-                            f"(got {self.model_overrides})")
+        known = {"knn_keytype", "use_last_ffn_input", "use_l2", "norm_l2"}
+        if not isinstance(over, dict) or set(over) - known:
+            raise UserError("--model-overrides: only knn_keytype, and with --load-centroids "
+                            f"use_last_ffn_input, use_l2, norm_l2, are understood here (got "
+                            f"{self.model_overrides})")
+        for name in ("use_l2", "norm_l2"):       # the centroid variants: the flags of that name
+            if over.get(name):
+                if not self.load_centroids:
+                    raise UserError(f"--model-overrides {name}: only with --load-centroids")
+                setattr(self, name, True)
+        if over.get("use_last_ffn_input") and not self.load_centroids:
+            raise UserError("--model-overrides use_last_ffn_input: only with --load-centroids "
+                            "(a model trained with a softmax over att reads att by itself)")
+        self.centroid_input = "att" if over.get("use_last_ffn_input") else None
         if "knn_keytype" in over and normalize_keytype(str(over["knn_keytype"])) != \
                 normalize_keytype(self.knn_keytype.split(",")[0]):
             raise UserError(f"--model-overrides knn_keytype {over['knn_keytype']!r} disagrees "
@@ -199,6 +214,10 @@ def centroid_model(model, cfg: EvalConfig, databin: DataBin, device: torch.devic
     side = Path(cfg.load_centroids).parent / "centroids.json"
     if side.is_file():
         keytype = read_json(side, "centroids sidecar").get("keytype", "ffn")
+    wanted = getattr(cfg, "centroid_input", None)      # --model-overrides use_last_ffn_input
+    if wanted and wanted != keytype:
+        raise UserError(f"--model-overrides use_last_ffn_input: the softmax reads att, but "
+                        f"{cfg.load_centroids} holds {keytype} centroids")
     cent, (data, indices, indptr, shape), _ = load_centroids(
         cfg.load_centroids, cfg.load_centroid_distribution, databin.vocab_size,
         model.cfg.decoder_embed_dim)
@@ -208,7 +227,7 @@ def centroid_model(model, cfg: EvalConfig, databin: DataBin, device: torch.devic
     print(f"output layer: {len(cent):,} {keytype} centroids from {cfg.load_centroids}, "
           f"scale {cfg.centroid_scale:g}")
     return CentroidOutput(model, torch.from_numpy(cent), dist, cfg.centroid_scale,
-                          keytype).to(device)
+                          keytype, cfg.use_l2, cfg.norm_l2).to(device)
 
 
 def eval_lm(model, databin: DataBin, cfg: EvalConfig, device: torch.device,

@@ -35,6 +35,53 @@ def test_head_equals_a_loop():
             assert float(got[i, w]) == pytest.approx(np.log(max(p, 1e-9)), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("use_l2, norm_l2", [(True, False), (False, True), (True, True)])
+def test_the_originals_l2_variants_equal_a_loop(use_l2, norm_l2):
+    """use_l2: softmax over -scale·||h - μ||²; norm_l2: h normalised first."""
+    torch.manual_seed(1)
+    C, V, D = 5, 7, 4
+    cent, dense = torch.randn(C, D), torch.rand(C, V) + 0.01
+    dense = dense / dense.sum(1, keepdim=True)
+    base = torch.nn.Module()
+    base.cfg = None
+    head = CentroidOutput(base, cent, dense.to_sparse(), 0.7, use_l2=use_l2, norm_l2=norm_l2)
+    h = torch.randn(3, D) * 2
+    got = head.output_layer(h)
+    for i in range(3):
+        x = h[i] / h[i].norm() if norm_l2 else h[i]
+        s = [-float(((x - cent[c]) ** 2).sum()) if use_l2 else float(cent[c] @ x)
+             for c in range(C)]
+        pc = torch.softmax(0.7 * torch.tensor(s, dtype=torch.float64), 0)
+        for w in range(V):
+            p = sum(float(dense[c, w]) * float(pc[c]) for c in range(C))
+            assert float(got[i, w]) == pytest.approx(np.log(p), rel=1e-4, abs=1e-5)
+
+
+def test_the_forks_centroid_command_lines(bpe_databin, trained_ckpt, trained_dstore, tmp_path):
+    """--model-overrides "{'knn_keytype': 'last_ffn_input', 'use_last_ffn_input': True,
+    'use_l2': True}" with att centroids: the flags of those names; with ffn centroids the
+    att input is refused."""
+    from knnlm.util import UserError, parse_config
+    for keytype in ("att", "ffn"):
+        cmod.main(cmod.CentroidsConfig(dstore_dir=str(trained_dstore.path),
+                                       out=str(tmp_path / keytype), knn_keytype=keytype,
+                                       mode="per-word", ratio=1, niter=2, quiet=True))
+    argv = lambda kt: [str(bpe_databin.path), "--path", str(trained_ckpt), "--gen-subset",  # noqa: E731
+                       "valid", "--tokens-per-sample", "64", "--max-eval-tokens", "300",
+                       "--load-centroids", str(tmp_path / kt / "centroids.npy"),
+                       "--load-centroid-distribution", str(tmp_path / kt / "centroid_dist.npz"),
+                       "--model-overrides", "{'knn_keytype': 'last_ffn_input', "
+                       "'use_last_ffn_input': True, 'use_l2': True}", "--quiet"]
+    cfg = parse_config(evaluate.EvalConfig, argv("att"), prog="knnlm eval-lm")
+    assert cfg.use_l2 and not cfg.norm_l2 and cfg.centroid_input == "att"
+    l2 = evaluate.main(cfg)
+    dot = evaluate.main(parse_config(evaluate.EvalConfig, argv("att")[:-3] + ["--quiet"],
+                                     prog="knnlm eval-lm"))
+    assert np.isfinite(l2["ppl"]) and l2["ppl"] != dot["ppl"]
+    with pytest.raises(UserError, match="holds ffn centroids"):
+        evaluate.main(parse_config(evaluate.EvalConfig, argv("ffn"), prog="knnlm eval-lm"))
+
+
 def test_output_rows_as_centroids_reproduce_the_lm(bpe_databin, trained_ckpt, tmp_path):
     """One centroid per token, its output-embedding row, scale 1: the LM itself."""
     weight = model_from_checkpoint(load_checkpoint(trained_ckpt)).output_weight.detach().numpy()

@@ -123,13 +123,16 @@ class CentroidOutput(torch.nn.Module):
         p(w | h) = Σ_c P(w | c) · softmax_c(scale · h·μ_c)
 
     ``h`` is the ``keytype`` representation the centroids were made of (``ffn``: the
-    model's own output-layer input). ``output_layer`` returns log p, floored at 1e-9 as the
-    original did and renormalised, so the scorer's log-softmax leaves it as it is."""
+    model's own output-layer input). The original's variants: ``use_l2`` scores
+    −scale·‖h − μ_c‖² instead of the dot product, ``norm_l2`` L2-normalises h first.
+    ``output_layer`` returns log p, floored at 1e-9 as the original did and renormalised,
+    so the scorer's log-softmax leaves it as it is."""
 
     def __init__(self, base, centroids: torch.Tensor, dist: torch.Tensor, scale: float,
-                 keytype: str = "ffn"):
+                 keytype: str = "ffn", use_l2: bool = False, norm_l2: bool = False):
         super().__init__()
         self.base, self.keytype, self.scale = base, keytype, float(scale)
+        self.use_l2, self.norm_l2 = use_l2, norm_l2
         self.cfg = base.cfg
         self.register_buffer("centroids", centroids.float())        # (C, D)
         # (V, C) CSR: its product with dense matrices is ~50x faster than COO's on CPU
@@ -144,6 +147,13 @@ class CentroidOutput(torch.nn.Module):
 
     def output_layer(self, h: torch.Tensor) -> torch.Tensor:
         lead = h.shape[:-1]
-        p_c = torch.softmax(self.scale * h.reshape(-1, h.shape[-1]).float() @ self.centroids.t(), -1)
+        x = h.reshape(-1, h.shape[-1]).float()
+        if self.norm_l2:
+            x = torch.nn.functional.normalize(x, dim=-1)
+        logits = x @ self.centroids.t()
+        if self.use_l2:       # -||x - mu||^2 = 2 x.mu - ||x||^2 - ||mu||^2
+            logits = 2 * logits - (x * x).sum(-1, keepdim=True) - \
+                (self.centroids * self.centroids).sum(-1)[None]
+        p_c = torch.softmax(self.scale * logits, -1)
         p_w = (self.dist_t @ p_c.t().contiguous()).t()                 # (N, V)
         return torch.log(p_w.clamp_min(1e-9)).reshape(*lead, -1)
