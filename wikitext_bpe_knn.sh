@@ -146,6 +146,12 @@ declare -A HEAD_FLAGS=(
   [att_addlin_interp]="--additional-linear --finetune-additional-linear --interpolated-loss --train-lambda $LMBDA"
   [ffn_kv1]="--init-out-embed --finetune-out-embed"
   [ffn_kv1_weighted]="--init-out-embed --finetune-out-embed --weighted-loss $HEADS/knn_helped.json"
+  # the fork's interpolated-loss heads (wikitext_bpe_interpolated_loss.sh): kv1 and kv3,
+  # reading ffn or att
+  [ffn_kv1_interp]="--init-out-embed --finetune-out-embed --interpolated-loss --train-lambda $LMBDA"
+  [att_kv1_interp]="--softmax-input att --init-out-embed --finetune-out-embed --interpolated-loss --train-lambda $LMBDA"
+  [ffn_kv3_interp]="--pseudo-vocab-ratio 3 --finetune-out-embed --interpolated-loss --train-lambda $LMBDA"
+  [att_kv3_interp]="--softmax-input att --pseudo-vocab-ratio 3 --finetune-out-embed --interpolated-loss --train-lambda $LMBDA"
 )
 # the loss weights of the original's --weighted-loss: on the training text (each token's own
 # datastore entry dropped by --ignore-top), the share of each token type where kNN beats the LM
@@ -166,7 +172,8 @@ fi
 # clip 25); the fork's scripts fine-tune with NAG at fixed rates instead
 ADAM=(--optimizer adam --adam-betas "(0.9, 0.98)")
 HEAD_LIST=""
-for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp ffn_kv1 ffn_kv1_weighted; do
+for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp ffn_kv1 ffn_kv1_weighted \
+            ffn_kv1_interp att_kv1_interp ffn_kv3_interp att_kv3_interp; do
   log "head $name"
   # shellcheck disable=SC2086
   $KNNLM train "$DATA_BIN" --restore-file "$CKPT" --save-dir "$HEADS/$name" \

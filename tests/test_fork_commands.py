@@ -32,6 +32,15 @@ FORK_LINES = {
         --dstore-mmap {out}/dstore --knn-keytype 'last_ffn_input' --dstore-size 153225485
         --model-overrides "{{'knn_keytype': 'last_ffn_input'}}" --save-knnlm-dstore --fp16
         --dstore-fp16"""),
+    "kv3 att interpolated": ("train.py", """--task language_modeling {db} --save-dir {out}/kv3
+        --arch transformer_lm_wikibpe --restore-file {ckpt} --reset-optimizer
+        --reset-dataloader --reset-meters --knn-keytype last_ffn_input --use-last-ffn-input
+        --finetune-out-embed --criterion agg_softmax --interpolated-loss --pseudo-vocab-ratio 3
+        --no-epoch-checkpoints --max-update 286000 --lr 1.0 --lr-scheduler reduce_lr_on_plateau
+        --lr-shrink 0.5 --warmup-updates 3000 --warmup-init-lr 1e-7 --optimizer nag
+        --clip-norm 1 --max-tokens 3072 --update-freq 3 --tokens-per-sample 3072 --seed 1
+        --sample-break-mode none --skip-invalid-size-inputs-valid-test --ddp-backend=no_c10d
+        --fp16"""),
     "index": ("build_dstore.py", """--dstore_mmap {ds} --dstore_size 153225485
         --faiss_index {out}/knn.index --num_keys_to_add_at_a_time 500000 --starting_point 0
         --dstore-fp16 --dimension 1024"""),
@@ -71,6 +80,12 @@ MEANING = {
                        gen_subset="train", fp16=True, remove_bpe=None),
     "dump": dict(save_knnlm_dstore=True, knn_keytype="last_ffn_input", dstore_size=153225485,
                  context_window=1536, tokens_per_sample=None, dstore_fp16=True, fp16=True),
+    "kv3 att interpolated": dict(use_last_ffn_input=True, finetune_out_embed=True,
+                                 interpolated_loss=True, pseudo_vocab_ratio=3,
+                                 lr_scheduler="reduce_lr_on_plateau", lr_shrink=0.5, lr=1.0,
+                                 warmup_updates=3000, warmup_init_lr=1e-7, optimizer="nag",
+                                 clip_norm=1.0, reset_optimizer=True, criterion="agg_softmax",
+                                 no_epoch_checkpoints=True, lr_threshold=1e-4, lr_patience=0),
     "index": dict(dstore_size=153225485, num_keys_to_add_at_a_time=500000, starting_point=0,
                   dstore_fp16=True, dimension=1024, knn_keytype="att", metric="l2"),
     "knnlm faiss scores": dict(knnlm=True, k=1024, lmbda=0.25, knn_keytype="last_ffn_input",
@@ -107,7 +122,7 @@ def test_a_fork_command_line_parses_with_fairseqs_meaning(name, paths):
 def test_fairseq_flags_that_cannot_mean_the_same_here_are_refused(paths, capsys):
     from knnlm.cli import run
     base = ["train", paths["db"], "--max-update", "1", "--save-dir", paths["out"] + "/x"]
-    cases = [(base + ["--criterion", "adaptive_loss"], "only cross_entropy"),
+    cases = [(base + ["--criterion", "adaptive_loss"], "adaptive softmax are not"),
              (base + ["--reset-optimizer"], "--reset-optimizer does nothing without "
                                             "--restore-file"),
              (base + ["--no-epoch-checkpoints", "--save-interval", "1"], "exclusive"),

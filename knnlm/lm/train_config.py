@@ -94,8 +94,12 @@ class TrainConfig(FairseqTaskFlags):
     finetune_mos: bool = flag(False, "train only the mixture-of-softmaxes head")
     finetune_additional_linear: bool = flag(False, "train only the additional linear head")
     # fairseq flags of the fork's command lines (what they ask for is what happens here)
-    criterion: str = flag("cross_entropy", "fairseq's criterion: cross_entropy (the loss of "
-                          "every head here; adaptive_loss is not implemented)")
+    criterion: str = flag("cross_entropy", "fairseq's criterion: cross_entropy, or the fork's "
+                          "agg_softmax (a token's rows' summed softmax mass): the loss every "
+                          "head has here; adaptive_loss is not implemented")
+    knn_keytype: str | None = flag(None, "the fork's model argument (which features its model "
+                                   "returned): accepted; --softmax-input chooses the input of "
+                                   "the output layer")
     reset_optimizer: bool = flag(False, "--restore-file: fresh optimizer (always, here)")
     reset_dataloader: bool = flag(False, "--restore-file: data from the start (always, here)")
     reset_meters: bool = flag(False, "--restore-file: fresh meters (always, here)")
@@ -128,9 +132,13 @@ class TrainConfig(FairseqTaskFlags):
                 raise UserError("--t-mult must be > 0 and --lr-shrink in (0, 1]")
         elif self.lr <= 0:
             raise UserError(f"--lr must be > 0, got {self.lr}")
-        if self.criterion != "cross_entropy":
-            raise UserError(f"--criterion {self.criterion}: only cross_entropy is implemented "
-                            "(adaptive_loss and the adaptive softmax are not)")
+        if self.criterion not in ("cross_entropy", "agg_softmax"):
+            raise UserError(f"--criterion {self.criterion}: cross_entropy and agg_softmax are "
+                            "implemented (adaptive_loss and the adaptive softmax are not)")
+        if self.knn_keytype is not None and self.knn_keytype not in (
+                "att", "ffn", "last_ffn_input", "last_linear_input"):
+            raise UserError(f"--knn-keytype {self.knn_keytype}: att (last_ffn_input) or ffn "
+                            "(last_linear_input)")
         if self.no_epoch_checkpoints and self.save_interval:
             raise UserError("--no-epoch-checkpoints and --save-interval are exclusive")
         parse_betas(self.adam_betas)             # checked whatever the optimizer
