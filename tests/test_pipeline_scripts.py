@@ -44,7 +44,7 @@ def test_small_mode_scripts_end_to_end_and_rerun(tmp_path):
                   "Datastore size", "neighbour sets", "Parametric", "Overfitting", "Efficiency"):
         assert title in report
     param = json.loads((results / "analysis" / "parametric.json").read_text())
-    assert len(param["rows"]) == 7
+    assert len(param["rows"]) == 11
     overfit = json.loads((results / "analysis" / "overfit.json").read_text())
     assert [r["epoch"] for r in overfit["rows"]] == [1, 2]
     knn = json.loads((results / "knnlm_valid.json").read_text())["results"]
