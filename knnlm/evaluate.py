@@ -87,6 +87,8 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
                                   "fairseq)", const="@@ ")
     bpe: str | None = flag(None, "fairseq's --bpe (subword_nmt, gpt2): accepted; --remove-bpe "
                            "joins the pieces into words")
+    pseudo_vocab_ratio: int | None = flag(None, "fairseq's model argument: accepted when it is "
+                                          "the checkpoint's (its head is read from it)")
     model_overrides: str = flag("{}", "fairseq's checkpoint overrides: only {'knn_keytype': K} "
                                 "(the model returns every keytype here; K must agree with "
                                 "--knn-keytype)")
@@ -176,6 +178,11 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
         except (ValueError, SyntaxError):
             raise UserError(f"--model-overrides must be a Python dict literal, got "
                             f"{self.model_overrides!r}")
+        if not isinstance(over, dict):
+            raise UserError(f"--model-overrides must be a dict, got {self.model_overrides}")
+        if over.pop("interpolated_loss", False):
+            raise UserError("--model-overrides interpolated_loss True: eval-lm scores a head "
+                            "alone; interpolate it with the LM by sweep --score-files")
         known = {"knn_keytype", "use_last_ffn_input", "use_l2", "norm_l2"}
         if not isinstance(over, dict) or set(over) - known:
             raise UserError("--model-overrides: only knn_keytype, and with --load-centroids "
@@ -426,6 +433,11 @@ def main(cfg: EvalConfig) -> dict | None:
     # HF weights load directly in half precision on a GPU (a 7B model needs no fp32 copy)
     model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device,
                                  half if device.type == "cuda" else None)
+    if cfg.pseudo_vocab_ratio is not None:   # fairseq's model argument: the checkpoint's own
+        have = getattr(model.cfg, "pseudo_vocab_ratio", None)
+        if have != cfg.pseudo_vocab_ratio:
+            raise UserError(f"--pseudo-vocab-ratio {cfg.pseudo_vocab_ratio}: the checkpoint's "
+                            f"head has --pseudo-vocab-ratio {have}")
     if cfg.load_centroids:
         model = centroid_model(model, cfg, databin, device)
     # one writer per retrieval cache (under torchrun, rank 0 holds it for the ranks)

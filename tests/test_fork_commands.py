@@ -41,6 +41,10 @@ FORK_LINES = {
         --clip-norm 1 --max-tokens 3072 --update-freq 3 --tokens-per-sample 3072 --seed 1
         --sample-break-mode none --skip-invalid-size-inputs-valid-test --ddp-backend=no_c10d
         --fp16"""),
+    "kv3 eval": ("eval_lm.py", """{db} --path {ckpt} --sample-break-mode complete
+        --max-tokens 3072 --context-window 2560 --softmax-batch 1024
+        --model-overrides "{{'interpolated_loss': False}}" --gen-subset valid --bpe subword_nmt
+        --remove-bpe --pseudo-vocab-ratio 3 --save-scores {out}/kv3_scores.npy"""),
     "index": ("build_dstore.py", """--dstore_mmap {ds} --dstore_size 153225485
         --faiss_index {out}/knn.index --num_keys_to_add_at_a_time 500000 --starting_point 0
         --dstore-fp16 --dimension 1024"""),
@@ -86,6 +90,7 @@ MEANING = {
                                  warmup_updates=3000, warmup_init_lr=1e-7, optimizer="nag",
                                  clip_norm=1.0, reset_optimizer=True, criterion="agg_softmax",
                                  no_epoch_checkpoints=True, lr_threshold=1e-4, lr_patience=0),
+    "kv3 eval": dict(pseudo_vocab_ratio=3, remove_bpe="@@ ", sample_break_mode="complete"),
     "index": dict(dstore_size=153225485, num_keys_to_add_at_a_time=500000, starting_point=0,
                   dstore_fp16=True, dimension=1024, knn_keytype="att", metric="l2"),
     "knnlm faiss scores": dict(knnlm=True, k=1024, lmbda=0.25, knn_keytype="last_ffn_input",
@@ -117,6 +122,18 @@ def test_a_fork_command_line_parses_with_fairseqs_meaning(name, paths):
     if name == "dump":
         dump = cfg.to_build_dstore()
         assert dump.keytypes == ["att"] and not dump.dstore_fp32 and dump.context_window == 1536
+
+
+def test_eval_lm_checks_pseudo_vocab_ratio_against_the_checkpoint(paths, capsys):
+    """fairseq's --pseudo-vocab-ratio on eval_lm sets the model's head; here the head comes
+    from the checkpoint, so the flag must agree with it (the trained LM has 1 row a token)."""
+    from knnlm.cli import run
+    base = ["eval-lm", paths["db"], "--path", paths["ckpt"], "--gen-subset", "valid",
+            "--tokens-per-sample", "64", "--max-eval-tokens", "100", "--quiet"]
+    assert run(base + ["--pseudo-vocab-ratio", "1"]) == 0
+    capsys.readouterr()
+    assert run(base + ["--pseudo-vocab-ratio", "3"]) == 2
+    assert "the checkpoint's head has --pseudo-vocab-ratio 1" in capsys.readouterr().err
 
 
 def test_fairseq_flags_that_cannot_mean_the_same_here_are_refused(paths, capsys):
