@@ -60,7 +60,7 @@ else
   HEAD_LR=${HEAD_LR:-5e-4}
   WEIGHT_TOKENS=${WEIGHT_TOKENS:-0}        # 0: the whole training split
   OVERFIT_EPOCHS=${OVERFIT_EPOCHS:-5}
-  OVERFIT_LR=${OVERFIT_LR:-1e-4}
+  OVERFIT_LR=${OVERFIT_LR:-1e-2}          # the fork's (NAG)
   OVERFIT_MAX_TOKENS=${OVERFIT_MAX_TOKENS:-3072}
   EXTRA_EVAL_FLAGS=${EXTRA_EVAL_FLAGS:---fp16}
 fi
@@ -167,20 +167,39 @@ if [[ ! -f $HEADS/knn_helped.json ]]; then
     --knn-scores "$RESULTS/train_knn_scores.npy" --out "$HEADS/knn_helped.json" \
     2>&1 | tee -a "$LOGS/loss_weights.log"
 fi
-# the heads and the overfitting stage keep this project's recipe (Adam, betas (0.9, 0.98),
-# cosine for the heads), written out since train's defaults are fairseq's (NAG, lr 0.25,
-# clip 25); the fork's scripts fine-tune with NAG at fixed rates instead
-ADAM=(--optimizer adam --adam-betas "(0.9, 0.98)")
+# training recipes of the heads and the overfitting stage. WikiText: the fork's own
+# (wikitext_bpe_{kv,mos,extra_embed}_finetune.sh: NAG lr 5e-2, clip 100;
+# _additional_linear.sh: NAG lr 1e-3, clip 1; _interpolated_loss.sh and _loss_weighting.sh:
+# NAG lr 1 with reduce_lr_on_plateau, shrink 0.5, 3000 warm-up updates from 1e-7, clip 1;
+# _overfit.sh: NAG lr 1e-2, clip 100). Small mode: one short recipe for every head
+# (Adam, betas (0.9, 0.98), cosine to HEAD_LR: its runs are a few hundred updates; the fork's
+# rates were set for runs of up to 286k updates), and Adam at OVERFIT_LR for overfitting.
+if [[ $CORPUS == shakespeare ]]; then
+  SHORT="--optimizer adam --adam-betas (0.9,0.98) --lr 0 --max-lr $HEAD_LR --lr-scheduler cosine"
+  SHORT+=" --warmup-updates $((HEAD_UPDATES / 10)) --clip-norm 0 --validate-interval 0"
+  declare -A RECIPE=([finetune]="$SHORT" [addlin]="$SHORT" [plateau]="$SHORT")
+  OVERFIT_RECIPE="--optimizer adam --adam-betas (0.9,0.98) --lr $OVERFIT_LR --clip-norm 1"
+else
+  declare -A RECIPE=(
+    [finetune]="--optimizer nag --lr 5e-2 --clip-norm 100 --validate-interval 1"
+    [addlin]="--optimizer nag --lr 1e-3 --clip-norm 1 --validate-interval 1"
+    [plateau]="--optimizer nag --lr 1.0 --lr-scheduler reduce_lr_on_plateau --lr-shrink 0.5 --warmup-updates 3000 --warmup-init-lr 1e-7 --clip-norm 1 --validate-interval 1"
+  )
+  OVERFIT_RECIPE="--optimizer nag --lr $OVERFIT_LR --clip-norm 100"
+fi
+declare -A HEAD_RECIPE=([att]=plateau [att_kv3]=finetune [ffn_extra3v]=finetune
+  [ffn_mos3]=finetune [att_addlin_interp]=addlin [ffn_kv1]=plateau [ffn_kv1_weighted]=plateau
+  [ffn_kv1_interp]=plateau [att_kv1_interp]=plateau [ffn_kv3_interp]=plateau
+  [att_kv3_interp]=plateau)
 HEAD_LIST=""
 for name in att att_kv3 ffn_extra3v ffn_mos3 att_addlin_interp ffn_kv1 ffn_kv1_weighted \
             ffn_kv1_interp att_kv1_interp ffn_kv3_interp att_kv3_interp; do
   log "head $name"
   # shellcheck disable=SC2086
   $KNNLM train "$DATA_BIN" --restore-file "$CKPT" --save-dir "$HEADS/$name" \
-    ${HEAD_FLAGS[$name]} --tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" \
-    --max-tokens "$HEAD_MAX_TOKENS" --lr 0 --max-lr "$HEAD_LR" --lr-scheduler cosine \
-    --warmup-updates $((HEAD_UPDATES / 10)) --max-update "$HEAD_UPDATES" --validate-interval 0 \
-    "${ADAM[@]}" --clip-norm 0 --max-valid-tokens 30000 --seed "$SEED" \
+    ${HEAD_FLAGS[$name]} ${RECIPE[${HEAD_RECIPE[$name]}]} \
+    --tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" --max-tokens "$HEAD_MAX_TOKENS" \
+    --max-update "$HEAD_UPDATES" --max-valid-tokens 30000 --seed "$SEED" \
     2>&1 | tee -a "$LOGS/head_$name.log"
   HEAD_LIST+="${HEAD_LIST:+,}$name=$HEADS/$name/checkpoint_last.pt"
 done
@@ -226,8 +245,8 @@ if (( OVERFIT_EPOCHS > 0 )); then
   $KNNLM train "$DATA_BIN" --restore-file "$CKPT" --save-dir "$RUN/overfit" \
     --dropout 0 --attention-dropout 0 --activation-dropout 0 \
     --tokens-per-sample "$EVAL_TOKENS_PER_SAMPLE" --max-tokens "$OVERFIT_MAX_TOKENS" \
-    --lr "$OVERFIT_LR" --max-epoch "$OVERFIT_EPOCHS" --save-interval 1 --validate-interval 1 \
-    --max-valid-tokens 30000 "${ADAM[@]}" --clip-norm 1 --seed "$SEED" \
+    --max-epoch "$OVERFIT_EPOCHS" --save-interval 1 --validate-interval 1 \
+    --max-valid-tokens 30000 $OVERFIT_RECIPE --seed "$SEED" \
     2>&1 | tee -a "$LOGS/overfit.log"
   OVERFIT_FLAGS=(--overfit-dir "$RUN/overfit")
 fi
