@@ -109,3 +109,18 @@ def trained_dstore(bpe_databin, trained_ckpt, tmp_path_factory):
         data=str(bpe_databin.path), path=str(trained_ckpt), dstore_dir=str(out),
         knn_keytype="att,ffn", tokens_per_sample=64, context_window=32, quiet=True))
     return Datastore(out)
+
+
+def refused(argv, capsys, needle: str = "") -> tuple | None:
+    """None when ``knnlm argv`` is refused as it should be (exit 2, one line on stderr
+    holding ``needle``, no traceback); else what happened."""
+    from knnlm.cli import run
+    capsys.readouterr()
+    try:
+        rc = run(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    err = capsys.readouterr().err
+    if rc != 2 or len(err.strip().splitlines()) != 1 or "Traceback" in err or needle not in err:
+        return rc, err[-400:]
+    return None

@@ -12,6 +12,7 @@ import torch
 from knnlm import evaluate, train_gate
 from knnlm.cli import run
 from knnlm.knn import clusters, index, prune, reduce
+from conftest import refused
 from test_bad_inputs import snapshot
 
 
@@ -253,20 +254,6 @@ def flag_cases(w) -> list[list[str]]:
         ["sweep", "--cache", str(w / "cache"), "--out", new, "--k", "0"],
         ["sweep", "--cache", str(w / "cache"), "--out", new, "--k", "99999"],
     ]
-
-
-def refused(argv, capsys, needle: str = "") -> tuple | None:
-    """None when ``knnlm argv`` is refused as it should be (exit 2, one line on stderr
-    holding ``needle``, no traceback); else what happened."""
-    capsys.readouterr()
-    try:
-        rc = run(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    err = capsys.readouterr().err
-    if rc != 2 or len(err.strip().splitlines()) != 1 or "Traceback" in err or needle not in err:
-        return rc, err[-400:]
-    return None
 
 
 def test_bad_flags_of_the_newer_commands(world, capsys):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from ..knn.datastore import (Datastore, DatastoreWriter, is_built, normalize_keytype,

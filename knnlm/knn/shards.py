@@ -23,7 +23,6 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
 
 from ..guard import temp_path
 from ..io import read_json, write_json_atomic
