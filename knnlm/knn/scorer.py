@@ -129,6 +129,8 @@ class KnnScorer:
         n, own = self.self_hits["tokens"], self.self_hits["own"]
         share = own / max(n, 1)
         blocking = self.knn.ds.meta.get("blocking", {})
+        print(f"--ignore-top: the dropped neighbour was the token's own entry (or a duplicate "
+              f"of it) for {own:,} of {n:,} tokens ({share:.1%})")
         if n and share < 0.95:
             warn(f"--ignore-top dropped the token's own entry for only {share:.1%} of the "
                  f"tokens: evaluate the datastore's split ({self.knn.ds.meta.get('split')}) "
