@@ -92,14 +92,15 @@ def test_a_kill_inside_a_save_leaves_the_previous_state_whole(xbq, tmp_path, mon
     counted twice, no top-k of one save paired with the progress of another)."""
     xb, xq = xbq
     ref = stream_search(xq, xb, 16, "l2", key_chunk=800)
-    real, calls = exact.os.replace, []
+    import os
+    real, calls = os.replace, []
 
     def dies(src, dst):
         calls.append(dst)
         if len(calls) == 3:
             raise KeyboardInterrupt      # the third save's file is written, not renamed
         return real(src, dst)
-    monkeypatch.setattr(exact.os, "replace", dies)
+    monkeypatch.setattr(os, "replace", dies)
     with pytest.raises(KeyboardInterrupt):
         stream_search(xq, xb, 16, "l2", key_chunk=800, state_dir=tmp_path, save_interval_s=0)
     seen, got = resume_reading(xq, xb, tmp_path, monkeypatch)

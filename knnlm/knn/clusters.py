@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..guard import check_output, other_configuration, output_lock, temp_path
-from ..io import read_json, write_json_atomic
+from ..guard import check_output, other_configuration, output_lock
+from ..io import read_json, save_atomic, write_json_atomic
 from ..util import UserError, flag
 from .datastore import Datastore, normalize_keytype
 from .kmeans import cluster_keys
@@ -69,9 +69,8 @@ def main(cfg: ClusterConfig) -> dict:
         cluster = cluster.astype(np.int32)
         members = np.argsort(cluster, kind="stable")
         indptr = np.concatenate([[0], np.cumsum(np.bincount(cluster, minlength=len(cent)))])
-        tmp = temp_path(Path(cfg.out), ".npz")
-        np.savez(tmp, cluster=cluster, members=members, indptr=indptr)
-        tmp.replace(cfg.out)
+        save_atomic(lambda fh: np.savez(fh, cluster=cluster, members=members, indptr=indptr),
+                    cfg.out)
         write_json_atomic(side, meta)
     sizes = np.diff(indptr)
     print(f"{cfg.num_clusters:,} clusters of {ds.size:,} {cfg.knn_keytype} keys (sizes: median "

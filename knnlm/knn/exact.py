@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..guard import temp_path
+from ..io import save_atomic
 from ..util import UserError
 from .datastore import finite_rows
 
@@ -161,13 +160,9 @@ STATE_FILE = "state.npz"   # the running top-k and how many keys it covers, in o
 def _save(state_dir: Path, ident: dict, best_s: torch.Tensor, best_i: torch.Tensor, done: int):
     """The commit point of the pass: the running top-k, the keys it covers and what it is
     for, in one file made visible by one rename (a kill leaves the previous state whole)."""
-    tmp = temp_path(state_dir / STATE_FILE, ".npz")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, scores=best_s.cpu().numpy(), ids=best_i.cpu().numpy(),
-                 keys_done=np.int64(done), identity=np.array(json.dumps(ident, sort_keys=True)))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, state_dir / STATE_FILE)
+    save_atomic(lambda fh: np.savez(
+        fh, scores=best_s.cpu().numpy(), ids=best_i.cpu().numpy(), keys_done=np.int64(done),
+        identity=np.array(json.dumps(ident, sort_keys=True))), state_dir / STATE_FILE)
 
 
 def _resume(state_dir: Path, ident: dict, best_s, best_i, lo: int, device):
