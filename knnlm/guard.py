@@ -30,7 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .util import UserError
+from .util import UserError, warn
 
 LOCK_SUFFIX = ".knnlm-lock"
 
@@ -191,23 +191,21 @@ def _remove_empty(created: list[Path]) -> None:
 
 
 def other_configuration(path: str | os.PathLike, what: str, old: dict, new: dict,
-                        overwrite: bool, ignore: tuple = ()) -> bool:
+                        overwrite: bool) -> bool:
     """The output rule every writer follows. An output at ``path`` made by the same
-    configuration (``old`` and ``new``, the settings that define it, agree outside
-    ``ignore``) is resumed or reused: False. One made by another configuration is refused
+    configuration (``old`` and ``new``, the settings that define it, agree) is resumed or
+    reused: False. One made by another configuration is refused
     in one line naming the settings that differ, unless ``overwrite`` (``--overwrite``):
     then True, a line on stderr, and the caller replaces it (its readers refuse it until
     the new one is committed)."""
-    differ = sorted(k for k in set(old) | set(new)
-                    if k not in ignore and old.get(k) != new.get(k))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if not differ:
         return False
     named = ", ".join(differ[:5]) + (", ..." if len(differ) > 5 else "")
     if not overwrite:
         raise UserError(f"{what} {path} was made with another configuration ({named} "
                         "differ); give --overwrite to replace it, or choose another path")
-    sys.stderr.write(f"knnlm: warning: --overwrite: replacing {what} {path} ({named} "
-                     "differ)\n")
+    warn(f"--overwrite: replacing {what} {path} ({named} differ)")
     return True
 
 

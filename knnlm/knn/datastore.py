@@ -60,10 +60,14 @@ def same_build(old: dict, new: dict) -> bool:
         {k: v for k, v in new.items() if k not in PROGRESS_FIELDS}
 
 
+def build_identity(meta: dict) -> dict:
+    """What defines a datastore: its sidecar without the progress fields."""
+    return {k: v for k, v in meta.items() if k not in PROGRESS_FIELDS}
+
+
 def fingerprint(meta: dict) -> str:
-    """Identity of a datastore: a hash of its sidecar without the progress fields."""
-    ident = {k: v for k, v in meta.items() if k not in PROGRESS_FIELDS}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    """Identity of a datastore: a hash of :func:`build_identity`."""
+    return hashlib.sha256(json.dumps(build_identity(meta), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_built(path: str | Path, meta: dict) -> bool:
@@ -172,8 +176,8 @@ class DatastoreWriter:
         mode = "w+"
         if existing.is_file():
             old = read_json(existing, "datastore sidecar")
-            ident = lambda m: {k: v for k, v in m.items() if k not in PROGRESS_FIELDS}  # noqa: E731
-            if other_configuration(self.path, "datastore", ident(old), ident(meta), overwrite):
+            if other_configuration(self.path, "datastore", build_identity(old),
+                                   build_identity(meta), overwrite):
                 remove_datastore_files(self.path)
             elif old.get("complete"):
                 raise UserError(f"{self.path} already holds this complete datastore")
