@@ -40,9 +40,16 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
                            "joins the pieces into words")
     pseudo_vocab_ratio: int | None = flag(None, "fairseq's model argument: accepted when it is "
                                           "the checkpoint's (its head is read from it)")
-    model_overrides: str = flag("{}", "fairseq's checkpoint overrides: only {'knn_keytype': K} "
-                                "(the model returns every keytype here; K must agree with "
-                                "--knn-keytype)")
+    k_mos: int | None = flag(None, "fairseq's model argument: accepted when it is the "
+                             "checkpoint's")
+    num_extra_embed_file: str | None = flag(None, "fairseq's model argument: accepted when it "
+                                            "lists the checkpoint's extra rows")
+    model_overrides: str = flag("{}", "fairseq's checkpoint overrides, as the fork used them: "
+                                "knn_keytype (must agree with --knn-keytype), "
+                                "use_last_ffn_input (checked: the checkpoint's softmax reads "
+                                "att, or with --load-centroids the centroids are att's), "
+                                "use_l2 and norm_l2 (with --load-centroids), "
+                                "interpolated_loss False")
     save_scores: str | None = flag(None, "write per-token target log-probs (.npy, natural log)")
     save_tokens: str | None = flag(None, "write the scored target tokens (.npy)")
     results_path: str | None = flag(None, "write the results as JSON")
@@ -61,9 +68,11 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
                                    "--knnlm: the datastore's size (checked)")
     load_centroids: str | None = flag(None, "score with centroids of datastore keys as the "
                                       "output layer (knnlm centroids: centroids.npy)")
-    load_centroid_distribution: str | None = flag(None, "--load-centroids: P(w | centroid), "
+    load_centroid_distribution: str | None = flag(None, "P(w | centroid) of --load-centroids, "
                                                   "a C x V sparse .npz (default: one token "
-                                                  "per centroid, C = V)")
+                                                  "per centroid, C = V); alone: replaces the "
+                                                  "distribution of a checkpoint trained with "
+                                                  "centroids")
     centroid_scale: float = flag(1.0, "--load-centroids: logits = scale x h.centroid")
     use_l2: bool = flag(False, "--load-centroids: logits = -scale x ||h - centroid||^2 (the "
                         "original's use_l2)")
@@ -100,8 +109,6 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
         if self.fp16 and self.bf16:
             raise UserError("--fp16 and --bf16 are exclusive")
-        if self.load_centroid_distribution and not self.load_centroids:
-            raise UserError("--load-centroid-distribution goes with --load-centroids")
         if self.centroid_scale <= 0:
             raise UserError(f"--centroid-scale must be > 0, got {self.centroid_scale}")
         if self.dstore_fp16 and self.dstore_fp32:
@@ -136,17 +143,16 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
                             "alone; interpolate it with the LM by sweep --score-files")
         known = {"knn_keytype", "use_last_ffn_input", "use_l2", "norm_l2"}
         if not isinstance(over, dict) or set(over) - known:
-            raise UserError("--model-overrides: only knn_keytype, and with --load-centroids "
-                            f"use_last_ffn_input, use_l2, norm_l2, are understood here (got "
+            raise UserError("--model-overrides: only knn_keytype, use_last_ffn_input, and "
+                            "with --load-centroids use_l2, norm_l2, are understood here (got "
                             f"{self.model_overrides})")
         for name in ("use_l2", "norm_l2"):       # the centroid variants: the flags of that name
             if over.get(name):
                 if not self.load_centroids:
                     raise UserError(f"--model-overrides {name}: only with --load-centroids")
                 setattr(self, name, True)
-        if over.get("use_last_ffn_input") and not self.load_centroids:
-            raise UserError("--model-overrides use_last_ffn_input: only with --load-centroids "
-                            "(a model trained with a softmax over att reads att by itself)")
+        # with --load-centroids: the keytype the centroids must be of; else a check that the
+        # checkpoint's softmax reads att (it was trained so; the fork restated it)
         self.centroid_input = "att" if over.get("use_last_ffn_input") else None
         if "knn_keytype" in over and normalize_keytype(str(over["knn_keytype"])) != \
                 normalize_keytype(self.knn_keytype.split(",")[0]):

@@ -35,7 +35,7 @@ from .distributed import setup_distributed
 from .guard import output_lock, temp_path
 from .io import open_npy, open_token_memmap, read_json, write_json_atomic
 from .knn import math as knn_math
-from .knn.centroids import load_centroids
+from .data.centroid_files import distribution_coo, load_centroids, load_distribution
 from .knn.exact import merge_topk
 from .knn.scorer import KnnScorer
 from .knn.search import KnnSearch
@@ -70,16 +70,51 @@ def centroid_model(model, cfg: EvalConfig, databin: DataBin, device: torch.devic
     if wanted and wanted != keytype:
         raise UserError(f"--model-overrides use_last_ffn_input: the softmax reads att, but "
                         f"{cfg.load_centroids} holds {keytype} centroids")
-    cent, (data, indices, indptr, shape), _ = load_centroids(
-        cfg.load_centroids, cfg.load_centroid_distribution, databin.vocab_size,
-        model.cfg.decoder_embed_dim)
-    rows = np.repeat(np.arange(shape[0]), np.diff(indptr))
-    dist = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, indices])),
-                                   torch.from_numpy(data), size=shape, check_invariants=True)
+    cent, csr, _ = load_centroids(cfg.load_centroids, cfg.load_centroid_distribution,
+                                  databin.vocab_size, model.cfg.decoder_embed_dim)
+    index, prob = distribution_coo(csr)
+    dist = torch.sparse_coo_tensor(torch.from_numpy(index), torch.from_numpy(prob),
+                                   size=csr[3], check_invariants=True)
     print(f"output layer: {len(cent):,} {keytype} centroids from {cfg.load_centroids}, "
           f"scale {cfg.centroid_scale:g}")
     return CentroidOutput(model, torch.from_numpy(cent), dist, cfg.centroid_scale,
                           keytype, cfg.use_l2, cfg.norm_l2).to(device)
+
+
+def check_head_flags(model, cfg: EvalConfig, databin: DataBin) -> None:
+    """fairseq's model arguments on eval_lm's command line (--pseudo-vocab-ratio, --k-mos,
+    --num-extra-embed-file, the use_last_ffn_input override) set up the model's head; here
+    the head is the checkpoint's, so each one given must describe it."""
+    from .lm.heads_train import read_extra_embed_file
+    head = getattr(model, "cfg", None)
+
+    def check(flag: str, name: str, value, shown=None) -> None:
+        own = getattr(head, name, None)
+        if value is not None and own != value:
+            raise UserError(f"{flag} {shown or value}: the checkpoint's head has "
+                            f"{flag} {own if own is not None else 'unset (an HF model)'}")
+    check("--pseudo-vocab-ratio", "pseudo_vocab_ratio", cfg.pseudo_vocab_ratio)
+    check("--k-mos", "k_mos", cfg.k_mos)
+    if cfg.num_extra_embed_file:
+        extra = read_extra_embed_file(cfg.num_extra_embed_file, databin.vocab_size)
+        if getattr(head, "num_extra_embed", None) != extra:
+            raise UserError(f"--num-extra-embed-file {cfg.num_extra_embed_file}: the "
+                            "checkpoint's head has other extra rows (or none)")
+    if cfg.centroid_input and not cfg.load_centroids:
+        check("--model-overrides use_last_ffn_input: softmax input", "softmax_input",
+              cfg.centroid_input)
+
+
+def set_centroid_distribution(model, path: str, vocab_size: int) -> None:
+    """The fork's ``--load-centroid-distribution`` alone: the P(w | c) a checkpoint with a
+    centroid head (train --load-centroids) is scored with, in place of its own."""
+    rows = getattr(getattr(model, "cfg", None), "centroid_rows", 0)
+    if not rows:
+        raise UserError("--load-centroid-distribution without --load-centroids: the "
+                        "checkpoint has no centroid head (train --load-centroids)")
+    index, prob = distribution_coo(load_distribution(path, rows, vocab_size))
+    model.centroid_index = torch.from_numpy(index).to(model.centroid_index.device)
+    model.centroid_prob = torch.from_numpy(prob).to(model.centroid_prob.device)
 
 
 def eval_lm(model, databin: DataBin, cfg: EvalConfig, device: torch.device,
@@ -278,13 +313,11 @@ def main(cfg: EvalConfig) -> dict | None:
     # HF weights load directly in half precision on a GPU (a 7B model needs no fp32 copy)
     model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device,
                                  half if device.type == "cuda" else None)
-    if cfg.pseudo_vocab_ratio is not None:   # fairseq's model argument: the checkpoint's own
-        have = getattr(model.cfg, "pseudo_vocab_ratio", None)
-        if have != cfg.pseudo_vocab_ratio:
-            raise UserError(f"--pseudo-vocab-ratio {cfg.pseudo_vocab_ratio}: the checkpoint's "
-                            f"head has --pseudo-vocab-ratio {have}")
+    check_head_flags(model, cfg, databin)
     if cfg.load_centroids:
         model = centroid_model(model, cfg, databin, device)
+    elif cfg.load_centroid_distribution:
+        set_centroid_distribution(model, cfg.load_centroid_distribution, databin.vocab_size)
     # one writer per retrieval cache (under torchrun, rank 0 holds it for the ranks)
     lock = output_lock(cfg.save_retrieval, "dir", "retrieval cache") \
         if cfg.save_retrieval and (dist is None or dist.is_main) else contextlib.nullcontext()

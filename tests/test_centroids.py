@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import refused
 from knnlm import evaluate
 from knnlm.cli import run
+from knnlm.data import centroid_files as cfiles
 from knnlm.knn import centroids as cmod
 from knnlm.knn.datastore import Datastore
 from knnlm.lm.checkpoint import load_checkpoint, model_from_checkpoint
@@ -115,7 +117,7 @@ def test_kmeans_distribution_is_the_assignment_counts(trained_dstore, bpe_databi
     ids = cmod.assign(keys, cent)
     d2 = ((keys[:, None, :] - cent[None]) ** 2).sum(-1)        # brute force, 3000 keys
     assert (d2[np.arange(len(ids)), ids] <= d2.min(1) + 1e-3).all()
-    data, indices, indptr, shape = cmod.load_csr(kmeans_dir / "centroid_dist.npz")
+    data, indices, indptr, shape = cfiles.load_csr(kmeans_dir / "centroid_dist.npz")
     assert shape == (len(cent), V)
     dense = np.zeros(shape)
     for r in range(shape[0]):
@@ -147,7 +149,7 @@ def test_per_word_centroids_belong_to_their_token(trained_dstore, tmp_path):
                                    knn_keytype="att", mode="per-word", ratio=2, niter=5,
                                    quiet=True))
     cent = np.load(out / "centroids.npy")
-    data, indices, indptr, shape = cmod.load_csr(out / "centroid_dist.npz")
+    data, indices, indptr, shape = cfiles.load_csr(out / "centroid_dist.npz")
     assert (np.diff(indptr) == 1).all() and np.allclose(data, 1)
     ds = Datastore(trained_dstore.path)
     vals = np.asarray(ds.vals)
@@ -163,8 +165,8 @@ def test_per_word_centroids_belong_to_their_token(trained_dstore, tmp_path):
 def test_csr_file_reads_back_and_bad_inputs(tmp_path, bpe_databin, trained_ckpt, kmeans_dir,
                                             capsys):
     rows, cols = np.array([0, 0, 2]), np.array([1, 3, 0])
-    cmod.save_csr(tmp_path / "m.npz", rows, cols, np.array([0.5, 0.5, 1.0]), (3, 4))
-    data, indices, indptr, shape = cmod.load_csr(tmp_path / "m.npz")
+    cfiles.save_csr(tmp_path / "m.npz", rows, cols, np.array([0.5, 0.5, 1.0]), (3, 4))
+    data, indices, indptr, shape = cfiles.load_csr(tmp_path / "m.npz")
     assert shape == (3, 4) and indptr.tolist() == [0, 2, 2, 3] and indices.tolist() == [1, 3, 0]
     try:
         from scipy import sparse
@@ -186,3 +188,78 @@ def test_csr_file_reads_back_and_bad_inputs(tmp_path, bpe_databin, trained_ckpt,
         capsys.readouterr()
         assert run(ev + extra) == 2, extra
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_centroid_finetuning_is_the_forks(bpe_databin, trained_ckpt, kmeans_dir, tmp_path,
+                                          capsys):
+    """wikitext_bpe_finetune.sh: train --restore-file --load-centroids C
+    --load-centroid-distribution P --finetune-centroids. Before any update the model is
+    eval-lm --load-centroids's scorer; training moves the centroid rows only; eval-lm scores
+    the result by itself, and --load-centroid-distribution alone swaps its P(w | c)."""
+    from knnlm.lm import train
+    from knnlm.lm.heads_train import centroid_head, model_from_base
+    cent, dist = str(kmeans_dir / "centroids.npy"), str(kmeans_dir / "centroid_dist.npz")
+    flags = dict(data=str(bpe_databin.path), restore_file=str(trained_ckpt),
+                 load_centroids=cent, load_centroid_distribution=dist, finetune_centroids=True,
+                 tokens_per_sample=64, max_tokens=512, lr=1e-2, max_update=3,
+                 validate_interval=0, max_valid_tokens=256, quiet=True)
+    cfg = train.TrainConfig(save_dir=str(tmp_path / "ft"), **flags)
+    assert cfg.finetune_out_embed
+    base_ckpt = load_checkpoint(trained_ckpt)
+    V = bpe_databin.vocab_size
+    model = model_from_base(base_ckpt, cfg.head_config(bpe_databin.vocab), 1,
+                            centroids=centroid_head(cfg, base_ckpt, V)).eval()
+    base = model_from_checkpoint(base_ckpt).eval()
+    c, csr, _ = cfiles.load_centroids(cent, dist, V, base.cfg.decoder_embed_dim)
+    index, prob = cfiles.distribution_coo(csr)
+    ref = CentroidOutput(base, torch.from_numpy(c), torch.sparse_coo_tensor(
+        torch.from_numpy(index), torch.from_numpy(prob), size=csr[3], check_invariants=True), 1.0)
+    tokens = torch.from_numpy(np.asarray(bpe_databin.split("valid")[:40], np.int64))[None]
+    with torch.no_grad():
+        got = model.output_layer(model(tokens)[0])
+        want = ref.output_layer(ref(tokens)[0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got.exp().sum(-1), torch.ones(1), atol=1e-4)
+
+    train.main(cfg)
+    new = load_checkpoint(tmp_path / "ft" / "checkpoint_last.pt")
+    assert new["model_cfg"]["centroid_rows"] == len(c)
+    changed = {n for n, t in new["model"].items() if n in base_ckpt["model"]
+               and base_ckpt["model"][n].shape == t.shape
+               and not torch.equal(base_ckpt["model"][n], t)}
+    assert changed == set()                       # the body: untouched
+    assert not np.allclose(new["model"]["output_projection.weight"].numpy(), c)
+
+    ev = dict(data=str(bpe_databin.path), path=str(tmp_path / "ft" / "checkpoint_last.pt"),
+              gen_subset="valid", tokens_per_sample=64, max_eval_tokens=300, quiet=True)
+    own = evaluate.main(evaluate.EvalConfig(**ev))
+    again = evaluate.main(evaluate.EvalConfig(**ev, load_centroid_distribution=dist))
+    assert np.isfinite(own["ppl"]) and again["ppl"] == pytest.approx(own["ppl"], rel=1e-6)
+    flat = tmp_path / "flat.npz"             # every centroid: the uniform distribution
+    C = len(c)
+    cfiles.save_csr(flat, np.repeat(np.arange(C), V), np.tile(np.arange(V), C),
+                  np.full(C * V, 1.0 / V), (C, V))
+    uniform = evaluate.main(evaluate.EvalConfig(**ev, load_centroid_distribution=str(flat)))
+    assert uniform["ppl"] == pytest.approx(V, rel=1e-3)
+
+    # the fork's third command: go on from the fine-tuned model, no --load-centroids
+    more = train.TrainConfig(**dict(flags, restore_file=ev["path"], load_centroids=None),
+                             save_dir=str(tmp_path / "ft2"))
+    train.main(more)
+    assert load_checkpoint(tmp_path / "ft2" / "checkpoint_last.pt")["model_cfg"][
+        "centroid_rows"] == C
+
+    argv = ["eval-lm", ev["data"], "--path", ev["path"], "--gen-subset", "valid", "--quiet"]
+    tr = ["train", ev["data"], "--restore-file", str(trained_ckpt), "--max-update", "1",
+          "--save-dir", str(tmp_path / "x"), "--quiet"]
+    for args, needle in [
+            (argv + ["--model-overrides", "{'use_last_ffn_input': True}"],
+             "the checkpoint's head has"),
+            (argv + ["--k-mos", "2"], "the checkpoint's head has --k-mos 1"),
+            (["eval-lm", ev["data"], "--path", str(trained_ckpt), "--gen-subset", "valid",
+              "--load-centroid-distribution", dist], "has no centroid head"),
+            (tr + ["--load-centroid-distribution", dist], "has no centroid head"),
+            (tr + ["--load-centroids", cent, "--load-centroid-distribution", dist,
+                   "--use-last-ffn-input"], "holds ffn centroids but the softmax reads att"),
+            (tr + ["--load-centroids", cent, "--k-mos", "2"], "a centroid head takes none")]:
+        assert refused(args, capsys, needle) is None, args

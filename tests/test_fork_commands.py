@@ -1,7 +1,11 @@
-"""The command lines of the kNN-LM fork's main script (wikitext_bpe.sh: preprocess, train,
-eval, the datastore dump, the index, the kNN-LM evaluations), flags as written there and
-paths replaced, parse here and mean what they meant to fairseq."""
+"""The command lines of the kNN-LM fork's scripts, flags as written there and paths
+replaced, parse here and mean what they meant to fairseq: every line of every script
+(fork_command_lines.txt) flag by flag, and the main script's lines (wikitext_bpe.sh:
+preprocess, train, eval, the datastore dump, the index, the kNN-LM evaluations) field by
+field against fairseq's reading."""
+import importlib
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -115,7 +119,6 @@ def test_a_fork_command_line_parses_with_fairseqs_meaning(name, paths):
     program, flags = FORK_LINES[name]
     command = PROGRAMS[program]
     module_name, cls_name, _ = COMMANDS[command]
-    import importlib
     cls = getattr(importlib.import_module(module_name), cls_name)
     cfg = parse_config(cls, shlex.split(flags.format(**paths)), prog=f"knnlm {command}")
     for field, value in MEANING[name].items():
@@ -152,4 +155,92 @@ def test_fairseq_flags_that_cannot_mean_the_same_here_are_refused(paths, capsys)
              (["build-dstore", paths["db"], "--path", paths["ckpt"], "--dstore-dir",
                paths["out"] + "/d", "--dstore-fp16", "--dstore-fp32"], "exclusive")]
     for argv, needle in cases:
+        assert refused(argv, capsys, needle) is None, argv
+
+
+FILE_LINES = [line.split(" ", 2) for line in
+              (Path(__file__).parent / "fork_command_lines.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+# typed flags whose fairseq meaning knnlm holds in another form: the check of that meaning
+TRANSLATED = {
+    ("build-index", "dstore_mmap"): lambda cfg, v: cfg.dstore_dir == v,
+    ("eval-lm", "no_load_keys"): lambda cfg, v: cfg.load_keys is False,
+    ("eval-lm", "remove_bpe"): lambda cfg, v: cfg.remove_bpe == (v if v is not True else "@@ "),
+    # fairseq's eval_lm takes the model's window whatever --tokens-per-sample says
+    ("eval-lm", "tokens_per_sample"): lambda cfg, v: cfg.tokens_per_sample is None,
+}
+
+
+def typed_flags(argv: list[str]) -> dict:
+    """{field name: value as typed, True for a switch} of a fairseq command line."""
+    out, i = {}, 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--"):
+            if "=" in a:
+                name, v = a[2:].split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                name, v = a[2:], argv[i + 1]
+                i += 1
+            else:
+                name, v = a[2:], True
+            out[name.replace("-", "_")] = v
+        i += 1
+    return out
+
+
+def same(got, typed) -> bool:
+    if typed is True or isinstance(got, bool):
+        return got is typed
+    if isinstance(got, (int, float)):
+        return float(got) == float(typed)
+    return got == typed
+
+
+@pytest.mark.parametrize("script,program,flags", FILE_LINES,
+                         ids=[f"{s}:{n}" for n, (s, _, _) in enumerate(FILE_LINES)])
+def test_every_fork_command_line_parses_with_each_flag_where_fairseq_put_it(
+        script, program, flags, paths):
+    command = PROGRAMS[program]
+    module_name, cls_name, _ = COMMANDS[command]
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    argv = shlex.split(flags.replace("{db}", paths["db"]).replace("{out}", paths["out"]))
+    cfg = parse_config(cls, argv, prog=f"knnlm {command}")
+    for name, typed in typed_flags(argv).items():
+        check = TRANSLATED.get((command, name))
+        if check is not None:
+            assert check(cfg, typed), (name, typed)
+        else:
+            assert same(getattr(cfg, name), typed), (name, typed, getattr(cfg, name))
+
+
+def test_eval_lm_model_arguments_are_checked_against_the_checkpoint(paths, bpe_databin,
+                                                                    capsys, tmp_path):
+    """wikitext_bpe_extra_embed_att_finetune.sh evaluates its model with
+    --num-extra-embed-file and the use_last_ffn_input override, _mos_finetune.sh with --k-mos:
+    fairseq built the head from them; here they must describe the checkpoint's head."""
+    from knnlm.cli import run
+    from knnlm.lm.heads_train import AllotConfig
+    from knnlm.lm.heads_train import main as allot
+    extra, other = tmp_path / "extra.json", tmp_path / "other.json"
+    allot(AllotConfig(data=paths["db"], out=str(extra), total_ratio=2.0))
+    allot(AllotConfig(data=paths["db"], out=str(other), total_ratio=1.5))
+    ckpt = tmp_path / "ft" / "checkpoint_last.pt"
+    assert run(["train", paths["db"], "--restore-file", paths["ckpt"], "--knn-keytype",
+                "last_ffn_input", "--use-last-ffn-input", "--num-extra-embed-file", str(extra),
+                "--finetune-out-embed", "--criterion", "agg_softmax", "--max-update", "1",
+                "--tokens-per-sample", "64", "--max-tokens", "256", "--optimizer", "nag",
+                "--lr", "1e-2", "--save-dir", str(tmp_path / "ft"), "--quiet"]) == 0
+    base = ["eval-lm", paths["db"], "--gen-subset", "valid", "--max-eval-tokens", "200",
+            "--tokens-per-sample", "64", "--quiet"]
+    att = ["--model-overrides", "{'knn_keytype': 'last_ffn_input', 'use_last_ffn_input': True}"]
+    assert run(base + ["--path", str(ckpt), "--num-extra-embed-file", str(extra),
+                       "--k-mos", "1", "--pseudo-vocab-ratio", "1"] + att) == 0
+    for argv, needle in [
+            (base + ["--path", str(ckpt), "--num-extra-embed-file", str(other)],
+             "has other extra rows"),
+            (base + ["--path", paths["ckpt"]] + att, "softmax input att: the checkpoint's "
+                                                    "head has"),
+            (base + ["--path", str(ckpt), "--k-mos", "3"], "--k-mos 3: the checkpoint's head "
+                                                          "has --k-mos 1")]:
         assert refused(argv, capsys, needle) is None, argv

@@ -31,9 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..data.centroid_files import save_csr
 from ..data.preprocess import DataBin
 from ..guard import check_output, output_lock
-from ..io import read_json, rewrite_output, write_json_atomic
+from ..io import rewrite_output, write_json_atomic
 from ..util import UserError, config_dict, flag
 from .datastore import Datastore, finite_rows, normalize_keytype
 
@@ -64,34 +65,6 @@ class CentroidsConfig:
         if not 0 < self.train_fraction <= 1:
             raise UserError(f"--train-fraction must be in (0, 1], got {self.train_fraction}")
         check_output(self.out, "dir", "--out")
-
-
-def save_csr(path: Path, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray,
-             shape: tuple[int, int]) -> None:
-    """A sparse matrix in scipy's ``save_npz`` CSR layout (no scipy needed)."""
-    order = np.lexsort((cols, rows))
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    indptr = np.zeros(shape[0] + 1, dtype=np.int64)
-    np.add.at(indptr, rows + 1, 1)
-    tmp = path.with_name(path.name + ".partial.npz")
-    np.savez(tmp, data=vals.astype(np.float32), indices=cols.astype(np.int32),
-             indptr=np.cumsum(indptr).astype(np.int64), format=np.array(b"csr"),
-             shape=np.array(shape, dtype=np.int64))
-    tmp.replace(path)
-
-
-def load_csr(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-    """(data, indices, indptr, shape) of a CSR ``.npz`` (ours or scipy's ``save_npz``)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            fmt = z["format"].item()
-            fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
-            if fmt != "csr":
-                raise UserError(f"{path} holds a {fmt} matrix; CSR is expected")
-            return (z["data"].astype(np.float32), z["indices"].astype(np.int64),
-                    z["indptr"].astype(np.int64), tuple(int(x) for x in z["shape"]))
-    except (OSError, KeyError, ValueError) as exc:
-        raise UserError(f"{path} is not a sparse-matrix .npz ({exc})")
 
 
 def _kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
@@ -182,35 +155,3 @@ def main(cfg: CentroidsConfig) -> dict:
     print(f"wrote {cfg.out}: {len(cent):,} {cfg.mode} centroids of {ds.size:,} {cfg.knn_keytype} "
           f"keys, {len(rows):,} non-zero P(w|c), {meta['seconds']:.1f}s")
     return meta
-
-
-def load_centroids(path: str, dist_path: str | None, vocab_size: int, dim: int
-                   ) -> tuple[np.ndarray, tuple, dict]:
-    """(centroids (C, D), the C × V distribution as CSR parts, the sidecar or {}), checked
-    against the model's vocabulary and dimension. Without ``dist_path`` each centroid is
-    one token's (C = V, the identity distribution), as the original's plain
-    ``--load-centroids`` replacing the output embedding."""
-    p = Path(path)
-    try:
-        cent = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--load-centroids {p}: not a readable .npy ({exc})")
-    side = read_json(p.parent / "centroids.json", "centroids sidecar") \
-        if (p.parent / "centroids.json").is_file() else {}
-    if cent.ndim != 2 or cent.shape[1] != dim or not np.isfinite(cent).all():
-        raise UserError(f"--load-centroids {p}: {cent.shape} {cent.dtype}; (C, {dim}) finite "
-                        "values expected")
-    if dist_path is None:
-        if len(cent) != vocab_size:
-            raise UserError(f"--load-centroids {p} has {len(cent):,} rows: without "
-                            "--load-centroid-distribution it needs one per token "
-                            f"({vocab_size:,})")
-        eye = np.arange(vocab_size)
-        return cent, (np.ones(vocab_size, np.float32), eye, np.arange(vocab_size + 1),
-                      (vocab_size, vocab_size)), side
-    data, indices, indptr, shape = load_csr(dist_path)
-    if shape != (len(cent), vocab_size) or len(indptr) != shape[0] + 1 or \
-            (len(indices) and (indices.min() < 0 or indices.max() >= vocab_size)):
-        raise UserError(f"--load-centroid-distribution {dist_path} is {shape}; "
-                        f"({len(cent):,} centroids, {vocab_size:,} tokens) expected")
-    return cent, (data, indices, indptr, shape), side

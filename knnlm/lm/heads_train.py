@@ -103,7 +103,8 @@ def read_extra_embed_file(path: str, vocab_size: int) -> list[int]:
 
 def model_from_base(base_ckpt: dict, head: dict, seed: int, overrides: dict | None = None, *,
                     init_out_embed: bool = False, copy_out_embed: bool = False,
-                    preserve_out_embed: bool = False) -> TransformerLM:
+                    preserve_out_embed: bool = False, centroids: tuple | None = None
+                    ) -> TransformerLM:
     """A model with the base checkpoint's body and a new head (``head``: ModelConfig head
     fields). The output rows, as the original fork sets them:
 
@@ -111,9 +112,16 @@ def model_from_base(base_ckpt: dict, head: dict, seed: int, overrides: dict | No
     - ``preserve_out_embed``: also with more rows, each token's first row is its base row;
     - ``copy_out_embed``: every row is its token's base row (extra rows plus a little
       noise, so copies can differ);
-    - ``init_out_embed``: re-initialised at random, N(0, 1/D), whatever was loaded.
+    - ``init_out_embed``: re-initialised at random, N(0, 1/D), whatever was loaded;
+    - ``centroids`` ((C, D) rows or None, (2, nnz) centroid/token index, (nnz,) P(w | c)):
+      a centroid head, its rows these centroids (None: the base's centroid rows) and its
+      distribution this one. A base with a centroid head keeps it when nothing replaces it.
     """
     base_cfg = dict(base_ckpt["model_cfg"])
+    if centroids is not None:
+        rows = centroids[0] if centroids[0] is not None else \
+            base_ckpt["model"]["output_projection.weight"]
+        head = dict(head, centroid_rows=len(rows), centroid_nnz=centroids[2].numel())
     new_cfg = dict(base_cfg, **head, **(overrides or {}))
     try:
         model = TransformerLM(ModelConfig.from_dict(new_cfg))
@@ -124,13 +132,52 @@ def model_from_base(base_ckpt: dict, head: dict, seed: int, overrides: dict | No
     for name, t in state.items():
         if name in own and not name.startswith(TransformerLM.HEAD_PARAMS) and own[name].shape == t.shape:
             own[name] = t.clone()
-    if "output_projection.weight" in own:
+    if model.cfg.centroid_rows:
+        if centroids is not None:
+            own.update({"output_projection.weight": rows.float().clone(),
+                        "centroid_index": centroids[1].long(),
+                        "centroid_prob": centroids[2].float()})
+        else:
+            own["output_projection.weight"] = state["output_projection.weight"].clone()
+        if init_out_embed:
+            g = torch.Generator().manual_seed(seed)
+            shape = own["output_projection.weight"].shape
+            own["output_projection.weight"] = torch.randn(shape, generator=g) * shape[1] ** -0.5
+    elif "output_projection.weight" in own:
         own["output_projection.weight"] = _output_rows(
             own["output_projection.weight"], state.get("output_projection.weight",
                                                        state["embed_tokens.weight"]),
             model.row_token, seed, init_out_embed, copy_out_embed, preserve_out_embed)
     model.load_state_dict(own)
     return model
+
+
+def centroid_head(cfg, base_ckpt: dict, vocab_size: int) -> tuple | None:
+    """The ``centroids`` argument of :func:`model_from_base` that train's
+    ``--load-centroids`` / ``--load-centroid-distribution`` ask for (None: neither given),
+    checked against the base model and the input the softmax reads."""
+    if not (cfg.load_centroids or cfg.load_centroid_distribution):
+        return None
+    from ..data.centroid_files import distribution_coo, load_centroids, load_distribution
+    base = base_ckpt["model_cfg"]
+    if cfg.load_centroids:
+        cent, csr, side = load_centroids(cfg.load_centroids, cfg.load_centroid_distribution,
+                                         vocab_size, base["decoder_embed_dim"])
+        keytype = side.get("keytype")
+        if keytype and keytype != cfg.softmax_input:
+            raise UserError(f"--load-centroids {cfg.load_centroids} holds {keytype} centroids "
+                            f"but the softmax reads {cfg.softmax_input} (--softmax-input "
+                            f"{keytype}{', or --use-last-ffn-input' if keytype == 'att' else ''})")
+        rows = torch.from_numpy(cent)
+    else:
+        if not base.get("centroid_rows"):
+            raise UserError(f"--load-centroid-distribution without --load-centroids: "
+                            f"{cfg.restore_file} has no centroid head to give it to")
+        csr = load_distribution(cfg.load_centroid_distribution, base["centroid_rows"],
+                                vocab_size)
+        rows = None
+    index, prob = distribution_coo(csr)
+    return rows, torch.from_numpy(index), torch.from_numpy(prob)
 
 
 def _output_rows(rows: torch.Tensor, base_w: torch.Tensor, row_token: torch.Tensor, seed: int,

@@ -179,12 +179,14 @@ class Trainer:
                 return build_model(c.arch, V, self.databin.pad, **overrides, **head).to(self.device), None
             except ValueError as exc:
                 raise UserError(str(exc))
-        from .heads_train import freeze_for_finetune, load_base, model_from_base
+        from .heads_train import (centroid_head, freeze_for_finetune, load_base,
+                                  model_from_base)
         base_ckpt, base = load_base(c.restore_file, self.databin, self.device)
         overrides.pop("max_target_positions", None)
         model = model_from_base(base_ckpt, head, c.seed, overrides, init_out_embed=c.init_out_embed,
                                 copy_out_embed=c.copy_out_embed,
-                                preserve_out_embed=c.preserve_out_embed)
+                                preserve_out_embed=c.preserve_out_embed,
+                                centroids=centroid_head(c, base_ckpt, V))
         groups = [n[len("finetune_"):] for n in c.finetune_flags() if getattr(c, n)]
         if groups:
             freeze_for_finetune(model, groups)

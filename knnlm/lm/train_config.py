@@ -93,6 +93,14 @@ class TrainConfig(FairseqTaskFlags):
     finetune_out_embed: bool = flag(False, "train only the output layer (body frozen)")
     finetune_mos: bool = flag(False, "train only the mixture-of-softmaxes head")
     finetune_additional_linear: bool = flag(False, "train only the additional linear head")
+    finetune_centroids: bool = flag(False, "the fork's first name of --finetune-out-embed "
+                                    "(with --load-centroids: train only the centroid rows)")
+    load_centroids: str | None = flag(None, "--restore-file: the output layer becomes a "
+                                      "softmax over these centroids (knnlm centroids: "
+                                      "centroids.npy), read by the keytype they were made of")
+    load_centroid_distribution: str | None = flag(
+        None, "P(w | centroid) of the centroid head (centroid_dist.npz); without "
+        "--load-centroids it replaces the distribution of a --restore-file model that has one")
     # fairseq flags of the fork's command lines (what they ask for is what happens here)
     criterion: str = flag("cross_entropy", "fairseq's criterion: cross_entropy, or the fork's "
                           "agg_softmax (a token's rows' summed softmax mass): the loss every "
@@ -178,6 +186,16 @@ class TrainConfig(FairseqTaskFlags):
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
         if self.use_last_ffn_input:
             self.softmax_input = "att"
+        if self.finetune_centroids:
+            self.finetune_out_embed = True
+        if self.load_centroids or self.load_centroid_distribution:
+            if not self.restore_file:
+                raise UserError("--load-centroids and --load-centroid-distribution need "
+                                "--restore-file (the model whose output layer they replace)")
+            if self.pseudo_vocab_ratio > 1 or self.num_extra_embed_file or self.k_mos > 1 or \
+                    self.additional_linear:
+                raise UserError("a centroid head takes none of --pseudo-vocab-ratio, "
+                                "--num-extra-embed-file, --k-mos, --additional-linear")
         if self.pseudo_vocab_ratio < 1 or self.k_mos < 1:
             raise UserError("--pseudo-vocab-ratio and --k-mos must be >= 1")
         if self.num_extra_embed_file and self.pseudo_vocab_ratio > 1:

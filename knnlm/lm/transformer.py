@@ -56,6 +56,10 @@ class ModelConfig:
     use_l2: bool = False
     norm_l2: bool = False
     num_special_tokens: int = 4     # fairseq's nspecial: one row each with pseudo_vocab_ratio
+    # a softmax over C centroid rows mapped to tokens by a stored P(w | c) with nnz entries
+    # (train --load-centroids; the fork's centroid fine-tuning)
+    centroid_rows: int = 0
+    centroid_nnz: int = 0
     # 2: the original fork's head layouts (pseudo-vocabulary rows in blocks after the
     # specials; MoS projections without tanh, prior with a bias); 1: knnlm 0.1's (tiled
     # rows; tanh; no prior bias). Checkpoints without the field were written by 0.1.
@@ -74,12 +78,21 @@ class ModelConfig:
             raise ValueError("pseudo_vocab_ratio and num_extra_embed are exclusive")
         if self.head_version not in (1, 2) or self.num_special_tokens < 0:
             raise ValueError("head_version must be 1 or 2 and num_special_tokens >= 0")
+        if self.centroid_rows < 0 or self.centroid_nnz < 0 or (self.centroid_rows > 0) != \
+                (self.centroid_nnz > 0):
+            raise ValueError("centroid_rows and centroid_nnz must both be > 0, or both 0")
+        if self.centroid_rows and (self.pseudo_vocab_ratio > 1 or self.num_extra_embed is not None
+                                   or self.k_mos > 1 or self.additional_linear):
+            raise ValueError("a centroid head has none of pseudo_vocab_ratio, num_extra_embed, "
+                             "k_mos and additional_linear")
         if self.share_decoder_input_output_embed and self.output_rows != self.vocab_size:
             raise ValueError("a tied output embedding has exactly one row per token")
 
     @property
     def output_rows(self) -> int:
         """R, the rows of the output embedding (V for the standard head)."""
+        if self.centroid_rows:
+            return self.centroid_rows
         if self.num_extra_embed is not None:
             return self.vocab_size + sum(self.num_extra_embed)
         if self.head_version == 1:
@@ -90,7 +103,8 @@ class ModelConfig:
     @property
     def standard_head(self) -> bool:
         """The plain softmax(W_sm · ffn): output_layer returns raw logits."""
-        return (self.output_rows == self.vocab_size and self.k_mos == 1 and not self.use_l2
+        return (not self.centroid_rows and self.output_rows == self.vocab_size
+                and self.k_mos == 1 and not self.use_l2
                 and not self.norm_l2 and not self.additional_linear
                 and self.softmax_input == "ffn")
 
@@ -216,6 +230,11 @@ class TransformerLM(nn.Module):
             self.mos_prior = nn.Linear(d, cfg.k_mos, bias=cfg.head_version >= 2)
         if cfg.additional_linear:
             self.additional_linear = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.centroid_rows:   # P(w | c) as COO (centroid, token) pairs and probabilities
+            self.register_buffer("centroid_index",
+                                 torch.zeros(2, cfg.centroid_nnz, dtype=torch.long))
+            self.register_buffer("centroid_prob", torch.zeros(cfg.centroid_nnz))
+            self._dist_cache = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -267,6 +286,10 @@ class TransformerLM(nn.Module):
         lead, d = features.shape[:-1], c.decoder_embed_dim
         f = features.reshape(-1, features.shape[-1])
         h = f[:, :d]
+        if c.centroid_rows:
+            out = heads.centroid_log_probs(h, self.output_weight, self.centroid_dist_t(), 1.0,
+                                           c.use_l2, c.norm_l2)
+            return out.view(*lead, -1)
         if c.k_mos > 1:
             ctx = self.mos_proj(h)
             if c.head_version == 1:
@@ -281,6 +304,17 @@ class TransformerLM(nn.Module):
         if c.additional_linear:  # added as logits to the main head's (log-)logits
             out = torch.log_softmax(out + self.additional_linear(f[:, d:2 * d]).float(), -1)
         return out.view(*lead, -1)
+
+    def centroid_dist_t(self) -> torch.Tensor:
+        """The centroid head's (V, C) P(w | c) transpose in CSR, rebuilt when the buffers
+        change (loading, moving to another device)."""
+        key = (self.centroid_index.data_ptr(), self.centroid_prob.data_ptr(),
+               self.centroid_index._version, self.centroid_prob._version)
+        if self._dist_cache is None or self._dist_cache[0] != key:
+            self._dist_cache = (key, heads.centroid_dist_t(
+                self.centroid_index, self.centroid_prob,
+                (self.cfg.centroid_rows, self.cfg.vocab_size)))
+        return self._dist_cache[1]
 
     def new_cache(self) -> list[dict]:
         """An empty key/value cache for :meth:`forward`."""
