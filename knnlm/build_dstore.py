@@ -57,6 +57,9 @@ class BuildDstoreConfig:
     dstore_dir: str = flag(help="output datastore directory", aliases=("--dstore-mmap",))
     path: str | None = flag(None, "checkpoint whose representations become the keys")
     hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
+    hf_dtype: str | None = flag(None, "--hf-model: load its weights as fp32, bf16 or fp16 "
+                                "(default fp32; datastores match across dtypes)",
+                                choices=("fp32", "bf16", "fp16"))
     gen_subset: str = flag("train", "split to store")
     knn_keytype: str = flag("att", "comma-separated keytypes: att (last_ffn_input), "
                             "ffn (last_linear_input), layer:N (the output of decoder layer N, "
@@ -289,7 +292,7 @@ def main(cfg: BuildDstoreConfig, on_batch: Callable[[int], None] | None = None) 
     databin = DataBin(cfg.data)
     dist = setup_distributed(cfg.cpu) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     device = dist.device if dist is not None else resolve_device(cfg.device, cfg.cpu)
-    model, fp = load_lm(cfg.path, cfg.hf_model, databin, device)
+    model, fp = load_lm(cfg.path, cfg.hf_model, databin, device, cfg.hf_dtype)
     try:
         res = build_dstore(model, databin, cfg, device, fp, on_batch, dist)
     finally:

@@ -19,6 +19,9 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
     data: str = flag(help="data-bin directory", positional=True)
     path: str | None = flag(None, "checkpoint to evaluate")
     hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
+    hf_dtype: str | None = flag(None, "--hf-model: load its weights as fp32, bf16 or fp16 "
+                                "(default fp32; datastores match across dtypes)",
+                                choices=("fp32", "bf16", "fp16"))
     gen_subset: str = flag("test", "split to score (train, valid, test)")
     tokens_per_sample: int | None = flag(None, "longest model input, context included "
                                          "(default: the model's max positions)")

@@ -312,7 +312,7 @@ def main(cfg: EvalConfig) -> dict | None:
     half = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
     # HF weights load directly in half precision on a GPU (a 7B model needs no fp32 copy)
     model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device,
-                                 half if device.type == "cuda" else None)
+                                 cfg.hf_dtype or (half if device.type == "cuda" else None))
     check_head_flags(model, cfg, databin)
     if cfg.load_centroids:
         model = centroid_model(model, cfg, databin, device)

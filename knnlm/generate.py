@@ -16,10 +16,12 @@ with ``--temperature``, ``--sampling-topk`` and ``--sampling-topp``. The model k
 key/value cache, so each new token costs one single-token forward and one retrieval. With
 ``--lmbda 0`` the output equals plain generation token for token.
 
-With ``--hf-model`` decoding is HF's ``model.generate()`` with the kNN-LM as a logits
-processor (:class:`knnlm.hf_generate.KNNLogitsProcessor`): prompts go in left-padded
-batches of ``--batch-size``, ``--beam N`` runs beam search, and generation stops at the
-model's end-of-sequence token.
+With ``--hf-model`` decoding is HF's ``model.generate()`` with the kNN-LM inside the model
+(:class:`knnlm.hf_generate.KNNLogitsProcessor`): prompts go in left-padded batches of
+``--batch-size``, ``--beam N`` runs beam search, and generation stops at the model's
+end-of-sequence token. The model's generation config (its repetition penalty, banned
+words, ...) applies on top, to the kNN-LM's distribution; the settings it adds are printed
+and written to the results.
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ class GenerateConfig(KnnOptions):
                      positional=True)
     path: str | None = flag(None, "checkpoint")
     hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
+    hf_dtype: str | None = flag(None, "--hf-model: load its weights as fp32, bf16 or fp16 "
+                                "(default fp32; datastores match across dtypes)",
+                                choices=("fp32", "bf16", "fp16"))
     prompt: str | None = flag(None, "the prompt text")
     prompts_file: str | None = flag(None, "a file of prompts, one per line")
     max_new_tokens: int = flag(50, "tokens to generate per prompt")
@@ -192,12 +197,34 @@ def generate_one(model, prompt_ids: np.ndarray, start: int, cfg: GenerateConfig,
     return out, time.perf_counter() - t0
 
 
+# generation-config fields that change the next-token distribution or the search, other
+# than those `knnlm generate` sets itself
+INHERITED = ("repetition_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty",
+             "bad_words_ids", "min_length", "min_new_tokens", "sequence_bias",
+             "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+             "forced_eos_token_id", "length_penalty", "diversity_penalty", "typical_p",
+             "epsilon_cutoff", "eta_cutoff", "min_p", "renormalize_logits")
+
+
+def inherited_settings(generation_config) -> dict:
+    """The settings of an HF model's generation config (generation_config.json) that
+    ``model.generate()`` applies on top of knnlm's flags: those not at their defaults."""
+    from transformers import GenerationConfig
+    default = GenerationConfig()
+    return {k: getattr(generation_config, k) for k in INHERITED
+            if getattr(generation_config, k, None) != getattr(default, k, None)}
+
+
 def generate_hf(model, prompts: list[np.ndarray], start: int, pad: int, cfg: GenerateConfig,
                 processor, device) -> tuple[list[list[int]], float]:
     """HF ``model.generate()`` over batches of left-padded prompts, with the kNN-LM as a
     logits processor (:class:`knnlm.hf_generate.KNNLogitsProcessor`); it stops at the
     model's end-of-sequence token, as HF does. (new ids per prompt, seconds)."""
     torch.manual_seed(cfg.seed)
+    inherited = inherited_settings(model.hf.generation_config)
+    if inherited:       # they act on the kNN-LM's distribution, as on the LM's
+        print("the model's generation config also applies: " +
+              ", ".join(f"{k} {v}" for k, v in inherited.items()))
     kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.sampling, num_beams=cfg.beam,
               pad_token_id=pad, logits_processor=[processor] if processor is not None else None)
     if cfg.sampling:
@@ -226,7 +253,7 @@ def generate_hf(model, prompts: list[np.ndarray], start: int, pad: int, cfg: Gen
 def main(cfg: GenerateConfig) -> dict:
     databin = DataBin(cfg.data)
     device = resolve_device(cfg.device, cfg.cpu)
-    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
+    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device, cfg.hf_dtype)
     model.eval()
     search = processor = None
     if cfg.knnlm and cfg.hf_model:
@@ -279,6 +306,8 @@ def main(cfg: GenerateConfig) -> dict:
                search_backend=search.backend if search is not None else None,
                knn_settings=search.settings if search is not None else None,
                knn_searches=processor.searches if processor is not None else None,
+               generation_config=inherited_settings(model.hf.generation_config)
+               if cfg.hf_model else None,
                efficiency=walk.stats() if walk is not None else
                gate.stats() if gate is not None else None,
                config=config_dict(cfg))

@@ -40,6 +40,9 @@ class NeighborsConfig(KnnOptions):
     data: str = flag(help="data-bin directory (its vocabulary encodes the text)", positional=True)
     path: str | None = flag(None, "checkpoint")
     hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
+    hf_dtype: str | None = flag(None, "--hf-model: load its weights as fp32, bf16 or fp16 "
+                                "(default fp32; datastores match across dtypes)",
+                                choices=("fp32", "bf16", "fp16"))
     text: str | None = flag(None, "the text to inspect")
     file: str | None = flag(None, "a text file to inspect (lines end with the line token)")
     context_tokens: int = flag(12, "datastore tokens shown before each neighbour's value")
@@ -158,7 +161,7 @@ def format_rows(rows: list[dict]) -> str:
 def main(cfg: NeighborsConfig) -> list[dict]:
     databin = DataBin(cfg.data)
     device = resolve_device(cfg.device, cfg.cpu)
-    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device)
+    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device, cfg.hf_dtype)
     model.eval()
     # with --json, stdout is the JSON alone: the search's reports go to stderr
     search = KnnSearch(cfg, fingerprint, databin, device,

@@ -76,7 +76,8 @@ class TrainGateConfig:
 def lm_features(ecfg: dict, cache: RetrievalCache, databin: DataBin, ds: Datastore,
                 tables: dict, use_query: bool, device, quiet: bool) -> np.ndarray:
     """(N, F) gate features of the cached tokens, from one more LM pass over them."""
-    model, fingerprint = load_lm(ecfg.get("path"), ecfg.get("hf_model"), databin, device)
+    model, fingerprint = load_lm(ecfg.get("path"), ecfg.get("hf_model"), databin, device,
+                                 ecfg.get("hf_dtype"))
     ds.check_model(fingerprint, databin.tokenizer_sha256)
     tokens = databin.split(ecfg["gen_subset"])[:cache.size]
     if len(tokens) != cache.size or not np.array_equal(tokens, np.asarray(cache.targets)):

@@ -143,7 +143,7 @@ def main(cfg: TuneConfig) -> dict:
     ecfg = cfg.eval_cfg
     databin = DataBin(cfg.data)
     device = resolve_device(cfg.device, cfg.cpu)
-    model, model_fp = load_lm(cfg.path, cfg.hf_model, databin, device)
+    model, model_fp = load_lm(cfg.path, cfg.hf_model, databin, device, cfg.hf_dtype)
     with output_lock(cfg.cache_dir, "dir", "retrieval cache"):
         return _tune(cfg, ecfg, databin, device, model, model_fp)
 

@@ -1,6 +1,6 @@
-"""HF causal LMs through forward hooks: tiny random models of 16 families built offline
-(GPT-2, Llama, GPT-NeoX, OPT, Gemma 2, Granite, Cohere, Phi-3, Qwen2/3, Mistral, Falcon,
-BLOOM, GPT-J, GPT-BigCode, MPT); representations, perplexity and datastore keys against
+"""HF causal LMs through forward hooks: tiny random models of 18 families built offline
+(GPT-2, Llama, GPT-NeoX, OPT, Gemma 2, Gemma 3, Granite, Cohere, Phi-3, Qwen2/3, Mistral,
+Mixtral, Falcon, BLOOM, GPT-J, GPT-BigCode, MPT); representations, perplexity and datastore keys against
 the models' own outputs."""
 import math
 from pathlib import Path
@@ -58,11 +58,32 @@ FAMILIES.update({
                     n_head=2, n_positions=128), "ln_2"),
     "mpt": ("MptConfig", "MptForCausalLM", dict(n_layers=2, d_model=32, n_heads=2, max_seq_len=128),
             "norm_2"),
+    # a sparse mixture of experts as the MLP (the att key: the router's input)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_DEC, num_local_experts=2,
+                num_experts_per_tok=1), "post_attention_layernorm"),
+    # what AutoModelForCausalLM builds for Gemma 3: the multimodal model, its text decoder
+    # inside (a vision tower of one layer; the vocabulary goes into the text config)
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
+        text_config=dict(_DEC, head_dim=16, sliding_window=16, final_logit_softcapping=3.0),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=5, eoi_token_index=6, image_token_index=7),
+        "pre_feedforward_layernorm"),
 })
 
 FINAL_NORM = dict(gpt2="ln_f", llama="norm", gpt_neox="final_layer_norm",
                   opt="decoder.final_layer_norm", falcon="ln_f", bloom="ln_f", gptj="ln_f",
-                  gpt_bigcode="ln_f", mpt="norm_f")      # inside the backbone; else "norm"
+                  gpt_bigcode="ln_f", mpt="norm_f",
+                  gemma3="language_model.norm")       # inside the backbone; else "norm"
+
+
+def tiny_config(family: str, vocab_size: int):
+    """The tiny random config of ``family`` (ids: bos 0, pad 1, eos 2)."""
+    cfg_cls, _, kw, _ = FAMILIES[family]
+    if "text_config" in kw:
+        kw = dict(kw, text_config=dict(kw["text_config"], vocab_size=vocab_size))
+    return getattr(transformers, cfg_cls)(vocab_size=vocab_size, bos_token_id=0,
+                                          eos_token_id=2, pad_token_id=1, **kw)
 
 
 @pytest.fixture(scope="session")
@@ -79,11 +100,9 @@ def hf_tokenizer_dir(bpe_databin, tmp_path_factory):
 
 @pytest.fixture(scope="session", params=list(FAMILIES))
 def hf_model_dir(request, hf_tokenizer_dir, bpe_databin, tmp_path_factory):
-    cfg_cls, model_cls, kw, _ = FAMILIES[request.param]
     torch.manual_seed(0)
-    config = getattr(transformers, cfg_cls)(vocab_size=bpe_databin.vocab_size, bos_token_id=0,
-                                            eos_token_id=2, pad_token_id=1, **kw)
-    model = getattr(transformers, model_cls)(config).eval()
+    config = tiny_config(request.param, bpe_databin.vocab_size)
+    model = getattr(transformers, FAMILIES[request.param][1])(config).eval()
     d = tmp_path_factory.mktemp(f"hf_{request.param}")
     model.save_pretrained(d)
     if request.param in WITH_TOKENIZER:
@@ -283,8 +302,9 @@ def test_fingerprint_ignores_the_load_dtype(hf_model_dir):
     from knnlm.lm.hf import hf_fingerprint
     a = load_hf_model(str(hf_model_dir))
     b = load_hf_model(str(hf_model_dir), torch.bfloat16)
+    c = load_hf_model(str(hf_model_dir), torch.float16)
     assert next(b.hf.parameters()).dtype == torch.bfloat16
-    assert hf_fingerprint(a.hf) == hf_fingerprint(b.hf)
+    assert hf_fingerprint(a.hf) == hf_fingerprint(b.hf) == hf_fingerprint(c.hf)
     with torch.no_grad():
         next(a.hf.parameters()).view(-1)[0] += 1.0
     assert hf_fingerprint(a.hf) != hf_fingerprint(b.hf)
@@ -313,3 +333,25 @@ def test_quiet_is_silent_through_an_hf_model(hf_databin, hf_tokenizer_dir, tmp_p
     quiet = subprocess.run(argv + ["--quiet", "--dstore-dir", str(tmp_path / "ds2")],
                            capture_output=True, text=True, env=env)
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_the_mlp_of_every_layout_is_found():
+    """transformers 4.x names Mixtral's sparse MoE block ``block_sparse_moe`` (5.x: ``mlp``);
+    Gemma 3's decoder sits in its multimodal backbone's ``language_model``."""
+    def tree(layers_path, mlp_name):
+        layer = torch.nn.Module()
+        setattr(layer, mlp_name, torch.nn.Linear(2, 2))
+        root = node = torch.nn.Module()
+        *parents, last = layers_path.split(".")
+        for p in parents:
+            setattr(node, p, torch.nn.Module())
+            node = getattr(node, p)
+        setattr(node, last, torch.nn.ModuleList([layer]))
+        return root, getattr(layer, mlp_name)
+    for model_type, layout in [("mixtral", ("layers", "block_sparse_moe")),
+                               ("mixtral", ("layers", "mlp")),
+                               ("gemma3", ("language_model.layers", "mlp"))]:
+        root, mlp = tree(*layout)
+        assert locate_modules(root, model_type)[1] is mlp
+    with pytest.raises(UserError, match="block_sparse_moe"):
+        locate_modules(tree("layers", "experts")[0], "mixtral")

@@ -11,20 +11,19 @@ from knnlm.generate import GenerateConfig, generate_one
 from knnlm.knn import index
 from knnlm.lm.hf import load_hf_model
 
-from test_hf import FAMILIES, hf_databin, hf_tokenizer_dir  # noqa: F401  (fixtures)
+from test_hf import FAMILIES, hf_databin, hf_tokenizer_dir, tiny_config  # noqa: F401  (fixtures)
 
 PROMPTS = ["Enter the king, and", "What say you", "O"]
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "opt"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "opt", "gemma3", "mixtral"])
 def hf_setup(request, hf_databin, tmp_path_factory):  # noqa: F811
     """A tiny random model of the family and a datastore of its att and ffn keys."""
-    cfg_cls, model_cls, kw, _ = FAMILIES[request.param]
     torch.manual_seed(0)
-    config = getattr(transformers, cfg_cls)(vocab_size=hf_databin.vocab_size, bos_token_id=0,
-                                            eos_token_id=2, pad_token_id=1, **kw)
+    config = tiny_config(request.param, hf_databin.vocab_size)
     root = tmp_path_factory.mktemp(f"gen_{request.param}")
-    getattr(transformers, model_cls)(config).eval().save_pretrained(root / "model")
+    getattr(transformers, FAMILIES[request.param][1])(config).eval().save_pretrained(
+        root / "model")
     build_dstore.main(build_dstore.BuildDstoreConfig(
         data=str(hf_databin.path), hf_model=str(root / "model"), dstore_dir=str(root / "ds"),
         gen_subset="train", knn_keytype="att,ffn", tokens_per_sample=64, quiet=True))
@@ -68,10 +67,10 @@ def test_greedy_equals_step_by_step_knnlm_and_batch_equals_one_by_one(
     model, root = hf_setup
     kw = dict(exact_search=True, k=16, lmbda=0.6, knn_temp=2.0, knn_keytype=keytype)
     inputs, w = batch(hf_databin, PROMPTS)
+    plain = run(model, inputs)[:, w:].tolist()
     with KNNLogitsProcessor(model, root / "ds", **kw) as proc:
         batched = run(model, inputs, proc)[:, w:].tolist()
         single = [run(model, batch(hf_databin, [p])[0], proc)[0, -8:].tolist() for p in PROMPTS]
-        plain = run(model, inputs)[:, w:].tolist()
         # knnlm's own decoder: one token at a time, p_kNN of the step's query over the vocab
         lm = load_hf_model(str(root / "model"))
         cfg = GenerateConfig(data=str(hf_databin.path), hf_model=str(root / "model"),
@@ -84,25 +83,24 @@ def test_greedy_equals_step_by_step_knnlm_and_batch_equals_one_by_one(
     assert batched != plain                  # the datastore does change the output
 
 
-def test_banned_tokens_stay_banned_and_rows_without_neighbours(hf_setup):
+def test_mix_is_the_knnlm_and_a_processor_without_its_forward_warns(hf_setup):
+    """mix(): log((1-λ) p_LM + λ p_kNN) of given logits and queries (λ 1: only datastore
+    values are possible); a processor only ever called for another model's steps warns."""
     model, root = hf_setup
     with KNNLogitsProcessor(model, root / "ds", exact_search=True, k=4, lmbda=1.0,
                             knn_temp=1.0) as proc:
-        V = model.get_output_embeddings().weight.shape[0]
-        scores = torch.randn(2, V)
-        proc.store["query"] = torch.randn(2, 5, model.config.hidden_size
-                                          if hasattr(model.config, "hidden_size")
-                                          else model.config.n_embd)
+        V, d = model.get_output_embeddings().weight.shape
+        out = proc.mix(torch.randn(2, V), torch.randn(2, d))
         ds_vals = np.asarray(proc.search.ds.vals)
-        banned = int(np.bincount(ds_vals).argmax())      # the most frequent value
-        scores[:, banned] = -torch.inf
-        out = proc(torch.zeros(2, 5, dtype=torch.long), scores)
-        assert torch.isneginf(out[:, banned]).all()
-        # λ 1: p_kNN alone, so only datastore values are possible
         finite = torch.isfinite(out[0]).nonzero().flatten().tolist()
         assert set(finite) <= set(np.unique(ds_vals).tolist())
-    with pytest.raises(RuntimeError, match="saw no query"):
-        proc(torch.zeros(2, 5, dtype=torch.long), scores)
+        assert proc.searches == 2
+        proc.mix(torch.randn(3, V), torch.zeros(3, d))     # identical queries: one search
+        assert proc.searches == 3
+        scores = torch.randn(2, V)          # another model's step: left as it is
+        assert proc(torch.zeros(2, 5, dtype=torch.long), scores) is scores
+        with pytest.warns(UserWarning, match="another model"):
+            proc.close()
 
 
 def test_torch_backend_scores_on_its_device_as_the_host_does(hf_setup, monkeypatch):
@@ -125,8 +123,7 @@ def test_torch_backend_scores_on_its_device_as_the_host_does(hf_setup, monkeypat
             assert proc.search.backend == "torch (cpu)" and proc.search.on_device
             if not on_device:
                 monkeypatch.setattr(KnnSearch, "on_device", property(lambda self: False))
-            proc.store["query"] = query
-            out[on_device] = proc(torch.zeros(3, 4, dtype=torch.long), scores)
+            out[on_device] = proc.mix(scores, query[:, -1])
             monkeypatch.undo()
     assert torch.equal(out[True], out[False])
     assert not torch.equal(out[True], torch.log_softmax(scores, -1))   # p_kNN did enter
@@ -153,8 +150,7 @@ def test_processor_on_the_gpu_equals_the_cpu(hf_setup):
                                 lmbda=0.5, knn_temp=2.0, probe=4, knn_backend="torch",
                                 knnlm_gpu=dev == "cuda", knn_sim_func="do_not_recomp_l2") as proc:
             assert proc.search.backend.startswith(f"torch ({dev}")
-            proc.store["query"] = query.to(dev)
-            out[dev] = proc(torch.zeros(3, 4, dtype=torch.long, device=dev), scores.to(dev)).cpu()
+            out[dev] = proc.mix(scores.to(dev), query[:, -1].to(dev)).cpu()
     torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-4, atol=1e-4)
 
 
@@ -215,3 +211,281 @@ def test_streamers_and_stopping_criteria_are_hfs_own(hf_setup, hf_databin):  # n
     assert out.shape[1] == w + 3 and torch.equal(out, full[:, :w + 3])
     assert streamer.chunks[-1] == "end"
     assert [c[0] for c in streamer.chunks[1:-1]] == out[0, w:].tolist()
+
+
+class Reference:
+    """The kNN-LM from scratch, one sequence at a time: a full forward of a separately
+    loaded (unhooked) model over the whole prefix, the last position's query searched,
+    p_kNN over the vocabulary, mixed with λ (knnlm's own decoder step)."""
+
+    def __init__(self, root, search, keytype="att", lmbda=0.6, knn_temp=2.0):
+        from types import SimpleNamespace
+        self.lm = load_hf_model(str(root / "model"))
+        self.search, self.keytype = search, keytype
+        self.cfg = SimpleNamespace(lmbda=lmbda, knn_temp=knn_temp)
+
+    @torch.no_grad()
+    def __call__(self, ids) -> torch.Tensor:
+        from knnlm.generate import next_log_probs
+        feats, hid = self.lm(torch.tensor([list(ids)]), return_hidden=(self.keytype,))
+        logits = self.lm.output_layer(feats[:, -1])[0]
+        return next_log_probs(logits, hid[self.keytype][0, -1], self.search, self.cfg)[0]
+
+
+KNN = dict(exact_search=True, k=16, lmbda=0.6, knn_temp=2.0)
+
+
+def prompt_ids(databin, text):
+    return [databin.eos, *map(int, databin.vocab.encode_text(text))]
+
+
+def greedy_reference(ref, ids, steps, processors=(), eos=None):
+    ids = list(ids)
+    for _ in range(steps):
+        lp = ref(ids).float()[None]
+        for p in processors:
+            lp = p(torch.tensor([ids]), lp)
+        tok = int(lp.argmax())
+        ids.append(tok)
+        if tok == eos:
+            break
+    return ids
+
+
+@pytest.mark.parametrize("name", ["repetition_penalty", "no_repeat_ngram", "bad_words",
+                                  "sequence_bias", "min_new_tokens"])
+def test_hfs_processors_act_on_the_knnlm_distribution(hf_setup, hf_databin, name):  # noqa: F811
+    """Every processor HF builds from generate()'s arguments runs after the kNN-LM mix:
+    greedy generation equals the from-scratch kNN-LM with that processor applied to its
+    log-probs, step by step."""
+    from transformers import generation as g
+    model, root = hf_setup
+    ids = prompt_ids(hf_databin, PROMPTS[0])
+    inp = dict(input_ids=torch.tensor([ids]), pad_token_id=hf_databin.pad)
+    with KNNLogitsProcessor(model, root / "ds", **KNN) as proc:
+        ref = Reference(root, proc.search)
+        free = greedy_reference(ref, ids, 8)[len(ids):]
+        t1, t2 = free[0], free[1]
+        eos = None
+        kw, procs = {
+            "repetition_penalty": (dict(repetition_penalty=10.0),
+                                   [g.RepetitionPenaltyLogitsProcessor(10.0)]),
+            "no_repeat_ngram": (dict(no_repeat_ngram_size=2),
+                                [g.NoRepeatNGramLogitsProcessor(2)]),
+            "bad_words": (dict(bad_words_ids=[[t1], [t2]]),
+                          [g.NoBadWordsLogitsProcessor([[t1], [t2]])]),
+            "sequence_bias": (dict(sequence_bias={(t1,): -50.0}),
+                              [g.SequenceBiasLogitsProcessor({(t1,): -50.0})]),
+            "min_new_tokens": (dict(min_new_tokens=4, eos_token_id=t2),
+                               [g.MinNewTokensLengthLogitsProcessor(len(ids), 4, t2)]),
+        }[name]
+        if name == "min_new_tokens":
+            eos = t2
+            proc.eos = torch.tensor([t2])
+        got = run(model, inp, proc, **kw)[0].tolist()
+        want = greedy_reference(ref, ids, 8, procs, eos)
+    assert got == want
+    new = got[len(ids):]
+    if name in ("bad_words", "sequence_bias"):
+        assert new[0] != t1 and (name == "sequence_bias" or t2 not in new)
+    if name == "min_new_tokens":
+        assert t2 not in new[:4]
+    if name == "repetition_penalty":      # the penalty holds on the kNN-LM's distribution
+        new = got[len(ids):]
+        repeats = sum(t in got[:len(ids) + i] for i, t in enumerate(new))
+        free_repeats = sum(t in (ids + free)[:len(ids) + i] for i, t in enumerate(free))
+        assert repeats <= free_repeats
+
+
+def test_guidance_mixes_each_forward_with_its_own_query(hf_setup, hf_databin):  # noqa: F811
+    """Classifier-free guidance: HF's unconditional forward is a kNN-LM forward of its own
+    context (the last prompt token, then the generated tokens); the scores are
+    s·(log p_cond − log p_uncond) + log p_uncond of the two kNN-LM distributions."""
+    model, root = hf_setup
+    ids = prompt_ids(hf_databin, PROMPTS[0])
+    scale, steps = 1.5, 6
+    with KNNLogitsProcessor(model, root / "ds", **KNN) as proc:
+        ref = Reference(root, proc.search)
+        got = run(model, dict(input_ids=torch.tensor([ids]), pad_token_id=hf_databin.pad),
+                  proc, guidance_scale=scale)[0, len(ids):].tolist()[:steps]
+        seq, uncond = list(ids), [ids[-1]]
+        for _ in range(steps):
+            cond_lp, uncond_lp = ref(seq), ref(uncond)
+            tok = int((scale * (cond_lp - uncond_lp) + uncond_lp).argmax())
+            seq.append(tok)
+            uncond.append(tok)
+    assert got == seq[len(ids):]
+
+
+@pytest.mark.parametrize("how", ["assistant_model", "prompt_lookup_num_tokens"])
+def test_assisted_decoding_equals_plain_knnlm_greedy(hf_setup, hf_databin, how):  # noqa: F811
+    """The model verifies several drafted tokens in one forward: every position it returns
+    is mixed, so greedy assisted / prompt-lookup decoding equals plain greedy."""
+    model, root = hf_setup
+    ids = prompt_ids(hf_databin, "the king the king the king and")
+    inp = dict(input_ids=torch.tensor([ids]), pad_token_id=hf_databin.pad)
+    extra = dict(assistant_model=transformers.AutoModelForCausalLM.from_pretrained(
+        root / "model").eval()) if how == "assistant_model" else dict(prompt_lookup_num_tokens=3)
+    with KNNLogitsProcessor(model, root / "ds", **KNN) as proc:
+        plain = run(model, inp, proc)
+        forwards = proc.forwards
+        assisted = run(model, inp, proc, **extra)
+        assert proc.forwards - forwards <= 8
+    assert torch.equal(plain, assisted)
+
+
+def test_finished_rows_are_not_searched(hf_setup, hf_databin):  # noqa: F811
+    """A row that generated the end-of-sequence token is padded by HF from then on: the
+    next forwards do not search for it, and each row equals its own generation."""
+    model, root = hf_setup
+    inputs, w = batch(hf_databin, PROMPTS)
+    with KNNLogitsProcessor(model, root / "ds", **KNN) as proc:
+        free = run(model, inputs, proc)[:, w:]
+        eos = int(free[0, 1])              # row 0 stops at its second token
+        proc.eos = torch.tensor([eos])
+        before = proc.searches
+        got = run(model, inputs, proc, eos_token_id=eos)
+        searched = proc.searches - before
+        single = [run(model, batch(hf_databin, [p])[0], proc, eos_token_id=eos)[0].tolist()
+                  for p in PROMPTS]
+    rows = got[:, w:].tolist()
+    for p, r, one in zip(PROMPTS, rows, single):
+        stop = r.index(eos) + 1 if eos in r else len(r)
+        assert r[:stop] == one[len(prompt_ids(hf_databin, p)):]
+    assert rows[0][1] == eos
+    live = [min(len(r), (r.index(eos) + 1) if eos in r else len(r)) for r in rows]
+    # prefill searches every row; a row is searched again until one step after its EOS
+    assert searched <= len(rows) + sum(min(n, got.shape[1] - w - 1) for n in live)
+    assert searched < len(rows) * (got.shape[1] - w)
+
+
+def test_sampling_scores_are_the_warped_knnlm_of_each_rows_prefix(hf_setup, hf_databin):  # noqa: F811
+    """Sampling at λ > 0 over left-padded prompts: every step's scores (after HF's
+    temperature and top-k) equal the from-scratch kNN-LM of that row's own prefix, warped
+    the same way."""
+    from transformers import generation as g
+    model, root = hf_setup
+    inputs, w = batch(hf_databin, PROMPTS)
+    warp = [g.TemperatureLogitsWarper(0.8), g.TopKLogitsWarper(20)]
+    with KNNLogitsProcessor(model, root / "ds", **KNN) as proc:
+        ref = Reference(root, proc.search)
+        out = run(model, inputs, proc, do_sample=True, top_k=20, temperature=0.8,
+                  output_scores=True, return_dict_in_generate=True)
+        for row, p in enumerate(PROMPTS):
+            seq = prompt_ids(hf_databin, p)
+            for t, step in enumerate(out.scores):
+                want = ref(seq).float()[None]
+                for f in warp:
+                    want = f(torch.tensor([seq]), want)
+                got = step[row][None]
+                assert torch.equal(torch.isinf(got), torch.isinf(want))
+                fin = torch.isfinite(want)
+                torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+                seq.append(int(out.sequences[row, w + t]))
+
+
+def test_beam_search_equals_a_from_scratch_beam_search(hf_setup, hf_databin):  # noqa: F811
+    """Beam search at λ > 0 over left-padded prompts: each row's best sequence is the one a
+    plain beam search over the from-scratch kNN-LM finds (no end-of-sequence token)."""
+    model, root = hf_setup
+    inputs, w = batch(hf_databin, PROMPTS)
+    nb, steps = 3, 8          # run() generates 8 tokens
+    with KNNLogitsProcessor(model, root / "ds", **KNN) as proc:
+        ref = Reference(root, proc.search)
+        got = run(model, inputs, proc, num_beams=nb)[:, w:w + steps].tolist()
+        for row, p in enumerate(PROMPTS):
+            beams = [(0.0, prompt_ids(hf_databin, p))]
+            for _ in range(steps):
+                cands = []
+                for score, seq in beams:
+                    lp = ref(seq).float()
+                    top = torch.topk(lp, 2 * nb)
+                    cands += [(score + float(v), seq + [int(i)])
+                              for v, i in zip(top.values, top.indices)]
+                beams = sorted(cands, key=lambda c: -c[0])[:nb]
+            assert got[row] == beams[0][1][-steps:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_keep_their_datastore(hf_setup, hf_databin, tmp_path, dtype):  # noqa: F811
+    """A checkpoint loaded in fp16 or bf16 has its fp32 fingerprint (read from its files),
+    so the datastore built from it in fp32 serves it; build-dstore --hf-dtype writes the
+    same fingerprint; a model changed in memory gets another one."""
+    from knnlm.knn.datastore import Datastore
+    from knnlm.lm.hf import hf_fingerprint
+    model, root = hf_setup
+    half = transformers.AutoModelForCausalLM.from_pretrained(root / "model", dtype=dtype).eval()
+    assert next(half.parameters()).dtype == dtype
+    fp = Datastore(root / "ds").meta["model_fingerprint"]
+    assert hf_fingerprint(half) == hf_fingerprint(model) == fp
+    ids = torch.tensor([prompt_ids(hf_databin, PROMPTS[0])])
+    with KNNLogitsProcessor(half, root / "ds", **KNN) as proc:
+        out = half.generate(input_ids=ids, logits_processor=[proc], max_new_tokens=3,
+                            pad_token_id=hf_databin.pad)
+        assert out.shape[1] == ids.shape[1] + 3 and proc.forwards == 3
+    if dtype == torch.float16:
+        build_dstore.main(build_dstore.BuildDstoreConfig(
+            data=str(hf_databin.path), hf_model=str(root / "model"), hf_dtype="fp16",
+            dstore_dir=str(tmp_path / "ds16"), gen_subset="valid", knn_keytype="att",
+            tokens_per_sample=64, quiet=True))
+        assert Datastore(tmp_path / "ds16").meta["model_fingerprint"] == fp
+    with torch.no_grad():
+        half.get_output_embeddings().weight.view(-1)[0] += 1.0
+    assert hf_fingerprint(half) != fp
+
+
+def test_layer_n_datastores_generate(hf_setup, hf_databin, tmp_path):  # noqa: F811
+    """knn_keytype layer:N: the query is that layer's output; greedy generation equals the
+    from-scratch kNN-LM over those keys."""
+    model, root = hf_setup
+    build_dstore.main(build_dstore.BuildDstoreConfig(
+        data=str(hf_databin.path), hf_model=str(root / "model"), dstore_dir=str(tmp_path / "ds"),
+        gen_subset="train", knn_keytype="layer:0", tokens_per_sample=64, quiet=True))
+    ids = prompt_ids(hf_databin, PROMPTS[1])
+    with KNNLogitsProcessor(model, tmp_path / "ds", knn_keytype="layer:0", **KNN) as proc:
+        got = run(model, dict(input_ids=torch.tensor([ids]), pad_token_id=hf_databin.pad),
+                  proc)[0].tolist()
+        want = greedy_reference(Reference(root, proc.search, "layer:0"), ids, 8)
+    assert got == want
+    with pytest.raises(Exception, match="layers"):
+        KNNLogitsProcessor(model, tmp_path / "ds", knn_keytype="layer:9", **KNN)
+
+
+def test_a_forward_with_labels_returns_the_knnlm_loss(hf_setup, hf_databin):  # noqa: F811
+    """model(input_ids, labels=...) while attached: the logits of every position are the
+    kNN-LM's and the loss is their mean negative log-likelihood."""
+    model, root = hf_setup
+    ids = prompt_ids(hf_databin, "Enter the king, and his train, and the queen")
+    with KNNLogitsProcessor(model, root / "ds", **KNN) as proc:
+        ref = Reference(root, proc.search)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids]))
+        want = [float(ref(ids[:t + 1])[ids[t + 1]]) for t in range(len(ids) - 1)]
+    got = torch.log_softmax(out.logits[0, :-1].double(), -1).gather(
+        1, torch.tensor(ids[1:])[:, None])[:, 0]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    assert float(out.loss) == pytest.approx(-np.mean(want), rel=1e-5)
+
+
+def test_generate_cli_says_what_the_models_generation_config_adds(hf_setup, hf_databin,  # noqa: F811
+                                                                  tmp_path, capsys):
+    """A model whose generation_config.json sets a repetition penalty: `knnlm generate`
+    prints it and writes it to the results; it acts on the kNN-LM's distribution."""
+    import shutil
+    model, root = hf_setup
+    shutil.copytree(root / "model", tmp_path / "model")
+    gc = transformers.GenerationConfig.from_pretrained(tmp_path / "model")
+    gc.repetition_penalty, gc.eos_token_id = 10.0, None
+    gc.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    res = generate.main(GenerateConfig(data=str(hf_databin.path), hf_model=str(tmp_path / "model"),
+                                       prompt=PROMPTS[0], max_new_tokens=6, knnlm=True,
+                                       dstore_filename=str(root / "ds"), **KNN))
+    assert "generation config also applies: repetition_penalty 10.0" in capsys.readouterr().out
+    assert res["generation_config"] == {"repetition_penalty": 10.0}
+    ids = prompt_ids(hf_databin, PROMPTS[0])
+    from transformers import generation as g
+    with KNNLogitsProcessor(model, root / "ds", **KNN) as proc:
+        want = greedy_reference(Reference(root, proc.search), ids, 6,
+                                [g.RepetitionPenaltyLogitsProcessor(10.0)])
+    assert res["results"][0]["ids"] == want[len(ids):]

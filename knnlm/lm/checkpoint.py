@@ -20,6 +20,7 @@ from .transformer import ModelConfig, TransformerLM
 
 CKPT_FORMAT = "knnlm-checkpoint"
 CKPT_VERSION = 1
+HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> None:
@@ -91,10 +92,13 @@ def check_model_source(path: str | None, hf_model: str | None) -> None:
 
 def load_lm(path: str | None, hf_model: str | None, databin, device, hf_dtype=None) -> tuple:
     """(model, fingerprint) of a knnlm checkpoint (``--path``) or an HF causal LM
-    (``--hf-model``, its weights loaded in ``hf_dtype`` when given), checked against the
+    (``--hf-model``, its weights loaded in ``hf_dtype`` when given: a torch dtype or
+    --hf-dtype's name), checked against the
     data-bin's vocabulary, on ``device``."""
     if hf_model:
         from .hf import check_hf_data, hf_fingerprint, load_hf_model
+        if isinstance(hf_dtype, str):
+            hf_dtype = HF_DTYPES[hf_dtype]
         model = load_hf_model(hf_model, hf_dtype)
         check_hf_data(model, databin)
         return model.to(device), hf_fingerprint(model.hf)

@@ -34,12 +34,18 @@ from ..guard import temp_path
 from ..hub import first_line, load_hf_tokenizer, pretrained_args, transformers_module
 from ..util import UserError
 
-# model_type -> (path of the decoder layers inside the backbone, MLP-input module in a layer)
+# model_type -> (path of the decoder layers inside the backbone, MLP-input module in a
+# layer), or a list of them tried in order (the layout changed across transformers versions)
 LAYOUTS = {
     "gpt2": ("h", "mlp"),
     "gpt_neox": ("layers", "mlp"),
     "opt": ("decoder.layers", "fc1"),
-    "llama": ("layers", "mlp"), "mistral": ("layers", "mlp"), "mixtral": ("layers", "mlp"),
+    "llama": ("layers", "mlp"), "mistral": ("layers", "mlp"),
+    # Mixtral's sparse MoE block: `mlp` in transformers 5, `block_sparse_moe` in 4.x
+    "mixtral": [("layers", "mlp"), ("layers", "block_sparse_moe")],
+    # Gemma 3 (Gemma3ForConditionalGeneration, what AutoModelForCausalLM builds for it):
+    # the text decoder sits in the multimodal backbone's language_model
+    "gemma3": [("language_model.layers", "mlp"), ("layers", "mlp")],
     "qwen2": ("layers", "mlp"), "qwen3": ("layers", "mlp"), "gemma": ("layers", "mlp"),
     "gemma2": ("layers", "mlp"), "gemma3_text": ("layers", "mlp"), "phi3": ("layers", "mlp"),
     "olmo": ("layers", "mlp"), "olmo2": ("layers", "mlp"), "granite": ("layers", "mlp"),
@@ -63,7 +69,8 @@ def _get(module: nn.Module, path: str):
 def locate_modules(backbone: nn.Module, model_type: str) -> tuple[nn.ModuleList, nn.Module]:
     """(decoder layers, MLP-input module of the last layer); a UserError naming what was
     expected when the family's layout is unknown."""
-    layouts = [LAYOUTS[model_type]] if model_type in LAYOUTS else \
+    known = LAYOUTS.get(model_type)
+    layouts = ([known] if isinstance(known, tuple) else known) if known else \
         [(l, m) for l in FALLBACK_LAYERS for m in FALLBACK_MLP]
     for layers_path, mlp_name in layouts:
         layers = _get(backbone, layers_path)
@@ -132,7 +139,11 @@ class HFCausalLM(nn.Module):
             raise UserError(f"{name} has no LM head (get_output_embeddings() is None)")
         c = hf_model.config
         self.layers, self.att_module = locate_modules(self.backbone, c.model_type)
+        # what the model's own forward does to its logits (Gemma 3's multimodal model does
+        # not soft-cap, though its text config names a cap)
         self._transform, self.logit_note = logit_transform(c)
+        # a multimodal model keeps the decoder's window in its text config
+        c = c.get_text_config() if hasattr(c, "get_text_config") else c
         max_pos = next((getattr(c, k) for k in ("max_position_embeddings", "n_positions",
                                                 "max_sequence_length", "max_seq_len") if getattr(c, k, None)),
                        DEFAULT_WINDOW)
@@ -142,7 +153,8 @@ class HFCausalLM(nn.Module):
         self.cfg = SimpleNamespace(max_target_positions=int(max_pos),
                                    decoder_embed_dim=int(self.lm_head.weight.shape[1]),
                                    vocab_size=int(self.lm_head.weight.shape[0]),
-                                   decoder_layers=len(self.layers), model_type=c.model_type,
+                                   decoder_layers=len(self.layers),
+                                   model_type=hf_model.config.model_type,
                                    default_window=min(int(max_pos), DEFAULT_WINDOW))
 
     def forward(self, tokens: torch.Tensor, return_hidden: tuple[str, ...] = (),
@@ -204,16 +216,85 @@ class HFCausalLM(nn.Module):
 
 def hf_fingerprint(model: nn.Module) -> str:
     """A short identity of the weights: every tensor's name and shape and the values of its
-    first and last 4096 elements rounded to bf16 (cheap for multi-GB models, and the same
-    whether the model was loaded in fp32, fp16 or bf16)."""
+    first and last 4096 elements rounded to bf16 (cheap for multi-GB models). The values
+    are the checkpoint's (its safetensors files) wherever the loaded tensor is that
+    checkpoint's tensor cast to the model's dtype, so the same checkpoint loaded in fp32,
+    bf16 or fp16 has one fingerprint; a tensor changed in memory is read from memory. A
+    model loaded from files counts the values of the tensors the files hold under the
+    same name; the others (tensors transformers fuses or renames at load, such as
+    Mixtral's experts in transformers 5) by name and shape only."""
     c = model.config
+    stored = _stored_weights(model)
     h = hashlib.sha256(f"{c.model_type}{c.vocab_size}".encode())
-    for name, t in sorted(model.state_dict().items()):
+    state = model.state_dict()
+    # the files may name a tensor otherwise: wrapper prefixes in another order (Gemma 3's
+    # model.language_model.* is language_model.model.* in its files)
+    loose: dict = {}
+    for n in stored:
+        loose.setdefault(_loose_name(n), []).append(n)
+    def source(n: str) -> str | None:
+        if n in stored:
+            return n
+        alike = loose.get(_loose_name(n), [])
+        return alike[0] if len(alike) == 1 else None
+    found = {n: source(n) for n in state}
+    by_storage = {t.data_ptr(): found[n] for n, t in state.items() if found[n]}
+    for name, t in sorted(state.items()):
         flat = t.detach().reshape(-1)
+        parts = (flat[:4096], flat[-4096:])
+        src = found[name] or by_storage.get(t.data_ptr())   # tied weights: their source's
+        if src is not None:
+            kept = stored[src](t.shape, t.numel())
+            if kept is not None and all(torch.equal(k.to(p.dtype).to(p.device), p)
+                                        for k, p in zip(kept, parts)):
+                parts = kept
+        elif stored:          # not in the files as such: its values depend on the dtype
+            parts = ()
         h.update(f"{name}{tuple(t.shape)}".encode())
-        for part in (flat[:4096], flat[-4096:]):
+        for part in parts:
             h.update(part.to("cpu", torch.bfloat16).to(torch.float32).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _loose_name(name: str) -> str:
+    """A tensor name without its ``model`` path components."""
+    return ".".join(p for p in name.split(".") if p != "model")
+
+
+def _stored_weights(model: nn.Module) -> dict:
+    """{tensor name: read(shape, numel) -> (first 4096, last 4096) flat elements as stored,
+    or None when the file's tensor has another size} over the safetensors files of the
+    local directory the model was loaded from ({} when there is none)."""
+    where = Path(str(getattr(model, "name_or_path", "") or getattr(model.config,
+                                                                     "_name_or_path", "")))
+    files = sorted(where.glob("*.safetensors")) if where.is_dir() else []
+    if not files:
+        return {}
+    from safetensors import safe_open
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                out[name] = (lambda n, path: lambda shape, numel: _ends(path, n, shape, numel))(
+                    name, str(f))
+    return out
+
+
+def _ends(path: str, name: str, shape: tuple, numel: int) -> tuple | None:
+    """The first and last 4096 flat elements of tensor ``name`` of a safetensors file,
+    read by slicing along its first axis (not the whole tensor); None when its shape is
+    not ``shape``."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as fh:
+        sl = fh.get_slice(name)
+        if tuple(sl.get_shape()) != tuple(shape):
+            return None
+        if len(shape) == 0:
+            t = fh.get_tensor(name).reshape(-1)
+            return t[:4096], t[-4096:]
+        row = max(1, numel // max(1, shape[0]))
+        n = min(shape[0], -(-4096 // row))
+        return sl[:n].reshape(-1)[:4096], sl[shape[0] - n:].reshape(-1)[-4096:]
 
 
 def check_hf_data(model: HFCausalLM, databin) -> None:
