@@ -18,7 +18,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,plot,hf]"
+	$(BIN)/python -m pip install --quiet -e ".[test,plot,hf,datasets]"
 	touch $(STAMP)
 
 install: $(STAMP)

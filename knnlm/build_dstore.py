@@ -53,13 +53,19 @@ from .util import UserError, config_dict, flag
 
 @dataclass
 class BuildDstoreConfig:
-    data: str = flag(help="data-bin directory", positional=True)
+    data: str = flag(help="data-bin directory (with --hf-dataset: made from the dataset)",
+                     positional=True)
     dstore_dir: str = flag(help="output datastore directory", aliases=("--dstore-mmap",))
     path: str | None = flag(None, "checkpoint whose representations become the keys")
     hf_model: str | None = flag(None, "instead of --path: an HF causal LM (name or directory)")
     hf_dtype: str | None = flag(None, "--hf-model: load its weights as fp32, bf16 or fp16 "
                                 "(default fp32; datastores match across dtypes)",
                                 choices=("fp32", "bf16", "fp16"))
+    hf_dataset: str | None = flag(None, "--hf-model: first make the data-bin from this HF "
+                                  "dataset with the model's tokenizer (a save_to_disk "
+                                  "directory, data files, or a cached hub name; offline)")
+    split: str = flag("train", "--hf-dataset: the dataset's split to store")
+    text_column: str = flag("text", "--hf-dataset: the column holding the text")
     gen_subset: str = flag("train", "split to store")
     knn_keytype: str = flag("att", "comma-separated keytypes: att (last_ffn_input), "
                             "ffn (last_linear_input), layer:N (the output of decoder layer N, "
@@ -89,6 +95,11 @@ class BuildDstoreConfig:
             raise UserError("--dstore-fp16 and --dstore-fp32 are exclusive")
         check_model_source(self.path, self.hf_model)
         check_output(self.dstore_dir, "dir", "--dstore-dir")
+        if self.hf_dataset:
+            from .data.hf_datasets import SPLIT_NAMES
+            if "," in self.split:
+                raise UserError("--split: build-dstore stores one split of the dataset")
+            self.gen_subset = SPLIT_NAMES.get(self.split, self.split)
         self.keytypes = [normalize_keytype(k) for k in self.knn_keytype.split(",") if k.strip()]
         if not self.keytypes:
             raise UserError("--knn-keytype is empty")
@@ -288,7 +299,22 @@ def _finish_ranks(cfg: BuildDstoreConfig, writer: DatastoreWriter, dist) -> None
     tdist.barrier()
 
 
+def dataset_databin(cfg: BuildDstoreConfig) -> None:
+    """--hf-dataset: the data-bin DATA of the dataset's split, in the model's tokenizer
+    (what `knnlm preprocess --hf-dataset --hf-tokenizer` makes)."""
+    from .data.preprocess import PreprocessConfig
+    from .data.preprocess import main as preprocess
+    preprocess(PreprocessConfig(destdir=cfg.data, hf_dataset=cfg.hf_dataset, split=cfg.split,
+                                text_column=cfg.text_column, hf_tokenizer=cfg.hf_model,
+                                overwrite=cfg.overwrite, quiet=cfg.quiet))
+
+
 def main(cfg: BuildDstoreConfig, on_batch: Callable[[int], None] | None = None) -> dict:
+    if cfg.hf_dataset:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("under torchrun, make the data-bin first (knnlm preprocess "
+                            "--hf-dataset ... --hf-tokenizer MODEL), then build from it")
+        dataset_databin(cfg)
     databin = DataBin(cfg.data)
     dist = setup_distributed(cfg.cpu) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     device = dist.device if dist is not None else resolve_device(cfg.device, cfg.cpu)

@@ -88,7 +88,7 @@ class KNNLogitsProcessor(_Base):
                  knn_keytype: str = "att", knn_sim_func: str | None = None,
                  faiss_metric_type: str = "l2", exact_search: bool = False,
                  knn_backend: str = "auto", knnlm_gpu: bool = False,
-                 fingerprint: str | None = None, eos_token_id=None, log=print):
+                 fingerprint: str | None = None, eos_token_id=None, search=None, log=print):
         self.opts = KnnOptions(knnlm=True, dstore_filename=str(dstore), indexfile=indexfile, k=k,
                                lmbda=lmbda, knn_temp=knn_temp, probe=probe,
                                knn_keytype=knn_keytype, knn_sim_func=knn_sim_func,
@@ -98,12 +98,16 @@ class KNNLogitsProcessor(_Base):
         self.model = model
         self.store: dict = {}
         self._hooks = contextlib.ExitStack()
+        if search is not None:        # a search already open (knnlm.KNNLM): its settings
+            self.opts, knn_keytype = search.cfg, search.keytype
         query = query_hook(model, knn_keytype, self.store)   # refuses a bad keytype first
-        device = next(model.parameters()).device if knnlm_gpu else torch.device("cpu")
-        fingerprint = fingerprint or hf_fingerprint(model)
-        # the datastore's tokenizer is checked by the model fingerprint (same model, same ids)
-        self.search = KnnSearch(self.opts, fingerprint, SimpleNamespace(tokenizer_sha256=None),
-                                device, log=log)
+        if search is None:
+            device = next(model.parameters()).device if knnlm_gpu else torch.device("cpu")
+            fingerprint = fingerprint or hf_fingerprint(model)
+            # the datastore's tokenizer is checked by the model fingerprint (same model)
+            search = KnnSearch(self.opts, fingerprint, SimpleNamespace(tokenizer_sha256=None),
+                               device, log=log)
+        self.search = search
         if eos_token_id is None:
             eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id",
                                    None)

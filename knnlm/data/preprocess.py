@@ -59,6 +59,12 @@ class PreprocessConfig(FairseqTaskFlags):
                                       aliases=("--vocab-bpe",))
     hf_tokenizer: str | None = flag(None, "the tokenizer of an HF model (name or local "
                                     "directory, offline): text keeps its newlines")
+    hf_dataset: str | None = flag(None, "instead of text files: an HF dataset (a save_to_disk "
+                                  "directory, data files, or a cached hub name; offline), "
+                                  "streamed to DESTDIR/text/<split>.txt")
+    split: str = flag("train", "--hf-dataset: its splits to binarize, comma separated "
+                      "(validation becomes the data-bin's valid)")
+    text_column: str = flag("text", "--hf-dataset: the column holding the text")
     encoding: str = flag("utf-8", "encoding of the text files")
     errors: str = flag("strict", "undecodable bytes are refused (strict, naming the byte "
                        "offset) or replaced / dropped", choices=ENCODING_ERRORS)
@@ -67,6 +73,16 @@ class PreprocessConfig(FairseqTaskFlags):
     quiet: bool = flag(False, "no progress bars")
 
     def __post_init__(self):
+        if self.hf_dataset:
+            text = Path(self.destdir) / "text"
+            if self.srcdir or any(getattr(self, f"{n}pref") not in (None, str(text / f"{n}.txt"))
+                                  for n in ("train", "valid", "test")):
+                raise UserError("--hf-dataset replaces --srcdir and the --*pref text files")
+            for name in self.dataset_splits().values():
+                if name not in ("train", "valid", "test"):
+                    raise UserError(f"--split: a data-bin holds train, valid and test; "
+                                    f"{name!r} is none of them")
+                setattr(self, f"{name}pref", str(Path(self.destdir) / "text" / f"{name}.txt"))
         if self.srcdir:
             for split in ("train", "valid", "test"):
                 attr = f"{split}pref"
@@ -94,6 +110,26 @@ class PreprocessConfig(FairseqTaskFlags):
             raise UserError("--subword-bpe takes a size > 0, and not with --bpe-codes")
 
 
+    def dataset_splits(self) -> dict[str, str]:
+        """--hf-dataset's splits -> the data-bin's split names."""
+        from .hf_datasets import SPLIT_NAMES
+        names = [s.strip() for s in self.split.split(",") if s.strip()]
+        if not names:
+            raise UserError("--split is empty")
+        return {s: SPLIT_NAMES.get(s, s) for s in names}
+
+
+def dataset_to_text(cfg: PreprocessConfig) -> None:
+    """--hf-dataset: stream each split's texts to DESTDIR/text/<split>.txt (the --*pref
+    flags already point there)."""
+    from .hf_datasets import load_dataset, write_texts
+    for source, name in cfg.dataset_splits().items():
+        path = Path(getattr(cfg, f"{name}pref"))
+        info = write_texts(load_dataset(cfg.hf_dataset, source), path, cfg.text_column,
+                           cfg.quiet)
+        print(f"{cfg.hf_dataset} [{source}]: {info['texts']:,} texts -> {path}")
+
+
 def _split_files(cfg: PreprocessConfig) -> dict[str, list[Path]]:
     out = {}
     for split in ("train", "valid", "test"):
@@ -110,7 +146,11 @@ def _split_files(cfg: PreprocessConfig) -> dict[str, list[Path]]:
 
 
 def _read_lines(path: Path, cfg: "PreprocessConfig") -> list[str]:
-    text = read_text(path, "input", cfg.encoding, cfg.errors)
+    return text_lines(read_text(path, "input", cfg.encoding, cfg.errors))
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of a text as a text file is read (\n, \r\n and \r end a line)."""
     return [line.rstrip("\r\n") for line in io.StringIO(text, newline=None)]
 
 
@@ -152,10 +192,17 @@ def check_inputs(files: dict[str, list[Path]], cfg: PreprocessConfig) -> None:
 
 
 def main(cfg: PreprocessConfig) -> dict:
-    files = _split_files(cfg)
+    files = {} if cfg.hf_dataset else _split_files(cfg)   # (the dataset's: written below)
     check_output(cfg.destdir, "dir", "--destdir")
     check_inputs(files, cfg)
     with output_lock(cfg.destdir, "dir", "data-bin"):
+        if cfg.hf_dataset:      # the output rule first: nothing written before a refusal
+            Path(cfg.destdir).mkdir(parents=True, exist_ok=True)
+            rewrite_output(Path(cfg.destdir) / "data.json", "data-bin", config_dict(cfg),
+                           cfg.overwrite)
+            dataset_to_text(cfg)
+            files = _split_files(cfg)
+            check_inputs(files, cfg)
         return _preprocess(cfg, files)
 
 
