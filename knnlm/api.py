@@ -56,10 +56,20 @@ class Datastore:
     """A datastore directory (see :mod:`knnlm.knn.datastore`), its index and settings."""
 
     def __init__(self, path: str | Path):
+        from .io import read_json
         from .knn.datastore import Datastore as Files
+        from .knn.datastore import fingerprint
         self.path = Path(path)
+        self.model = None            # the model of build() (add() uses it)
+        side = self.path / "datastore.json"
+        meta = read_json(side, "datastore sidecar") if side.is_file() else {}
+        if meta.get("grown") and not meta.get("complete"):
+            # an add() that was stopped: open for add() to finish it, and for nothing else
+            self.files, self.meta, self._fingerprint = None, meta, fingerprint(meta)
+            return
         self.files = Files(self.path)
         self.meta = self.files.meta
+        self._fingerprint = self.files.fingerprint
 
     @classmethod
     def load(cls, path: str | Path) -> "Datastore":
@@ -68,20 +78,21 @@ class Datastore:
         return cls(path)
 
     def __repr__(self) -> str:
-        return (f"Datastore({str(self.path)!r}, {self.size:,} entries x {self.files.dim}, "
-                f"{', '.join(self.keytypes)})")
+        state = "" if self.files is not None else ", an add() to finish"
+        return (f"Datastore({str(self.path)!r}, {self.size:,} entries x {self.meta['dim']}, "
+                f"{', '.join(self.keytypes)}{state})")
 
     @property
     def size(self) -> int:
-        return self.files.size
+        return int(self.meta["size"])
 
     @property
     def keytypes(self) -> list[str]:
-        return list(self.files.keytypes)
+        return list(self.meta["keytypes"])
 
     @property
     def fingerprint(self) -> str:
-        return self.files.fingerprint
+        return self._fingerprint
 
     @property
     def data_bin(self) -> Path:
@@ -145,9 +156,96 @@ class Datastore:
         with _eval_mode(model), torch.no_grad():
             build_dstore(lm, databin, cfg, device, hf_fingerprint(model))
         ds = cls(out)
+        ds.model = model
         if index is not None:
             ds.build_index(index, metric=metric, keytype=cfg.keytypes[0], quiet=quiet)
         return ds
+
+    def add(self, texts, model=None, *, text_column: str = "text", batch_size: int = 8192,
+            quiet: bool = False) -> "Datastore":
+        """Append the entries of ``texts`` (as :meth:`build` takes them) to the datastore,
+        its data-bin and every index of it (the trained quantizer is kept: no retraining),
+        with ``model`` (default: the one this datastore was built with in this session;
+        it must be the datastore's, by fingerprint). The new entries are those a build of
+        the longer data gives (the texts continue the token stream; the keys of the first
+        new rows take their context from the old text); the grown datastore's fingerprint
+        is that build's, and its tuned settings carry over, marked as tuned before it
+        grew. Killed, the same call resumes; repeated at once, it adds nothing twice."""
+        import hashlib
+        from .build_dstore import BuildDstoreConfig, build_dstore
+        from .data.hf_datasets import iter_texts
+        from .data.preprocess import DataBin, append_split, binarize, text_lines
+        from .guard import output_lock
+        from .io import read_json, write_json_atomic
+        from .knn.datastore import Datastore as Files
+        from .knn.grow import carry_tuned, extend_index
+        from .knn.tuned import index_fingerprint
+        from .lm.hf import hf_fingerprint
+        model = model if model is not None else self.model
+        if model is None:
+            raise UserError("Datastore.add needs the datastore's model: add(texts, model=...)")
+        own = self.path / "data-bin"
+        if self.data_bin != own or Path(self.meta["data_dir"]).resolve() != own.resolve():
+            raise UserError(f"{self.path}: add() grows the datastore's own data-bin; this "
+                            "datastore reads another (build it with knnlm.Datastore.build)")
+        if self.meta.get("first_tokens"):
+            raise UserError(f"{self.path} holds a slice of its split (--max-dstore-tokens): "
+                            "it cannot grow")
+        if hf_fingerprint(model) != self.meta["model_fingerprint"]:
+            raise UserError(f"{self.path} was built with another model than the one given")
+        lines = [line for t in iter_texts(texts, text_column)[0] for line in text_lines(t + "\n")]
+        databin = DataBin(own)
+        ids, _ = binarize(lines, databin.vocab)
+        if not len(ids):
+            raise UserError("no tokens to add")
+        record = dict(lines=len(lines), tokens=int(len(ids)), sha256=hashlib.sha256(
+            np.asarray(ids, dtype=np.int64).tobytes()).hexdigest())
+        split, grown = self.meta["split"], self.meta.get("grown", [])
+        resumed = bool(grown) and grown[-1]["texts"] == record
+        old_fp, old_size = (grown[-1]["from_fingerprint"], grown[-1]["from_size"]) if resumed \
+            else (self.fingerprint, self.size)
+        indexes = {p: read_json(Path(str(p) + ".json"), "index sidecar")
+                   for p in self.indexes()} if not resumed else {}
+        with output_lock(own, "dir", "data-bin"):
+            append_split(own, split, np.asarray(ids), len(lines), record)
+        databin = DataBin(own)
+        n = len(databin.split(split))
+        if not resumed:       # the grown sidecar: the commit point of the growth
+            if self.meta["size"] + len(ids) != n:
+                raise UserError(f"{own}: its {split} split holds {n:,} tokens, not the "
+                                f"datastore's {self.size:,} and the {len(ids):,} added")
+            step = dict(from_size=old_size, from_fingerprint=old_fp, texts=record,
+                        indexes={str(p): index_fingerprint(m) for p, m in indexes.items()})
+            with output_lock(self.path, "dir", "datastore"):
+                write_json_atomic(self.path / "datastore.json", dict(
+                    self.meta, size=n, rows_written=old_size, complete=False,
+                    grown=[*grown, step]))
+        step = read_json(self.path / "datastore.json", "datastore sidecar")["grown"][-1]
+        block = self.meta["blocking"]
+        cfg = BuildDstoreConfig(data=str(own), hf_model=str(getattr(model, "name_or_path", "")
+                                                                or "model"),
+                                dstore_dir=str(self.path), gen_subset=split,
+                                knn_keytype=",".join(self.keytypes),
+                                tokens_per_sample=block["tokens_per_sample"],
+                                context_window=block["context_window"],
+                                sample_break_mode=block.get("sample_break_mode", "none"),
+                                max_tokens=batch_size,
+                                dstore_fp32=self.meta["key_dtype"] == "float32", quiet=quiet)
+        lm = _hf_lm(model)
+        with _eval_mode(model), torch.no_grad():
+            build_dstore(lm, databin, cfg, next(model.parameters()).device, hf_fingerprint(model))
+        files = Files(self.path)
+        for path, old_index_fp in step["indexes"].items():
+            new_meta = extend_index(path, files, step["from_fingerprint"], quiet)
+            carry_tuned(files, new_meta["keytype"], new_meta["metric"], Path(path), old_index_fp,
+                        new_meta, step["from_fingerprint"], step["from_size"])
+        for kt in self.keytypes:             # tuned settings of exact search
+            for metric in ("l2", "ip"):
+                carry_tuned(files, kt, metric, None, None, None, step["from_fingerprint"],
+                            step["from_size"])
+        grown_ds = type(self)(self.path)
+        grown_ds.model = model
+        return grown_ds
 
     def build_index(self, factory: str = "auto", *, metric: str = "l2",
                     keytype: str | None = None, quiet: bool = False) -> Path:

@@ -183,7 +183,10 @@ def _dump(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.device,
         done = writer.rows_written
     if done and (progress is None or done > progress["start"]):
         print(f"resuming {cfg.dstore_dir} at row {done:,}" + (f" (rank {dist.rank})" if progress else ""))
-    windows = [w for w in windows if w.score_start >= done]
+    # the windows holding rows still to write; one may begin before ``done`` (a datastore
+    # grown by Datastore.add ends inside a window of the longer stream): its rows before
+    # ``done`` are computed for their context only, and not written again
+    windows = [w for w in windows if w.end > done]
     key_dtype = np.float32 if cfg.dstore_fp32 else np.float16
     total = progress["end"] - progress["start"] if progress else n
     bar = tqdm(total=total, initial=done - (progress["start"] if progress else 0), unit="tok",
@@ -192,16 +195,17 @@ def _dump(model, databin: DataBin, cfg: BuildDstoreConfig, device: torch.device,
     for sb in iter_scored(model, tokens, windows, eos=databin.eos, pad=databin.pad,
                           max_tokens=cfg.max_tokens, softmax_batch=4096, device=device,
                           return_hidden=tuple(cfg.keytypes), logprobs=False):
+        skip = max(0, done - sb.start)
         with np.errstate(over="ignore"):   # an overflow is refused by the writer, by row
-            keys = {kt: sb.hidden[kt].float().cpu().numpy().astype(key_dtype)
+            keys = {kt: sb.hidden[kt][skip:].float().cpu().numpy().astype(key_dtype)
                     for kt in cfg.keytypes}
-        writer.write(sb.start, keys, sb.targets, np.arange(sb.start, sb.end))
+        writer.write(sb.start + skip, keys, sb.targets[skip:], np.arange(sb.start + skip, sb.end))
         if progress is None:
             writer.commit(sb.end)
         else:
             writer.flush()
             write_json_atomic(_progress_path(cfg, dist.rank), dict(progress, done=sb.end))
-        bar.update(sb.end - sb.start)
+        bar.update(sb.end - sb.start - skip)
         if on_batch is not None:
             on_batch(sb.end)
     bar.close()

@@ -4,6 +4,7 @@ per-token output memmaps, file fingerprints. Every failure a user can cause beco
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -92,6 +93,37 @@ def open_npy(path: str | os.PathLike, shape: tuple | None, dtype) -> np.ndarray:
         raise UserError(f"{path} is {arr.shape} {arr.dtype}; its sidecar says "
                         f"{tuple(shape) if shape is not None else arr.shape} {np.dtype(dtype)}")
     return arr
+
+
+def grow_npy(path: str | os.PathLike, rows: int) -> None:
+    """Make the .npy file at ``path`` hold ``rows`` rows (its first axis), the rows it has
+    kept as they are and the new ones zero: the file is extended first, then its header
+    rewritten in place (numpy leaves room in the header for the shape to grow), so a kill
+    in between leaves the old array readable. Nothing to do when it is that long."""
+    path = Path(path)
+    fmt = np.lib.format
+    with open(path, "r+b") as fh:
+        version = fmt.read_magic(fh)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+        offset = fh.tell()
+        if fortran or not shape:
+            raise UserError(f"{path}: a C-ordered array with rows was expected")
+        if shape[0] >= rows:
+            return
+        new_shape = (rows, *shape[1:])
+        header = io.BytesIO()
+        (fmt.write_array_header_1_0 if version == (1, 0) else fmt.write_array_header_2_0)(
+            header, dict(descr=fmt.dtype_to_descr(dtype), fortran_order=False, shape=new_shape))
+        if header.tell() != offset:
+            raise UserError(f"{path}: its header has no room for {rows:,} rows")
+        fh.truncate(offset + int(np.prod(new_shape)) * dtype.itemsize)
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.seek(0)
+        fh.write(header.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def refuse_nonfinite(values, path: str | os.PathLike, what: str, start: int = 0,

@@ -222,5 +222,137 @@ def test_the_readmes_python_example_runs(hf, corpus_dir, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), env)
     assert env["res"]["interpolated"]["ppl"] > 1 and env["out"].shape[0] == 2
     assert float(env["loss_again"].detach()) == pytest.approx(float(env["loss"]), rel=1e-6)
-    assert env["same"].fingerprint == env["ds"].fingerprint
+    assert env["same"].fingerprint == env["grown"].fingerprint != env["ds"].fingerprint
+    assert env["grown"].size > env["ds"].size
     assert (tmp_path / "runs" / "py" / "dstore" / "datastore.json").is_file()
+
+
+FACT = "The secret word of the castle is zebracorn, said the king."
+
+
+@pytest.fixture()
+def small(hf, texts, tmp_path):
+    """A datastore of the first 30 texts, with an IVF index (a copy of it, trained and
+    empty, kept aside: the quantizer a rebuild reuses)."""
+    import faiss
+    model, tok, _ = hf
+    ds = knnlm.Datastore.build(model, tok, texts[:30], out=tmp_path / "small", keytype="att",
+                               tokens_per_sample=64, context_window=16, index="IVF4,Flat",
+                               quiet=True)
+    empty = faiss.read_index(str(ds.path / "index_att_l2.faiss"))
+    empty.reset()
+    return ds, empty
+
+
+def test_add_equals_a_rebuild_with_the_same_quantizer(small, hf, texts, tmp_path):
+    import faiss
+    from knnlm import build_dstore
+    ds, empty = small
+    model, tok, model_dir = hf
+    old_keys = np.load(ds.path / "keys_att.npy")
+    grown = ds.add(texts[30:45])
+    db = grown.data_bin
+    assert grown.size == len(np.load(db / json.loads((db / "data.json").read_text())[
+        "splits"]["train"]["file"]))
+    assert grown.size > ds.size and grown.meta["grown"][-1]["from_size"] == ds.size
+    # the build of the grown data: the same entries, keys and fingerprint
+    build_dstore.main(build_dstore.BuildDstoreConfig(
+        data=str(db), hf_model=str(model_dir), dstore_dir=str(tmp_path / "re"),
+        knn_keytype="att", tokens_per_sample=64, context_window=16, quiet=True))
+    re = knnlm.Datastore.load(tmp_path / "re")
+    assert re.fingerprint == grown.fingerprint
+    for name in ("vals.npy", "pos.npy"):
+        assert (re.path / name).read_bytes() == (grown.path / name).read_bytes()
+    a, b = (np.load(p / "keys_att.npy").astype(np.float32) for p in (re.path, grown.path))
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+    assert (np.load(grown.path / "keys_att.npy")[:ds.size] == old_keys).all()   # untouched
+    # the index: the old one plus the new keys, against the same quantizer given every key
+    added = faiss.read_index(str(grown.path / "index_att_l2.faiss"))
+    empty.add(a)
+    for index in (added, empty):
+        faiss.extract_index_ivf(index).nprobe = 2
+    q = a[::37]
+    _, i_add = added.search(q, 8)
+    _, i_re = empty.search(q, 8)
+    assert added.ntotal == grown.size and (i_add == i_re).mean() > 0.99
+    side = json.loads((grown.path / "index_att_l2.faiss.json").read_text())
+    assert side["datastore_fingerprint"] == grown.fingerprint and side["grown"][-1]["from_size"] \
+        == ds.size
+    # added again at once: nothing more
+    again = grown.add(texts[30:45])
+    assert again.size == grown.size and again.fingerprint == grown.fingerprint
+
+
+def test_an_added_fact_becomes_predictable(small, hf):
+    ds, _ = small
+    model, tok, _ = hf
+    knn_kw = dict(probe=4, quiet=True, k=16, lmbda=0.5, knn_temp=1.0)
+    before = knnlm.KNNLM(model, ds, **knn_kw).perplexity([FACT], tokens_per_sample=64)
+    grown = ds.add([FACT] * 3)
+    after = knnlm.KNNLM(model, grown, **knn_kw).perplexity([FACT], tokens_per_sample=64)
+    assert after["ppl"] == pytest.approx(before["ppl"], rel=1e-9)      # the LM is the LM
+    assert after["interpolated"]["ppl"] < 0.5 * before["interpolated"]["ppl"]
+
+
+def test_tuned_settings_follow_a_grown_datastore(small, hf, held_out, tmp_path, capsys):
+    ds, _ = small
+    model, tok, model_dir = hf
+    (tmp_path / "valid.txt").write_text("".join(t + "\n" for t in held_out[:10]))
+    assert run(["preprocess", "--validpref", str(tmp_path / "valid.txt"), "--hf-tokenizer",
+                str(model_dir), "--destdir", str(tmp_path / "db"), "--quiet"]) == 0
+    assert run(["tune", str(tmp_path / "db"), "--hf-model", str(model_dir), "--dstore-filename",
+                str(ds.path), "--probe", "4", "--tokens-per-sample", "64", "--lmbda", "0:1:0.25",
+                "--knn-temp", "1,2", "--k", "8", "--quiet"]) == 0
+    tuned = json.loads((ds.path / "index_att_l2.faiss.tuned.json").read_text())
+    grown = ds.add([FACT])
+    after = json.loads((ds.path / "index_att_l2.faiss.tuned.json").read_text())
+    assert after["settings"] == tuned["settings"]
+    assert after["grown_since"] == {"datastore_size": ds.size}
+    assert after["identity"]["datastore_fingerprint"] == grown.fingerprint
+    capsys.readouterr()
+    knn = knnlm.KNNLM(model, grown, probe=4)
+    assert knn.settings["tuned_file"] is not None and knn.opts.lmbda == tuned["settings"]["lmbda"]
+    assert f"tuned when the datastore held {ds.size:,} entries" in capsys.readouterr().out
+
+
+def test_a_killed_add_resumes_to_the_same_bytes(small, hf, texts, tmp_path):
+    """Killed before any of its writes, the same add() run again gives the files of an
+    add() never killed (JSON timings aside)."""
+    import shutil
+    from killpoints import Killed, kill_before_write, snapshot
+    ds, _ = small
+    model, _, _ = hf
+    start = tmp_path / "start"
+    shutil.copytree(ds.path, start)
+
+    def fresh():
+        shutil.rmtree(ds.path)
+        shutil.copytree(start, ds.path)
+
+    def norm():
+        out = {}
+        for path, digest in snapshot([ds.path]).items():
+            if path.endswith(".json"):
+                obj = json.loads(Path(path).read_text())
+                for k in ("seconds", "train_s", "add_s"):
+                    obj.pop(k, None)
+                digest = json.dumps(obj, sort_keys=True)
+            out[path] = digest
+        return out
+    from pathlib import Path
+    knnlm.Datastore.load(ds.path).add(texts[30:40], model, quiet=True)
+    want = norm()
+    n = 0
+    for n in range(1, 100):
+        fresh()
+        with kill_before_write(n) as st:
+            try:
+                knnlm.Datastore.load(ds.path).add(texts[30:40], model, quiet=True)
+            except Killed:
+                pass
+        if not st["killed"]:
+            break
+        knnlm.Datastore.load(ds.path).add(texts[30:40], model, quiet=True)
+        got = norm()
+        assert got == want, (n, sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k)))
+    assert n > 5

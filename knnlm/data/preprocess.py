@@ -246,6 +246,36 @@ def _preprocess(cfg: PreprocessConfig, files: dict[str, list[Path]]) -> dict:
     return meta
 
 
+def append_split(path: str | Path, split: str, ids: np.ndarray, n_lines: int,
+                 record: dict) -> bool:
+    """Append ``ids`` to the data-bin's ``split`` (Datastore.add). The longer array is
+    written under a new name, then ``data.json`` (the commit point) names it, then the old
+    array goes: a kill leaves the data-bin as it was or as it is after. ``record`` (what
+    was appended: texts, tokens, their sha256) is listed under the split's ``appended``;
+    False when the last record already is this one (a resumed add: nothing to do)."""
+    dest = Path(path)
+    meta = read_sidecar(dest, "data.json", DATA_FORMAT, "data-bin")
+    info = meta["splits"].get(split)
+    if info is None:
+        raise UserError(f"split {split!r} not in {dest}")
+    done = info.get("appended", [])
+    if done and done[-1] == record:
+        return False
+    old = open_npy(dest / info["file"], (info["tokens"],), info["dtype"])
+    if len(ids) and int(np.max(ids)) > np.iinfo(np.dtype(info["dtype"])).max:
+        raise UserError(f"{dest}: token ids beyond its {info['dtype']} split array")
+    name = f"{split}.{len(done) + 1}.npy"
+    tmp = temp_path(dest / name, ".npy")
+    np.save(tmp, np.concatenate([np.asarray(old), ids.astype(info["dtype"])]))
+    tmp.replace(dest / name)
+    meta["splits"][split] = dict(info, file=name, tokens=int(info["tokens"] + len(ids)),
+                                 lines=int(info["lines"] + n_lines), appended=[*done, record])
+    write_json_atomic(dest / "data.json", meta)
+    if info["file"] != name:
+        (dest / info["file"]).unlink(missing_ok=True)
+    return True
+
+
 class DataBin:
     """A data-bin directory, validated: its sidecar, vocabulary and split arrays."""
 

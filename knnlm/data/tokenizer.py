@@ -234,6 +234,8 @@ class HFTokenizer(BPETokenizer):
     def from_hf(cls, hf_tok) -> "HFTokenizer":
         from tokenizers import Tokenizer
         tok = Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
+        tok.no_padding()        # settings of a batch (padding side, say) that change no id:
+        tok.no_truncation()     # one vocabulary, one tokenizer file, one fingerprint
         start = hf_tok.bos_token_id if hf_tok.bos_token_id is not None else hf_tok.eos_token_id
         if start is None:
             raise UserError("the HF tokenizer has neither a BOS nor an EOS token to start "

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..guard import other_configuration
-from ..io import open_npy, read_json, read_sidecar, refuse_nonfinite, write_json_atomic
+from ..io import (grow_npy, open_npy, read_json, read_sidecar, refuse_nonfinite,
+                  write_json_atomic)
 from ..util import UserError
 
 DSTORE_FORMAT = "knnlm-datastore"
@@ -51,7 +52,9 @@ def value_dtype(vocab_size: int):
     return np.int32 if vocab_size <= np.iinfo(np.int32).max else np.int64
 
 
-PROGRESS_FIELDS = ("rows_written", "complete")
+# fields of a sidecar outside a datastore's identity: progress, and the record of how it
+# grew (Datastore.add; a grown datastore is the one a build of its data gives)
+PROGRESS_FIELDS = ("rows_written", "complete", "grown")
 
 
 def same_build(old: dict, new: dict) -> bool:
@@ -183,8 +186,14 @@ class DatastoreWriter:
                 raise UserError(f"{self.path} already holds this complete datastore")
             else:
                 meta["rows_written"] = old["rows_written"]
+                if "grown" in old:
+                    meta["grown"] = old["grown"]
                 mode = "r+"
         self.path.mkdir(parents=True, exist_ok=True)
+        if mode == "r+":      # a datastore being grown (Datastore.add): its files first
+            for name in [key_file(kt) for kt in meta["keytypes"]] + ["vals.npy", "pos.npy"]:
+                if (self.path / name).is_file():
+                    grow_npy(self.path / name, n)
         open_ = np.lib.format.open_memmap
         try:
             self.keys = {kt: open_(self.path / key_file(kt), mode=mode, dtype=meta["key_dtype"],

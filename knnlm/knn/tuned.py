@@ -136,8 +136,12 @@ def resolve_settings(cfg, path: Path, ident: dict, log=None) -> dict:
     if tuned is not None:
         h = tuned["heldout"]
         flags = [n for n, s in source.items() if s == "flag"]
+        grown = tuned.get("grown_since")
         log(f"kNN settings {used}: from {path} (tuned on {h['subset']}: ppl {h['ppl']:.2f}, "
-            f"LM {h['lm_ppl']:.2f})" + (f"; {', '.join(flags)} from flags" if flags else ""))
+            f"LM {h['lm_ppl']:.2f}" + (f"; tuned when the datastore held "
+                                      f"{grown['datastore_size']:,} entries: `knnlm tune` "
+                                      f"refits them" if grown else "") + ")"
+            + (f"; {', '.join(flags)} from flags" if flags else ""))
     else:
         log(f"kNN settings {used}: " + ("flags" if all(given.values()) else
                                         "flags and the defaults"))

@@ -308,8 +308,14 @@ def check_hf_data(model: HFCausalLM, databin) -> None:
     except UserError:
         return  # no tokenizer next to the weights: the id range check is all there is
     from tokenizers import Tokenizer
-    ours = Tokenizer.from_file(str(databin.path / databin.meta["tokenizer"]["file"])).to_str()
-    if Tokenizer.from_str(hf_tok.backend_tokenizer.to_str()).to_str() != ours:
+
+    def ids_only(tok: Tokenizer) -> str:
+        """The tokenizer without its padding and truncation settings (they change no id)."""
+        tok.no_padding()
+        tok.no_truncation()
+        return tok.to_str()
+    ours = ids_only(Tokenizer.from_file(str(databin.path / databin.meta["tokenizer"]["file"])))
+    if ids_only(Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())) != ours:
         raise UserError(f"{databin.path} was not tokenized with {model.name}'s tokenizer "
                         f"(make it with knnlm preprocess --hf-tokenizer {model.name})")
 
