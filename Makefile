@@ -18,7 +18,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,plot,hf,datasets]"
+	$(BIN)/python -m pip install --quiet -e ".[test,plot,hf,datasets,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)

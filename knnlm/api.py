@@ -346,10 +346,22 @@ class KNNLM:
             return self.model(**inputs)
 
     def loss(self, input_ids, labels=None, attention_mask=None) -> torch.Tensor:
-        """The kNN-LM's mean NLL of ``labels`` (default ``input_ids``), HF-style."""
+        """The kNN-LM's mean NLL of ``labels`` (default ``input_ids``), HF-style: position
+        t predicts ``labels[:, t + 1]``, -100 ignored. Only the targets' kNN-LM
+        probabilities are computed (eval-lm's kNN math), not the whole vocabulary's: the
+        value of ``model(..., labels=...).loss`` inside ``with knn:`` at eval-lm's cost."""
         labels = input_ids if labels is None else labels
-        with torch.no_grad():
-            return self(input_ids=input_ids, labels=labels, attention_mask=attention_mask).loss
+        with self, self._processor.capture_only(), torch.no_grad():
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            B, L, V = logits.shape
+            q = self._processor.last_query.reshape(B, -1, self._processor.last_query.shape[-1])
+            targets = labels[:, 1:].to(logits.device)
+            keep = targets != -100
+            if not keep.any():
+                raise UserError("no label to score (every label is -100)")
+            lp = self._processor.target_log_probs(logits[:, :-1][keep], q[:, :L - 1][keep.to(
+                q.device)], targets[keep])
+        return -lp.mean().float()
 
     def generate(self, *args, logits_processor=None, **kwargs):
         """``model.generate()`` with the kNN-LM: every option is HF's (see

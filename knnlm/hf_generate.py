@@ -33,13 +33,11 @@ import contextlib
 import warnings
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .knn import math as knn_math
 from .knn.options import KnnOptions
-from .knn.search import KnnSearch
+from .knn.search import MIX_CHUNK, KnnSearch
 from .lm.hf import capture_input, capture_output, hf_fingerprint, locate_modules
 from .util import UserError
 
@@ -152,32 +150,34 @@ class KNNLogitsProcessor(_Base):
 
     # ------------------------------------------------------------------ the kNN-LM
     def mix(self, logits: torch.Tensor, queries) -> torch.Tensor:
-        """(N, V) logits and their (N, D) queries -> (N, V) float64 kNN-LM log-probs, on
-        the logits' device (rows without a neighbour: the model's log-softmax). Identical
-        queries are searched once."""
-        q = np.ascontiguousarray(torch.as_tensor(queries).detach().float().cpu().numpy())
-        uniq, inverse = np.unique(q, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        if self.search.on_device:     # the torch backend: scored where the neighbours are
-            r = self.search.scores_on_device(uniq)
-            vals = torch.where(r["mask"], r["vals"], 0)
-        else:
-            r = self.search.search(uniq)
-            vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
-        self.searches += len(uniq)
-        dev = vals.device
-        counts = r.get("log_counts")
-        knn = knn_math.knn_full_log_probs(r["scores"], vals, logits.shape[-1],
-                                          self.opts.knn_temp, r["mask"], counts)
-        pick = torch.from_numpy(inverse).to(dev)
-        knn, found = knn[pick], r["mask"].any(1)[pick]
-        lm = torch.log_softmax(logits.to(dev).double(), -1)
-        mixed = knn_math.interpolate(lm, knn, self.opts.lmbda)
-        return torch.where(found[:, None], mixed, lm).to(logits.device)
+        """(N, V) logits and their (N, D) queries -> (N, V) float64 kNN-LM log-probs
+        (:meth:`KnnSearch.mix`)."""
+        out, searched = self.search.mix(logits, queries)
+        self.searches += searched
+        return out
+
+    def target_log_probs(self, logits: torch.Tensor, queries, targets: torch.Tensor
+                         ) -> torch.Tensor:
+        """(N,) float64 kNN-LM log-probs of the targets (:meth:`KnnSearch.mix_targets`)."""
+        self.searches += len(targets)
+        return self.search.mix_targets(logits, queries, targets)
+
+    @contextlib.contextmanager
+    def capture_only(self):
+        """Inside: the model's forwards keep their own logits; each one's queries are left
+        in ``self.last_query`` (KNNLM.loss scores the targets alone)."""
+        self._capture_only = True
+        try:
+            yield
+        finally:
+            self._capture_only = False
 
     def _after_forward(self, module, args, kwargs, output):
         """The model's forward hook: its returned logits become the kNN-LM's."""
         q = self.store.pop("query", None)
+        if getattr(self, "_capture_only", False):
+            self.last_query = q
+            return output
         logits = getattr(output, "logits", None)
         if logits is None or q is None:
             raise RuntimeError("KNNLogitsProcessor: the model returned no logits or no query "
@@ -195,8 +195,13 @@ class KNNLogitsProcessor(_Base):
             use &= ~self._finished[:, None].to(use.device)
         out = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         out = out.clone()
-        if use.any():
-            out[use] = self.mix(logits[use], q[use.to(q.device)]).to(out.dtype)
+        if use.any():        # in chunks: a full forward's (positions, V) float64 is large
+            rows, queries = logits[use], q[use.to(q.device)]
+            mixed = torch.empty(rows.shape, dtype=out.dtype, device=out.device)
+            for s in range(0, len(rows), MIX_CHUNK):
+                mixed[s:s + MIX_CHUNK] = self.mix(rows[s:s + MIX_CHUNK],
+                                                  queries[s:s + MIX_CHUNK]).to(out.dtype)
+            out[use] = mixed
         self.forwards += 1
         output.logits = out
         labels = kwargs.get("labels")

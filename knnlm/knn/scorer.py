@@ -29,10 +29,12 @@ class KnnScorer:
     """Retrieves neighbours for a batch of queries and scores the targets."""
 
     def __init__(self, cfg, model_fingerprint: str, databin, device: torch.device, n_tokens: int,
-                 tokens: np.ndarray | None = None):
-        """``tokens``: the split being scored (the gate's n-gram features read it)."""
+                 tokens: np.ndarray | None = None, search: KnnSearch | None = None):
+        """``tokens``: the split being scored (the gate's n-gram features read it);
+        ``search``: an open search of these settings to use (one per process)."""
         self.cfg = cfg
-        self.knn = KnnSearch(cfg, model_fingerprint, databin, device, cfg.save_exact_dists)
+        self.knn = search if search is not None else \
+            KnnSearch(cfg, model_fingerprint, databin, device, cfg.save_exact_dists)
         # p_kNN of the targets where the search ran: on the GPU with --knnlm-gpu
         self.math_device = device if cfg.knnlm_gpu and device.type == "cuda" else torch.device("cpu")
         self.keytype, ds = self.knn.keytype, self.knn.ds

@@ -31,6 +31,8 @@ RECOMPUTE_CHUNK = 8    # queries per gather in exact_distances: their (8, k, D) 
                        # keys stay in cache; buffers are reused across chunks
 RAM_BUDGET = 1 << 30   # values and counts are read into RAM up to this many bytes each
 
+MIX_CHUNK = 512     # positions mixed at once (each a float64 row over the vocabulary)
+
 
 def key_table(keys) -> torch.Tensor:
     """A zero-copy torch view of stored keys (a read-only memmap too: it is only read)."""
@@ -295,6 +297,46 @@ class KnnSearch:
         scores = knn_math.scores_from_distances(torch.from_numpy(dist), mode.metric)
         return dict(D=D, I=I, vals=vals, exact=exact, scores=scores, mask=torch.from_numpy(I >= 0),
                     log_counts=self.retriever.log_counts(I), dropped=dropped)
+
+    def mix(self, logits: torch.Tensor, queries) -> tuple[torch.Tensor, int]:
+        """(N, V) LM logits and their (N, D) queries -> ((N, V) float64 kNN-LM log-probs
+        log((1 − λ) p_LM + λ p_kNN) on the logits' device, the queries searched). Rows
+        without a neighbour keep the LM's log-softmax; identical queries (beams copied
+        from one prompt) are searched once."""
+        q = np.ascontiguousarray(torch.as_tensor(queries).detach().float().cpu().numpy())
+        uniq, inverse = np.unique(q, axis=0, return_inverse=True)
+        if self.on_device:     # the torch backend: scored where the neighbours are
+            r = self.scores_on_device(uniq)
+            vals = torch.where(r["mask"], r["vals"], 0)
+        else:
+            r = self.search(uniq)
+            vals = torch.from_numpy(np.where(r["I"] >= 0, r["vals"], 0)).long()
+        dev = vals.device
+        knn = knn_math.knn_full_log_probs(r["scores"], vals, logits.shape[-1], self.cfg.knn_temp,
+                                          r["mask"], r.get("log_counts"))
+        pick = torch.from_numpy(inverse.reshape(-1)).to(dev)
+        knn, found = knn[pick], r["mask"].any(1)[pick]
+        lm = torch.log_softmax(logits.to(dev).double(), -1)
+        mixed = knn_math.interpolate(lm, knn, self.cfg.lmbda)
+        return torch.where(found[:, None], mixed, lm).to(logits.device), len(uniq)
+
+    def mix_targets(self, logits: torch.Tensor, queries, targets: torch.Tensor) -> torch.Tensor:
+        """(N,) float64 kNN-LM log-probs of the targets: :meth:`mix`'s values there, by
+        the target-only kNN math of eval-lm (no (N, V) distribution)."""
+        q = np.ascontiguousarray(torch.as_tensor(queries).detach().float().cpu().numpy())
+        lm = torch.cat([logits[s:s + MIX_CHUNK].float().gather(1, targets[s:s + MIX_CHUNK, None].to(
+            logits.device))[:, 0] - torch.logsumexp(logits[s:s + MIX_CHUNK].float(), -1)
+            for s in range(0, len(logits), MIX_CHUNK)]).double().cpu()
+        out = lm.clone()
+        for s in range(0, len(q), MIX_CHUNK * 8):
+            e = s + MIX_CHUNK * 8
+            r = self.search(q[s:e])
+            knn = knn_math.knn_target_log_probs_fast(
+                r["scores"], torch.from_numpy(np.where(r["I"] >= 0, r["vals"], -1)).long(),
+                targets[s:e].cpu(), self.cfg.knn_temp, r["mask"], r.get("log_counts"))
+            mixed = knn_math.interpolate(lm[s:e], knn, self.cfg.lmbda)
+            out[s:e] = torch.where(r["mask"].any(1), mixed, lm[s:e])
+        return out.to(logits.device)
 
     @property
     def on_device(self) -> bool:

@@ -111,11 +111,13 @@ def make_windows(n_tokens: int, tokens: np.ndarray, eos: int, tokens_per_sample:
 def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, pad: int,
                 max_tokens: int, softmax_batch: int, device: torch.device,
                 return_hidden: tuple[str, ...] = (), amp_dtype=None,
-                logprobs: bool = True, lm_stats: bool = False) -> Iterator[ScoredBatch]:
+                logprobs: bool = True, lm_stats: bool = False,
+                features: bool = False) -> Iterator[ScoredBatch]:
     """Run the model over consecutive windows, yielding target log-probs (unless
     ``logprobs`` is False: no output layer at all), the ``return_hidden`` states of each
-    batch's scored positions, and with ``lm_stats`` each position's entropy and max
-    log-prob, in order."""
+    batch's scored positions (with ``features``, also the output layer's input, under
+    ``"features"``), and with ``lm_stats`` each position's entropy and max log-prob, in
+    order."""
     if any(a.end != b.score_start for a, b in zip(windows, windows[1:])):
         raise ValueError("iter_scored needs consecutive windows")
     model.eval()
@@ -138,6 +140,8 @@ def iter_scored(model, tokens: np.ndarray, windows: list[Window], *, eos: int, p
             if logprobs:
                 lp = target_logprobs(model, feats.reshape(B * L, -1)[idx],
                                      torch.from_numpy(targets).to(device), softmax_batch, stats)
+        if features:
+            hidden = dict(hidden, features=feats)
         hidden = {k: v.reshape(B * L, -1)[idx] for k, v in hidden.items()}
         yield ScoredBatch(start, end, targets, prev, lp, hidden, stats,
                           np.array([w.score_start for w in batch], dtype=np.int64))
