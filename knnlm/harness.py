@@ -4,8 +4,9 @@
         --tasks wikitext,lambada_openai --include_path my_tasks/
     lm_eval.simple_evaluate(model=knnlm.harness.KNNLMHarness(pretrained=..., dstore=...), ...)
 
-Importing this module registers the model under the name ``knnlm`` (``knnlm lm-eval``
-imports it before handing over to lm-eval's command line). ``pretrained``: an HF model
+Importing this module registers the model under the name ``knnlm``; lm-eval's own
+command line with it registered is ``python -m knnlm.harness`` (the arguments of
+``lm_eval``), and ``knnlm lm-eval`` runs tasks with the LM and the kNN-LM side by side. ``pretrained``: an HF model
 (directory, ``.gguf`` or cached hub name) or a knnlm checkpoint (``.pt``, with ``data=`` its
 data-bin); ``dstore``: the datastore (its index, and its ``tuned.json`` when λ, T and k
 are not given); none, or ``lmbda=0``, gives the LM alone.
@@ -75,6 +76,8 @@ class KNNLMHarness(TemplateLM):
         with self._output():
             ds_data = _datastore_data_bin(dstore) if dstore is not None else None
             self.databin = DataBin(data or ds_data)
+            if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+                device = None     # lm-eval's command line asks for cuda:0 by default
             device = resolve_device(device, False)
             self.model, fingerprint = load_lm(pretrained if native else None,
                                               None if native else pretrained, self.databin,
@@ -240,13 +243,21 @@ class KNNLMHarness(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             n = max(1, min(int(kwargs.pop("max_gen_toks", self.max_gen_toks)), self.T - 2))
             sampling = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 1.0) or 1.0)
-            if temperature == 0:
-                sampling = False
+            temperature = kwargs.pop("temperature", None)
+            if temperature is not None and float(temperature) == 0:
+                sampling = False                  # lm-eval's way of asking for greedy
+            top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+            if kwargs:
+                raise UserError(f"knnlm generate_until: generation options not supported here: "
+                                f"{', '.join(sorted(kwargs))}")
             prompt = np.asarray(self.tok_encode(context), dtype=np.int64)[-(self.T - n - 1):]
             cfg = GenerateConfig(data=str(self.databin.path), path=self.cfg.path,
                                  hf_model=self.cfg.hf_model, prompt="-", max_new_tokens=n,
-                                 sampling=sampling, temperature=temperature if sampling else 1.0,
+                                 sampling=sampling,
+                                 temperature=float(temperature) if sampling and temperature
+                                 else 1.0,
+                                 sampling_topk=int(top_k) if sampling and top_k else -1,
+                                 sampling_topp=float(top_p) if sampling and top_p else -1.0,
                                  knnlm=False)
             if self.search is not None:
                 cfg.lmbda, cfg.knn_temp = self.search.cfg.lmbda, self.search.cfg.knn_temp
@@ -278,3 +289,15 @@ def _datastore_data_bin(dstore: str) -> str:
 def _first_keytype(dstore: str) -> str:
     from .io import read_json
     return read_json(Path(dstore) / "datastore.json", "datastore sidecar")["keytypes"][0]
+
+
+def main() -> None:
+    """``python -m knnlm.harness ARGS``: lm-eval's own command line (``lm_eval ARGS``) with
+    the model ``knnlm`` registered, e.g. ``python -m knnlm.harness --model knnlm
+    --model_args pretrained=M,dstore=D --tasks wikitext``."""
+    from lm_eval.__main__ import cli_evaluate
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

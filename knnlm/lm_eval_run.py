@@ -120,7 +120,8 @@ def table(lm: dict, knn: dict) -> list[dict]:
     for task in sorted(knn["results"]):
         for metric, value in knn["results"][task].items():
             name = metric.split(",")[0]
-            if not isinstance(value, (int, float)) or "stderr" in name or name == "alias":
+            if not isinstance(value, (int, float)) or "stderr" in name or \
+                    name in ("alias", "sample_len"):
                 continue
             base = lm["results"].get(task, {}).get(metric)
             rows.append(dict(task=task, metric=name, lm=base, knnlm=value,

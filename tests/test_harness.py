@@ -129,5 +129,35 @@ def test_generation_and_bad_arguments(setup):
                                                                 {"until": ["\n"],
                                                                  "max_gen_toks": 8}), 0)])
     assert isinstance(text, str) and "\n" not in text
+    with pytest.raises(UserError, match="not supported here: num_beams"):
+        h.generate_until([Instance("generate_until", {}, ("Enter", {"num_beams": 2}), 0)])
+    # greedy at λ 0 is the LM's own greedy continuation (HF generate), cut at the stop
+    with h.lm_only():
+        (lm_text,) = h.generate_until([Instance("generate_until", {}, (
+            "Enter the king", {"until": ["\n"], "max_gen_toks": 8, "temperature": 0.0}), 0)])
+    root, _ = setup
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "model").eval()
+    ids = torch.tensor([[h.prefix_token_id, *h.tok_encode("Enter the king")]])
+    with torch.no_grad():
+        seq = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False,
+                             pad_token_id=1, eos_token_id=None)
+    assert lm_text == h.tok_decode(seq[0, ids.shape[1]:].tolist()).split("\n")[0]
     with pytest.raises(UserError, match="unknown colour"):
         harness(setup, colour=3)
+
+
+def test_lm_evals_own_command_line_finds_the_model(setup, tmp_path):
+    """python -m knnlm.harness: lm-eval's command line, the model `knnlm` registered."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root, ds = setup
+    argv = [sys.executable, "-m", "knnlm.harness", "--model", "knnlm", "--model_args",
+            f"pretrained={root / 'model'},dstore={ds.path},k=16,probe=4,tokens_per_sample=64",
+            "--tasks", "knnlm_cloze", "--include_path", str(root / "tasks"), "--limit", "2",
+            "--output_path", str(tmp_path / "out")]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "knnlm_cloze" in p.stdout and "acc" in p.stdout
