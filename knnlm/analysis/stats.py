@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from ..data.counts import FREQ_EDGES, bucket_names
+
 OVERLAP_CHUNK = 4096
 
 
@@ -79,7 +81,6 @@ def gain_recovered(base_ppl: float, other_ppl: float, knn_ppl: float) -> float:
     return (math.log(base_ppl) - math.log(other_ppl)) / full if full > 0 else float("nan")
 
 
-FREQ_EDGES = (0, 1, 10, 100, 1_000, 10_000, 100_000)   # training counts of the target
 
 
 def frequency_buckets(targets: np.ndarray, lm: np.ndarray, mix: np.ndarray,
@@ -92,15 +93,14 @@ def frequency_buckets(targets: np.ndarray, lm: np.ndarray, mix: np.ndarray,
     total = float(gain.sum())
     rows = []
     edges = list(FREQ_EDGES) + [np.inf]
-    for lo, hi in zip(edges, edges[1:]):
+    for name, lo, hi in zip(bucket_names(), edges, edges[1:]):
         m = (count >= lo) & (count < hi)
         if lo == 0:
             m = count == 0
         if not m.any():
             continue
         n = int(m.sum())
-        rows.append(dict(counts=f"{lo:,}" if lo == 0 else f"{lo:,}–{hi - 1:,}" if np.isfinite(hi)
-                         else f"≥{lo:,}", tokens=n, share=n / len(targets),
+        rows.append(dict(counts=name, tokens=n, share=n / len(targets),
                          lm_ppl=ppl(float(lm[m].sum()), n), knnlm_ppl=ppl(float(mix[m].sum()), n),
                          gain_share=float(gain[m].sum()) / total if total else float("nan")))
     return rows
