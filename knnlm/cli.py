@@ -68,6 +68,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("knnlm.generate", "GenerateConfig", "continue prompts with the LM or the kNN-LM"),
     "neighbors": ("knnlm.neighbors", "NeighborsConfig",
                   "show the retrieved neighbours of each position of a text, as text"),
+    "explore": ("knnlm.explore.server", "ExploreConfig",
+                "a local web server: the explorer page for any text typed in"),
     "lm-eval": ("knnlm.lm_eval_run", "LmEvalConfig",
                 "lm-evaluation-harness tasks with the LM and the kNN-LM side by side"),
     "demo": ("knnlm.demo", "DemoConfig", "run the whole pipeline on the Shakespeare corpus"),

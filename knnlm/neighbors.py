@@ -169,52 +169,71 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class Inspector:
+    """The model, the search and the datastore's text, loaded once: :meth:`rows` of any
+    token ids (``knnlm neighbors``; the explorer's server for every text it is sent)."""
+
+    def __init__(self, cfg: NeighborsConfig, log=print):
+        self.cfg = cfg
+        self.databin = DataBin(cfg.data)
+        self.device = resolve_device(cfg.device, cfg.cpu)
+        self.model, fingerprint = load_lm(cfg.path, cfg.hf_model, self.databin, self.device,
+                                          cfg.hf_dtype)
+        self.model.eval()
+        self.search = KnnSearch(cfg, fingerprint, self.databin, self.device, log=log)
+        ds = self.ds = self.search.ds
+        src = Path(ds.meta.get("data_dir", ""))
+        if (ds.path / "data-bin" / "data.json").is_file():   # its own (Datastore.build)
+            src = ds.path / "data-bin"
+        self.ds_bin = DataBin(src) if (src / "data.json").is_file() else self.databin
+        if self.ds_bin.tokenizer_sha256 != ds.meta["tokenizer_sha256"]:
+            raise UserError(f"the datastore's data-bin {src} is gone or changed; cannot show "
+                            "neighbour texts")
+        self.ds_tokens = self.ds_bin.split(ds.meta["split"])
+        self._counts = None
+
+    def rows(self, ids: np.ndarray) -> tuple[list[dict], torch.Tensor]:
+        """(the rows of :func:`neighbours` with their texts, the LM's (N, V) log-probs)."""
+        lm = []
+        rows = neighbours(self.model, ids, self.databin.eos, self.search, self.cfg.knn_temp,
+                          self.device, lm)
+        return describe(rows, ids, self.databin.vocab, self.ds, self.ds_bin.vocab,
+                        self.ds_tokens, self.cfg.context_tokens), lm[0]
+
+    def page(self, ids: np.ndarray) -> tuple[str, list[dict]]:
+        """The explorer page of ``ids`` (:mod:`knnlm.explore.page`) and its rows."""
+        from .explore.page import payload, render
+        if self._counts is None:
+            t = np.asarray(self.ds_tokens)
+            self._counts = np.bincount(t, minlength=max(self.ds_bin.vocab_size,
+                                                        int(t.max()) + 1 if len(t) else 0))
+        rows, lm = self.rows(ids)
+        c = self.cfg
+        settings = dict(lmbda=c.lmbda, knn_temp=c.knn_temp, k=c.k,
+                        score_mode=self.search.mode.name, datastore=str(self.ds.path),
+                        entries=self.ds.size)
+        title = (f"knnlm explorer — {len(rows):,} tokens, datastore {self.ds.path.name} "
+                 f"({self.ds.size:,} entries)")
+        return render(payload(rows, lm, self.databin.vocab, self._counts, settings, title)), rows
+
+
 def main(cfg: NeighborsConfig) -> list[dict]:
-    databin = DataBin(cfg.data)
-    device = resolve_device(cfg.device, cfg.cpu)
-    model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device, cfg.hf_dtype)
-    model.eval()
     # with --json, stdout is the JSON alone: the search's reports go to stderr
-    search = KnnSearch(cfg, fingerprint, databin, device,
-                       log=(lambda msg: print(msg, file=sys.stderr)) if cfg.json else print)
-    ids = cfg.token_ids(databin.vocab)
-    lm = []
-    rows = neighbours(model, ids, databin.eos, search, cfg.knn_temp, device, lm)
-    ds = search.ds
-    src = Path(ds.meta.get("data_dir", ""))
-    if (ds.path / "data-bin" / "data.json").is_file():   # its own (knnlm.Datastore.build)
-        src = ds.path / "data-bin"
-    ds_bin = DataBin(src) if (src / "data.json").is_file() else databin
-    if ds_bin.tokenizer_sha256 != ds.meta["tokenizer_sha256"]:
-        raise UserError(f"the datastore's data-bin {src} is gone or changed; cannot show "
-                        "neighbour texts")
-    rows = describe(rows, ids, databin.vocab, ds, ds_bin.vocab, ds_bin.split(ds.meta["split"]),
-                    cfg.context_tokens)
-    mode = search.mode
+    insp = Inspector(cfg, log=(lambda msg: print(msg, file=sys.stderr)) if cfg.json else print)
+    ids = cfg.token_ids(insp.databin.vocab)
     if cfg.html:
-        write_page(cfg, rows, lm[0], databin.vocab, ds_bin, ds, mode)
+        from .io import save_atomic
+        html, rows = insp.page(ids)
+        save_atomic(lambda fh: fh.write(html.encode("utf-8")), cfg.html)
+        print(f"wrote {cfg.html}", file=sys.stderr if cfg.json else sys.stdout)
+    else:
+        rows, _ = insp.rows(ids)
+    mode = insp.search.mode
     if cfg.json:
-        print(json.dumps(dict(score_mode=mode.to_dict(), search_backend=search.backend,
-                              k=cfg.k, knn_temp=cfg.knn_temp, settings=search.settings,
+        print(json.dumps(dict(score_mode=mode.to_dict(), search_backend=insp.search.backend,
+                              k=cfg.k, knn_temp=cfg.knn_temp, settings=insp.search.settings,
                               positions=rows), indent=1))
     else:
         print(f"score mode {mode.name}: {mode.describe()}; k {cfg.k}, T {cfg.knn_temp}")
         print(format_rows(rows))
     return rows
-
-
-def write_page(cfg: NeighborsConfig, rows: list[dict], lm: torch.Tensor, vocab, ds_bin, ds,
-               mode) -> None:
-    """--html: the explorer page of these rows (:mod:`knnlm.explore.page`), written whole
-    (a temporary file, then renamed)."""
-    from .explore.page import payload, render
-    from .io import save_atomic
-    tokens = np.asarray(ds_bin.split(ds.meta["split"]))
-    counts = np.bincount(tokens, minlength=max(ds_bin.vocab_size, int(tokens.max()) + 1))
-    settings = dict(lmbda=cfg.lmbda, knn_temp=cfg.knn_temp, k=cfg.k, score_mode=mode.name,
-                    datastore=str(ds.path), entries=ds.size)
-    title = f"knnlm explorer — {len(rows):,} tokens, datastore {ds.path.name} ({ds.size:,} entries)"
-    html = render(payload(rows, lm, vocab, counts, settings, title))
-
-    save_atomic(lambda fh: fh.write(html.encode("utf-8")), cfg.html)
-    print(f"wrote {cfg.html}", file=sys.stderr if cfg.json else sys.stdout)

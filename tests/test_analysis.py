@@ -235,3 +235,26 @@ def test_tokens_part_splits_the_gain_by_training_frequency(analysis, bpe_databin
     assert all(r["gain"] <= best["gain"] for r in part["top"]["gain"])
     assert all(r["gain"] < 0 for r in part["top"]["loss"])
     assert "Where retrieval helps" in open(f"{cfg.results_dir}/report.md").read()
+
+
+def test_report_html_links_explorer_pages_of_the_extreme_spans(analysis):
+    """report.html: the report's tables as HTML, and an explorer page for each span where
+    the kNN-LM gains or loses most (the spans are the loop's extremes)."""
+    import re
+    from pathlib import Path
+    from knnlm.analysis.stats import extreme_spans
+    cfg, results = analysis
+    out = Path(cfg.results_dir)
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and "Where retrieval helps" in page
+    spans = results["tokens"]["spans"]
+    assert {s["kind"] for s in spans} == {"gain", "loss"}
+    for link in re.findall(r'href="([^"]+)"', page):
+        body = (out / link).read_text()
+        assert "application/json" in body and "knnlm explorer" in body
+    assert len(re.findall(r'href="explore/', page)) == len(spans)
+    g = np.array([1.0, -2, 3, 0, 0, -5, 4, 4, -1, 0])
+    got = extreme_spans(g, n=2, width=2)
+    sums = [g[i:i + 2].sum() for i in range(9)]
+    assert got[0]["gain"] == max(sums) == 8 and got[0]["start"] == 6
+    assert [s for s in got if s["kind"] == "loss"][0]["gain"] == min(sums)

@@ -165,3 +165,66 @@ def test_a_long_page_opens_and_updates_fast(setup, browser, tmp_path, capsys, co
     print(f"\nexplorer: {n} tokens x 64 neighbours, {out.stat().st_size / 2**20:.1f} MiB; "
           f"opened in {opened:.2f} s, slider update {slider_ms:.0f} ms")
     assert n == len(ids)
+
+
+@pytest.fixture()
+def server(setup):
+    """`knnlm explore` on a free port, in a thread."""
+    import threading
+    from knnlm.explore.server import ExploreConfig, ExploreServer
+    from knnlm.neighbors import Inspector
+    from knnlm.util import parse_config
+    root, ds = setup
+    cfg = parse_config(ExploreConfig, [str(ds.data_bin), "--hf-model", str(root / "model"),
+                                       "--dstore-filename", str(ds.path), "--exact-search",
+                                       "--k", "8", "--lmbda", "0.25", "--knn-temp", "1",
+                                       "--port", "0", "--max-chars", "300", "--quiet"],
+                       prog="knnlm explore")
+    srv = ExploreServer(cfg, Inspector(cfg))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def fetch(url: str, data: bytes | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, data=data, timeout=60) as r:
+            return r.status, r.read().decode("utf-8")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8")
+
+
+def test_the_server_answers_pages_and_bad_requests(server, browser, monkeypatch):
+    from urllib.parse import quote, urlencode
+    srv, base = server
+    status, body = fetch(base + "/")
+    assert status == 200 and 'action="/page"' in body
+    status, body = fetch(base + "/page?text=" + quote("Enter the king, and my lady"))
+    assert status == 200 and "application/json" in body and "knnlm explorer" in body
+    for url, code, needle in [("/page?text=", 400, "type a text"),
+                              ("/page?text=" + "a" * 400, 400, "at most 300"),
+                              ("/../../etc/passwd", 404, "no such page"),
+                              ("/assets/page.html", 404, "no such page")]:
+        status, body = fetch(base + url)
+        assert status == code and needle in body, url
+    status, body = fetch(base + "/page", urlencode({"text": "a <script>x</script>"}).encode())
+    assert status == 200 and "<script>x" not in body
+    # a failure while computing a page: a 500 page, and the server goes on
+    monkeypatch.setattr(srv.inspector, "page", lambda ids: 1 / 0)
+    status, body = fetch(base + "/page?text=hello")
+    assert status == 500 and "division by zero" in body
+    monkeypatch.undo()
+    assert fetch(base + "/page?text=hello")[0] == 200
+    # in the browser: type, submit, get the page
+    browser.get(base + "/")
+    browser.find_element("id", "text").send_keys("What say you, my lord?")
+    browser.find_element("id", "go").click()
+    for _ in range(200):
+        if browser.execute_script("return document.body.dataset.ready") == "1":
+            break
+        time.sleep(0.05)
+    assert browser.find_elements("css selector", "#text span")

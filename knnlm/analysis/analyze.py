@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from ..data.blocks import BREAK_MODES
 from ..data.preprocess import DataBin
 from ..guard import check_output, output_lock
@@ -188,6 +190,34 @@ def _analyze(cfg: AnalyzeConfig) -> dict:
     plots = report.plots(out, results)
     text = report.full_report(results, config_dict(cfg), plots)
     (out / "report.md").write_text(text)
+    spans = explorer_pages(cfg, runner, results.get("tokens"), out / "explore")
+    (out / "report.html").write_text(report.html_report(text, spans))
     print(text)
-    print(f"wrote {out}/report.md")
+    print(f"wrote {out}/report.md, {out}/report.html")
     return results
+
+
+def explorer_pages(cfg: AnalyzeConfig, runner, tokens_part: dict | None, out: Path) -> list[dict]:
+    """The explorer page (`knnlm neighbors --html`) of each span where the main kNN-LM
+    gains or loses most (the tokens part), at its best λ and T, with the analysis' index;
+    the spans, each with its page's path (relative to the results directory)."""
+    if not tokens_part or not tokens_part.get("spans"):
+        return []
+    from ..neighbors import Inspector, NeighborsConfig
+    databin = DataBin(cfg.data)
+    split = np.asarray(databin.split(cfg.gen_subset))
+    ncfg = NeighborsConfig(data=cfg.data, path=cfg.path, dstore_filename=cfg.dstore_filename,
+                           indexfile=str(runner.index_path("att", "l2")), k=min(cfg.k, 64),
+                           probe=cfg.probe, lmbda=tokens_part["lmbda"],
+                           knn_temp=tokens_part["temp"], knn_keytype="att",
+                           knn_sim_func="do_not_recomp_l2", text="-", cpu=cfg.cpu)
+    insp = Inspector(ncfg, log=lambda *a: None)
+    out.mkdir(parents=True, exist_ok=True)
+    spans = []
+    for n, span in enumerate(tokens_part["spans"], 1):
+        ids = split[span["start"]:span["end"]]
+        page, _ = insp.page(ids)
+        name = f"{span['kind']}_{n}.html"
+        (out / name).write_text(page, encoding="utf-8")
+        spans.append(dict(span, page=f"{out.name}/{name}", text=databin.vocab.decode(ids)))
+    return spans

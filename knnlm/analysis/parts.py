@@ -230,7 +230,7 @@ def tokens(cfg, runner: Runner) -> dict:
             r.update(text=databin.vocab.decode([r["token"]]), train_count=int(counts[r["token"]]))
     return dict(temp=best["temp"], lmbda=best["lmbda"], lm_ppl=summ["lm_ppl"],
                 knnlm_ppl=best["ppl"], buckets=stats.frequency_buckets(targets, lm, mix, counts),
-                top=top, commands=cmds + [summ["command"]])
+                top=top, spans=stats.extreme_spans(mix - lm), commands=cmds + [summ["command"]])
 
 
 def parametric(cfg, runner: Runner) -> dict:

@@ -1,6 +1,8 @@
 """Markdown tables and plots of `knnlm analyze` results (perplexities per token)."""
 from __future__ import annotations
 
+import html
+import re
 from pathlib import Path
 
 from ..knn.sweep import pyplot
@@ -197,3 +199,76 @@ def full_report(results: dict, config: dict, plot_files: list[str]) -> str:
         lines.append(part_markdown(name, res))
     lines += [f"![{p}]({p})" for p in plot_files]
     return "\n".join(lines) + "\n"
+
+
+def _inline(text: str) -> str:
+    """Escaped text with `code` spans."""
+    parts = text.split("`")
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p)
+                   for i, p in enumerate(parts))
+
+
+def markdown_html(text: str) -> str:
+    """The report's markdown (headings, paragraphs, lists, tables, images) as HTML; every
+    character of the text escaped."""
+    out, para, rows, items = [], [], [], []
+
+    def flush():
+        if para:
+            out.append(f"<p>{_inline(' '.join(para))}</p>")
+            para.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+        if rows:
+            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows
+                     if not set(r.replace("|", "").strip()) <= set("-: ")]
+            head, body = cells[0], cells[1:]
+            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) +
+                       "</tr>" + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) +
+                                         "</tr>" for r in body) + "</table>")
+            rows.clear()
+    for line in text.splitlines():
+        img = re.fullmatch(r"!\[(.*)\]\((.*)\)", line.strip())
+        if line.startswith("|"):
+            if para or items:
+                flush()
+            rows.append(line)
+            continue
+        if rows:
+            flush()
+        if not line.strip():
+            flush()
+        elif line.startswith("#"):
+            flush()
+            level = min(4, len(line) - len(line.lstrip("#")))
+            out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+        elif img:
+            flush()
+            out.append(f'<img alt="{html.escape(img.group(1))}" src="{html.escape(img.group(2))}">')
+        elif line.lstrip().startswith("- "):
+            if para:
+                flush()
+            items.append(line.lstrip()[2:])
+        else:
+            para.append(line.strip())
+    flush()
+    return "\n".join(out)
+
+
+def html_report(markdown: str, spans: list[dict]) -> str:
+    """report.html: the report, then links to the explorer pages of the spans (each with
+    its file, kind, tokens and total gain)."""
+    links = ""
+    if spans:
+        links = ("<h2>Explorer pages of the spans where the kNN-LM gains and loses most</h2><ul>"
+                 + "".join(f'<li><a href="{html.escape(s["page"])}">{html.escape(s["kind"])}: '
+                           f'tokens {s["start"]:,}–{s["end"]:,}</a>, total '
+                           f'{s["gain"]:+.2f} nats: {html.escape(s["text"][:100])}…</li>'
+                           for s in spans) + "</ul>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<title>kNN-LM analysis</title><style>"
+            "body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:24px auto;"
+            "padding:0 16px}table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid "
+            "#ddd;padding:2px 6px;font-size:12px}img{max-width:100%}code{font-size:12px}"
+            "</style></head><body>\n" + markdown_html(markdown) + links + "\n</body></html>\n")

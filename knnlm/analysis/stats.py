@@ -118,3 +118,29 @@ def top_types(targets: np.ndarray, lm: np.ndarray, mix: np.ndarray, n: int = 15)
         return [dict(token=int(types[i]), occurrences=int(occ[i]), gain=float(total[i]),
                      mean_gain=float(total[i] / occ[i])) for i in idx]
     return dict(gain=rows(order[::-1][:n]), loss=rows(order[:n][total[order[:n]] < 0]))
+
+
+SPAN = 48           # tokens of an "interesting span" of the evaluated text
+
+
+def extreme_spans(gain: np.ndarray, n: int = 3, width: int = SPAN) -> list[dict]:
+    """The ``n`` non-overlapping windows of ``width`` tokens with the largest total gain
+    (kNN-LM over LM log-probability) and the ``n`` with the largest loss."""
+    g = np.asarray(gain, dtype=np.float64)
+    if len(g) < width:
+        width = len(g)
+    if width == 0:
+        return []
+    sums = np.convolve(g, np.ones(width), "valid")           # sums[i] = g[i:i + width]
+    out = []
+    for kind, order in (("gain", np.argsort(-sums, kind="stable")),
+                        ("loss", np.argsort(sums, kind="stable"))):
+        taken: list[int] = []
+        for i in order:
+            if all(abs(int(i) - j) >= width for j in taken):
+                taken.append(int(i))
+                out.append(dict(kind=kind, start=int(i), end=int(i) + width,
+                                gain=float(sums[i])))
+            if len(taken) == n:
+                break
+    return out
