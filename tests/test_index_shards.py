@@ -170,3 +170,37 @@ def test_torchrun_build_index_needs_shards(trained_dstore, tmp_path, monkeypatch
     assert cli_run(["build-index", "--dstore-dir", str(trained_dstore.path),
                     "--faiss-index", str(tmp_path / "x.faiss")]) == 2
     assert "--shards" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("factory,metric", [("IVF32,PQ8", "l2"), ("IVF16,Flat", "ip")])
+def test_kept_shards_search_as_the_merged_index(trained_dstore, bpe_databin, trained_ckpt,
+                                                 tmp_path, factory, metric):
+    """--keep-shards: S shard files and a sidecar listing them, no merged file; searching
+    them (each shard, top-k merged, ids as datastore rows) gives the merged index's
+    neighbours, and an evaluation with them the merged index's perplexity."""
+    from knnlm import evaluate
+    ds = trained_dstore
+    xq = np.asarray(ds.keys("att")[::997], dtype=np.float32) + 0.01
+    build(ds, tmp_path / "one.faiss", index_factory=factory, metric=metric)
+    meta = build(ds, tmp_path / "kept.faiss", index_factory=factory, metric=metric, shards=3,
+                 keep_shards=True)
+    assert [s["file"] for s in meta["shards"]] == [f"kept.faiss.shard{s}of3" for s in range(3)]
+    assert not (tmp_path / "kept.faiss").exists() and meta["complete"]
+    idx, _ = index_read.load_index(tmp_path / "kept.faiss", ds, "att", nprobe=4)
+    assert isinstance(idx, index_read.ShardedIndex) and idx.ntotal == ds.size
+    D1, I1 = search(tmp_path / "one.faiss", ds, xq)
+    D2, I2 = search(tmp_path / "kept.faiss", ds, xq)
+    assert (I1 == I2).mean() > 0.99 and np.allclose(D1, D2, rtol=1e-5, atol=1e-4)
+    again = build(ds, tmp_path / "kept.faiss", index_factory=factory, metric=metric, shards=3,
+                  keep_shards=True)
+    assert again["shards"] == meta["shards"]          # already built: reused
+    res = {name: evaluate.main(evaluate.EvalConfig(
+        data=str(bpe_databin.path), path=str(trained_ckpt), gen_subset="valid", knnlm=True,
+        dstore_filename=str(ds.path), indexfile=str(tmp_path / f"{name}.faiss"), k=16,
+        lmbda=0.25, knn_temp=1.0, probe=4, faiss_metric_type=metric,
+        knn_sim_func="do_not_recomp_l2", tokens_per_sample=64, max_eval_tokens=400,
+        quiet=True))["interpolated"]["ppl"] for name in ("one", "kept")}
+    assert res["kept"] == pytest.approx(res["one"], rel=1e-4)
+    (tmp_path / "kept.faiss.shard1of3").unlink()
+    with pytest.raises(UserError, match="missing or out of order"):
+        index_read.load_index(tmp_path / "kept.faiss", ds, "att")

@@ -34,7 +34,7 @@ from ..io import read_json, write_json_atomic
 from ..util import UserError, config_dict, flag
 from .datastore import Datastore, finite_rows, normalize_keytype
 from .kmeans import train_ivf
-from .shards import add_step, build_sharded
+from .shards import add_step, build_sharded, shard_path, shard_ranges
 
 INDEX_FORMAT = "knnlm-index"
 INDEX_VERSION = 1
@@ -102,6 +102,9 @@ class BuildIndexConfig:
                               "GPU when FAISS has no GPU support", choices=("auto", "faiss", "torch"))
     shards: int = flag(1, "add the keys in S contiguous shards, then merge (same index)")
     workers: int = flag(1, "--shards: shards added in parallel processes")
+    keep_shards: bool = flag(False, "--shards: keep the S shard files (one quantizer, "
+                             "contiguous key ranges) instead of merging them; the sidecar "
+                             "lists them, and searches merge the shards' top-k")
     dstore_size: int | None = flag(None, "accepted for compatibility; checked against the datastore",
                                    aliases=("--dstore_size",))
     dimension: int | None = flag(None, "accepted for compatibility; checked against the datastore")
@@ -228,10 +231,12 @@ def sidecar_for(cfg: BuildIndexConfig, ds: Datastore, factory: str, n_train: int
                 keytype=cfg.knn_keytype, dim=ds.dim, datastore=str(Path(ds.path).resolve()),
                 datastore_fingerprint=ds.fingerprint, datastore_size=ds.size,
                 train_size=n_train, seed=cfg.seed, nprobe=cfg.probe,
-                rows_added=0, complete=False, config=config_dict(cfg))
+                rows_added=0, complete=False, config=config_dict(cfg),
+                **({"layout": "shards"} if cfg.keep_shards else {}))
 
 
-IDENTITY = ("factory", "metric", "keytype", "datastore_fingerprint", "train_size", "seed")
+IDENTITY = ("factory", "metric", "keytype", "datastore_fingerprint", "train_size", "seed",
+            "layout")
 
 
 def _identity(meta: dict) -> dict:
@@ -265,7 +270,7 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
             out, "index", _identity(old), _identity(meta), cfg.overwrite):
         partial.unlink(missing_ok=True)       # an index of the new configuration starts
         old = {}
-    if out.is_file() and old.get("complete") and _same(old, meta):
+    if (out.is_file() or old.get("shards")) and old.get("complete") and _same(old, meta):
         print(f"{out}: this index is already built")
         return old
     try:
@@ -290,10 +295,12 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
         return index
 
     if cfg.shards > 1:
-        built = build_sharded(cfg, ds, out, meta, trained, dist)
+        built = build_sharded(cfg, ds, out, meta, trained, dist, merge=not cfg.keep_shards)
         if built is None:                       # a torchrun rank other than 0: done
             return dict(meta, rank_only=True)
         index, timings, leftovers = built
+        if cfg.keep_shards:
+            return _finish_shards(cfg, ds, out, side_path, meta, timings, t0, leftovers)
         meta["shards"] = cfg.shards
         return _finish(index, out, side_path, meta, timings, t0, leftovers)
     start = 0
@@ -371,6 +378,27 @@ def _finish(index, out: Path, side_path: Path, meta: dict, timings: dict, t0: fl
         path.unlink(missing_ok=True)
     print(f"wrote {out}: {index.ntotal:,} keys, {out.stat().st_size / 2**20:,.1f} MiB, "
           f"{time.perf_counter() - t0:.1f}s")
+    return meta
+
+
+def _finish_shards(cfg: BuildIndexConfig, ds: Datastore, out: Path, side_path: Path, meta: dict,
+                   timings: dict, t0: float, leftovers: list[Path]) -> dict:
+    """--keep-shards: verify each shard (its key range, its ids), then the complete
+    sidecar listing them is the commit point (no merged index file)."""
+    faiss = faiss_module()
+    shards = []
+    for s, (a, b) in enumerate(shard_ranges(ds.size, cfg.shards)):
+        path = shard_path(out, s, cfg.shards)
+        verify_index(faiss.read_index(str(path)), b - a, path)
+        shards.append(dict(file=path.name, start=a, end=b))
+    out.unlink(missing_ok=True)            # a merged index of an earlier build: not this one
+    meta.update(rows_added=ds.size, complete=True, ntotal=ds.size, shards=shards, **timings)
+    write_json_atomic(side_path, meta)
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    print(f"wrote {side_path}: {cfg.shards} shards of {ds.size:,} keys "
+          f"({sum(shard_path(out, s, cfg.shards).stat().st_size for s in range(cfg.shards)) / 2**20:,.1f} "
+          f"MiB), {time.perf_counter() - t0:.1f}s")
     return meta
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..io import read_json
 from ..util import UserError
 from .datastore import Datastore, normalize_keytype
@@ -32,6 +34,8 @@ def load_index(path: str | Path, ds: Datastore, keytype: str, metric: str | None
         raise UserError(f"{path} indexes {meta['keytype']} keys, not {keytype}")
     if metric is not None and meta["metric"] != metric:
         raise UserError(f"{path} uses metric {meta['metric']}, not {metric}")
+    if meta.get("shards"):
+        return _load_shards(path, meta, ds, nprobe, mmap, k_factor), meta
     if not path.is_file():
         raise UserError(f"index not found: {path}")
     try:
@@ -54,6 +58,61 @@ def load_index(path: str | Path, ds: Datastore, keytype: str, metric: str | None
     return index, meta
 
 
+class ShardedIndex:
+    """The shards of an index (``build-index --shards S --keep-shards``: one trained
+    quantizer, contiguous key ranges) searched one after another, their top-k merged
+    (:func:`knnlm.knn.exact.merge_topk`) with ids as datastore rows: the neighbours of the
+    merged index, ties aside."""
+
+    def __init__(self, shards: list[tuple], metric: str):
+        self.shards, self.metric = shards, metric       # [(faiss index, first row)]
+        self.ntotal = sum(int(index.ntotal) for index, _ in shards)
+
+    def search(self, q, k: int):
+        from .exact import merge_topk
+        parts = []
+        for index, first in self.shards:
+            D, I = index.search(q, k)
+            parts.append((D, np.where(I >= 0, I + first, -1)))
+        return merge_topk(parts, k, self.metric)
+
+
+def _load_shards(path: Path, meta: dict, ds: Datastore, nprobe, mmap: bool, k_factor):
+    """A --keep-shards index: each shard read (checked against its key range)."""
+    faiss = faiss_module()
+    flags = 0 if not mmap else faiss.IO_FLAG_MMAP if "IVF" in meta["factory"] \
+        else faiss.IO_FLAG_MMAP_IFC
+    shards, row = [], 0
+    for entry in meta["shards"]:
+        file = path.parent / entry["file"]
+        if entry["start"] != row or not file.is_file():
+            raise UserError(f"{path}: shard {file.name} is missing or out of order")
+        try:
+            index = faiss.read_index(str(file), flags)
+        except RuntimeError as exc:
+            raise UserError(f"cannot read {file} ({str(exc).strip().splitlines()[-1][:160]})")
+        if index.ntotal != entry["end"] - entry["start"]:
+            raise UserError(f"{file} holds {index.ntotal:,} keys, its range "
+                            f"{entry['end'] - entry['start']:,}")
+        _restore_fine_quantizer(index)
+        set_nprobe(index, nprobe or meta["nprobe"])
+        if k_factor is not None:
+            if refine_stage(index) is None:
+                raise UserError(f"--k-factor re-ranks candidates of a refine index; {path} "
+                                f"({meta['factory']}) has no refine stage")
+            faiss.downcast_index(index).k_factor = float(k_factor)
+        shards.append((index, row))
+        row = entry["end"]
+    if row != ds.size:
+        raise UserError(f"{path}: its shards hold {row:,} keys, the datastore {ds.size:,}")
+    return ShardedIndex(shards, meta["metric"])
+
+
+def _one(index):
+    """A shard of a sharded index (every shard has the structure of the others)."""
+    return index.shards[0][0] if isinstance(index, ShardedIndex) else index
+
+
 def _restore_fine_quantizer(index) -> None:
     """FAISS 1.15 reads an IVF fast-scan index without the pointer to its PQ that decoding
     uses, so ``reconstruct`` would crash (RetoMaton scores pointers from reconstructions);
@@ -69,7 +128,7 @@ def refine_stage(index):
     """The exact re-ranking stage of an index (FAISS ``IndexRefine``: factory suffix
     ``RFlat`` or ``Refine(...)``), or None."""
     faiss = faiss_module()
-    outer = faiss.downcast_index(index)
+    outer = faiss.downcast_index(_one(index))
     return faiss.downcast_index(outer.refine_index) if isinstance(outer, faiss.IndexRefine) \
         else None
 
@@ -90,6 +149,7 @@ def returns_exact_distances(index, key_dtype: str) -> bool:
 def is_fast_scan(index) -> bool:
     """Whether the index scans 4-bit fast-scan PQ codes (``PQ<M>x4fs``)."""
     faiss = faiss_module()
+    index = _one(index)
     ivf = faiss.try_extract_index_ivf(index)
     inner = faiss.downcast_index(ivf) if ivf is not None else None
     return isinstance(inner, faiss.IndexIVFFastScan) or \
@@ -98,6 +158,10 @@ def is_fast_scan(index) -> bool:
 
 def set_nprobe(index, nprobe: int) -> None:
     faiss = faiss_module()
+    if isinstance(index, ShardedIndex):
+        for shard, _ in index.shards:
+            set_nprobe(shard, nprobe)
+        return
     try:
         faiss.extract_index_ivf(index).nprobe = nprobe
     except RuntimeError:

@@ -23,7 +23,8 @@ from . import math as knn_math
 from .datastore import Datastore, finite_rows, normalize_keytype
 from .exact import brute_force_search, stream_search
 from .index import gpu_available
-from .index_read import is_fast_scan, load_index, refine_stage, returns_exact_distances
+from .index_read import (ShardedIndex, is_fast_scan, load_index, refine_stage,
+                         returns_exact_distances)
 from .torch_index import ShardedTorchIndex, TorchIndex
 from .tuned import identity, resolve_settings, tuned_path
 
@@ -188,6 +189,13 @@ def place_index(index, cfg, device: torch.device) -> tuple[object, str]:
     without faiss-gpu uses the torch backend on the GPUs when there are any.
     """
     import faiss
+    if isinstance(index, ShardedIndex):
+        if cfg.knnlm_gpu or cfg.knn_backend == "torch":
+            raise UserError("an index kept in shards (build-index --keep-shards) is searched "
+                            "with FAISS on the CPU: drop --knnlm-gpu / --knn-backend torch")
+        if cfg.retomaton:
+            raise UserError("--retomaton reads the codes of one index; build it unsharded")
+        return index, f"faiss-cpu ({len(index.shards)} shards, top-k merged)"
     visible = max(faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0,
                   torch.cuda.device_count())
     if cfg.knnlm_gpus > visible and cfg.knnlm_gpu:

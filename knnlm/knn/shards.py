@@ -125,7 +125,8 @@ def _barrier() -> None:
     tdist.barrier()
 
 
-def build_sharded(cfg, ds, out: Path, meta: dict, train_fn, dist=None) -> tuple | None:
+def build_sharded(cfg, ds, out: Path, meta: dict, train_fn, dist=None, merge: bool = True
+                  ) -> tuple | None:
     """(merged index, timings, files to remove): train once (``train_fn`` returns a trained
     empty index), add the shards in parallel processes, merge. Under torchrun (``dist``)
     rank 0 trains, every rank adds its share of the shards (rank r: shards r, r + W, ...),
@@ -182,6 +183,8 @@ def build_sharded(cfg, ds, out: Path, meta: dict, train_fn, dist=None) -> tuple 
         _barrier()                              # every shard is on disk
         if not main:
             return None
+    if not merge:                               # --keep-shards: the shards are the index
+        return None, timings, [trained, marker]
     t2 = time.perf_counter()
     index = merge_shards(paths, ranges)
     timings["merge_s"] = time.perf_counter() - t2
