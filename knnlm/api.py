@@ -111,7 +111,7 @@ class Datastore:
             meta = read_json(side, "index sidecar")
             index = side.with_name(side.name[:-len(".json")])
             if meta.get("datastore_fingerprint") == self.fingerprint and meta.get("complete") \
-                    and (index.is_file() or meta.get("shards")):
+                    and (index.is_file() or meta.get("layout") == "shards"):
                 out.append(index)
         return out
 

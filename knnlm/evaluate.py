@@ -162,6 +162,7 @@ def exact_neighbours(knn, queries, work: Path, dist, quiet: bool):
     D, I = knn.search_all(queries, part, quiet, part=(r, w))
     if w == 1:
         return D, I
+    part.mkdir(parents=True, exist_ok=True)
     for name, a in (("D", D), ("I", I)):
         tmp = temp_path(part / f"{name}.npy", ".npy")
         np.save(tmp, a)
@@ -174,9 +175,21 @@ def exact_neighbours(knn, queries, work: Path, dist, quiet: bool):
     return merge_topk(parts, knn.k_search, knn.mode.search_metric)
 
 
+def sharded_index(cfg: EvalConfig) -> bool:
+    """Whether the index eval-lm searches is kept in shards (build-index --keep-shards)."""
+    from .knn.datastore import normalize_keytype
+    from .knn.search import default_index_path
+    if cfg.exact_search:
+        return False
+    path = cfg.indexfile or default_index_path(cfg.dstore_filename, normalize_keytype(
+        cfg.knn_keytype.split(",")[0]), cfg.faiss_metric_type)
+    side = Path(str(path) + ".json")
+    return side.is_file() and read_json(side, "index sidecar").get("layout") == "shards"
+
+
 def search_rank(cfg: EvalConfig, fingerprint: str, databin: DataBin, device, dist) -> None:
-    """A torchrun rank other than 0 in eval-lm --exact-search: once rank 0 has the
-    split's queries, search this rank's share of the keys."""
+    """A torchrun rank other than 0 in eval-lm: once rank 0 has the split's queries,
+    search this rank's share of the keys (--exact-search) or of an index's shards."""
     knn = KnnSearch(cfg, fingerprint, databin, device)
     work = Path(cfg.save_retrieval) / "exact_search"
     tdist.barrier()
@@ -240,7 +253,8 @@ def eval_tokens(model, tokens: np.ndarray, databin: DataBin, cfg: EvalConfig,
     scores = open_token_memmap(cfg.save_scores, n, np.float32, resume) if cfg.save_scores else None
     saved_tokens = open_token_memmap(cfg.save_tokens, n, np.int32, resume) if cfg.save_tokens else None
     t0 = time.perf_counter()
-    if knn_scorer is not None and cfg.exact_search:   # one pass over the keys for the split
+    if knn_scorer is not None and (cfg.exact_search or dist is not None):
+        # one pass over the keys for the split (or, under torchrun, over each rank's shards)
         batches = exact_batches(model, tokens, windows, st["done"], databin, cfg, device,
                                 knn_scorer, flags, dist)
     else:
@@ -302,10 +316,11 @@ def main(cfg: EvalConfig) -> dict | None:
         return build_dstore_main(cfg.to_build_dstore())
     dist = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not (cfg.knnlm and cfg.exact_search and cfg.save_retrieval):
-            raise UserError("under torchrun eval-lm shares out the exact search only: give "
-                            "--knnlm --exact-search --save-retrieval DIR (a directory every "
-                            "rank sees)")
+        if not (cfg.knnlm and cfg.save_retrieval and (cfg.exact_search or sharded_index(cfg))):
+            raise UserError("under torchrun eval-lm shares out the search: give --knnlm "
+                            "--save-retrieval DIR (a directory every rank sees) and "
+                            "--exact-search or an index kept in shards (build-index "
+                            "--keep-shards)")
         dist = setup_distributed(cfg.cpu)
     databin = DataBin(cfg.data)
     device = dist.device if dist is not None else resolve_device(cfg.device, cfg.cpu)

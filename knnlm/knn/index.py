@@ -270,7 +270,8 @@ def build_index(cfg: BuildIndexConfig, dist=None) -> dict:
             out, "index", _identity(old), _identity(meta), cfg.overwrite):
         partial.unlink(missing_ok=True)       # an index of the new configuration starts
         old = {}
-    if (out.is_file() or old.get("shards")) and old.get("complete") and _same(old, meta):
+    kept = old.get("layout") == "shards"           # --keep-shards: no merged file
+    if (out.is_file() or kept) and old.get("complete") and _same(old, meta):
         print(f"{out}: this index is already built")
         return old
     try:

@@ -17,12 +17,14 @@ from .index import INDEX_FORMAT, faiss_module
 
 
 def load_index(path: str | Path, ds: Datastore, keytype: str, metric: str | None = None,
-               nprobe: int | None = None, mmap: bool = False, k_factor: float | None = None):
+               nprobe: int | None = None, mmap: bool = False, k_factor: float | None = None,
+               part: tuple[int, int] = (0, 1)):
     """Read an index, check it was built on ``ds``'s ``keytype`` keys, set nprobe.
     ``mmap``: map its codes from the file (FAISS's mmap I/O) instead of reading them into
     RAM, so an index larger than the memory can be searched (pages come in as probed).
     ``k_factor``: a refine index's candidates per neighbour (its base index is searched
-    for k·k_factor, re-ranked by the refine codes)."""
+    for k·k_factor, re-ranked by the refine codes). ``part`` (r, w): of an index kept in
+    shards, only shards r, r + w, ... (a torchrun rank's)."""
     faiss = faiss_module()
     path = Path(path)
     meta = read_json(Path(str(path) + ".json"), "index sidecar")
@@ -34,8 +36,8 @@ def load_index(path: str | Path, ds: Datastore, keytype: str, metric: str | None
         raise UserError(f"{path} indexes {meta['keytype']} keys, not {keytype}")
     if metric is not None and meta["metric"] != metric:
         raise UserError(f"{path} uses metric {meta['metric']}, not {metric}")
-    if meta.get("shards"):
-        return _load_shards(path, meta, ds, nprobe, mmap, k_factor), meta
+    if meta.get("layout") == "shards":
+        return _load_shards(path, meta, ds, nprobe, mmap, k_factor, part), meta
     if not path.is_file():
         raise UserError(f"index not found: {path}")
     try:
@@ -64,12 +66,16 @@ class ShardedIndex:
     (:func:`knnlm.knn.exact.merge_topk`) with ids as datastore rows: the neighbours of the
     merged index, ties aside."""
 
-    def __init__(self, shards: list[tuple], metric: str):
+    def __init__(self, shards: list[tuple], metric: str, of: int | None = None):
         self.shards, self.metric = shards, metric       # [(faiss index, first row)]
         self.ntotal = sum(int(index.ntotal) for index, _ in shards)
+        self.of = of if of is not None else len(shards)   # the shards of the whole index
 
     def search(self, q, k: int):
         from .exact import merge_topk
+        if not self.shards:            # a rank holding no shard: nothing found
+            empty = np.full((len(q), k), np.inf if self.metric == "l2" else -np.inf, np.float32)
+            return empty, np.full((len(q), k), -1, np.int64)
         parts = []
         for index, first in self.shards:
             D, I = index.search(q, k)
@@ -77,16 +83,21 @@ class ShardedIndex:
         return merge_topk(parts, k, self.metric)
 
 
-def _load_shards(path: Path, meta: dict, ds: Datastore, nprobe, mmap: bool, k_factor):
-    """A --keep-shards index: each shard read (checked against its key range)."""
+def _load_shards(path: Path, meta: dict, ds: Datastore, nprobe, mmap: bool, k_factor,
+                 part: tuple[int, int] = (0, 1)):
+    """A --keep-shards index: each shard of ``part`` read (checked against its range)."""
     faiss = faiss_module()
     flags = 0 if not mmap else faiss.IO_FLAG_MMAP if "IVF" in meta["factory"] \
         else faiss.IO_FLAG_MMAP_IFC
     shards, row = [], 0
-    for entry in meta["shards"]:
+    r, w = part
+    for s, entry in enumerate(meta["shards"]):
         file = path.parent / entry["file"]
         if entry["start"] != row or not file.is_file():
             raise UserError(f"{path}: shard {file.name} is missing or out of order")
+        row = entry["end"]
+        if s % w != r:
+            continue
         try:
             index = faiss.read_index(str(file), flags)
         except RuntimeError as exc:
@@ -101,16 +112,15 @@ def _load_shards(path: Path, meta: dict, ds: Datastore, nprobe, mmap: bool, k_fa
                 raise UserError(f"--k-factor re-ranks candidates of a refine index; {path} "
                                 f"({meta['factory']}) has no refine stage")
             faiss.downcast_index(index).k_factor = float(k_factor)
-        shards.append((index, row))
-        row = entry["end"]
+        shards.append((index, entry["start"]))
     if row != ds.size:
         raise UserError(f"{path}: its shards hold {row:,} keys, the datastore {ds.size:,}")
-    return ShardedIndex(shards, meta["metric"])
+    return ShardedIndex(shards, meta["metric"], of=len(meta["shards"]))
 
 
 def _one(index):
     """A shard of a sharded index (every shard has the structure of the others)."""
-    return index.shards[0][0] if isinstance(index, ShardedIndex) else index
+    return index.shards[0][0] if isinstance(index, ShardedIndex) and index.shards else index
 
 
 def _restore_fine_quantizer(index) -> None:

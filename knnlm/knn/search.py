@@ -178,6 +178,13 @@ def default_index_path(dstore_dir: str | Path, keytype: str, metric: str) -> Pat
     return Path(dstore_dir) / f"index_{keytype.replace(':', '')}_{metric}.faiss"
 
 
+def rank_part() -> tuple[int, int]:
+    """(rank, world size) under torchrun, else (0, 1): which shards of an index kept in
+    shards this process loads (rank r: shards r, r + w, ...)."""
+    import os
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def place_index(index, cfg, device: torch.device) -> tuple[object, str]:
     """The index where the kNN flags want it searched, and which backend that is.
 
@@ -195,7 +202,7 @@ def place_index(index, cfg, device: torch.device) -> tuple[object, str]:
                             "with FAISS on the CPU: drop --knnlm-gpu / --knn-backend torch")
         if cfg.retomaton:
             raise UserError("--retomaton reads the codes of one index; build it unsharded")
-        return index, f"faiss-cpu ({len(index.shards)} shards, top-k merged)"
+        return index, (f"faiss-cpu ({len(index.shards)} of {index.of} shards, top-k merged)")
     visible = max(faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0,
                   torch.cuda.device_count())
     if cfg.knnlm_gpus > visible and cfg.knnlm_gpu:
@@ -259,7 +266,7 @@ class KnnSearch:
             path = cfg.indexfile or default_index_path(ds.path, self.keytype, cfg.faiss_metric_type)
             index, self.index_meta = load_index(path, ds, self.keytype, cfg.faiss_metric_type,
                                                 cfg.probe, mmap=cfg.index_mmap,
-                                                k_factor=cfg.k_factor)
+                                                k_factor=cfg.k_factor, part=rank_part())
             index_exact = returns_exact_distances(index, ds.meta["key_dtype"])
             index, self.backend = place_index(index, cfg, device)
             log(f"kNN search: {self.backend}")
@@ -382,6 +389,8 @@ class KnnSearch:
         """Exact search of every query in ONE pass over the keys (:func:`stream_search`),
         resumable in ``state_dir``: what eval-lm --exact-search runs on a whole split.
         ``part`` (r, w): only the r-th of w contiguous shares of the keys (torchrun)."""
+        if isinstance(self.retriever.index, ShardedIndex) and not self.cfg.exact_search:
+            return self._search_shards(queries, quiet)
         if not self.cfg.exact_search:
             raise ValueError("search_all is the exact search; this mode searches an index")
         r, w = part
@@ -394,3 +403,18 @@ class KnnSearch:
                              self.mode.search_metric, device=self.retriever.device,
                              key_range=(n * r // w, n * (r + 1) // w), state_dir=state_dir,
                              identity=ident, quiet=quiet)
+
+    def _search_shards(self, queries, quiet: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Every query against this process's shards of an index kept in shards (under
+        torchrun, the rank's: the ranks' (D, I) are merged by the caller)."""
+        from tqdm import tqdm
+        n = len(queries)
+        D = np.empty((n, self.k_search), np.float32)
+        I = np.empty((n, self.k_search), np.int64)
+        for s in tqdm(range(0, n, 4096), unit="batch", desc="search shards",
+                      disable=True if quiet else None):
+            q = np.ascontiguousarray(self.project(np.asarray(queries[s:s + 4096],
+                                                             dtype=np.float32)))
+            D[s:s + len(q)], I[s:s + len(q)] = self.retriever.index.search(q, self.k_search)
+        return D, I
+
