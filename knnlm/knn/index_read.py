@@ -93,11 +93,14 @@ def _load_shards(path: Path, meta: dict, ds: Datastore, nprobe, mmap: bool, k_fa
     r, w = part
     for s, entry in enumerate(meta["shards"]):
         file = path.parent / entry["file"]
-        if entry["start"] != row or not file.is_file():
-            raise UserError(f"{path}: shard {file.name} is missing or out of order")
+        if entry["start"] != row:
+            raise UserError(f"{path}: shard {file.name} is out of order")
         row = entry["end"]
         if s % w != r:
-            continue
+            continue                   # another rank's: this node need not have it
+        if not file.is_file():
+            raise UserError(f"{path}: shard {file.name} is missing"
+                            + (f" (rank {r} of {w} searches it)" if w > 1 else ""))
         try:
             index = faiss.read_index(str(file), flags)
         except RuntimeError as exc:
