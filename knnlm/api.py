@@ -41,6 +41,14 @@ def _hf_lm(model):
     return lm
 
 
+def _lines(texts, text_column: str) -> list[str]:
+    """The lines of ``texts`` as Datastore.build writes them to its text file (each text
+    followed by a newline), to be tokenized as the data-bin is."""
+    from .data.hf_datasets import iter_texts
+    from .data.preprocess import text_lines
+    return [line for t in iter_texts(texts, text_column)[0] for line in text_lines(t + "\n")]
+
+
 @contextlib.contextmanager
 def _eval_mode(model):
     """Dropout off while keys and scores are computed; the caller's mode restored."""
@@ -173,8 +181,7 @@ class Datastore:
         grew. Killed, the same call resumes; repeated at once, it adds nothing twice."""
         import hashlib
         from .build_dstore import BuildDstoreConfig, build_dstore
-        from .data.hf_datasets import iter_texts
-        from .data.preprocess import DataBin, append_split, binarize, text_lines
+        from .data.preprocess import DataBin, append_split, binarize
         from .guard import output_lock
         from .io import read_json, write_json_atomic
         from .knn.datastore import Datastore as Files
@@ -193,7 +200,7 @@ class Datastore:
                             "it cannot grow")
         if hf_fingerprint(model) != self.meta["model_fingerprint"]:
             raise UserError(f"{self.path} was built with another model than the one given")
-        lines = [line for t in iter_texts(texts, text_column)[0] for line in text_lines(t + "\n")]
+        lines = _lines(texts, text_column)
         databin = DataBin(own)
         ids, _ = binarize(lines, databin.vocab)
         if not len(ids):
@@ -378,14 +385,12 @@ class KNNLM:
         ``text_column``), tokenized as the datastore's data-bin and scored with eval-lm's
         windows (``tokens_per_sample``, ``context_window``; defaults as eval-lm's): the
         LM's, the kNN's and the interpolated perplexity per token and per word."""
-        from .data.hf_datasets import iter_texts
-        from .data.preprocess import DataBin, binarize, text_lines
+        from .data.preprocess import DataBin, binarize
         from .eval_config import EvalConfig
         from .evaluate import eval_tokens
         from .knn.scorer import KnnScorer
         databin = DataBin(self.datastore.data_bin)
-        lines = [line for t in iter_texts(texts, text_column)[0]
-                 for line in text_lines(t + "\n")]     # as Datastore.build writes them
+        lines = _lines(texts, text_column)
         tokens, _ = binarize(lines, databin.vocab)
         if not len(tokens):
             raise UserError("no tokens to score")

@@ -20,7 +20,8 @@ What each request type computes, with eval-lm's windows and kNN math:
 - ``loglikelihood``: the context and continuation (tokenized with the data-bin's
   vocabulary) in one input after the stream-start token — the last
   ``tokens_per_sample`` − 1 tokens when longer — the continuation's kNN-LM log-probs
-  summed; ``is_greedy`` when each continuation token is the kNN-LM's argmax;
+  summed (the kNN-LM over the whole vocabulary, one search per position: eval-lm's
+  per-token scores); ``is_greedy`` when each continuation token is its argmax;
 - ``generate_until``: greedy (or sampled) kNN-LM decoding, cut at the first stop string.
 
 Requests are batched (``max_tokens`` padded tokens per forward) and cached by lm-eval's
@@ -215,14 +216,13 @@ class KNNLMHarness(TemplateLM):
                 r = torch.from_numpy(rows).to(sb.hidden["features"].device)
                 logits = self.model.output_layer(sb.hidden["features"][r]).float()
                 t = torch.from_numpy(sb.targets[rows]).to(logits.device)
-                if self.search is not None:      # eval-lm's target math; the argmax: all of V
-                    q = sb.hidden[keytype][r]
-                    lp[sb.start + rows] = self.search.mix_targets(logits, q, t).cpu().numpy()
-                    full, _ = self.search.mix(logits, q)
-                else:
-                    full = torch.log_softmax(logits.double(), -1)
-                    lp[sb.start + rows] = full.gather(1, t[:, None])[:, 0].cpu().numpy()
-                greedy[sb.start + rows] = (full.argmax(1) == t.to(full.device)).cpu().numpy()
+                # the kNN-LM over the whole vocabulary (one search): the targets' log-probs
+                # and whether each is the argmax
+                full = self.search.mix(logits, sb.hidden[keytype][r])[0] \
+                    if self.search is not None else torch.log_softmax(logits.double(), -1)
+                t = t.to(full.device)
+                lp[sb.start + rows] = full.gather(1, t[:, None])[:, 0].cpu().numpy()
+                greedy[sb.start + rows] = (full.argmax(1) == t).cpu().numpy()
         out = []
         for (key, _, _), w, n in zip(requests, windows, conts):
             span = slice(w.end - 1 - n, w.end - 1)        # the continuation's positions
