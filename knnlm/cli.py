@@ -104,6 +104,10 @@ def run(argv: list[str]) -> int:
         sys.stderr.write(f"knnlm: error: unknown command {name!r} (try: {', '.join(COMMANDS)})\n")
         return 2
     module_name, cls_name, desc = COMMANDS[name]
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        # a torchrun rank: c10d's C++ warnings (a store connection reset when another rank
+        # stops, with stack frames) would bury the one line each rank prints
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     module = importlib.import_module(module_name)
     # the libraries' warnings (numpy, torch, FAISS's Python side) are held: a refused run
     # says one line, its error; a finished one says each distinct warning in one line

@@ -1,17 +1,37 @@
 """torch.distributed set-up for `torchrun` launches (DDP); a no-op in a single process.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; the backend is NCCL on GPUs, gloo on CPU.
+
+Ranks that wait for one another (eval-lm's search shared across ranks) meet at
+:meth:`DistContext.wait` rather than at a collective: each rank beats a counter in the
+rendezvous store every second, a rank that fails posts its one-line reason there, and a
+waiting rank stops with that reason, or when a rank it waits for has not beaten for
+``heartbeat_timeout`` seconds (killed, its node gone), instead of hanging. SIGTERM (what
+torchrun sends the others when one rank exits with an error) stops a rank the same way.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
 
+from .guard import describe_os_error
 from .util import UserError
+
+HEARTBEAT_S = 1.0            # how often a rank beats its counter in the store
+HEARTBEAT_TIMEOUT_S = 120.0  # default silence after which a waited-for rank counts as dead
+FAILED = "knnlm/failed"
+
+
+class RankStopped(UserError):
+    """This rank stops because another one failed or went silent (the reason is its)."""
 
 
 @dataclass
@@ -19,6 +39,10 @@ class DistContext:
     rank: int
     world_size: int
     device: torch.device
+    store: object = None              # the rendezvous store (None in one process)
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _beat: threading.Thread | None = None
 
     @property
     def is_main(self) -> bool:
@@ -47,12 +71,121 @@ class DistContext:
         tdist.all_reduce(t)
         return [float(v) if isinstance(v0, float) else int(v) for v, v0 in zip(t.tolist(), values)]
 
+    def start_heartbeat(self) -> None:
+        """Beat this rank's counter every second (a daemon thread with its own store client,
+        quiet once the store is gone: the run is ending)."""
+        try:
+            store = self.store.clone()
+        except Exception:               # noqa: BLE001 - a store that cannot be cloned
+            store = self.store
+
+        def beat():
+            while not self._stop.is_set():
+                try:
+                    store.add(f"knnlm/beat/{self.rank}", 1)
+                except Exception:       # noqa: BLE001 - the store host has gone
+                    return
+                self._stop.wait(HEARTBEAT_S)
+        self._beat = threading.Thread(target=beat, name="knnlm-heartbeat", daemon=True)
+        self._beat.start()
+
+    def failure(self) -> str | None:
+        """The reason a rank posted when it failed, if one did."""
+        try:
+            if self.store.check([FAILED]):
+                return self.store.get(FAILED).decode()
+        except Exception:               # noqa: BLE001
+            return None
+        return None
+
+    def fail(self, reason: str) -> None:
+        """Post this rank's reason for stopping (the first posted wins) so that the other
+        ranks stop with it."""
+        if not self.enabled or self.store is None:
+            return
+        try:
+            self.store.compare_set(FAILED, "", f"rank {self.rank}: {reason}")
+        except Exception:               # noqa: BLE001 - nothing more to tell anyone
+            pass
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Run a rank's work; a failure is posted for the other ranks before it propagates."""
+        try:
+            yield self
+        except RankStopped:
+            raise
+        except UserError as exc:
+            self.fail(str(exc))
+            raise
+        except OSError as exc:
+            self.fail(describe_os_error(exc))
+            raise
+        except BaseException as exc:
+            self.fail(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+            raise
+
+    def wait(self, name: str, poll_s: float = 0.1) -> None:
+        """Wait until every rank has reached ``name``: stop (:class:`RankStopped`) if a rank
+        posts a failure or one not yet there stops beating for ``heartbeat_timeout`` s."""
+        if not self.enabled:
+            return
+        if self.store is None:
+            tdist.barrier()
+            return
+        try:
+            self.store.set(f"knnlm/at/{name}/{self.rank}", "1")
+            keys = [f"knnlm/at/{name}/{r}" for r in range(self.world_size)]
+            seen = {r: (-1, time.monotonic()) for r in range(self.world_size) if r != self.rank}
+            while not self.store.check(keys):
+                reason = self.failure()
+                if reason is not None:
+                    raise RankStopped(f"stopped: {reason}")
+                now = time.monotonic()
+                for r, (beats, since) in seen.items():
+                    if self.store.check([keys[r]]):
+                        continue
+                    b = self.store.add(f"knnlm/beat/{r}", 0)
+                    if b != beats:
+                        seen[r] = (b, now)
+                    elif now - since > self.heartbeat_timeout:
+                        reason = (f"rank {r} stopped responding (no heartbeat for "
+                                  f"{self.heartbeat_timeout:g} s: killed, or its node is gone)")
+                        self.fail(reason)
+                        raise RankStopped(f"stopped: {reason}")
+                time.sleep(poll_s)
+        except RankStopped:
+            raise
+        except Exception as exc:        # noqa: BLE001 - the store's host went away
+            raise RankStopped(f"stopped: lost the rendezvous store at "
+                              f"{os.environ.get('MASTER_ADDR', '?')}:"
+                              f"{os.environ.get('MASTER_PORT', '?')} (the rank or launcher "
+                              f"hosting it stopped?): {str(exc).splitlines()[0][:200]}") from None
+
     def close(self) -> None:
+        self._stop.set()
+        if self._beat is not None:      # not left inside a store call at exit
+            self._beat.join(timeout=5)
         if self.enabled and tdist.is_initialized():
             tdist.destroy_process_group()
 
 
-def setup_distributed(cpu: bool = False) -> DistContext:
+def _stop_on_sigterm(ctx: DistContext) -> None:
+    """torchrun SIGTERMs the other ranks when one exits with an error: stop with a line
+    (the failed rank's reason when it posted one) rather than die silently."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)     # a second SIGTERM kills
+        reason = ctx.failure()
+        raise RankStopped(f"stopped by the launcher (SIGTERM): {reason}" if reason else
+                          "stopped by the launcher (SIGTERM): another rank stopped")
+    signal.signal(signal.SIGTERM, stop)
+
+
+def setup_distributed(cpu: bool = False,
+                      heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S) -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -64,6 +197,21 @@ def setup_distributed(cpu: bool = False) -> DistContext:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistContext(rank=rank, world_size=world, device=device)
+    if world <= 1:
+        return DistContext(rank=rank, world_size=world, device=device)
+    if heartbeat_timeout <= 0:
+        raise UserError("--heartbeat-timeout must be > 0 seconds")
+    if tdist.is_initialized():         # set up by the caller: its group, plain barriers
+        return DistContext(rank=rank, world_size=world, device=device)
+    # the env:// rendezvous torchrun prepares (its agent's store, or rank 0 hosting one),
+    # kept: the process group and knnlm's heartbeats share it
+    store, rank, world = next(tdist.rendezvous("env://", timeout=timedelta(minutes=30)))
+    tdist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                             store=tdist.PrefixStore("default_pg", store), rank=rank,
+                             world_size=world)
+    ctx = DistContext(rank=rank, world_size=world, device=device,
+                      store=tdist.PrefixStore("knnlm_ranks", store),
+                      heartbeat_timeout=heartbeat_timeout)
+    ctx.start_heartbeat()
+    _stop_on_sigterm(ctx)
+    return ctx

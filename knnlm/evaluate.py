@@ -23,7 +23,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 from tqdm import tqdm
 
 from .build_dstore import main as build_dstore_main
@@ -167,7 +166,7 @@ def exact_neighbours(knn, queries, work: Path, dist, quiet: bool):
         tmp = temp_path(part / f"{name}.npy", ".npy")
         np.save(tmp, a)
         os.replace(tmp, part / f"{name}.npy")
-    tdist.barrier()                             # every share is on disk
+    dist.wait("shares")                         # every share is on disk
     if r != 0:
         return None
     parts = [tuple(np.load(work / "search" / f"rank{i}" / f"{x}.npy") for x in ("D", "I"))
@@ -192,7 +191,7 @@ def search_rank(cfg: EvalConfig, fingerprint: str, databin: DataBin, device, dis
     search this rank's share of the keys (--exact-search) or of an index's shards."""
     knn = KnnSearch(cfg, fingerprint, databin, device)
     work = Path(cfg.save_retrieval) / "exact_search"
-    tdist.barrier()
+    dist.wait("queries")
     exact_neighbours(knn, open_npy(work / "queries.npy", None, np.float32), work, dist, cfg.quiet)
 
 
@@ -226,7 +225,7 @@ def exact_batches(model, tokens: np.ndarray, windows: list, done: int, databin: 
                 a.flush()
             write_json_atomic(side, dict(n=n, done=b.end))
     if dist is not None:
-        tdist.barrier()                         # the other ranks wait for the queries
+        dist.wait("queries")                    # the other ranks wait for the queries
     D, I = exact_neighbours(knn_scorer.knn, arr["queries"], work, dist, cfg.quiet)
     for s in range(done, n, EXACT_BLOCK):
         e = min(n, s + EXACT_BLOCK)
@@ -321,7 +320,23 @@ def main(cfg: EvalConfig) -> dict | None:
                             "--save-retrieval DIR (a directory every rank sees) and "
                             "--exact-search or an index kept in shards (build-index "
                             "--keep-shards)")
-        dist = setup_distributed(cfg.cpu)
+        dist = setup_distributed(cfg.cpu, cfg.heartbeat_timeout)
+    try:
+        with dist.guard() if dist is not None else contextlib.nullcontext():
+            res = _evaluate(cfg, dist)
+    finally:
+        if dist is not None:
+            dist.close()
+    if res is None:
+        return None
+    print(format_results(res))
+    if cfg.results_path:
+        write_json_atomic(cfg.results_path, dict(results=res, config=config_dict(cfg)))
+    return res
+
+
+def _evaluate(cfg: EvalConfig, dist) -> dict | None:
+    """Load the data and model and score (under torchrun, this rank's part)."""
     databin = DataBin(cfg.data)
     device = dist.device if dist is not None else resolve_device(cfg.device, cfg.cpu)
     half = torch.float16 if cfg.fp16 else torch.bfloat16 if cfg.bf16 else None
@@ -336,15 +351,5 @@ def main(cfg: EvalConfig) -> dict | None:
     # one writer per retrieval cache (under torchrun, rank 0 holds it for the ranks)
     lock = output_lock(cfg.save_retrieval, "dir", "retrieval cache") \
         if cfg.save_retrieval and (dist is None or dist.is_main) else contextlib.nullcontext()
-    try:
-        with lock:
-            res = eval_lm(model, databin, cfg, device, fingerprint, dist)
-    finally:
-        if dist is not None:
-            dist.close()
-    if res is None:
-        return None
-    print(format_results(res))
-    if cfg.results_path:
-        write_json_atomic(cfg.results_path, dict(results=res, config=config_dict(cfg)))
-    return res
+    with lock:
+        return eval_lm(model, databin, cfg, device, fingerprint, dist)

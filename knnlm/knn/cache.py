@@ -47,7 +47,7 @@ def _columns(k: int, exact: bool, ids_dtype: str, weighted: bool = False) -> dic
 PROGRESS_KEYS = ("complete", "progress", "summary")
 # eval flags that shape no row of the cache (what is printed, where other outputs go)
 NOT_IDENTITY = ("quiet", "results_path", "save_scores", "save_tokens", "save_knn_scores",
-                "save_queries", "overwrite")
+                "save_queries", "overwrite", "heartbeat_timeout")
 
 
 def cache_identity(meta: dict) -> dict:

@@ -6,6 +6,7 @@ stage, whether its distances are the keys' exact ones).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,43 @@ class ShardedIndex:
             D, I = index.search(q, k)
             parts.append((D, np.where(I >= 0, I + first, -1)))
         return merge_topk(parts, k, self.metric)
+
+    def search_every(self, queries, k: int, project=lambda q: q, state_dir=None,
+                     identity: dict | None = None, block: int = 4096,
+                     quiet: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(D, I) of every query (a split's, in blocks of ``block``; ``project`` maps
+        them into the key space). With ``state_dir`` the results so far are kept there
+        (``shards_{D,I}.npy``, committed by ``shards_state.json`` after each block), and a
+        rerun with the same ``identity`` and queries continues after the last block."""
+        from tqdm import tqdm
+        from ..io import open_token_memmap, write_json_atomic
+        from .exact import queries_fingerprint
+        n = len(queries)
+        ident = json.loads(json.dumps(dict(identity or {}, k=k, block=block,
+                                           queries=queries_fingerprint(queries))))
+        done, state = 0, None
+        if state_dir is not None:
+            state = Path(state_dir) / "shards_state.json"
+            old = read_json(state, "shard search progress") if state.is_file() else {}
+            done = int(old.get("done", 0)) if old.get("identity") == ident else 0
+            if done:
+                print(f"resuming the search of the shards at query {done:,} of {n:,}")
+            D = open_token_memmap(Path(state_dir) / "shards_D.npy", (n, k), np.float32, done > 0)
+            I = open_token_memmap(Path(state_dir) / "shards_I.npy", (n, k), np.int64, done > 0)
+        else:
+            D, I = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+        bar = tqdm(total=n, initial=done, unit="query", desc=f"search {len(self.shards)} of "
+                   f"{self.of} shards", disable=True if quiet else None)
+        for s in range(done, n, block):
+            q = np.ascontiguousarray(project(np.asarray(queries[s:s + block], np.float32)))
+            D[s:s + len(q)], I[s:s + len(q)] = self.search(q, k)
+            if state is not None:
+                D.flush()
+                I.flush()
+                write_json_atomic(state, dict(identity=ident, done=s + len(q)))
+            bar.update(len(q))
+        bar.close()
+        return np.asarray(D), np.asarray(I)
 
 
 def _load_shards(path: Path, meta: dict, ds: Datastore, nprobe, mmap: bool, k_factor,

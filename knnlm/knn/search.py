@@ -390,7 +390,7 @@ class KnnSearch:
         resumable in ``state_dir``: what eval-lm --exact-search runs on a whole split.
         ``part`` (r, w): only the r-th of w contiguous shares of the keys (torchrun)."""
         if isinstance(self.retriever.index, ShardedIndex) and not self.cfg.exact_search:
-            return self._search_shards(queries, quiet)
+            return self._search_shards(queries, state_dir, quiet)
         if not self.cfg.exact_search:
             raise ValueError("search_all is the exact search; this mode searches an index")
         r, w = part
@@ -404,17 +404,13 @@ class KnnSearch:
                              key_range=(n * r // w, n * (r + 1) // w), state_dir=state_dir,
                              identity=ident, quiet=quiet)
 
-    def _search_shards(self, queries, quiet: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _search_shards(self, queries, state_dir, quiet: bool) -> tuple[np.ndarray, np.ndarray]:
         """Every query against this process's shards of an index kept in shards (under
-        torchrun, the rank's: the ranks' (D, I) are merged by the caller)."""
-        from tqdm import tqdm
-        n = len(queries)
-        D = np.empty((n, self.k_search), np.float32)
-        I = np.empty((n, self.k_search), np.int64)
-        for s in tqdm(range(0, n, 4096), unit="batch", desc="search shards",
-                      disable=True if quiet else None):
-            q = np.ascontiguousarray(self.project(np.asarray(queries[s:s + 4096],
-                                                             dtype=np.float32)))
-            D[s:s + len(q)], I[s:s + len(q)] = self.retriever.index.search(q, self.k_search)
-        return D, I
+        torchrun, the rank's: the ranks' (D, I) are merged by the caller), resumable in
+        ``state_dir``."""
+        ident = dict(datastore=self.ds.fingerprint, keytype=self.keytype,
+                     index=self.index_meta, nprobe=self.cfg.probe, k_factor=self.cfg.k_factor,
+                     shards=[first for _, first in self.retriever.index.shards])
+        return self.retriever.index.search_every(queries, self.k_search, self.project,
+                                                 state_dir, ident, quiet=quiet)
 

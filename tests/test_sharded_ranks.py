@@ -1,0 +1,178 @@
+"""An index kept in shards searched by several ranks when things go wrong: a shard missing
+on one rank, a rank killed, a run killed mid-search. Every rank stops with one line (no
+hang), and the rerun with the same retrieval cache finishes with the results of one that
+was never stopped."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import free_port
+from knnlm.cli import run as cli_run
+from knnlm.knn import index, index_read
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(ds, out, **kw):
+    cfg = index.BuildIndexConfig(dstore_dir=str(ds.path), faiss_index=str(out), seed=1,
+                                 quiet=True, **kw)
+    return index.main(cfg)
+
+
+@pytest.fixture
+def sharded(bpe_databin, trained_ckpt, trained_dstore, tmp_path):
+    """An index kept in 3 shards, and the reference: one process, the merged index."""
+    ds = trained_dstore
+    build(ds, tmp_path / "one.faiss", index_factory="IVF16,Flat", metric="l2")
+    build(ds, tmp_path / "kept.faiss", index_factory="IVF16,Flat", metric="l2", shards=3,
+          keep_shards=True)
+    argv = ["eval-lm", str(bpe_databin.path), "--path", str(trained_ckpt), "--gen-subset",
+            "valid", "--tokens-per-sample", "64", "--knnlm", "--k", "16", "--probe", "4",
+            "--dstore-filename", str(ds.path), "--lmbda", "0.25", "--knn-temp", "1",
+            "--knn-sim-func", "do_not_recomp_l2", "--cpu", "--quiet"]
+    assert cli_run(argv + ["--indexfile", str(tmp_path / "one.faiss"), "--results-path",
+                           str(tmp_path / "one.json")]) == 0
+    ref = json.loads((tmp_path / "one.json").read_text())["results"]
+    return argv + ["--indexfile", str(tmp_path / "kept.faiss"), "--save-retrieval",
+                   str(tmp_path / "cache"), "--results-path", str(tmp_path / "two.json")], ref
+
+
+def env(**extra):
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+
+
+def torchrun(argv, timeout=300):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", "--master_port", str(free_port()), "-m", "knnlm", *argv],
+                          env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("knnlm eval-lm: error:")]
+
+
+def finished_as_reference(tmp_path, ref):
+    two = json.loads((tmp_path / "two.json").read_text())["results"]
+    assert two["interpolated"]["ppl"] == pytest.approx(ref["interpolated"]["ppl"], rel=1e-3)
+    assert two["ppl"] == pytest.approx(ref["ppl"], rel=1e-9)
+
+
+def test_missing_shard_on_one_rank_stops_every_rank(sharded, tmp_path):
+    """Rank 1's shard file is missing: rank 1 says so, rank 0 stops with rank 1's reason
+    (one line each, no traceback from knnlm, no hang); with the file back, the rerun
+    finishes with the merged index's results."""
+    argv, ref = sharded
+    shard = tmp_path / "kept.faiss.shard1of3"
+    shard.rename(tmp_path / "aside")
+    t0 = time.monotonic()
+    p = torchrun(argv, timeout=120)
+    assert p.returncode != 0 and time.monotonic() - t0 < 110
+    lines = error_lines(p.stderr)
+    assert len(lines) == 2, p.stderr[-3000:]
+    assert any("shard kept.faiss.shard1of3 is missing (rank 1 of 2 searches it)" in line
+               and "stopped" not in line for line in lines)
+    assert any("stopped" in line and "rank 1: " in line and "shard1of3 is missing" in line
+               for line in lines)
+    assert "knnlm/evaluate.py" not in p.stderr and "knnlm/distributed.py" not in p.stderr
+    assert not (tmp_path / "two.json").exists()
+    (tmp_path / "aside").rename(shard)
+    p = torchrun(argv)
+    assert p.returncode == 0, p.stderr[-3000:]
+    finished_as_reference(tmp_path, ref)
+
+
+def launch(argv, rank: int, port: int, log: Path, timeout: float = 5):
+    """A rank started by hand (no torchrun agent to stop the others): rank 0 hosts the
+    rendezvous store."""
+    e = env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port), LOCAL_WORLD_SIZE="2")
+    return subprocess.Popen([sys.executable, "-m", "knnlm", *argv, "--heartbeat-timeout",
+                             str(timeout)], env=e, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"))
+
+
+def wait_for(path: Path, proc, limit: float = 120):
+    t0 = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, "the rank ended before it got there"
+        assert time.monotonic() - t0 < limit, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_rank_stops_the_other_and_the_rerun_resumes(sharded, tmp_path, victim):
+    """Ranks launched by hand, so no launcher stops the survivor: rank 1 SIGKILLed once
+    the LM pass is under way leaves rank 0 waiting for a heartbeat that never comes; it
+    stops after --heartbeat-timeout with one line. Rank 0 (the store's host) killed leaves
+    rank 1 without its store: one line. The rerun under torchrun keeps the LM pass and
+    finishes with the merged index's results."""
+    argv, ref = sharded
+    port = free_port()
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    procs = [launch(argv, r, port, logs[r]) for r in range(2)]
+    try:
+        wait_for(tmp_path / "cache" / "exact_search" / "lm_pass.json", procs[0])
+        procs[victim].send_signal(signal.SIGKILL)
+        other = procs[1 - victim]
+        rc = other.wait(timeout=90)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    err = logs[1 - victim].read_text()
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1, err[-3000:]
+    if victim == 1:
+        assert "rank 1 stopped responding (no heartbeat for 5 s" in lines[0]
+    else:
+        assert "lost the rendezvous store at 127.0.0.1:" in lines[0]
+    assert "Traceback" not in err
+    p = torchrun(argv)
+    assert p.returncode == 0, p.stderr[-3000:]
+    finished_as_reference(tmp_path, ref)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_shard_search_resumes_after_a_kill(trained_dstore, tmp_path, monkeypatch):
+    """search_every with a state directory, killed after its second block: the rerun
+    searches only the blocks not committed and returns what an unbroken search does."""
+    ds = trained_dstore
+    build(ds, tmp_path / "kept.faiss", index_factory="IVF16,Flat", metric="l2", shards=2,
+          keep_shards=True)
+    idx, _ = index_read.load_index(tmp_path / "kept.faiss", ds, "att", nprobe=4)
+    xq = np.asarray(ds.keys("att")[::7], dtype=np.float32)[:1000] + 0.01
+    D0, I0 = idx.search_every(xq, 8, block=256)
+    searched, kill_at = [], [3]
+    real = index_read.ShardedIndex.search
+
+    def killed(self, q, k):
+        searched.append(len(q))
+        if len(searched) == kill_at[0]:
+            kill_at[0] = 0
+            raise Killed
+        return real(self, q, k)
+    monkeypatch.setattr(index_read.ShardedIndex, "search", killed)
+    with pytest.raises(Killed):
+        idx.search_every(xq, 8, state_dir=tmp_path / "state", identity=dict(a=1), block=256)
+    searched.clear()
+    D1, I1 = idx.search_every(xq, 8, state_dir=tmp_path / "state", identity=dict(a=1),
+                              block=256)
+    assert searched == [256, 232]                     # blocks 3 and 4 only
+    assert np.array_equal(D0, D1) and np.array_equal(I0, I1)
+    searched.clear()                                  # other identity: from the start
+    D2, _ = idx.search_every(xq, 8, state_dir=tmp_path / "state", identity=dict(a=2),
+                             block=256)
+    assert searched == [256, 256, 256, 232] and np.array_equal(D0, D2)
+    shutil.rmtree(tmp_path / "state")
