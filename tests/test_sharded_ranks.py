@@ -17,6 +17,7 @@ import pytest
 from conftest import free_port
 from knnlm.cli import run as cli_run
 from knnlm.knn import index, index_read
+from knnlm.util import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,3 +177,30 @@ def test_shard_search_resumes_after_a_kill(trained_dstore, tmp_path, monkeypatch
                              block=256)
     assert searched == [256, 256, 256, 232] and np.array_equal(D0, D2)
     shutil.rmtree(tmp_path / "state")
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF32,PQ8"])
+def test_torch_backend_searches_kept_shards(trained_dstore, tmp_path, factory):
+    """--knn-backend torch over an index kept in shards (what a GPU rank runs, here on the
+    CPU): each shard's data in the torch backend, the lists merged as FAISS's are."""
+    from types import SimpleNamespace
+    import torch
+    from knnlm.knn.search import place_index
+    ds = trained_dstore
+    build(ds, tmp_path / "kept.faiss", index_factory=factory, metric="l2", shards=3,
+          keep_shards=True)
+    idx, _ = index_read.load_index(tmp_path / "kept.faiss", ds, "att", nprobe=4)
+    xq = np.asarray(ds.keys("att")[::97], dtype=np.float32) + 0.01
+    cfg = SimpleNamespace(retomaton=False, knn_backend="torch", knnlm_gpu=False)
+    placed, backend = place_index(idx, cfg, torch.device("cpu"))
+    assert backend == "torch (cpu; 3 of 3 shards, top-k merged)"
+    D0, I0 = idx.search(xq, 16)
+    D1, I1 = placed.search(xq, 16)
+    assert np.allclose(D0, D1, rtol=1e-4, atol=1e-3)
+    # PQ codes repeat (equal distances): neighbours whose distance no other has must agree
+    gap = np.diff(D0, axis=1) > 1e-3
+    alone = np.concatenate([gap[:, :1], gap[:, 1:] & gap[:, :-1], gap[:, -1:]], axis=1)
+    assert alone.mean() > 0.3 and np.mean(I0[alone] == I1[alone]) > 0.995
+    with pytest.raises(UserError, match="--knn-backend torch"):
+        place_index(idx, SimpleNamespace(retomaton=False, knn_backend="faiss", knnlm_gpu=True),
+                    torch.device("cpu"))

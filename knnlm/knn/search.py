@@ -197,12 +197,9 @@ def place_index(index, cfg, device: torch.device) -> tuple[object, str]:
     """
     import faiss
     if isinstance(index, ShardedIndex):
-        if cfg.knnlm_gpu or cfg.knn_backend == "torch":
-            raise UserError("an index kept in shards (build-index --keep-shards) is searched "
-                            "with FAISS on the CPU: drop --knnlm-gpu / --knn-backend torch")
         if cfg.retomaton:
             raise UserError("--retomaton reads the codes of one index; build it unsharded")
-        return index, (f"faiss-cpu ({len(index.shards)} of {index.of} shards, top-k merged)")
+        return _place_shards(index, cfg, device)
     visible = max(faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0,
                   torch.cuda.device_count())
     if cfg.knnlm_gpus > visible and cfg.knnlm_gpu:
@@ -237,6 +234,29 @@ def place_index(index, cfg, device: torch.device) -> tuple[object, str]:
     if len(devices) == 1 or faiss.try_extract_index_ivf(index) is None:
         return TorchIndex.from_faiss(index, devices[0]), f"torch ({devices[0]})"
     return ShardedTorchIndex(index, devices), f"torch (lists sharded across {n} GPUs)"
+
+
+def _place_shards(index: ShardedIndex, cfg, device: torch.device) -> tuple[object, str]:
+    """The shards this process searches: with FAISS on the CPU, or (``--knn-backend torch``,
+    or ``--knnlm-gpu`` without faiss-gpu) the torch backend over each shard's data on this
+    process's device (under torchrun with GPUs, the rank's own GPU)."""
+    what = f"{len(index.shards)} of {index.of} shards, top-k merged"
+    torch_backend = cfg.knn_backend == "torch" or (
+        cfg.knnlm_gpu and cfg.knn_backend == "auto" and torch.cuda.is_available())
+    if not torch_backend:
+        if cfg.knnlm_gpu:
+            raise UserError("an index kept in shards is searched by faiss-cpu or by the torch "
+                            "backend: --knnlm-gpu needs --knn-backend torch (or auto) and a "
+                            "CUDA device")
+        return index, f"faiss-cpu ({what})"
+    if cfg.knnlm_gpu:
+        if not torch.cuda.is_available():
+            raise UserError("--knn-backend torch --knnlm-gpu: no CUDA device is visible")
+        dev = device if device.type == "cuda" else torch.device("cuda", 0)
+    else:
+        dev = torch.device("cpu")
+    placed = [(TorchIndex.from_faiss(shard, dev), first) for shard, first in index.shards]
+    return ShardedIndex(placed, index.metric, of=index.of), f"torch ({dev}; {what})"
 
 
 class KnnSearch:
