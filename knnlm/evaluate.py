@@ -169,9 +169,15 @@ def exact_neighbours(knn, queries, work: Path, dist, quiet: bool):
     dist.wait("shares")                         # every share is on disk
     if r != 0:
         return None
-    parts = [tuple(np.load(work / "search" / f"rank{i}" / f"{x}.npy") for x in ("D", "I"))
-             for i in range(w)]
-    return merge_topk(parts, knn.k_search, knn.mode.search_metric)
+    # merged a block of queries at a time: rank 0 holds W lists of a block, not of the split
+    parts = [tuple(np.load(work / "search" / f"rank{i}" / f"{x}.npy", mmap_mode="r")
+                   for x in ("D", "I")) for i in range(w)]
+    D, I = np.empty_like(parts[0][0]), np.empty_like(parts[0][1])
+    for s in range(0, len(D), EXACT_BLOCK):
+        D[s:s + EXACT_BLOCK], I[s:s + EXACT_BLOCK] = merge_topk(
+            [(np.asarray(d[s:s + EXACT_BLOCK]), np.asarray(i[s:s + EXACT_BLOCK]))
+             for d, i in parts], knn.k_search, knn.mode.search_metric)
+    return D, I
 
 
 def sharded_index(cfg: EvalConfig) -> bool:

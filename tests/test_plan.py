@@ -38,3 +38,44 @@ def test_plan_of_an_existing_datastore(trained_dstore, capsys):
     out = capsys.readouterr().out
     assert f"{trained_dstore.size:,} x {trained_dstore.dim}" in out and "ms/query" in out
     assert cli_run(["plan", "--dimension", "8"]) == 2
+
+
+def test_shard_layout_over_nodes_and_gpus(capsys):
+    """--nodes/--gpus-per-node: one shard per rank; a rank holds its keys' codes and ids
+    and a copy of the quantizer; the fewest nodes that hold the index do, one fewer does
+    not; the time per query adds the merge of W lists and their bytes on the filesystem."""
+    n, d, f = 1_000_000_000, 4096, "IVF65536,PQ64"
+    cfg = plan_mod.PlanConfig(dstore_size=n, dimension=d, index_factory=f, nodes=8,
+                              gpus_per_node=8, gpu_memory=80.0, fs_gbps=2.0)
+    lay = plan_mod.layout(n, d, f, cfg, plan_mod.MEASURED, gflops=100.0)
+    shared = 65536 * 4096 * 4 + 256 * 4096 * 4
+    assert lay["ranks"] == lay["shards"] == 64 and lay["device"] == "gpu"
+    assert lay["rank_gib"] == pytest.approx((15_625_000 * 72 + shared) / 2 ** 30)
+    assert lay["fits"] and lay["rank_budget_gib"] == pytest.approx(64.0)
+    # the probed codes (32 lists of n / 64 / 65536 keys, 64 bytes each) at the bandwidth
+    assert lay["rank_ms"] == pytest.approx(32 * 15_625_000 / 65536 * 64 / 2000e9 * 1e3)
+    assert lay["transfer_ms"] == pytest.approx(65 * 1024 * 12 / 2e9 * 1e3)
+    assert lay["search_ms_per_query"] == pytest.approx(
+        lay["rank_ms"] + lay["merge_ms"] + lay["transfer_ms"]) and lay["merge_ms"] > 0
+    # CPU ranks, 64 GiB nodes: the index does not fit on 2 nodes; min_nodes is the fewest
+    small = dict(dstore_size=n, dimension=d, index_factory=f, ram_per_node=64.0,
+                 ranks_per_node=2)
+    lay = plan_mod.layout(n, d, f, plan_mod.PlanConfig(**small, nodes=1), plan_mod.MEASURED, 100.0)
+    assert not lay["fits"] and lay["rank_budget_gib"] == pytest.approx(25.6)
+    m = lay["min_nodes"]
+    fits = [plan_mod.layout(n, d, f, plan_mod.PlanConfig(**small, nodes=x), plan_mod.MEASURED,
+                            100.0)["fits"] for x in (m - 1, m)]
+    assert fits == [False, True]
+    one = plan_mod.search_ms(-(-n // (2 * m)), d, f, cfg, plan_mod.MEASURED, 100.0)
+    lay = plan_mod.layout(n, d, f, plan_mod.PlanConfig(**small, nodes=m), plan_mod.MEASURED, 100.0)
+    assert lay["rank_ms"] == pytest.approx(2 * one)       # two ranks share a node's cores
+    with pytest.raises(UserError, match="IVF4096,PQ64 "):
+        plan_mod.layout(10 ** 8, 1024, "IVF4096,PQ128x4fs", cfg, plan_mod.MEASURED, 100.0)
+    assert cli_run(["plan", "--dstore-size", str(n), "--dimension", str(d), "--index-factory",
+                    f, "--nodes", "2", "--ram-per-node", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "--shards 2 --keep-shards" in out and "does NOT fit" in out
+    assert "torchrun --nnodes 2 --nproc_per_node 1" in out
+    assert cli_run(["plan", "--dstore-size", "10", "--dimension", "8", "--nodes", "0"]) == 2
+    assert cli_run(["plan", "--dstore-size", "10", "--dimension", "8", "--gpus-per-node",
+                    "-1"]) == 2

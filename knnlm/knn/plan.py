@@ -10,15 +10,27 @@ machine are used) and this machine's GEMM rate.
 
     knnlm plan --dstore-size 103225485 --dimension 1024 --index-factory IVF4096,PQ64
     knnlm plan --dstore-dir runs/demo/dstore --probe 8
+
+With ``--nodes M`` and ``--gpus-per-node G`` (or ``--ranks-per-node R`` of CPU ranks) it
+also lays the index out in shards for a torchrun search (``build-index --shards S
+--keep-shards``): how much of the index each rank holds against its share of a node's RAM
+(``--ram-per-node``) or its GPU's memory (``--gpu-memory``), the fewest nodes that hold it,
+and the predicted time per query: a rank's search of its shards, the merge of the W top-k
+lists (measured here) and their trip through the shared filesystem (``--fs-gbps``).
+
+    knnlm plan --dstore-size 1000000000 --dimension 4096 --index-factory IVF65536,PQ64 \
+        --nodes 8 --gpus-per-node 8
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..util import UserError, flag
@@ -53,14 +65,33 @@ class PlanConfig:
     k: int = flag(1024, "neighbours per query")
     queries: int = flag(250_000, "queries of the split (exact search cost)")
     costs: str | None = flag(None, "benchmarks/scale.py JSON with this machine's per-key costs")
+    nodes: int = flag(1, "nodes sharing the search (torchrun --nnodes): plan the shards")
+    gpus_per_node: int = flag(0, "GPUs per node: a rank per GPU, its shards in GPU memory "
+                              "(torch backend); 0: CPU ranks")
+    ranks_per_node: int = flag(1, "CPU ranks per node (with --gpus-per-node 0)")
+    ram_per_node: float | None = flag(None, "GiB of RAM per node (default: this machine's)")
+    gpu_memory: float = flag(80.0, "GiB of memory per GPU")
+    gpu_gbps: float = flag(2000.0, "GB/s a GPU reads its probed codes at (its memory "
+                           "bandwidth: the GPU time is a bound, not a measurement)")
+    fs_gbps: float = flag(1.0, "GB/s of the shared filesystem the ranks' top-k lists pass "
+                          "through")
 
     def __post_init__(self):
         if self.dstore_dir is None and (self.dstore_size is None or self.dimension is None):
             raise UserError("give --dstore-size and --dimension, or --dstore-dir")
         for name in ("keytypes", "train_size", "probe", "k", "queries", "dstore_size",
-                     "dimension"):
+                     "dimension", "nodes", "ranks_per_node"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0")
+        if self.gpus_per_node < 0:
+            raise UserError("--gpus-per-node must be >= 0")
+        for name in ("ram_per_node", "gpu_memory", "gpu_gbps", "fs_gbps"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0")
+
+    @property
+    def sharded(self) -> bool:
+        return self.nodes > 1 or self.gpus_per_node > 0 or self.ranks_per_node > 1
 
 
 def parse_factory(factory: str, d: int) -> tuple[int, int, bool, int]:
@@ -89,6 +120,24 @@ def gemm_gflops() -> float:
     return 5 * 2 * 1024 * 1024 * 4096 / (time.perf_counter() - t0) / 1e9
 
 
+def search_ms(n: int, d: int, factory: str, cfg: PlanConfig, costs: dict,
+              gflops: float) -> float:
+    """Projected ms per query of one CPU process searching an IVF index of ``n`` keys."""
+    nlist, code, fast, refine = parse_factory(factory, d)
+    probed = cfg.probe * n / nlist
+    coarse = 2e3 * nlist * d / (gflops * 1e9)
+    if fast:
+        f = FASTSCAN
+        ms = (f["search_ms_fixed"] * cfg.k / 1024 + coarse
+              + f["search_ms_per_probed_code"] * probed * code / f["code_bytes"])
+    else:
+        ms = (costs["search_ms_fixed"] + coarse
+              + costs["search_ms_per_probed_code"] * probed * code / costs["m"])
+    if refine:
+        ms += FASTSCAN["refine_ms_per_candidate"] * cfg.k
+    return ms
+
+
 def plan(n: int, d: int, factory: str, cfg: PlanConfig, costs: dict, gflops: float) -> dict:
     nlist, code, fast, refine = parse_factory(factory, d)
     key_bytes = 4 if cfg.dstore_fp32 else 2
@@ -107,23 +156,97 @@ def plan(n: int, d: int, factory: str, cfg: PlanConfig, costs: dict, gflops: flo
                 + KMEANS_ITERS[1] * 65536 * 256 * costs["dim"])
     out["train_hours"] = costs["train_s"] * work / ref_work / 3600
     if nlist:
-        probed = cfg.probe * n / nlist
-        coarse = 2e3 * nlist * d / (gflops * 1e9)
-        if fast:
-            f = FASTSCAN
-            out["search_ms_per_query"] = (f["search_ms_fixed"] * cfg.k / 1024 + coarse
-                                          + f["search_ms_per_probed_code"] * probed * code
-                                          / f["code_bytes"])
-        else:
-            out["search_ms_per_query"] = (costs["search_ms_fixed"] + coarse
-                                          + costs["search_ms_per_probed_code"] * probed * code
-                                          / costs["m"])
-        if refine:
-            out["search_ms_per_query"] += FASTSCAN["refine_ms_per_candidate"] * cfg.k
+        out["search_ms_per_query"] = search_ms(n, d, factory, cfg, costs, gflops)
     # exact search: every query against every key, 2 flops per multiply-add
     out["exact_search_hours"] = 2 * cfg.queries * n * d / (gflops * 1e9) / 3600
     out["gemm_gflops"] = gflops
     return out
+
+
+RESERVE = 0.8   # of a rank's memory for its shards; the rest: the LM, values, buffers
+LIST_BYTES = 12  # a neighbour in a rank's top-k list: float32 distance + int64 id
+
+
+def ram_gib() -> float:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def merge_ms(w: int, k: int) -> float:
+    """Measured here: ms per query to merge ``w`` ranks' top-k lists (:func:`merge_topk`)."""
+    from .exact import merge_topk
+    q = max(16, min(1024, 2 ** 24 // (w * k)))
+    rng = np.random.default_rng(0)
+    parts = [(np.sort(rng.random((q, k), dtype=np.float32), 1),
+              rng.integers(0, 2 ** 40, (q, k))) for _ in range(w)]
+    merge_topk(parts, k, "l2")
+    t0 = time.perf_counter()
+    for _ in range(3):
+        merge_topk(parts, k, "l2")
+    return (time.perf_counter() - t0) / 3 / q * 1e3
+
+
+def layout(n: int, d: int, factory: str, cfg: PlanConfig, costs: dict, gflops: float) -> dict:
+    """The shards of a torchrun search over ``cfg.nodes`` nodes: one per rank (rank r
+    loads shards r, r + W, ...), what a rank holds against its memory, and the time per
+    query (a rank's search of its keys, the merge of W lists on rank 0, the lists' trip
+    through the shared filesystem)."""
+    nlist, code, fast, refine = parse_factory(factory, d)
+    gpu = cfg.gpus_per_node > 0
+    if gpu and (fast or refine):
+        raise UserError(f"GPU ranks search with the torch backend, which reads IVF-PQ "
+                        f"(8-bit), IVF-Flat and Flat indexes, not {factory}: plan with "
+                        f"--index-factory IVF{nlist},PQ{code} (the same bytes a key)")
+    per_node = cfg.gpus_per_node or cfg.ranks_per_node
+    w = cfg.nodes * per_node
+    per_key = code + refine + (8 if nlist else 0)
+    shared = nlist * d * 4 + ((16 if fast else 256) * d * 4 if code < 4 * d else 0)
+    n_rank = -(-n // w)
+    memory = cfg.gpu_memory if gpu else (cfg.ram_per_node or ram_gib()) / per_node
+    budget = memory * GIB * RESERVE
+    out = dict(nodes=cfg.nodes, ranks=w, ranks_per_node=per_node, shards=w,
+               device="gpu" if gpu else "cpu", rank_gib=(n_rank * per_key + shared) / GIB,
+               rank_budget_gib=budget / GIB, rank_memory_gib=memory)
+    out["fits"] = out["rank_gib"] <= out["rank_budget_gib"]
+    need = -(-n * per_key // max(int(budget - shared), 1))
+    out["min_nodes"] = max(1, -(-need // per_node))
+    if gpu:     # a bound: the probed codes read once at the GPU's memory bandwidth
+        scanned = (cfg.probe * n_rank / nlist if nlist else n_rank) * code
+        out["rank_ms"] = scanned / (cfg.gpu_gbps * 1e9) * 1e3
+    elif nlist:  # the node's cores shared by its ranks (the costs: one process a machine)
+        out["rank_ms"] = search_ms(n_rank, d, factory, cfg, costs, gflops) * per_node
+    else:
+        out["rank_ms"] = 2 * n_rank * d / (gflops * 1e9) * 1e3 * per_node
+    out["merge_ms"] = merge_ms(w, cfg.k) if w > 1 else 0.0
+    out["transfer_ms"] = (w + 1) * cfg.k * LIST_BYTES / (cfg.fs_gbps * 1e9) * 1e3 if w > 1 else 0.0
+    out["search_ms_per_query"] = out["rank_ms"] + out["merge_ms"] + out["transfer_ms"]
+    return out
+
+
+def print_layout(lay: dict, factory: str, cfg: PlanConfig, single_ms: float | None) -> None:
+    w, per_node = lay["ranks"], lay["ranks_per_node"]
+    unit = "GPU" if lay["device"] == "gpu" else "CPU rank"
+    print(f"shards: {cfg.nodes} node(s) x {per_node} {unit}(s) = {w} rank(s): build-index "
+          f"--index-factory {factory} --shards {w} --keep-shards (rank r loads shard r; any "
+          f"multiple of {w} shards also spreads evenly)")
+    where = f"{lay['rank_memory_gib']:,.1f} GiB GPU memory" if lay["device"] == "gpu" else         f"{lay['rank_memory_gib']:,.1f} GiB, its share of the node's RAM"
+    verdict = "fits" if lay["fits"] else (
+        f"does NOT fit: {lay['min_nodes']:,} node(s) of {per_node} hold it"
+        + ("" if lay["device"] == "gpu" else ", or --index-mmap pages the codes from disk"))
+    print(f"each rank holds {lay['rank_gib']:,.2f} GiB of index (its keys' codes and ids and "
+          f"its copy of the quantizer) of {lay['rank_budget_gib']:,.1f} usable "
+          f"({RESERVE:.0%} of {where}): {verdict}")
+    how = (f"bound: its probed codes read at {cfg.gpu_gbps:g} GB/s" if lay["device"] == "gpu"
+           else f"{per_node} rank(s) sharing a node's cores")
+    print(f"search ~{lay['search_ms_per_query']:.3g} ms/query at nprobe {cfg.probe}, k {cfg.k}: "
+          f"a rank's shards {lay['rank_ms']:.3g} ({how}) + merging {w} lists on rank 0 "
+          f"{lay['merge_ms']:.3g} (measured here) + the lists through the shared filesystem "
+          f"{lay['transfer_ms']:.3g} ({cfg.fs_gbps:g} GB/s)"
+          + (f"; one CPU process, whole index: ~{single_ms:,.1f}" if single_ms else ""))
+    gpu = " --knn-backend torch --knnlm-gpu" if lay["device"] == "gpu" else ""
+    print(f"run: torchrun --nnodes {cfg.nodes} --nproc_per_node {per_node} --rdzv-backend c10d "
+          f"--rdzv-endpoint HOST:29500 -m knnlm eval-lm DATA_BIN --path CKPT --knnlm "
+          f"--dstore-filename DSTORE --indexfile INDEX --save-retrieval /shared/cache{gpu}")
 
 
 def main(cfg: PlanConfig) -> dict:
@@ -153,4 +276,7 @@ def main(cfg: PlanConfig) -> dict:
         print(f"search ~{out['search_ms_per_query']:,.1f} ms/query at nprobe {cfg.probe}, k {cfg.k}")
     print(f"exact search of {cfg.queries:,} queries: ~{out['exact_search_hours']:,.2f} h at this "
           f"machine's {out['gemm_gflops']:,.0f} GFLOP/s (one pass over the keys)")
+    if cfg.sharded:
+        out["layout"] = layout(n, d, factory, cfg, costs, out["gemm_gflops"])
+        print_layout(out["layout"], factory, cfg, out.get("search_ms_per_query"))
     return out
