@@ -133,19 +133,49 @@ class DistContext:
         if self.store is None:
             tdist.barrier()
             return
+        keys = [f"knnlm/at/{name}/{r}" for r in range(self.world_size)]
+
+        def arrived() -> bool:
+            if self.store.check(keys):
+                return True
+            time.sleep(poll_s)
+            return False
+        self._watch(lambda: self.store.set(keys[self.rank], "1") or True)
+        self._watch(arrived, lambda r: not self.store.check([keys[r]]))
+
+    def wait_key(self, key: str, rank: int, block_s: float = 0.5) -> str:
+        """The value of ``key`` once ``rank`` has set it (stopping as :meth:`wait` does if
+        that rank fails or goes silent)."""
+        def present() -> bool:
+            try:
+                self.store.wait([key], timedelta(seconds=block_s))
+                return True
+            except tdist.DistStoreError as exc:
+                if isinstance(exc, tdist.DistNetworkError):
+                    raise
+                return False                # not yet: look at the heartbeat, wait again
+        self._watch(present, lambda r: r == rank)
+        return self._watch(lambda: self.store.get(key).decode())
+
+    def _watch(self, done, watched=lambda r: False):
+        """Call ``done`` until it returns something true (returned): stop if a rank posts a
+        failure, or if one that ``watched(rank)`` stops beating; the store's host lost is a
+        stop too."""
+        seen: dict[int, tuple[int, float]] = {}
         try:
-            self.store.set(f"knnlm/at/{name}/{self.rank}", "1")
-            keys = [f"knnlm/at/{name}/{r}" for r in range(self.world_size)]
-            seen = {r: (-1, time.monotonic()) for r in range(self.world_size) if r != self.rank}
-            while not self.store.check(keys):
+            while True:
+                result = done()
+                if result:
+                    return result
                 reason = self.failure()
                 if reason is not None:
                     raise RankStopped(f"stopped: {reason}")
                 now = time.monotonic()
-                for r, (beats, since) in seen.items():
-                    if self.store.check([keys[r]]):
+                for r in range(self.world_size):
+                    if r == self.rank or not watched(r):
                         continue
                     b = self.store.add(f"knnlm/beat/{r}", 0)
+                    beats, since = seen.get(r, (-1, now))
                     if b != beats:
                         seen[r] = (b, now)
                     elif now - since > self.heartbeat_timeout:
@@ -153,7 +183,6 @@ class DistContext:
                                   f"{self.heartbeat_timeout:g} s: killed, or its node is gone)")
                         self.fail(reason)
                         raise RankStopped(f"stopped: {reason}")
-                time.sleep(poll_s)
         except RankStopped:
             raise
         except Exception as exc:        # noqa: BLE001 - the store's host went away
@@ -184,8 +213,11 @@ def _stop_on_sigterm(ctx: DistContext) -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def setup_distributed(cpu: bool = False,
-                      heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S) -> DistContext:
+def setup_distributed(cpu: bool = False, heartbeat_timeout: float = HEARTBEAT_TIMEOUT_S,
+                      collective_timeout: float | None = None) -> DistContext:
+    """This process's rank and device (a no-op context in one process). Under torchrun:
+    the process group (``collective_timeout`` s: how long a collective waits for a rank,
+    default torch's), the heartbeat, and SIGTERM turned into a one-line stop."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -206,9 +238,11 @@ def setup_distributed(cpu: bool = False,
     # the env:// rendezvous torchrun prepares (its agent's store, or rank 0 hosting one),
     # kept: the process group and knnlm's heartbeats share it
     store, rank, world = next(tdist.rendezvous("env://", timeout=timedelta(minutes=30)))
+    timeout = {} if collective_timeout is None else \
+        dict(timeout=timedelta(seconds=collective_timeout))
     tdist.init_process_group(backend="nccl" if use_cuda else "gloo",
                              store=tdist.PrefixStore("default_pg", store), rank=rank,
-                             world_size=world)
+                             world_size=world, **timeout)
     ctx = DistContext(rank=rank, world_size=world, device=device,
                       store=tdist.PrefixStore("knnlm_ranks", store),
                       heartbeat_timeout=heartbeat_timeout)

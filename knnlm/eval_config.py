@@ -83,8 +83,6 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
                          "norm_l2)")
     cpu: bool = flag(False, "run on the CPU even if a GPU is present")
     device: str | None = flag(None, "torch device (default: cuda if available, else cpu)")
-    heartbeat_timeout: float = flag(120.0, "torchrun: seconds without a sign of life from a "
-                                    "rank before the others stop (one line each, no hang)")
     fp16: bool = flag(False, "half-precision forward (GPU)")
     bf16: bool = flag(False, "bfloat16 forward (GPU)")
     overwrite: bool = flag(False, "--save-retrieval: replace a cache written by another "
@@ -94,8 +92,6 @@ class EvalConfig(KnnOptions, FairseqTaskFlags):
 
     def __post_init__(self):
         check_model_source(self.path, self.hf_model)
-        if not self.heartbeat_timeout > 0:
-            raise UserError("--heartbeat-timeout must be > 0 seconds")
         if self.tokens_per_sample is not None and self.tokens_per_sample <= 0:
             raise UserError(f"--tokens-per-sample must be > 0, got {self.tokens_per_sample}")
         if self.max_eval_tokens < 0:

@@ -36,6 +36,7 @@ from .io import open_npy, open_token_memmap, read_json, write_json_atomic
 from .knn import math as knn_math
 from .data.centroid_files import distribution_coo, load_centroids, load_distribution
 from .knn.exact import merge_topk
+from .knn.rank_search import kept_in_shards, sharing, world_size
 from .knn.scorer import KnnScorer
 from .knn.search import KnnSearch
 from .lm.checkpoint import load_lm
@@ -180,18 +181,6 @@ def exact_neighbours(knn, queries, work: Path, dist, quiet: bool):
     return D, I
 
 
-def sharded_index(cfg: EvalConfig) -> bool:
-    """Whether the index eval-lm searches is kept in shards (build-index --keep-shards)."""
-    from .knn.datastore import normalize_keytype
-    from .knn.search import default_index_path
-    if cfg.exact_search:
-        return False
-    path = cfg.indexfile or default_index_path(cfg.dstore_filename, normalize_keytype(
-        cfg.knn_keytype.split(",")[0]), cfg.faiss_metric_type)
-    side = Path(str(path) + ".json")
-    return side.is_file() and read_json(side, "index sidecar").get("layout") == "shards"
-
-
 def search_rank(cfg: EvalConfig, fingerprint: str, databin: DataBin, device, dist) -> None:
     """A torchrun rank other than 0 in eval-lm: once rank 0 has the split's queries,
     search this rank's share of the keys (--exact-search) or of an index's shards."""
@@ -320,12 +309,17 @@ def main(cfg: EvalConfig) -> dict | None:
     if cfg.save_knnlm_dstore:
         return build_dstore_main(cfg.to_build_dstore())
     dist = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not (cfg.knnlm and cfg.save_retrieval and (cfg.exact_search or sharded_index(cfg))):
-            raise UserError("under torchrun eval-lm shares out the search: give --knnlm "
-                            "--save-retrieval DIR (a directory every rank sees) and "
-                            "--exact-search or an index kept in shards (build-index "
-                            "--keep-shards)")
+    if world_size() > 1:
+        sharded = cfg.knnlm and kept_in_shards(cfg)
+        if sharded and not cfg.save_retrieval:
+            # the ranks answer rank 0's batches as it scores them
+            with sharing(cfg, "eval-lm") as leader:
+                return _report(cfg, _evaluate(cfg, None)) if leader else None
+        if not (cfg.knnlm and cfg.save_retrieval and (cfg.exact_search or sharded)):
+            raise UserError("under torchrun eval-lm shares out the search: give --knnlm and "
+                            "an index kept in shards (build-index --keep-shards), or --knnlm "
+                            "--exact-search --save-retrieval DIR (a directory every rank sees)")
+        # with a retrieval cache: one search of the whole split by every rank
         dist = setup_distributed(cfg.cpu, cfg.heartbeat_timeout)
     try:
         with dist.guard() if dist is not None else contextlib.nullcontext():
@@ -333,6 +327,10 @@ def main(cfg: EvalConfig) -> dict | None:
     finally:
         if dist is not None:
             dist.close()
+    return _report(cfg, res)
+
+
+def _report(cfg: EvalConfig, res: dict | None) -> dict | None:
     if res is None:
         return None
     print(format_results(res))

@@ -38,6 +38,7 @@ from .guard import check_output
 from .io import ENCODING_ERRORS, read_text, write_json_atomic
 from .knn import math as knn_math
 from .knn.options import KnnOptions
+from .knn.rank_search import sharing
 from .knn.gate import Gate, StepGate
 from .knn.pointers import PointerWalk
 from .knn.search import KnnSearch
@@ -250,7 +251,13 @@ def generate_hf(model, prompts: list[np.ndarray], start: int, pad: int, cfg: Gen
     return out, time.perf_counter() - t0
 
 
-def main(cfg: GenerateConfig) -> dict:
+def main(cfg: GenerateConfig) -> dict | None:
+    # under torchrun over an index kept in shards, ranks > 0 answer rank 0's searches
+    with sharing(cfg, "generate") as leader:
+        return _main(cfg) if leader else None
+
+
+def _main(cfg: GenerateConfig) -> dict:
     databin = DataBin(cfg.data)
     device = resolve_device(cfg.device, cfg.cpu)
     model, fingerprint = load_lm(cfg.path, cfg.hf_model, databin, device, cfg.hf_dtype)

@@ -28,6 +28,7 @@ from .guard import check_output
 from .io import ENCODING_ERRORS, read_text
 from .knn import math as knn_math
 from .knn.options import KnnOptions
+from .knn.rank_search import sharing
 from .knn.gate import Gate
 from .knn.pointers import PointerWalk
 from .knn.search import KnnSearch
@@ -217,7 +218,13 @@ class Inspector:
         return render(payload(rows, lm, self.databin.vocab, self._counts, settings, title)), rows
 
 
-def main(cfg: NeighborsConfig) -> list[dict]:
+def main(cfg: NeighborsConfig) -> list[dict] | None:
+    # under torchrun over an index kept in shards, ranks > 0 answer rank 0's searches
+    with sharing(cfg, "neighbors") as leader:
+        return _main(cfg) if leader else None
+
+
+def _main(cfg: NeighborsConfig) -> list[dict]:
     # with --json, stdout is the JSON alone: the search's reports go to stderr
     insp = Inspector(cfg, log=(lambda msg: print(msg, file=sys.stderr)) if cfg.json else print)
     ids = cfg.token_ids(insp.databin.vocab)

@@ -38,6 +38,7 @@ from .knn import sweep
 from .knn.cache import RetrievalCache
 from .knn.datastore import Datastore, normalize_keytype
 from .knn.mode import CACHE_SCORES
+from .knn.rank_search import sharing
 from .knn.search import default_index_path
 from .knn.tuned import (DEFAULTS, TUNED_FORMAT, TUNED_VERSION, identity, index_fingerprint,
                          tuned_path)
@@ -139,7 +140,13 @@ def choose_point(results: dict, tolerance: float) -> tuple[str, dict]:
     return key, results[key]
 
 
-def main(cfg: TuneConfig) -> dict:
+def main(cfg: TuneConfig) -> dict | None:
+    # under torchrun over an index kept in shards, ranks > 0 answer rank 0's searches
+    with sharing(cfg, "tune") as leader:
+        return _main(cfg) if leader else None
+
+
+def _main(cfg: TuneConfig) -> dict:
     ecfg = cfg.eval_cfg
     databin = DataBin(cfg.data)
     device = resolve_device(cfg.device, cfg.cpu)

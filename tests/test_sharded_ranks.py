@@ -204,3 +204,108 @@ def test_torch_backend_searches_kept_shards(trained_dstore, tmp_path, factory):
     with pytest.raises(UserError, match="--knn-backend torch"):
         place_index(idx, SimpleNamespace(retomaton=False, knn_backend="faiss", knnlm_gpu=True),
                     torch.device("cpu"))
+
+
+def test_commands_that_search_as_they_go_share_the_shards(sharded, bpe_databin, trained_ckpt,
+                                                         trained_dstore, tmp_path):
+    """Under torchrun, eval-lm without a retrieval cache, generate, neighbors and tune
+    search every rank's shards batch by batch (rank 0 runs the command, rank 1 answers):
+    what one process with the merged index gives (greedy continuation, neighbours,
+    perplexity, tuned settings)."""
+    argv, ref = sharded
+    ds = str(trained_dstore.path)
+    knn = ["--dstore-filename", ds, "--k", "16", "--probe", "4", "--knn-sim-func",
+           "do_not_recomp_l2", "--cpu"]
+    common = [str(bpe_databin.path), "--path", str(trained_ckpt)]
+
+    def both(cmd, extra, out_flag, name):
+        one = [cmd, *common, *knn, *extra, "--indexfile", str(tmp_path / "one.faiss")]
+        assert cli_run(one + [out_flag, str(tmp_path / f"{name}1.json")]) == 0
+        p = torchrun([cmd, *common, *knn, *extra, "--indexfile", str(tmp_path / "kept.faiss"),
+                      out_flag, str(tmp_path / f"{name}2.json")])
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "searched by 2 ranks" in p.stdout + p.stderr
+        return [json.loads((tmp_path / f"{name}{i}.json").read_text()) for i in (1, 2)]
+
+    a, b = both("generate", ["--knnlm", "--prompt", "the king", "--max-new-tokens", "12",
+                             "--lmbda", "0.5", "--knn-temp", "1"], "--results-path", "gen")
+    assert a["results"][0]["ids"] == b["results"][0]["ids"]
+    a, b = both("eval-lm", ["--knnlm", "--gen-subset", "valid", "--tokens-per-sample", "64",
+                            "--lmbda", "0.25", "--knn-temp", "1", "--max-eval-tokens", "600",
+                            "--quiet"], "--results-path", "eval")
+    assert b["results"]["interpolated"]["ppl"] == pytest.approx(
+        a["results"]["interpolated"]["ppl"], rel=1e-4)
+    one = ["neighbors", *common, *knn, "--text", "the king is", "--json"]
+    p1 = subprocess.run([sys.executable, "-m", "knnlm", *one, "--indexfile",
+                         str(tmp_path / "one.faiss")], env=env(), capture_output=True, text=True)
+    p2 = torchrun([*one, "--indexfile", str(tmp_path / "kept.faiss")])
+    assert p1.returncode == 0 and p2.returncode == 0, p2.stderr[-3000:]
+    rows1 = json.loads(p1.stdout)["positions"]
+    rows2 = json.loads(p2.stdout[p2.stdout.index("{"):])["positions"]
+    d1 = [[nb["distance"] for nb in r["neighbors"]] for r in rows1]
+    d2 = [[nb["distance"] for nb in r["neighbors"]] for r in rows2]
+    assert np.allclose(d1, d2, rtol=1e-5)
+    tune = ["tune", *common, "--dstore-filename", ds, "--probe", "4", "--lmbda", "0.1,0.5",
+            "--knn-temp", "1,3", "--k", "8,16", "--score", "faiss", "--max-eval-tokens", "600",
+            "--cpu", "--quiet"]
+    assert cli_run(tune + ["--indexfile", str(tmp_path / "one.faiss"), "--results-path",
+                           str(tmp_path / "tune1.json")]) == 0
+    p = torchrun(tune + ["--indexfile", str(tmp_path / "kept.faiss"), "--results-path",
+                         str(tmp_path / "tune2.json")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"tune{i}.json").read_text())["tuned"] for i in (1, 2))
+    assert a["settings"] == b["settings"]
+    assert b["heldout"]["ppl"] == pytest.approx(a["heldout"]["ppl"], rel=1e-4)
+    # a command that does not search, or an index not kept in shards: refused, one line
+    p = torchrun(["generate", *common, "--prompt", "the king", "--cpu"])
+    assert p.returncode != 0 and "shares out the search of an index kept in shards" in p.stderr
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_rank_killed_while_serving_stops_the_other(bpe_databin, trained_ckpt, trained_dstore,
+                                                      tmp_path, victim):
+    """generate over 2 ranks started by hand: rank 1 SIGKILLed between or inside batches
+    leaves rank 0 with a collective that fails (one line: the rank that left); rank 0
+    killed leaves rank 1 waiting for its next batch with no store (one line)."""
+    ds = trained_dstore
+    build(ds, tmp_path / "kept.faiss", index_factory="IVF16,Flat", metric="l2", shards=2,
+          keep_shards=True)
+    (tmp_path / "prompts.txt").write_text("the king\nmy lord\nthe queen\nand then\n" * 8)
+    argv = ["generate", str(bpe_databin.path), "--path", str(trained_ckpt), "--knnlm",
+            "--dstore-filename", str(ds.path), "--indexfile", str(tmp_path / "kept.faiss"),
+            "--k", "16", "--probe", "4", "--knn-sim-func", "do_not_recomp_l2", "--lmbda",
+            "0.5", "--knn-temp", "1", "--cpu", "--prompts-file", str(tmp_path / "prompts.txt"),
+            "--max-new-tokens", "500"]
+    port = free_port()
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    out0 = tmp_path / "rank0.out"
+    procs = []
+    for r in range(2):
+        e = env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port), LOCAL_WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, "-m", "knnlm", *argv,
+                                       "--heartbeat-timeout", "5"], env=e,
+                                      stdout=open(out0 if r == 0 else os.devnull, "w"),
+                                      stderr=open(logs[r], "w")))
+    try:
+        t0 = time.monotonic()
+        while "searched by 2 ranks" not in (out0.read_text() if out0.exists() else ""):
+            assert procs[0].poll() is None and time.monotonic() - t0 < 120, logs[0].read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)                        # into the generation
+        assert procs[0].poll() is None, "generation ended before the kill"
+        procs[victim].send_signal(signal.SIGKILL)
+        rc = procs[1 - victim].wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    err = logs[1 - victim].read_text()
+    lines = [line for line in err.splitlines() if line.startswith("knnlm generate: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    if victim == 1:       # inside a batch, or between two (then rank 1's gather fails)
+        assert "stopped: a rank left the shared search (connection" in lines[0]
+    else:                 # waiting for a batch (its store gone), or inside one
+        assert any(why in lines[0] for why in ("lost the rendezvous store", "stopped: rank 0 "
+                                               "left the shared search (connection"))

@@ -17,6 +17,11 @@ from .datastore import Datastore, normalize_keytype
 from .index import INDEX_FORMAT, faiss_module
 
 
+def default_index_path(dstore_dir: str | Path, keytype: str, metric: str) -> Path:
+    """Where build-index writes a datastore's index of ``keytype`` keys by default."""
+    return Path(dstore_dir) / f"index_{keytype.replace(':', '')}_{metric}.faiss"
+
+
 def load_index(path: str | Path, ds: Datastore, keytype: str, metric: str | None = None,
                nprobe: int | None = None, mmap: bool = False, k_factor: float | None = None,
                part: tuple[int, int] = (0, 1)):

@@ -68,6 +68,8 @@ class KnnOptions:
     gate_threshold: float | None = flag(None, "--gate: search tokens whose λ̂ is at least this")
     gate_lambda: bool = flag(False, "--gate: interpolate searched tokens with λ̂ instead of "
                              "the fixed λ")
+    heartbeat_timeout: float = flag(120.0, "torchrun: seconds without a sign of life from a "
+                                    "rank before the others stop (one line each, no hang)")
 
     def score_mode(self) -> ScoreMode:
         """Which neighbours and which scores these flags select (:mod:`knnlm.knn.mode`)."""
@@ -88,6 +90,8 @@ class KnnOptions:
             raise UserError(f"--lmbda must be in [0, 1], got {self.lmbda}")
         if self.knn_temp is not None and not self.knn_temp > 0:
             raise UserError(f"--knn-temp must be > 0, got {self.knn_temp}")
+        if not self.heartbeat_timeout > 0:
+            raise UserError("--heartbeat-timeout must be > 0 seconds")
         if self.knnlm_gpus < 0:
             raise UserError(f"--knnlm-gpus must be >= 0, got {self.knnlm_gpus}")
         if self.knn_backend not in ("auto", "faiss", "torch"):

@@ -13,7 +13,6 @@ hold fewer than k keys) come back with id -1 and are masked out downstream.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,8 +22,9 @@ from . import math as knn_math
 from .datastore import Datastore, finite_rows, normalize_keytype
 from .exact import brute_force_search, stream_search
 from .index import gpu_available
-from .index_read import (ShardedIndex, is_fast_scan, load_index, refine_stage,
-                         returns_exact_distances)
+from .index_read import (ShardedIndex, default_index_path, is_fast_scan, load_index,
+                         refine_stage, returns_exact_distances)
+from .rank_search import place_shards, ranked
 from .torch_index import ShardedTorchIndex, TorchIndex
 from .tuned import identity, resolve_settings, tuned_path
 
@@ -174,10 +174,6 @@ class Retriever:
         return exact_distances(q, self.keys, ids, metric)
 
 
-def default_index_path(dstore_dir: str | Path, keytype: str, metric: str) -> Path:
-    return Path(dstore_dir) / f"index_{keytype.replace(':', '')}_{metric}.faiss"
-
-
 def rank_part() -> tuple[int, int]:
     """(rank, world size) under torchrun, else (0, 1): which shards of an index kept in
     shards this process loads (rank r: shards r, r + w, ...)."""
@@ -199,7 +195,7 @@ def place_index(index, cfg, device: torch.device) -> tuple[object, str]:
     if isinstance(index, ShardedIndex):
         if cfg.retomaton:
             raise UserError("--retomaton reads the codes of one index; build it unsharded")
-        return _place_shards(index, cfg, device)
+        return place_shards(index, cfg, device)
     visible = max(faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0,
                   torch.cuda.device_count())
     if cfg.knnlm_gpus > visible and cfg.knnlm_gpu:
@@ -236,29 +232,6 @@ def place_index(index, cfg, device: torch.device) -> tuple[object, str]:
     return ShardedTorchIndex(index, devices), f"torch (lists sharded across {n} GPUs)"
 
 
-def _place_shards(index: ShardedIndex, cfg, device: torch.device) -> tuple[object, str]:
-    """The shards this process searches: with FAISS on the CPU, or (``--knn-backend torch``,
-    or ``--knnlm-gpu`` without faiss-gpu) the torch backend over each shard's data on this
-    process's device (under torchrun with GPUs, the rank's own GPU)."""
-    what = f"{len(index.shards)} of {index.of} shards, top-k merged"
-    torch_backend = cfg.knn_backend == "torch" or (
-        cfg.knnlm_gpu and cfg.knn_backend == "auto" and torch.cuda.is_available())
-    if not torch_backend:
-        if cfg.knnlm_gpu:
-            raise UserError("an index kept in shards is searched by faiss-cpu or by the torch "
-                            "backend: --knnlm-gpu needs --knn-backend torch (or auto) and a "
-                            "CUDA device")
-        return index, f"faiss-cpu ({what})"
-    if cfg.knnlm_gpu:
-        if not torch.cuda.is_available():
-            raise UserError("--knn-backend torch --knnlm-gpu: no CUDA device is visible")
-        dev = device if device.type == "cuda" else torch.device("cuda", 0)
-    else:
-        dev = torch.device("cpu")
-    placed = [(TorchIndex.from_faiss(shard, dev), first) for shard, first in index.shards]
-    return ShardedIndex(placed, index.metric, of=index.of), f"torch ({dev}; {what})"
-
-
 class KnnSearch:
     """The datastore, index and score mode the kNN flags describe: the neighbours of a batch
     of queries and their scores (shared by eval-lm, generate and neighbors)."""
@@ -289,6 +262,8 @@ class KnnSearch:
                                                 k_factor=cfg.k_factor, part=rank_part())
             index_exact = returns_exact_distances(index, ds.meta["key_dtype"])
             index, self.backend = place_index(index, cfg, device)
+            # under torchrun (generate, neighbors, tune, eval-lm): every rank's shards
+            index, self.backend = ranked(index, self.backend)
             log(f"kNN search: {self.backend}")
         # λ, T, k and the score mode: flags, else the index's tuned settings, else defaults
         self.settings = resolve_settings(
