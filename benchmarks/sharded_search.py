@@ -2,13 +2,16 @@
 
 - single: one process, 2 threads, the index merged from the shards (the same trained
   quantizer), every query searched in blocks of 4,096 (what eval-lm does on one index);
-- ranks: 2 gloo ranks of 1 thread, the index kept in 2 shards; each rank loads only its
+- ranks: 2 gloo ranks of 1 thread each, the index kept in 2 shards; each rank loads only its
   shard and searches every query (``ShardedIndex.search_every``, committing its progress
   as eval-lm does), writes its lists, and rank 0 merges them (``exact_neighbours``, eval-lm's
   pass 2 under torchrun).
 
 Times exclude process start-up and index loading (reported apart). Both sides return
-the same neighbours (checked). Queries: stored keys moved by a little noise.
+the same distances (checked; ids equal up to the order of tied distances). Queries: stored
+keys moved by a little noise. At the demo's nprobe a query's fixed costs (lookup tables,
+the k-best selection) outweigh its scan, and every rank pays them; a larger nprobe shows
+the regime a datastore too large for one machine is in.
 
     python benchmarks/sharded_search.py --dstore runs/demo/dstore \\
         --out benchmarks/results/sharded_search.json
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,6 +57,7 @@ def stage_single(args) -> None:
     t0 = time.perf_counter()
     D, I = idx.search_every(q, args.k)
     sec = time.perf_counter() - t0
+    np.save(Path(args.work) / "single_D.npy", D)
     np.save(Path(args.work) / "single_I.npy", I)
     finish_stage(dict(seconds=sec, load_s=load_s, threads=args.threads))
 
@@ -65,7 +70,7 @@ def stage_ranks(args) -> None:
     idx, load_s, faiss = _load(args, part=(r, w))
     faiss.omp_set_num_threads(1)
     q = np.load(Path(args.work) / "queries.npy", mmap_mode="r")
-    work = Path(args.work) / f"rep{args.rep}"
+    work = Path(args.work) / f"probe{args.probe}_rep{args.rep}"
     timing = {}
 
     def search_all(queries, state_dir, quiet, part):
@@ -77,16 +82,26 @@ def stage_ranks(args) -> None:
                           mode=SimpleNamespace(search_metric="l2"))
     idx.search(np.ascontiguousarray(q[:256]), args.k)       # warm
     dist.wait("start")
+    prof = None
+    if args.profile and r == 0:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
     out = exact_neighbours(knn, q, work, dist, quiet=True)
     sec = time.perf_counter() - t0
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(args.profile)
     dist.close()
     if r == 0:
+        np.save(Path(args.work) / "ranks_D.npy", out[0])
         np.save(Path(args.work) / "ranks_I.npy", out[1])
         finish_stage(dict(seconds=sec, search_s=timing["search_s"], load_s=load_s, ranks=w))
 
 
 def run_ranks(args, rep: int) -> dict:
+    shutil.rmtree(Path(args.work) / f"probe{args.probe}_rep{rep}", ignore_errors=True)
     port = 29600 + (os.getpid() + rep) % 300
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(port), __file__, "--stage", "ranks",
@@ -100,7 +115,8 @@ def run_ranks(args, rep: int) -> dict:
 
 def stage_argv(args, index: str) -> list[str]:
     return ["--dstore", args.dstore, "--index", index, "--work", args.work, "--k",
-            str(args.k), "--probe", str(args.probe), "--threads", str(args.threads)]
+            str(args.k), "--probe", str(args.probe), "--threads", str(args.threads)] + \
+        (["--profile", args.profile] if args.profile else [])
 
 
 def build(args) -> None:
@@ -125,40 +141,53 @@ def main() -> None:
     ap.add_argument("--dstore", default="runs/demo/dstore")
     ap.add_argument("--index")
     ap.add_argument("--work", default="runs/demo/sharded_search")
-    ap.add_argument("--factory", default="IVF2048,PQ32")
-    ap.add_argument("--train-size", type=int, default=100_000)
+    ap.add_argument("--factory", help="default: the datastore's index's (the demo's)")
+    ap.add_argument("--train-size", type=int, help="default: the datastore's index's")
     ap.add_argument("--queries", type=int, default=8192)
     ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--probe", type=int, default=8)
+    ap.add_argument("--probe", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--probes", default="8,128", help="nprobe values (the demo's is 8)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rep", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/sharded_search.json")
+    ap.add_argument("--profile", help="ranks: rank 0's cProfile of its pass to this file")
     args = ap.parse_args()
     if args.stage == "single":
         return stage_single(args)
     if args.stage == "ranks":
         return stage_ranks(args)
+    side = Path(args.dstore) / "index_att_l2.faiss.json"
+    meta = json.loads(side.read_text()) if side.is_file() else {}
+    args.factory = args.factory or meta.get("factory", "IVF2048,PQ32")
+    args.train_size = args.train_size or meta.get("train_size", 100_000)
     build(args)
-    single, ranks = [], []
-    for rep in range(args.reps):             # interleaved: the machine's noise hits both
-        single.append(run_stage(__file__, "single", stage_argv(args, args.merged)))
-        ranks.append(run_ranks(args, rep))
-    a = np.load(Path(args.work) / "single_I.npy")
-    b = np.load(Path(args.work) / "ranks_I.npy")
-    s = statistics.median(x["seconds"] for x in single)
-    t = statistics.median(x["seconds"] for x in ranks)
-    write_result(args.out, dict(
-        machine=machine(), dstore=args.dstore, factory=args.factory, queries=args.queries,
-        k=args.k, nprobe=args.probe,
-        single=dict(threads=args.threads, seconds=s, ms_per_query=s / args.queries * 1e3,
-                    load_s=statistics.median(x["load_s"] for x in single)),
-        ranks=dict(ranks=2, threads_each=1, seconds=t, ms_per_query=t / args.queries * 1e3,
-                   search_s=statistics.median(x["search_s"] for x in ranks),
-                   load_s=statistics.median(x["load_s"] for x in ranks)),
-        ratio=t / s, same_neighbours=float(np.mean(a == b)), runs=dict(single=single,
-                                                                       ranks=ranks)))
-
+    out = dict(machine=machine(), dstore=args.dstore, factory=args.factory,
+               queries=args.queries, k=args.k, by_nprobe={})
+    for probe in [int(p) for p in args.probes.split(",")]:
+        args.probe = probe
+        single, ranks = [], []
+        for rep in range(args.reps):         # interleaved: the machine's noise hits both
+            single.append(run_stage(__file__, "single", stage_argv(args, args.merged)))
+            ranks.append(run_ranks(args, rep))
+        got = {name: [np.load(Path(args.work) / f"{name}_{x}.npy") for x in "DI"]
+               for name in ("single", "ranks")}
+        (Da, Ia), (Db, Ib) = got["single"], got["ranks"]
+        s = statistics.median(x["seconds"] for x in single)
+        t = statistics.median(x["seconds"] for x in ranks)
+        out["by_nprobe"][probe] = dict(
+            single=dict(threads=args.threads, seconds=s, ms_per_query=s / args.queries * 1e3,
+                        load_s=statistics.median(x["load_s"] for x in single)),
+            ranks=dict(ranks=2, threads_each=1, seconds=t, ms_per_query=t / args.queries * 1e3,
+                       search_s=statistics.median(x["search_s"] for x in ranks),
+                       load_s=statistics.median(x["load_s"] for x in ranks)),
+            ratio=t / s,
+            # 4-bit PQ distances tie a lot: the same distances, ids equal up to tied order
+            same_distances=float(np.mean(np.isclose(Da, Db, rtol=1e-6))),
+            same_ids_as_sets=float(np.mean([len(np.intersect1d(a, b)) / len(a)
+                                            for a, b in zip(Ia, Ib)])),
+            runs=dict(single=single, ranks=ranks))
+    write_result(args.out, out, hide=("machine",))
 
 if __name__ == "__main__":
     main()

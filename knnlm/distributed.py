@@ -125,7 +125,7 @@ class DistContext:
             self.fail(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
             raise
 
-    def wait(self, name: str, poll_s: float = 0.1) -> None:
+    def wait(self, name: str) -> None:
         """Wait until every rank has reached ``name``: stop (:class:`RankStopped`) if a rank
         posts a failure or one not yet there stops beating for ``heartbeat_timeout`` s."""
         if not self.enabled:
@@ -134,28 +134,25 @@ class DistContext:
             tdist.barrier()
             return
         keys = [f"knnlm/at/{name}/{r}" for r in range(self.world_size)]
-
-        def arrived() -> bool:
-            if self.store.check(keys):
-                return True
-            time.sleep(poll_s)
-            return False
         self._watch(lambda: self.store.set(keys[self.rank], "1") or True)
-        self._watch(arrived, lambda r: not self.store.check([keys[r]]))
+        self._watch(lambda: self._present(keys), lambda r: not self.store.check([keys[r]]))
 
-    def wait_key(self, key: str, rank: int, block_s: float = 0.5) -> str:
+    def wait_key(self, key: str, rank: int) -> str:
         """The value of ``key`` once ``rank`` has set it (stopping as :meth:`wait` does if
         that rank fails or goes silent)."""
-        def present() -> bool:
-            try:
-                self.store.wait([key], timedelta(seconds=block_s))
-                return True
-            except tdist.DistStoreError as exc:
-                if isinstance(exc, tdist.DistNetworkError):
-                    raise
-                return False                # not yet: look at the heartbeat, wait again
-        self._watch(present, lambda r: r == rank)
+        self._watch(lambda: self._present([key]), lambda r: r == rank)
         return self._watch(lambda: self.store.get(key).decode())
+
+    def _present(self, keys: list[str], block_s: float = 0.5) -> bool:
+        """Whether ``keys`` are all set, waiting up to ``block_s`` for them (woken as soon
+        as they are)."""
+        try:
+            self.store.wait(keys, timedelta(seconds=block_s))
+            return True
+        except tdist.DistStoreError as exc:
+            if isinstance(exc, tdist.DistNetworkError):
+                raise
+            return False                    # not yet: look at the heartbeats, wait again
 
     def _watch(self, done, watched=lambda r: False):
         """Call ``done`` until it returns something true (returned): stop if a rank posts a

@@ -162,18 +162,19 @@ def exact_neighbours(knn, queries, work: Path, dist, quiet: bool):
     D, I = knn.search_all(queries, part, quiet, part=(r, w))
     if w == 1:
         return D, I
-    part.mkdir(parents=True, exist_ok=True)
-    for name, a in (("D", D), ("I", I)):
-        tmp = temp_path(part / f"{name}.npy", ".npy")
-        np.save(tmp, a)
-        os.replace(tmp, part / f"{name}.npy")
+    if r != 0:                                  # rank 0 keeps its own share in memory
+        part.mkdir(parents=True, exist_ok=True)
+        for name, a in (("D", D), ("I", I)):
+            tmp = temp_path(part / f"{name}.npy", ".npy")
+            np.save(tmp, a)
+            os.replace(tmp, part / f"{name}.npy")
     dist.wait("shares")                         # every share is on disk
     if r != 0:
         return None
     # merged a block of queries at a time: rank 0 holds W lists of a block, not of the split
-    parts = [tuple(np.load(work / "search" / f"rank{i}" / f"{x}.npy", mmap_mode="r")
-                   for x in ("D", "I")) for i in range(w)]
-    D, I = np.empty_like(parts[0][0]), np.empty_like(parts[0][1])
+    parts = [(D, I)] + [tuple(np.load(work / "search" / f"rank{i}" / f"{x}.npy", mmap_mode="r")
+                              for x in ("D", "I")) for i in range(1, w)]
+    D, I = np.empty_like(D), np.empty_like(I)
     for s in range(0, len(D), EXACT_BLOCK):
         D[s:s + EXACT_BLOCK], I[s:s + EXACT_BLOCK] = merge_topk(
             [(np.asarray(d[s:s + EXACT_BLOCK]), np.asarray(i[s:s + EXACT_BLOCK]))

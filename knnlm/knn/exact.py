@@ -187,6 +187,8 @@ def merge_topk(parts: list[tuple], k: int, metric: str) -> tuple:
     """One FAISS-style top-k from several (D, I) over disjoint keys (shards, ranks); ties
     keep the parts' order. numpy arrays give numpy arrays; tensors are merged on the
     first part's device and stay there."""
+    if len(parts) == 1 and parts[0][0].shape[1] <= k:
+        return parts[0]                      # one search's list: already in order
     tensors = [(torch.as_tensor(d), torch.as_tensor(i)) for d, i in parts]
     dev = tensors[0][0].device
     D = torch.cat([d.to(dev) for d, _ in tensors], 1)
