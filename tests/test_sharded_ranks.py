@@ -18,6 +18,7 @@ from conftest import free_port
 from knnlm.cli import run as cli_run
 from knnlm.knn import index, index_read
 from knnlm.util import UserError
+from test_hf import hf_databin, hf_tokenizer_dir  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -309,3 +310,60 @@ def test_a_rank_killed_while_serving_stops_the_other(bpe_databin, trained_ckpt, 
     else:                 # waiting for a batch (its store gone), or inside one
         assert any(why in lines[0] for why in ("lost the rendezvous store", "stopped: rank 0 "
                                                "left the shared search (connection"))
+
+
+SCRIPT = '''
+import json, sys
+import torch, transformers
+from knnlm.hf_generate import KNNLogitsProcessor
+from knnlm.knn.options import KnnOptions
+from knnlm.knn.rank_search import sharing
+root, index, out, ids = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+opts = KnnOptions(knnlm=True, dstore_filename=root + "/ds", indexfile=index)
+with sharing(opts, "the script") as leader:
+    if leader:
+        model = transformers.AutoModelForCausalLM.from_pretrained(root + "/model").eval()
+        model.generation_config.eos_token_id = None
+        proc = KNNLogitsProcessor(model, root + "/ds", indexfile=index, k=8, lmbda=0.5,
+                                  knn_temp=1.0, probe=4)
+        with torch.no_grad():
+            new = model.generate(input_ids=torch.tensor([ids]), logits_processor=[proc],
+                                 max_new_tokens=10, do_sample=False)
+        proc.close()
+        json.dump(new.tolist(), open(out, "w"))
+'''
+
+
+def test_an_hf_script_under_torchrun_shares_the_shards(hf_databin, tmp_path):  # noqa: F811
+    """A script of one's own around KNNLogitsProcessor, under torchrun with `sharing`:
+    HF greedy generation with the kNN-LM over 2 ranks' shards equals the merged index's
+    in one process."""
+    import torch
+    import transformers
+    from knnlm import build_dstore
+    from knnlm.knn.datastore import Datastore
+    from test_hf import FAMILIES, tiny_config
+    torch.manual_seed(0)
+    getattr(transformers, FAMILIES["gpt2"][1])(
+        tiny_config("gpt2", hf_databin.vocab_size)).eval().save_pretrained(tmp_path / "model")
+    build_dstore.main(build_dstore.BuildDstoreConfig(
+        data=str(hf_databin.path), hf_model=str(tmp_path / "model"),
+        dstore_dir=str(tmp_path / "ds"), gen_subset="train", tokens_per_sample=64, quiet=True))
+    ds = Datastore(tmp_path / "ds")
+    build(ds, tmp_path / "one.faiss", index_factory="IVF16,Flat", metric="l2")
+    build(ds, tmp_path / "kept.faiss", index_factory="IVF16,Flat", metric="l2", shards=2,
+          keep_shards=True)
+    (tmp_path / "script.py").write_text(SCRIPT)
+    ids = json.dumps([hf_databin.eos, *map(int, hf_databin.vocab.encode_text("Enter the king"))])
+    one = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(tmp_path),
+                          str(tmp_path / "one.faiss"), str(tmp_path / "one.json"), ids],
+                         env=env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(free_port()), str(tmp_path / "script.py"),
+                          str(tmp_path), str(tmp_path / "kept.faiss"), str(tmp_path / "two.json"),
+                          ids], env=env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "searched by 2 ranks" in two.stdout
+    assert json.loads((tmp_path / "one.json").read_text()) == \
+        json.loads((tmp_path / "two.json").read_text())

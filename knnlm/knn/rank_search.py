@@ -200,7 +200,9 @@ def own_shards(cfg, dist: DistContext) -> ShardedIndex:
 def sharing(cfg, command: str):
     """Run a searching command under torchrun over an index kept in shards: yields True on
     the rank that runs it (rank 0; in one process, always), False on the ranks that served
-    its batches (they have nothing else to do)."""
+    its batches (they have nothing else to do). ``cfg``: the kNN flags
+    (:class:`~knnlm.knn.options.KnnOptions` or a command's config); a script driving an HF
+    model passes the options its :class:`~knnlm.hf_generate.KNNLogitsProcessor` gets."""
     global _SERVICE
     if world_size() <= 1:
         yield True
@@ -208,7 +210,7 @@ def sharing(cfg, command: str):
     if not (cfg.knnlm and kept_in_shards(cfg)):
         raise UserError(f"under torchrun {command} shares out the search of an index kept in "
                         "shards (build-index --keep-shards): give --knnlm and such an index")
-    dist = setup_distributed(cfg.cpu, cfg.heartbeat_timeout,
+    dist = setup_distributed(getattr(cfg, "cpu", False), cfg.heartbeat_timeout,
                              collective_timeout=cfg.heartbeat_timeout)
     try:
         with dist.guard():
