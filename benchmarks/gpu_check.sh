@@ -10,7 +10,9 @@
 #      the two must agree to 1e-6 (the workers' other FAISS thread count can move a key
 #      tied to float32 rounding between two lists; see knnlm/knn/shards.py);
 #   6. eval-lm --knnlm on the test split, CPU vs GPU (--knnlm-gpu), with the FAISS index and
-#      with --exact-search (brute force on the GPU): kNN-LM perplexities must agree;
+#      with --exact-search (brute force on the GPU): kNN-LM perplexities must agree; the
+#      4 shards kept unmerged, searched on the GPU by the torch backend (one process, and
+#      one torchrun rank per GPU with 2+ GPUs), against the merged shards on the CPU;
 #   7. without faiss-gpu: the torch search backend on the GPU (--knn-backend torch) against
 #      FAISS CPU (same perplexity; kNN-LM eval time over LM-only eval time), an index trained
 #      by the torch k-means on the GPU (recall@10 within 1% of FAISS CPU training), and the
@@ -144,6 +146,24 @@ kn exact_gpu "${GPU[@]}" --knnlm-gpu --exact-search
 for s in 1 4; do
   kn "shards${s}_cpu" --cpu --knn-sim-func do_not_recomp_l2 --indexfile "$OUT/index_shards$s.faiss"
 done
+# the same 4 shards kept (never merged), searched by the torch backend on the GPU, by one
+# process and (with 2+ GPUs) by one torchrun rank per GPU, each holding its own shards
+timed index_kept4 $PY -m knnlm build-index --dstore-dir "$OUT/dstore_gpu" \
+    --index-factory IVF256,PQ32 --train-size 60000 --gpu no --shards 4 --keep-shards \
+    --faiss-index "$OUT/index_kept4.faiss" --quiet > /dev/null
+if [ "$DEVICE" != cpu ]; then
+  kn kept4_torch_gpu "${GPU[@]}" --knnlm-gpu --knn-backend torch --knn-sim-func do_not_recomp_l2 \
+      --indexfile "$OUT/index_kept4.faiss"
+  if [ "$NGPU" -ge 2 ]; then
+    timed "knnlm_kept4_ranks${NGPU}" $PY -m torch.distributed.run --standalone \
+        --nproc_per_node "$NGPU" -m knnlm eval-lm "$DATA" --path "$CKPT" --gen-subset test \
+        --tokens-per-sample "$TPS" --context-window "$CTX" --knnlm \
+        --dstore-filename "$OUT/dstore_gpu" --k 256 --probe 16 --lmbda 0.3 --knn-temp 4 --quiet \
+        --knnlm-gpu --knn-backend torch --knn-sim-func do_not_recomp_l2 \
+        --indexfile "$OUT/index_kept4.faiss" --results-path "$OUT/knnlm_kept4_ranks.json" \
+        > /dev/null 2> "$OUT/kept4_ranks.log"
+  fi
+fi
 
 log "without faiss-gpu: torch search backend, torch k-means training, streaming exact search"
 timed "eval_test_$DEVICE" $PY -m knnlm eval-lm "$DATA" --path "$CKPT" --gen-subset test \

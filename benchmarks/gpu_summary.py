@@ -88,6 +88,13 @@ def parity(s: dict, checks: dict, rd: Reader) -> None:
         a, b = sh[1]["interpolated"]["ppl"], sh[4]["interpolated"]["ppl"]
         s["knnlm_sharded_index"] = {"1": a, "4": b, "identical": a == b}
         checks["sharded index"] = rel(b, a) < 1e-6
+        # kept shards on the GPU (torch backend; float rounding, as the torch backend's
+        # own check): one process, and one torchrun rank per GPU
+        for name in ("kept4_torch_gpu", "kept4_ranks"):
+            kept = rd.results(f"knnlm_{name}")
+            if kept:
+                s[f"knnlm_{name}"] = kept["interpolated"]["ppl"]
+                checks[f"kept shards {name}"] = rel(kept["interpolated"]["ppl"], b) < 1e-3
     for prec in ("fp32", "bf16", "fp16"):
         p = rd.out / f"train_{prec}" / "train_log.jsonl"
         if p.exists():
