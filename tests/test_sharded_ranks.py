@@ -91,14 +91,29 @@ def test_missing_shard_on_one_rank_stops_every_rank(sharded, tmp_path):
     finished_as_reference(tmp_path, ref)
 
 
-def launch(argv, rank: int, port: int, log: Path, timeout: float = 5):
+def launch(argv, rank: int, port: int, log: Path, timeout: float = 5, out=os.devnull):
     """A rank started by hand (no torchrun agent to stop the others): rank 0 hosts the
     rendezvous store."""
     e = env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port), LOCAL_WORLD_SIZE="2")
     return subprocess.Popen([sys.executable, "-m", "knnlm", *argv, "--heartbeat-timeout",
-                             str(timeout)], env=e, stdout=subprocess.DEVNULL,
+                             str(timeout)], env=e, stdout=open(out, "w"),
                             stderr=open(log, "w"))
+
+
+def kill_one(procs, victim: int, logs: list[Path], command: str) -> tuple[int, str, list]:
+    """SIGKILL rank ``victim``; the survivor's exit status, stderr and error lines."""
+    try:
+        procs[victim].send_signal(signal.SIGKILL)
+        rc = procs[1 - victim].wait(timeout=90)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    err = logs[1 - victim].read_text()
+    return rc, err, [line for line in err.splitlines()
+                     if line.startswith(f"knnlm {command}: error:")]
 
 
 def wait_for(path: Path, proc, limit: float = 120):
@@ -122,16 +137,8 @@ def test_a_killed_rank_stops_the_other_and_the_rerun_resumes(sharded, tmp_path, 
     procs = [launch(argv, r, port, logs[r]) for r in range(2)]
     try:
         wait_for(tmp_path / "cache" / "exact_search" / "lm_pass.json", procs[0])
-        procs[victim].send_signal(signal.SIGKILL)
-        other = procs[1 - victim]
-        rc = other.wait(timeout=90)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    err = logs[1 - victim].read_text()
-    lines = error_lines(err)
+    finally:                                   # on failure, no rank left behind
+        rc, err, lines = kill_one(procs, victim, logs, "eval-lm")
     assert rc == 2 and len(lines) == 1, err[-3000:]
     if victim == 1:
         assert "rank 1 stopped responding (no heartbeat for 5 s" in lines[0]
@@ -280,14 +287,8 @@ def test_a_rank_killed_while_serving_stops_the_other(bpe_databin, trained_ckpt, 
     port = free_port()
     logs = [tmp_path / f"rank{r}.log" for r in range(2)]
     out0 = tmp_path / "rank0.out"
-    procs = []
-    for r in range(2):
-        e = env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port), LOCAL_WORLD_SIZE="2")
-        procs.append(subprocess.Popen([sys.executable, "-m", "knnlm", *argv,
-                                       "--heartbeat-timeout", "5"], env=e,
-                                      stdout=open(out0 if r == 0 else os.devnull, "w"),
-                                      stderr=open(logs[r], "w")))
+    procs = [launch(argv, r, port, logs[r], out=out0 if r == 0 else os.devnull)
+             for r in range(2)]
     try:
         t0 = time.monotonic()
         while "searched by 2 ranks" not in (out0.read_text() if out0.exists() else ""):
@@ -295,15 +296,8 @@ def test_a_rank_killed_while_serving_stops_the_other(bpe_databin, trained_ckpt, 
             time.sleep(0.05)
         time.sleep(0.5)                        # into the generation
         assert procs[0].poll() is None, "generation ended before the kill"
-        procs[victim].send_signal(signal.SIGKILL)
-        rc = procs[1 - victim].wait(timeout=60)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    err = logs[1 - victim].read_text()
-    lines = [line for line in err.splitlines() if line.startswith("knnlm generate: error:")]
+    finally:                                   # on failure, no rank left behind
+        rc, err, lines = kill_one(procs, victim, logs, "generate")
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     if victim == 1:       # inside a batch, or between two (then rank 1's gather fails)
         assert "stopped: a rank left the shared search (connection" in lines[0]
