@@ -156,30 +156,52 @@ EXACT_BLOCK = 4096   # tokens scored at once after the exact-search pass
 
 def exact_neighbours(knn, queries, work: Path, dist, quiet: bool):
     """(D, I) of every query: this process's share of the keys, merged with the other
-    ranks' shares under torchrun (on rank 0; the others get None)."""
+    ranks' shares under torchrun (on rank 0; the others get None).
+
+    The ranks merge in parallel: once every rank's lists are on disk, rank r merges the
+    r-th slice of the queries across all of them, and rank 0 joins the merged slices (so
+    no rank merges more than 1/W of the split, and rank 0 reads Q·k entries, not W·Q·k)."""
     r, w = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     part = work / "search" / f"rank{r}"
     D, I = knn.search_all(queries, part, quiet, part=(r, w))
     if w == 1:
         return D, I
-    if r != 0:                                  # rank 0 keeps its own share in memory
-        part.mkdir(parents=True, exist_ok=True)
-        for name, a in (("D", D), ("I", I)):
-            tmp = temp_path(part / f"{name}.npy", ".npy")
-            np.save(tmp, a)
-            os.replace(tmp, part / f"{name}.npy")
-    dist.wait("shares")                         # every share is on disk
+    _publish(part, "", D, I)
+    dist.wait("shares")                         # every rank's lists are on disk
+    n = len(D)
+    lo, hi = n * r // w, n * (r + 1) // w
+    lists = [(D, I) if i == r else tuple(np.load(work / "search" / f"rank{i}" / f"{x}.npy",
+                                                 mmap_mode="r") for x in ("D", "I"))
+             for i in range(w)]
+    # rank 0 merges its slice into the split's arrays, the others into their own
+    mD, mI = (np.empty_like(D), np.empty_like(I)) if r == 0 else \
+        (np.empty((hi - lo, D.shape[1]), D.dtype), np.empty((hi - lo, I.shape[1]), I.dtype))
+    at = 0 if r == 0 else lo
+    for s in range(lo, hi, EXACT_BLOCK):
+        e = min(hi, s + EXACT_BLOCK)
+        mD[s - at:e - at], mI[s - at:e - at] = merge_topk(
+            [(np.asarray(d[s:e]), np.asarray(i[s:e])) for d, i in lists], knn.k_search,
+            knn.mode.search_metric)
+    if r != 0:
+        _publish(part, "merged_", mD, mI)
+    dist.wait("merged")                         # every slice is merged
     if r != 0:
         return None
-    # merged a block of queries at a time: rank 0 holds W lists of a block, not of the split
-    parts = [(D, I)] + [tuple(np.load(work / "search" / f"rank{i}" / f"{x}.npy", mmap_mode="r")
-                              for x in ("D", "I")) for i in range(1, w)]
-    D, I = np.empty_like(D), np.empty_like(I)
-    for s in range(0, len(D), EXACT_BLOCK):
-        D[s:s + EXACT_BLOCK], I[s:s + EXACT_BLOCK] = merge_topk(
-            [(np.asarray(d[s:s + EXACT_BLOCK]), np.asarray(i[s:s + EXACT_BLOCK]))
-             for d, i in parts], knn.k_search, knn.mode.search_metric)
-    return D, I
+    for i in range(1, w):
+        a, b = n * i // w, n * (i + 1) // w
+        for name, out in (("D", mD), ("I", mI)):
+            out[a:b] = np.load(work / "search" / f"rank{i}" / f"merged_{name}.npy",
+                               mmap_mode="r")
+    return mD, mI
+
+
+def _publish(part: Path, prefix: str, D: np.ndarray, I: np.ndarray) -> None:
+    """A rank's lists, where the other ranks read them (each file made visible whole)."""
+    part.mkdir(parents=True, exist_ok=True)
+    for name, a in (("D", D), ("I", I)):
+        tmp = temp_path(part / f"{prefix}{name}.npy", ".npy")
+        np.save(tmp, a)
+        os.replace(tmp, part / f"{prefix}{name}.npy")
 
 
 def search_rank(cfg: EvalConfig, fingerprint: str, databin: DataBin, device, dist) -> None:

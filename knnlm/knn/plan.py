@@ -16,7 +16,8 @@ also lays the index out in shards for a torchrun search (``build-index --shards 
 --keep-shards``): how much of the index each rank holds against its share of a node's RAM
 (``--ram-per-node``) or its GPU's memory (``--gpu-memory``), the fewest nodes that hold it,
 and the predicted time per query: a rank's search of its shards, the merge of the W top-k
-lists (measured here) and their trip through the shared filesystem (``--fs-gbps``).
+lists (measured here; each rank merges 1/W of the queries) and their trip through the
+shared filesystem (``--fs-gbps``).
 
     knnlm plan --dstore-size 1000000000 --dimension 4096 --index-factory IVF65536,PQ64 \
         --nodes 8 --gpus-per-node 8
@@ -189,7 +190,7 @@ def merge_ms(w: int, k: int) -> float:
 def layout(n: int, d: int, factory: str, cfg: PlanConfig, costs: dict, gflops: float) -> dict:
     """The shards of a torchrun search over ``cfg.nodes`` nodes: one per rank (rank r
     loads shards r, r + W, ...), what a rank holds against its memory, and the time per
-    query (a rank's search of its keys, the merge of W lists on rank 0, the lists' trip
+    query (a rank's search of its keys, its share of merging the W lists, the lists' trip
     through the shared filesystem)."""
     nlist, code, fast, refine = parse_factory(factory, d)
     gpu = cfg.gpus_per_node > 0
@@ -217,8 +218,11 @@ def layout(n: int, d: int, factory: str, cfg: PlanConfig, costs: dict, gflops: f
         out["rank_ms"] = search_ms(n_rank, d, factory, cfg, costs, gflops) * per_node
     else:
         out["rank_ms"] = 2 * n_rank * d / (gflops * 1e9) * 1e3 * per_node
-    out["merge_ms"] = merge_ms(w, cfg.k) if w > 1 else 0.0
-    out["transfer_ms"] = (w + 1) * cfg.k * LIST_BYTES / (cfg.fs_gbps * 1e9) * 1e3 if w > 1 else 0.0
+    # the ranks merge a slice of the queries each (W lists a query, W slices at once); the
+    # filesystem carries every rank's lists, read once, and the merged slices, written and
+    # read once (its bandwidth taken as shared by all ranks)
+    out["merge_ms"] = merge_ms(w, cfg.k) / w if w > 1 else 0.0
+    out["transfer_ms"] = (w + 2) * cfg.k * LIST_BYTES / (cfg.fs_gbps * 1e9) * 1e3 if w > 1 else 0.0
     out["search_ms_per_query"] = out["rank_ms"] + out["merge_ms"] + out["transfer_ms"]
     return out
 
@@ -239,8 +243,9 @@ def print_layout(lay: dict, factory: str, cfg: PlanConfig, single_ms: float | No
     how = (f"bound: its probed codes read at {cfg.gpu_gbps:g} GB/s" if lay["device"] == "gpu"
            else f"{per_node} rank(s) sharing a node's cores")
     print(f"search ~{lay['search_ms_per_query']:.3g} ms/query at nprobe {cfg.probe}, k {cfg.k}: "
-          f"a rank's shards {lay['rank_ms']:.3g} ({how}) + merging {w} lists on rank 0 "
-          f"{lay['merge_ms']:.3g} (measured here) + the lists through the shared filesystem "
+          f"a rank's shards {lay['rank_ms']:.3g} ({how}) + merging {w} lists, a slice of the "
+          f"queries a rank, {lay['merge_ms']:.3g} (measured here) + the lists through the "
+          f"shared filesystem "
           f"{lay['transfer_ms']:.3g} ({cfg.fs_gbps:g} GB/s)"
           + (f"; one CPU process, whole index: ~{single_ms:,.1f}" if single_ms else ""))
     gpu = " --knn-backend torch --knnlm-gpu" if lay["device"] == "gpu" else ""
