@@ -191,6 +191,10 @@ def test_kept_shards_search_as_the_merged_index(trained_dstore, bpe_databin, tra
     D1, I1 = search(tmp_path / "one.faiss", ds, xq)
     D2, I2 = search(tmp_path / "kept.faiss", ds, xq)
     assert (I1 == I2).mean() > 0.99 and np.allclose(D1, D2, rtol=1e-5, atol=1e-4)
+    # --index-mmap: each shard's codes mapped from its file, the same results
+    mapped, _ = index_read.load_index(tmp_path / "kept.faiss", ds, "att", nprobe=4, mmap=True)
+    D3, I3 = mapped.search(xq, 10)
+    assert np.array_equal(D3, D2) and np.array_equal(I3, I2)
     again = build(ds, tmp_path / "kept.faiss", index_factory=factory, metric=metric, shards=3,
                   keep_shards=True)
     assert again["shards"] == meta["shards"]          # already built: reused

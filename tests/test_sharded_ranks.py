@@ -264,6 +264,14 @@ def test_commands_that_search_as_they_go_share_the_shards(sharded, bpe_databin, 
     a, b = (json.loads((tmp_path / f"tune{i}.json").read_text())["tuned"] for i in (1, 2))
     assert a["settings"] == b["settings"]
     assert b["heldout"]["ppl"] == pytest.approx(a["heldout"]["ppl"], rel=1e-4)
+    # rank 1's shard missing: it says so, rank 0 stops with its reason
+    (tmp_path / "kept.faiss.shard1of3").rename(tmp_path / "aside")
+    p = torchrun(["generate", *common, *knn, "--knnlm", "--prompt", "the king", "--indexfile",
+                  str(tmp_path / "kept.faiss")])
+    (tmp_path / "aside").rename(tmp_path / "kept.faiss.shard1of3")
+    lines = [x for x in p.stderr.splitlines() if x.startswith("knnlm generate: error:")]
+    assert p.returncode != 0 and len(lines) == 2, p.stderr[-3000:]
+    assert sum("rank 1: " in x and "shard1of3 is missing" in x for x in lines) == 1
     # a command that does not search, or an index not kept in shards: refused, one line
     p = torchrun(["generate", *common, "--prompt", "the king", "--cpu"])
     assert p.returncode != 0 and "shares out the search of an index kept in shards" in p.stderr
