@@ -95,11 +95,21 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+    """A command's docstring as written (its examples stay on their lines), and each
+    option's default unless its help already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
+
+
 def build_parser(cls, prog: str, description: str | None = None,
                  parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one option per field of the dataclass ``cls``."""
     p = parser or _Parser(prog=prog, description=description,
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata

@@ -19,7 +19,7 @@ and the predicted time per query: a rank's search of its shards, the merge of th
 lists (measured here; each rank merges 1/W of the queries) and their trip through the
 shared filesystem (``--fs-gbps``).
 
-    knnlm plan --dstore-size 1000000000 --dimension 4096 --index-factory IVF65536,PQ64 \
+    knnlm plan --dstore-size 1000000000 --dimension 4096 --index-factory IVF65536,PQ64 \\
         --nodes 8 --gpus-per-node 8
 """
 from __future__ import annotations
