@@ -52,10 +52,10 @@ def _load(args, part=(0, 1)):
 def stage_single(args) -> None:
     idx, load_s, faiss = _load(args)
     faiss.omp_set_num_threads(args.threads)
-    q = np.load(Path(args.work) / "queries.npy")
+    q = np.load(Path(args.work) / "queries.npy")[:args.count or None]
     idx.search_every(q[:256], args.k)                       # warm
     t0 = time.perf_counter()
-    D, I = idx.search_every(q, args.k)
+    D, I = idx.search_every(q, args.k, block=args.batch)
     sec = time.perf_counter() - t0
     np.save(Path(args.work) / "single_D.npy", D)
     np.save(Path(args.work) / "single_I.npy", I)
@@ -100,11 +100,41 @@ def stage_ranks(args) -> None:
         finish_stage(dict(seconds=sec, search_s=timing["search_s"], load_s=load_s, ranks=w))
 
 
+def stage_serve(args) -> None:
+    """The commands' path (generate, neighbors, tune, eval-lm without a cache): rank 0
+    searches batch by batch through a RankedIndex, rank 1 answers each batch."""
+    from knnlm.distributed import setup_distributed
+    from knnlm.knn.rank_search import RankedIndex, Service, STOP, serve
+    dist = setup_distributed(cpu=True, collective_timeout=120)
+    r, w = dist.rank, dist.world_size
+    idx, load_s, faiss = _load(args, part=(r, w))
+    faiss.omp_set_num_threads(1)
+    q = np.load(Path(args.work) / "queries.npy")[:args.count or None]
+    idx.search(np.ascontiguousarray(q[:256]), args.k)       # warm
+    if r != 0:
+        dist.wait("serve")
+        serve(idx, dist)
+        dist.close()
+        return
+    service = Service(dist)
+    ranked = RankedIndex(idx, service)
+    service.start()
+    ranked.search(np.ascontiguousarray(q[:64]), args.k)     # warm the collectives
+    t0 = time.perf_counter()
+    D, I = ranked.search_every(q, args.k, block=args.batch)
+    sec = time.perf_counter() - t0
+    service.announce(STOP)
+    dist.close()
+    np.save(Path(args.work) / "ranks_D.npy", D)
+    np.save(Path(args.work) / "ranks_I.npy", I)
+    finish_stage(dict(seconds=sec, load_s=load_s, ranks=w))
+
+
 def run_ranks(args, rep: int) -> dict:
     shutil.rmtree(Path(args.work) / f"probe{args.probe}_rep{rep}", ignore_errors=True)
     port = 29600 + (os.getpid() + rep) % 300
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(port), __file__, "--stage", "ranks",
+                        "--master_port", str(port), __file__, "--stage", args.path,
                         "--rep", str(rep), *stage_argv(args, args.kept)],
                        capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
@@ -115,7 +145,8 @@ def run_ranks(args, rep: int) -> dict:
 
 def stage_argv(args, index: str) -> list[str]:
     return ["--dstore", args.dstore, "--index", index, "--work", args.work, "--k",
-            str(args.k), "--probe", str(args.probe), "--threads", str(args.threads)] + \
+            str(args.k), "--probe", str(args.probe), "--threads", str(args.threads),
+            "--batch", str(args.batch), "--count", str(args.count)] + \
         (["--profile", args.profile] if args.profile else [])
 
 
@@ -137,7 +168,12 @@ def build(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=["single", "ranks"])
+    ap.add_argument("--stage", choices=["single", "ranks", "serve"])
+    ap.add_argument("--path", choices=["ranks", "serve"], default="ranks",
+                    help="ranks: eval-lm's pass over a split (lists through files); serve: "
+                    "the commands' batch-by-batch search (lists through collectives)")
+    ap.add_argument("--batch", type=int, default=4096, help="queries searched at once")
+    ap.add_argument("--count", type=int, default=0, help="queries searched (0: all)")
     ap.add_argument("--dstore", default="runs/demo/dstore")
     ap.add_argument("--index")
     ap.add_argument("--work", default="runs/demo/sharded_search")
@@ -157,13 +193,16 @@ def main() -> None:
         return stage_single(args)
     if args.stage == "ranks":
         return stage_ranks(args)
+    if args.stage == "serve":
+        return stage_serve(args)
     side = Path(args.dstore) / "index_att_l2.faiss.json"
     meta = json.loads(side.read_text()) if side.is_file() else {}
     args.factory = args.factory or meta.get("factory", "IVF2048,PQ32")
     args.train_size = args.train_size or meta.get("train_size", 100_000)
     build(args)
+    n = min(args.count or args.queries, args.queries)
     out = dict(machine=machine(), dstore=args.dstore, factory=args.factory,
-               queries=args.queries, k=args.k, by_nprobe={})
+               queries=n, k=args.k, path=args.path, batch=args.batch, by_nprobe={})
     for probe in [int(p) for p in args.probes.split(",")]:
         args.probe = probe
         single, ranks = [], []
@@ -176,10 +215,10 @@ def main() -> None:
         s = statistics.median(x["seconds"] for x in single)
         t = statistics.median(x["seconds"] for x in ranks)
         out["by_nprobe"][probe] = dict(
-            single=dict(threads=args.threads, seconds=s, ms_per_query=s / args.queries * 1e3,
+            single=dict(threads=args.threads, seconds=s, ms_per_query=s / n * 1e3,
                         load_s=statistics.median(x["load_s"] for x in single)),
-            ranks=dict(ranks=2, threads_each=1, seconds=t, ms_per_query=t / args.queries * 1e3,
-                       search_s=statistics.median(x["search_s"] for x in ranks),
+            ranks=dict(ranks=2, threads_each=1, seconds=t, ms_per_query=t / n * 1e3,
+                       search_s=statistics.median(x.get("search_s", 0.0) for x in ranks),
                        load_s=statistics.median(x["load_s"] for x in ranks)),
             ratio=t / s,
             # 4-bit PQ distances tie a lot: the same distances, ids equal up to tied order

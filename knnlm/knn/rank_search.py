@@ -94,12 +94,10 @@ class Service:
             self.started = True
 
     def announce(self, op: str) -> None:
+        """Post the next batch (``search B D k``) or the stop. The keys stay in the store
+        (about 40 bytes a batch): deleting them would cost a round trip each."""
         self.start()
-        store = self.dist.store
-        store.set(f"knnlm/op/{self.sent}", op)
-        if self.sent:              # every rank answered the previous batch: it was read
-            with contextlib.suppress(Exception):
-                store.delete_key(f"knnlm/op/{self.sent - 1}")
+        self.dist.store.set(f"knnlm/op/{self.sent}", op)
         self.sent += 1
 
 
@@ -107,18 +105,22 @@ _SERVICE: Service | None = None     # on rank 0 while a sharing command runs
 
 
 def _gather(dist: DistContext, D: np.ndarray, I: np.ndarray) -> list[tuple] | None:
-    dev = dist.device
-    d, i = torch.from_numpy(np.ascontiguousarray(D)).to(dev), torch.from_numpy(
-        np.ascontiguousarray(I)).to(dev)
+    """Every rank's (D, I) of a batch on rank 0, in one collective: each rank's lists
+    packed as the bytes of its float32 distances then its int64 ids."""
+    b, k = D.shape
+    packed = np.concatenate([np.ascontiguousarray(D, np.float32).view(np.uint8).reshape(b, -1),
+                             np.ascontiguousarray(I, np.int64).view(np.uint8).reshape(b, -1)], 1)
+    t = torch.from_numpy(packed).to(dist.device)
     if not dist.is_main:
-        tdist.gather(d, dst=0)
-        tdist.gather(i, dst=0)
+        tdist.gather(t, dst=0)
         return None
-    ds = [torch.empty_like(d) for _ in range(dist.world_size)]
-    is_ = [torch.empty_like(i) for _ in range(dist.world_size)]
-    tdist.gather(d, ds, dst=0)
-    tdist.gather(i, is_, dst=0)
-    return [(a.cpu().numpy(), b.cpu().numpy()) for a, b in zip(ds, is_)]
+    got = [torch.empty_like(t) for _ in range(dist.world_size)]
+    tdist.gather(t, got, dst=0)
+    out = []
+    for g in got:
+        a = np.ascontiguousarray(g.cpu().numpy())
+        out.append((a[:, :4 * k].copy().view(np.float32), a[:, 4 * k:].copy().view(np.int64)))
+    return out
 
 
 class RankedIndex(ShardedIndex):
@@ -131,9 +133,8 @@ class RankedIndex(ShardedIndex):
     def search(self, q, k: int):
         q = np.ascontiguousarray(q, dtype=np.float32)
         dist = self.service.dist
-        self.service.announce(SEARCH)
+        self.service.announce(f"{SEARCH} {len(q)} {q.shape[1]} {k}")
         with collective(dist):
-            tdist.broadcast(torch.tensor([len(q), q.shape[1], k], device=dist.device), 0)
             tdist.broadcast(torch.from_numpy(q).to(dist.device), 0)
             parts = _gather(dist, *super().search(q, k))
         return merge_topk(parts, k, self.metric)
@@ -151,13 +152,11 @@ def ranked(index, backend: str) -> tuple[object, str]:
 def serve(local: ShardedIndex, dist: DistContext) -> int:
     """A rank > 0: search rank 0's batches in this rank's shards until it stops (returns
     the number of batches answered)."""
-    dev, n = dist.device, 0
-    while dist.wait_key(f"knnlm/op/{n}", 0) != STOP:
+    n = 0
+    while (op := dist.wait_key(f"knnlm/op/{n}", 0)) != STOP:
+        b, d, k = (int(x) for x in op.split()[1:])
         with collective(dist):
-            shape = torch.empty(3, dtype=torch.int64, device=dev)
-            tdist.broadcast(shape, 0)
-            b, d, k = shape.tolist()
-            q = torch.empty((b, d), dtype=torch.float32, device=dev)
+            q = torch.empty((b, d), dtype=torch.float32, device=dist.device)
             tdist.broadcast(q, 0)
             _gather(dist, *local.search(q.cpu().numpy(), k))
         n += 1
