@@ -199,6 +199,11 @@ class DistContext:
             tdist.destroy_process_group()
 
 
+def env_ranks() -> tuple[int, int]:
+    """(rank, world size) torchrun gave this process, else (0, 1)."""
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def _stop_on_sigterm(ctx: DistContext) -> None:
     """torchrun SIGTERMs the other ranks when one exits with an error: stop with a line
     (the failed rank's reason when it posted one) rather than die silently."""
@@ -218,8 +223,7 @@ def setup_distributed(cpu: bool = False, heartbeat_timeout: float = HEARTBEAT_TI
     """This process's rank and device (a no-op context in one process). Under torchrun:
     the process group (``collective_timeout`` s: how long a collective waits for a rank,
     default torch's), the heartbeat, and SIGTERM turned into a one-line stop."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = env_ranks()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and not cpu
     if use_cuda:

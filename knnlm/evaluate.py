@@ -30,13 +30,13 @@ from .data.preprocess import DataBin
 from .data.tokenizer import word_mask
 from .eval_config import EvalConfig  # noqa: F401  (the command's config)
 from .eval_results import datastore_record, format_results, perplexities
-from .distributed import setup_distributed
+from .distributed import env_ranks, setup_distributed
 from .guard import output_lock, temp_path
 from .io import open_npy, open_token_memmap, read_json, write_json_atomic
 from .knn import math as knn_math
 from .data.centroid_files import distribution_coo, load_centroids, load_distribution
 from .knn.exact import merge_topk
-from .knn.rank_search import kept_in_shards, sharing, world_size
+from .knn.rank_search import kept_in_shards, sharing
 from .knn.scorer import KnnScorer
 from .knn.search import KnnSearch
 from .lm.checkpoint import load_lm
@@ -332,7 +332,7 @@ def main(cfg: EvalConfig) -> dict | None:
     if cfg.save_knnlm_dstore:
         return build_dstore_main(cfg.to_build_dstore())
     dist = None
-    if world_size() > 1:
+    if env_ranks()[1] > 1:
         sharded = cfg.knnlm and kept_in_shards(cfg)
         if sharded and not cfg.save_retrieval:
             # the ranks answer rank 0's batches as it scores them

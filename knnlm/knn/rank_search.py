@@ -19,7 +19,6 @@ time out after ``--heartbeat-timeout`` seconds.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from ..distributed import DistContext, RankStopped, setup_distributed
+from ..distributed import DistContext, RankStopped, env_ranks, setup_distributed
 from ..io import read_json
 from ..util import UserError
 from .datastore import Datastore, normalize_keytype
@@ -36,10 +35,6 @@ from .index_read import ShardedIndex, default_index_path, load_index
 from .torch_index import TorchIndex
 
 STOP, SEARCH = "stop", "search"
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def index_path(cfg) -> Path:
@@ -203,7 +198,7 @@ def sharing(cfg, command: str):
     (:class:`~knnlm.knn.options.KnnOptions` or a command's config); a script driving an HF
     model passes the options its :class:`~knnlm.hf_generate.KNNLogitsProcessor` gets."""
     global _SERVICE
-    if world_size() <= 1:
+    if env_ranks()[1] <= 1:
         yield True
         return
     if not (cfg.knnlm and kept_in_shards(cfg)):

@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..distributed import env_ranks
 from ..util import UserError
 from . import math as knn_math
 from .datastore import Datastore, finite_rows, normalize_keytype
@@ -174,13 +175,6 @@ class Retriever:
         return exact_distances(q, self.keys, ids, metric)
 
 
-def rank_part() -> tuple[int, int]:
-    """(rank, world size) under torchrun, else (0, 1): which shards of an index kept in
-    shards this process loads (rank r: shards r, r + w, ...)."""
-    import os
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def place_index(index, cfg, device: torch.device) -> tuple[object, str]:
     """The index where the kNN flags want it searched, and which backend that is.
 
@@ -259,7 +253,7 @@ class KnnSearch:
             path = cfg.indexfile or default_index_path(ds.path, self.keytype, cfg.faiss_metric_type)
             index, self.index_meta = load_index(path, ds, self.keytype, cfg.faiss_metric_type,
                                                 cfg.probe, mmap=cfg.index_mmap,
-                                                k_factor=cfg.k_factor, part=rank_part())
+                                                k_factor=cfg.k_factor, part=env_ranks())
             index_exact = returns_exact_distances(index, ds.meta["key_dtype"])
             index, self.backend = place_index(index, cfg, device)
             # under torchrun (generate, neighbors, tune, eval-lm): every rank's shards
